@@ -119,7 +119,7 @@ def test_encoded_data(data, splits):
         assert split.num_rows == len(frame)
         np.testing.assert_array_equal(split.labels.numpy(), frame[["click", "like", "rating"]].to_numpy(np.float32))
         assert torch.equal(split.item, torch.tensor(frame["item_id"].to_numpy()))  # index = id here
-        assert torch.equal(data.user_ids[split.user_row], torch.from_numpy(frame["user_id"].to_numpy()))
+        assert torch.equal(data.user_ids[split.user_row], torch.tensor(frame["user_id"].to_numpy()))
         for f in data.features:
             values = split.multi[f.name][0] if f.multi_valued else split.sparse[f.name]
             assert int(values.min()) >= 0 and int(values.max()) < f.num_embeddings, (name, f.name)
