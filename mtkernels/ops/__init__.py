@@ -3,6 +3,13 @@ the input's device and falls back to the pure-PyTorch reference otherwise."""
 
 from .embedding_bags import FusedEmbeddingOptimizer, embedding_bags
 from .ensemble_topk import ensemble_topk
-from .multi_task_score import multi_task_score
+from .multi_task_score import MultiTaskScoreParams, multi_task_score, pack_multi_task_params
 
-__all__ = ["embedding_bags", "FusedEmbeddingOptimizer", "ensemble_topk", "multi_task_score"]
+__all__ = [
+    "embedding_bags",
+    "FusedEmbeddingOptimizer",
+    "ensemble_topk",
+    "multi_task_score",
+    "MultiTaskScoreParams",
+    "pack_multi_task_params",
+]
