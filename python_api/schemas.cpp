@@ -5,6 +5,29 @@
 
 TORCH_LIBRARY(mtkernels, m) {
   // ---- embedding_bags: fused multi-table pooled lookup (ARCHITECTURE §3.1) ----
+  // Forward. `sparse` is read by the backward only (row-sparse instead of dense table grads).
+  m.def(
+      "embedding_bags(Tensor[] weights, Tensor indices, Tensor offsets, int[] feature_table, "
+      "str pooling, Tensor? per_sample_weights, bool sparse) -> Tensor");
+  // Dense gradient of every table.
+  m.def(
+      "embedding_bags_backward(Tensor grad_output, Tensor[] weights, Tensor indices, "
+      "Tensor offsets, int[] feature_table, str pooling, Tensor? per_sample_weights) -> Tensor[]");
+  // Row-sparse gradient of every table: (unique rows ascending [U_t] int64, row grads [U_t, D_t]).
+  m.def(
+      "embedding_bags_backward_sparse(Tensor grad_output, Tensor[] weights, Tensor indices, "
+      "Tensor offsets, int[] feature_table, str pooling, Tensor? per_sample_weights) "
+      "-> (Tensor[], Tensor[])");
+  // Gradient of the per-sample weights [L].
+  m.def(
+      "embedding_bags_per_sample_weights_backward(Tensor grad_output, Tensor[] weights, "
+      "Tensor indices, Tensor offsets, int[] feature_table) -> Tensor");
+  // Fused backward + optimizer ("sgd" | "rowwise_adagrad"): updates the touched rows of the
+  // tables (and the row-wise accumulators) in place.
+  m.def(
+      "embedding_bags_fused_update(Tensor(a!)[] weights, Tensor(b!)[] accumulators, "
+      "Tensor grad_output, Tensor indices, Tensor offsets, int[] feature_table, str pooling, "
+      "Tensor? per_sample_weights, str optimizer, float lr, float eps) -> ()");
 
   // ---- end embedding_bags ----
 
