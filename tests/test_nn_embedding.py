@@ -9,12 +9,15 @@ from mtkernels import KeyedJaggedTensor, ops
 from mtkernels.nn import EmbeddingBagCollection, EmbeddingBagConfig
 
 
-def _tables(mixed_pooling=False):
+def _tables(mixed_pooling=None):
+    """mixed_pooling: None (all sum), "last" (the last table pools by mean: the output columns come
+    straight from the two op calls), "middle" (the middle one: the columns are permuted back)."""
     return [
         EmbeddingBagConfig("users", 11, 4, ["user_id"]),
         # one table shared by two features
-        EmbeddingBagConfig("items", 23, 8, ["item_id", "last_item"], pooling="sum"),
-        EmbeddingBagConfig("genres", 7, 3, ["genres"], pooling="mean" if mixed_pooling else "sum"),
+        EmbeddingBagConfig("items", 23, 8, ["item_id", "last_item"],
+                           pooling="mean" if mixed_pooling == "middle" else "sum"),
+        EmbeddingBagConfig("genres", 7, 3, ["genres"], pooling="mean" if mixed_pooling == "last" else "sum"),
     ]
 
 
@@ -48,11 +51,12 @@ def _expected(ebc, kjt):
 
 @pytest.mark.parametrize("batch", [1, 5, 37])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("mixed_pooling", [False, True])
+@pytest.mark.parametrize("mixed_pooling", [None, "last", "middle"])
 def test_matches_per_feature_embedding_bag(batch, index_dtype, mixed_pooling):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(batch)
     ebc = EmbeddingBagCollection(_tables(mixed_pooling))
+    assert (ebc._column_permutation is None) == (mixed_pooling != "middle")
     kjt = _random_kjt(ebc, batch, generator, index_dtype)
     out = ebc(kjt)
     assert out.shape == (batch, 4 + 8 + 8 + 3)
@@ -72,7 +76,7 @@ def test_per_sample_weights_and_empty_bags():
 
 def test_gradients_match_per_feature_embedding_bag():
     torch.manual_seed(2)
-    ebc = EmbeddingBagCollection(_tables(mixed_pooling=True))
+    ebc = EmbeddingBagCollection(_tables(mixed_pooling="middle"))
     kjt = _random_kjt(ebc, 13, torch.Generator().manual_seed(4))
     upstream = torch.randn(13, ebc.total_dim)
     (ebc(kjt) * upstream).sum().backward()
@@ -149,7 +153,7 @@ def test_errors():
         EmbeddingBagConfig("a", 3, 2, [])
     with pytest.raises(ValueError, match="optimizer kind"):
         EmbeddingBagCollection(_tables(), optimizer={"kind": "adam", "lr": 0.1})
-    ebc = EmbeddingBagCollection(_tables(mixed_pooling=True))
+    ebc = EmbeddingBagCollection(_tables(mixed_pooling="last"))
     generator = torch.Generator().manual_seed(7)
     with pytest.raises(ValueError, match="missing"):
         ebc(_random_kjt(ebc, 3, generator, keys=["user_id", "item_id"]))

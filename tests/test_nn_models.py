@@ -267,3 +267,73 @@ def test_no_dense_features():
     sparse, _ = _batch(5)
     assert model(sparse).shape == (5, 3)
     assert model(sparse, torch.zeros(5, 0)).shape == (5, 3)
+
+
+# --- fused scoring wiring ------------------------------------------------------------------------
+class _ContractScoring:
+    """pack_multi_task_params / multi_task_score as their contract (notes of the op) states them, in
+    plain torch, counting the calls: checks that the pieces each backbone hands over describe its
+    network (expert order, gate order over allowed experts, tower layout)."""
+
+    def __init__(self):
+        self.packs = 0
+        self.scores = 0
+
+    def pack_multi_task_params(self, experts, gates, gate_mask, towers, transforms):
+        self.packs += 1
+        assert gate_mask.dtype == torch.bool and gate_mask.shape == (len(gates), len(experts))
+        for t, gate in enumerate(gates):
+            allowed = int(gate_mask[t].sum())
+            assert (gate is None) == (allowed == 1)
+            assert gate is None or gate.out_features == allowed
+        assert all(tower[-1].out_features == 1 for tower in towers)
+        return (experts, gates, gate_mask, towers, transforms)
+
+    def multi_task_score(self, x, params):
+        self.scores += 1
+        experts, gates, gate_mask, towers, transforms = params
+        expert_outputs = torch.stack([_expert_forward(e, x) for e in experts], dim=1)
+        columns = []
+        for t, tower in enumerate(towers):
+            allowed = expert_outputs[:, gate_mask[t]]
+            weights = torch.ones(x.shape[0], 1) if gates[t] is None else torch.softmax(gates[t](x), dim=-1)
+            h = (weights.unsqueeze(-1) * allowed).sum(dim=1)
+            for i, linear in enumerate(tower):
+                h = linear(h)
+                if i < len(tower) - 1:
+                    h = torch.relu(h)
+            h = h.squeeze(-1)
+            columns.append(torch.sigmoid(h) if transforms[t] == "sigmoid" else h)
+        return torch.stack(columns, dim=1)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fused_scoring_wiring_matches_eager(name, monkeypatch):
+    contract = _ContractScoring()
+    monkeypatch.setattr(ops, "pack_multi_task_params", contract.pack_multi_task_params, raising=False)
+    monkeypatch.setattr(ops, "multi_task_score", contract.multi_task_score)
+    torch.manual_seed(8)
+    model = _model(name, dropout=0.2)
+    sparse, dense = _batch(23, seed=8)
+    model.train()
+    model(sparse, dense)
+    model.eval()
+    model(sparse, dense)  # grad mode on: eager
+    assert contract.scores == 0
+    with torch.no_grad():
+        fused = model(sparse, dense)
+        model.use_fused_scoring = False
+        eager = model(sparse, dense)
+        model.use_fused_scoring = True
+    supported = name not in ("ple", "esmm0")  # multi-level PLE; ESMM without a bottom
+    assert contract.scores == int(supported)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    if supported:
+        with torch.no_grad():
+            model(sparse, dense)
+            assert contract.packs == 1  # cached while the parameters are unchanged
+            model.towers[0].linears[0].weight.mul_(2.0)
+            changed = model(sparse, dense)
+            assert contract.packs == 2
+            model.use_fused_scoring = False
+            torch.testing.assert_close(changed, model(sparse, dense), rtol=1e-5, atol=1e-5)
