@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtkernels import KeyedJaggedTensor, ops
+from mtkernels import KeyedJaggedTensor
 from mtkernels.nn import EmbeddingBagCollection, EmbeddingBagConfig
 
 
@@ -166,11 +166,6 @@ def test_errors():
         ebc(kjt)  # 11 is out of range for the 11-row users table
 
 
-needs_fused = pytest.mark.skipif(not hasattr(ops, "FusedEmbeddingOptimizer"),
-                                 reason="mtkernels.ops.FusedEmbeddingOptimizer not in this build yet")
-
-
-@needs_fused
 @pytest.mark.parametrize("kind", ["sgd", "rowwise_adagrad"])
 def test_fused_optimizer_updates_touched_rows(kind):
     torch.manual_seed(4)
@@ -202,7 +197,6 @@ def test_fused_optimizer_updates_touched_rows(kind):
         assert torch.equal(table.weight[~touched], before[name][~touched])  # untouched rows unchanged
 
 
-@needs_fused
 def test_fused_rowwise_adagrad_state_dict_resumes():
     torch.manual_seed(5)
     config = {"kind": "rowwise_adagrad", "lr": 0.1, "eps": 1e-8}
@@ -221,3 +215,21 @@ def test_fused_rowwise_adagrad_state_dict_resumes():
     resumed(second).square().sum().backward()
     for key, value in ebc.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value)
+
+
+def test_fused_optimizer_follows_module_conversion():
+    torch.manual_seed(6)
+    ebc = EmbeddingBagCollection(_tables(), optimizer={"kind": "rowwise_adagrad", "lr": 0.1})
+    kjt = _random_kjt(ebc, 5, torch.Generator().manual_seed(10))
+    ebc(kjt).sum().backward()
+    momentum = ebc.embedding_bags["items"].momentum.clone()
+    ebc.fused_optimizers[0].lr = 0.05  # a schedule step
+    ebc.to(torch.float64)  # replaces every tensor: the optimizer is rebound to the new ones
+    assert ebc.embedding_bags["items"].weight.dtype == torch.float64
+    assert ebc.fused_optimizers[0].lr == 0.05
+    torch.testing.assert_close(ebc.embedding_bags["items"].momentum, momentum)
+    assert ebc.embedding_bags["items"].momentum.dtype == torch.float32
+    ebc(kjt).sum().backward()
+    assert ebc.fused_optimizers[0].weights[1] is ebc.embedding_bags["items"].weight
+    assert ebc.fused_optimizers[0].accumulators[1] is ebc.embedding_bags["items"].momentum
+    assert float((ebc.embedding_bags["items"].momentum - momentum).abs().sum()) > 0

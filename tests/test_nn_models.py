@@ -7,25 +7,8 @@ import pytest
 import torch
 
 from mtkernels import KeyedJaggedTensor, ops
+from mtkernels.data import FeatureSpec, TaskSpec
 from mtkernels.nn import ESMM, MMoE, PLE, MultiTaskModel, SharedBottom
-
-try:
-    from mtkernels.data import FeatureSpec, TaskSpec
-except ImportError:  # stand-ins of mtkernels.data's specs until that package lands
-    from dataclasses import dataclass
-
-    @dataclass
-    class FeatureSpec:
-        name: str
-        num_embeddings: int
-        multi_valued: bool = False
-        side: str = "user"
-
-    @dataclass
-    class TaskSpec:
-        name: str
-        kind: str
-
 
 FEATURES = [
     FeatureSpec("user_id", 20, False, "user"),
@@ -217,7 +200,7 @@ def test_from_config_round_trip(name):
     assert config == model.config
     rebuilt = MultiTaskModel.from_config(config).eval()
     assert rebuilt.config == model.config
-    assert [(t.name, t.kind) for t in rebuilt.tasks] == [(t.name, t.kind) for t in TASKS]
+    assert rebuilt.tasks == TASKS and rebuilt.features == FEATURES  # the mtkernels.data specs
     rebuilt.load_state_dict(model.state_dict())
     sparse, dense = _batch(9, seed=6)
     with torch.no_grad():
@@ -269,49 +252,13 @@ def test_no_dense_features():
     assert model(sparse, torch.zeros(5, 0)).shape == (5, 3)
 
 
-# --- fused scoring wiring ------------------------------------------------------------------------
-class _ContractScoring:
-    """pack_multi_task_params / multi_task_score as their contract (notes of the op) states them, in
-    plain torch, counting the calls: checks that the pieces each backbone hands over describe its
-    network (expert order, gate order over allowed experts, tower layout)."""
-
-    def __init__(self):
-        self.packs = 0
-        self.scores = 0
-
-    def pack_multi_task_params(self, experts, gates, gate_mask, towers, transforms):
-        self.packs += 1
-        assert gate_mask.dtype == torch.bool and gate_mask.shape == (len(gates), len(experts))
-        for t, gate in enumerate(gates):
-            allowed = int(gate_mask[t].sum())
-            assert (gate is None) == (allowed == 1)
-            assert gate is None or gate.out_features == allowed
-        assert all(tower[-1].out_features == 1 for tower in towers)
-        return (experts, gates, gate_mask, towers, transforms)
-
-    def multi_task_score(self, x, params):
-        self.scores += 1
-        experts, gates, gate_mask, towers, transforms = params
-        expert_outputs = torch.stack([_expert_forward(e, x) for e in experts], dim=1)
-        columns = []
-        for t, tower in enumerate(towers):
-            allowed = expert_outputs[:, gate_mask[t]]
-            weights = torch.ones(x.shape[0], 1) if gates[t] is None else torch.softmax(gates[t](x), dim=-1)
-            h = (weights.unsqueeze(-1) * allowed).sum(dim=1)
-            for i, linear in enumerate(tower):
-                h = linear(h)
-                if i < len(tower) - 1:
-                    h = torch.relu(h)
-            h = h.squeeze(-1)
-            columns.append(torch.sigmoid(h) if transforms[t] == "sigmoid" else h)
-        return torch.stack(columns, dim=1)
-
-
+# --- fused scoring -------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ALL)
-def test_fused_scoring_wiring_matches_eager(name, monkeypatch):
-    contract = _ContractScoring()
-    monkeypatch.setattr(ops, "pack_multi_task_params", contract.pack_multi_task_params, raising=False)
-    monkeypatch.setattr(ops, "multi_task_score", contract.multi_task_score)
+def test_fused_scoring_in_eval_matches_eager(name, monkeypatch):
+    packs, scores = [], []
+    pack, score = ops.pack_multi_task_params, ops.multi_task_score
+    monkeypatch.setattr(ops, "pack_multi_task_params", lambda *a: packs.append(1) or pack(*a))
+    monkeypatch.setattr(ops, "multi_task_score", lambda *a: scores.append(1) or score(*a))
     torch.manual_seed(8)
     model = _model(name, dropout=0.2)
     sparse, dense = _batch(23, seed=8)
@@ -319,21 +266,60 @@ def test_fused_scoring_wiring_matches_eager(name, monkeypatch):
     model(sparse, dense)
     model.eval()
     model(sparse, dense)  # grad mode on: eager
-    assert contract.scores == 0
+    assert not scores
     with torch.no_grad():
         fused = model(sparse, dense)
         model.use_fused_scoring = False
         eager = model(sparse, dense)
         model.use_fused_scoring = True
-    supported = name not in ("ple", "esmm0")  # multi-level PLE; ESMM without a bottom
-    assert contract.scores == int(supported)
+    supported = name not in ("ple", "esmm0")  # multi-level PLE; ESMM without a bottom: eager only
+    assert len(scores) == int(supported)
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
     if supported:
         with torch.no_grad():
             model(sparse, dense)
-            assert contract.packs == 1  # cached while the parameters are unchanged
-            model.towers[0].linears[0].weight.mul_(2.0)
+            assert len(packs) == 1  # cached while the parameters are unchanged
+            model.towers[0].linears[0].weight.mul_(2.0)  # an in-place update: packed again
             changed = model(sparse, dense)
-            assert contract.packs == 2
+            assert len(packs) == 2
             model.use_fused_scoring = False
             torch.testing.assert_close(changed, model(sparse, dense), rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(changed[:, 0], fused[:, 0])
+
+
+def test_fused_scoring_after_load_state_dict():
+    torch.manual_seed(9)
+    model, other = _model("mmoe").eval(), _model("mmoe").eval()
+    sparse, dense = _batch(7, seed=9)
+    with torch.no_grad():
+        before = model(sparse, dense)  # packs the current parameters
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(sparse, dense), other(sparse, dense), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(before, model(sparse, dense))
+
+
+# --- fused embedding optimizer --------------------------------------------------------------------
+def test_model_with_fused_embedding_optimizer_trains_rows():
+    torch.manual_seed(10)
+    model = _model("mmoe", embedding_optimizer={"kind": "rowwise_adagrad", "lr": 0.1, "eps": 1e-8})
+    assert all(not p.requires_grad for p in model.embedding_parameters())
+    assert all(p.requires_grad for p in model.dense_parameters())
+    assert "embeddings.embedding_bags.item_id.momentum" in model.state_dict()
+    optimizer = torch.optim.Adam(model.dense_parameters(), lr=1e-2)
+    sparse, dense = _batch(16, seed=10)
+    items = model.embeddings.embedding_bags["item_id"].weight
+    before = items.detach().clone()
+    tower_before = model.towers[0].linears[0].weight.detach().clone()
+    loss = model(sparse, dense).sum()
+    loss.backward()
+    optimizer.step()
+    touched = torch.zeros(items.shape[0], dtype=torch.bool)
+    touched[sparse["item_id"]["values"]] = True
+    assert items.grad is None
+    assert bool((items[touched] != before[touched]).any(dim=1).all())  # every looked-up row moved
+    assert torch.equal(items[~touched], before[~touched])
+    assert not torch.equal(model.towers[0].linears[0].weight, tower_before)
+    rebuilt = MultiTaskModel.from_config(json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.embeddings.embedding_bags["item_id"].momentum,
+                               model.embeddings.embedding_bags["item_id"].momentum)

@@ -201,12 +201,9 @@ class EmbeddingBagCollection(nn.Module):
         """(Re)build one FusedEmbeddingOptimizer per op call over the current table tensors, and expose
         its accumulators as the tables' ``momentum`` buffers (their values carried over, so moving the
         module to another device keeps the optimizer state)."""
-        if not hasattr(ops, "FusedEmbeddingOptimizer"):
-            raise NotImplementedError(
-                "EmbeddingBagCollection(optimizer=...) needs mtkernels.ops.FusedEmbeddingOptimizer "
-                "(the fused embedding update), which this build does not have"
-            )
         config = dict(self.optimizer_config)
+        if self._fused_optimizers:  # keep a learning rate changed since (a schedule)
+            config["lr"] = self._fused_optimizers[0].lr
         self._fused_optimizers = []
         for group in self._groups:
             modules = [self.embedding_bags[name] for name in group["tables"]]
@@ -225,6 +222,12 @@ class EmbeddingBagCollection(nn.Module):
         if self.optimizer_config is not None:
             self._bind_fused_optimizers()
         return result
+
+    @property
+    def fused_optimizers(self) -> List[object]:
+        """The `mtkernels.ops.FusedEmbeddingOptimizer` s (one per op call; empty without a fused
+        optimizer); set ``.lr`` on each for a learning-rate schedule."""
+        return list(self._fused_optimizers)
 
     # --- layout -----------------------------------------------------------------------------
     def feature_slice(self, name: str) -> slice:
