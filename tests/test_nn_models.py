@@ -323,3 +323,22 @@ def test_model_with_fused_embedding_optimizer_trains_rows():
     rebuilt.load_state_dict(model.state_dict())
     torch.testing.assert_close(rebuilt.embeddings.embedding_bags["item_id"].momentum,
                                model.embeddings.embedding_bags["item_id"].momentum)
+
+
+def test_shared_parameters_are_read_by_every_task():
+    """GradNorm's shared layer: each task's output has a gradient on it."""
+    torch.manual_seed(11)
+    sparse, dense = _batch(12, seed=11)
+    for name in ALL:
+        model = _model(name)
+        shared = model.shared_parameters()
+        assert shared and all(p.requires_grad for p in shared), name
+        dense_ids = {id(p) for p in model.dense_parameters()} | {id(p) for p in model.embedding_parameters()}
+        assert all(id(p) in dense_ids for p in shared)
+        out = model(sparse, dense)
+        for t in range(out.shape[1]):
+            grads = torch.autograd.grad(out[:, t].sum(), shared, retain_graph=True, allow_unused=True)
+            assert all(g is not None for g in grads), (name, t)
+            assert sum(float(g.abs().sum()) for g in grads) > 0, (name, t)
+    ple = PLE(6, 2, num_levels=2, num_shared_experts=0, num_task_experts=1, expert_hidden=(4,))
+    assert ple.shared_parameters() == []

@@ -75,6 +75,11 @@ class MultiTaskBackbone(nn.Module):
         outputs; the identity except for `ESMM`."""
         return predictions
 
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """The parameters of the last layer every task reads (GradNorm's W, Chen et al., ICML 2018:
+        task gradient norms are measured there); empty when only the inputs are shared."""
+        return []
+
     def _fused_scoring_params(self) -> Optional[Dict[str, object]]:
         """The backbone's inputs of `mtkernels.ops.pack_multi_task_params`: ``{"experts": list of
         lists of nn.Linear, "gates": list (per task) of nn.Linear or None, "gate_mask": BoolTensor
@@ -105,6 +110,9 @@ class SharedBottom(MultiTaskBackbone):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         shared = self.bottom(x)
         return [shared] * self.num_tasks
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        return list(self.bottom.linears[-1].parameters())
 
     def _fused_scoring_params(self):
         return {
@@ -152,6 +160,10 @@ class MMoE(MultiTaskBackbone):
     def gate_weights(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Each task's softmax weights over the experts: T tensors ``[B, E]``, rows sum to 1."""
         return [_gate_weights(gate, x) for gate in self.gates]
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """Every expert's output layer (each task mixes all experts)."""
+        return [p for expert in self.experts for p in expert.linears[-1].parameters()]
 
     def _fused_scoring_params(self):
         return {
@@ -279,6 +291,11 @@ class PLE(MultiTaskBackbone):
             task_inputs, shared_input = cgc(task_inputs, shared_input)
         return weights
 
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """The output layers of the shared experts of the deepest level that has any (all levels
+        share the same expert counts, so: the last level's, or none without shared experts)."""
+        return [p for expert in self.levels[-1].shared_experts for p in expert.linears[-1].parameters()]
+
     def _fused_scoring_params(self):
         # The fused op takes one input for every expert and gate: only the first level sees x alone.
         if self.num_levels != 1:
@@ -347,6 +364,9 @@ class ESMM(MultiTaskBackbone):
         columns = [ctr * predictions[:, t] if t in self.ctcvr_tasks else predictions[:, t]
                    for t in range(self.num_tasks)]
         return torch.stack(columns, dim=1)
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        return [] if self.bottom is None else list(self.bottom.linears[-1].parameters())
 
     def _fused_scoring_params(self):
         if self.bottom is None:  # the towers read x directly: no expert layer for the fused op

@@ -168,6 +168,16 @@ class MultiTaskModel(nn.Module):
         embedding = {id(p) for p in self.embeddings.parameters()}
         return [p for p in self.parameters() if id(p) not in embedding]
 
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """The last layer all tasks share, where GradNorm (Chen et al., ICML 2018) measures the
+        per-task gradient norms: the backbone's `shared_parameters`, or, when the backbone shares
+        nothing (ESMM without a bottom, PLE without shared experts), the embedding tables that
+        require grad (none with a fused embedding optimizer: then the list is empty)."""
+        shared = self.backbone.shared_parameters()
+        if shared:
+            return shared
+        return [p for p in self.embeddings.parameters() if p.requires_grad]
+
     # --- forward ----------------------------------------------------------------------------
     def _inputs(self, sparse, dense: Optional[torch.Tensor]) -> torch.Tensor:
         pooled = self.embeddings(sparse)
