@@ -8,7 +8,8 @@ import torch
 
 from mtkernels import KeyedJaggedTensor, ops
 from mtkernels.data import FeatureSpec, TaskSpec
-from mtkernels.nn import ESMM, MMoE, PLE, MultiTaskModel, SharedBottom
+from mtkernels.nn import ESMM, MMoE, PLE, Expert, MultiTaskModel, SharedBottom
+from mtkernels.nn.backbones import expert_outputs
 
 FEATURES = [
     FeatureSpec("user_id", 20, False, "user"),
@@ -77,6 +78,21 @@ def _expert_forward(linears, x):
     return x
 
 
+@pytest.mark.parametrize("hidden", [(5,), (6, 4, 3)])
+def test_batched_experts_equal_each_expert(hidden):
+    torch.manual_seed(12)
+    experts = [Expert(7, hidden) for _ in range(3)]
+    x = torch.randn(9, 7, requires_grad=True)
+    batched = expert_outputs(experts, x)
+    one_by_one = torch.stack([expert(x) for expert in experts], dim=1)
+    torch.testing.assert_close(batched, one_by_one)
+    upstream = torch.randn_like(batched)
+    grads = torch.autograd.grad((batched * upstream).sum(), [x] + list(experts[1].parameters()))
+    expected = torch.autograd.grad((one_by_one * upstream).sum(), [x] + list(experts[1].parameters()))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("batch", [1, 37])
 def test_mmoe_gates_softmax_and_mixture(batch):
     torch.manual_seed(1)
@@ -122,6 +138,18 @@ def test_ple_gates_over_allowed_experts(batch):
         torch.testing.assert_close(task_outputs[t], (weights[0][t].unsqueeze(-1) * stacked).sum(dim=1))
     everything = shared + [_expert_forward(e.linears, x) for task in cgc.task_experts for e in task]
     torch.testing.assert_close(shared_output, (weights[0][3].unsqueeze(-1) * torch.stack(everything, 1)).sum(1))
+    # the next level reads each task's output and the shared output, through its own experts
+    inputs = task_outputs + [shared_output]
+    cgc = ple.levels[1]
+    shared = [_expert_forward(e.linears, shared_output) for e in cgc.shared_experts]
+    own = [[_expert_forward(e.linears, task_outputs[t]) for e in cgc.task_experts[t]] for t in range(3)]
+    next_tasks, next_shared = cgc(task_outputs, shared_output)
+    for t in range(3):
+        g = torch.softmax(cgc.task_gates[t](inputs[t]), dim=-1)
+        torch.testing.assert_close(next_tasks[t], (g.unsqueeze(-1) * torch.stack(shared + own[t], 1)).sum(1))
+    g = torch.softmax(cgc.shared_gate(shared_output), dim=-1)
+    everything = torch.stack(shared + [o for outputs in own for o in outputs], 1)
+    torch.testing.assert_close(next_shared, (g.unsqueeze(-1) * everything).sum(1))
     assert [o.shape for o in ple(x)] == [(batch, 6)] * 3
 
 
