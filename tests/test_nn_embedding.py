@@ -5,16 +5,19 @@ import pytest
 import torch
 from torch import nn
 
-from mtkernels import KeyedJaggedTensor, ops
+from mtkernels import KeyedJaggedTensor
 from mtkernels.nn import EmbeddingBagCollection, EmbeddingBagConfig
 
 
-def _tables(mixed_pooling=False):
+def _tables(mixed_pooling=None):
+    """mixed_pooling: None (all sum), "last" (the last table pools by mean: the output columns come
+    straight from the two op calls), "middle" (the middle one: the columns are permuted back)."""
     return [
         EmbeddingBagConfig("users", 11, 4, ["user_id"]),
         # one table shared by two features
-        EmbeddingBagConfig("items", 23, 8, ["item_id", "last_item"], pooling="sum"),
-        EmbeddingBagConfig("genres", 7, 3, ["genres"], pooling="mean" if mixed_pooling else "sum"),
+        EmbeddingBagConfig("items", 23, 8, ["item_id", "last_item"],
+                           pooling="mean" if mixed_pooling == "middle" else "sum"),
+        EmbeddingBagConfig("genres", 7, 3, ["genres"], pooling="mean" if mixed_pooling == "last" else "sum"),
     ]
 
 
@@ -48,11 +51,12 @@ def _expected(ebc, kjt):
 
 @pytest.mark.parametrize("batch", [1, 5, 37])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("mixed_pooling", [False, True])
+@pytest.mark.parametrize("mixed_pooling", [None, "last", "middle"])
 def test_matches_per_feature_embedding_bag(batch, index_dtype, mixed_pooling):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(batch)
     ebc = EmbeddingBagCollection(_tables(mixed_pooling))
+    assert (ebc._column_permutation is None) == (mixed_pooling != "middle")
     kjt = _random_kjt(ebc, batch, generator, index_dtype)
     out = ebc(kjt)
     assert out.shape == (batch, 4 + 8 + 8 + 3)
@@ -72,7 +76,7 @@ def test_per_sample_weights_and_empty_bags():
 
 def test_gradients_match_per_feature_embedding_bag():
     torch.manual_seed(2)
-    ebc = EmbeddingBagCollection(_tables(mixed_pooling=True))
+    ebc = EmbeddingBagCollection(_tables(mixed_pooling="middle"))
     kjt = _random_kjt(ebc, 13, torch.Generator().manual_seed(4))
     upstream = torch.randn(13, ebc.total_dim)
     (ebc(kjt) * upstream).sum().backward()
@@ -149,7 +153,7 @@ def test_errors():
         EmbeddingBagConfig("a", 3, 2, [])
     with pytest.raises(ValueError, match="optimizer kind"):
         EmbeddingBagCollection(_tables(), optimizer={"kind": "adam", "lr": 0.1})
-    ebc = EmbeddingBagCollection(_tables(mixed_pooling=True))
+    ebc = EmbeddingBagCollection(_tables(mixed_pooling="last"))
     generator = torch.Generator().manual_seed(7)
     with pytest.raises(ValueError, match="missing"):
         ebc(_random_kjt(ebc, 3, generator, keys=["user_id", "item_id"]))
@@ -162,11 +166,6 @@ def test_errors():
         ebc(kjt)  # 11 is out of range for the 11-row users table
 
 
-needs_fused = pytest.mark.skipif(not hasattr(ops, "FusedEmbeddingOptimizer"),
-                                 reason="mtkernels.ops.FusedEmbeddingOptimizer not in this build yet")
-
-
-@needs_fused
 @pytest.mark.parametrize("kind", ["sgd", "rowwise_adagrad"])
 def test_fused_optimizer_updates_touched_rows(kind):
     torch.manual_seed(4)
@@ -198,7 +197,6 @@ def test_fused_optimizer_updates_touched_rows(kind):
         assert torch.equal(table.weight[~touched], before[name][~touched])  # untouched rows unchanged
 
 
-@needs_fused
 def test_fused_rowwise_adagrad_state_dict_resumes():
     torch.manual_seed(5)
     config = {"kind": "rowwise_adagrad", "lr": 0.1, "eps": 1e-8}
@@ -217,3 +215,21 @@ def test_fused_rowwise_adagrad_state_dict_resumes():
     resumed(second).square().sum().backward()
     for key, value in ebc.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value)
+
+
+def test_fused_optimizer_follows_module_conversion():
+    torch.manual_seed(6)
+    ebc = EmbeddingBagCollection(_tables(), optimizer={"kind": "rowwise_adagrad", "lr": 0.1})
+    kjt = _random_kjt(ebc, 5, torch.Generator().manual_seed(10))
+    ebc(kjt).sum().backward()
+    momentum = ebc.embedding_bags["items"].momentum.clone()
+    ebc.fused_optimizers[0].lr = 0.05  # a schedule step
+    ebc.to(torch.float64)  # replaces every tensor: the optimizer is rebound to the new ones
+    assert ebc.embedding_bags["items"].weight.dtype == torch.float64
+    assert ebc.fused_optimizers[0].lr == 0.05
+    torch.testing.assert_close(ebc.embedding_bags["items"].momentum, momentum)
+    assert ebc.embedding_bags["items"].momentum.dtype == torch.float32
+    ebc(kjt).sum().backward()
+    assert ebc.fused_optimizers[0].weights[1] is ebc.embedding_bags["items"].weight
+    assert ebc.fused_optimizers[0].accumulators[1] is ebc.embedding_bags["items"].momentum
+    assert float((ebc.embedding_bags["items"].momentum - momentum).abs().sum()) > 0

@@ -7,25 +7,9 @@ import pytest
 import torch
 
 from mtkernels import KeyedJaggedTensor, ops
-from mtkernels.nn import ESMM, MMoE, PLE, MultiTaskModel, SharedBottom
-
-try:
-    from mtkernels.data import FeatureSpec, TaskSpec
-except ImportError:  # stand-ins of mtkernels.data's specs until that package lands
-    from dataclasses import dataclass
-
-    @dataclass
-    class FeatureSpec:
-        name: str
-        num_embeddings: int
-        multi_valued: bool = False
-        side: str = "user"
-
-    @dataclass
-    class TaskSpec:
-        name: str
-        kind: str
-
+from mtkernels.data import FeatureSpec, TaskSpec
+from mtkernels.nn import ESMM, MMoE, PLE, Expert, MultiTaskModel, SharedBottom
+from mtkernels.nn.backbones import expert_outputs
 
 FEATURES = [
     FeatureSpec("user_id", 20, False, "user"),
@@ -94,6 +78,21 @@ def _expert_forward(linears, x):
     return x
 
 
+@pytest.mark.parametrize("hidden", [(5,), (6, 4, 3)])
+def test_batched_experts_equal_each_expert(hidden):
+    torch.manual_seed(12)
+    experts = [Expert(7, hidden) for _ in range(3)]
+    x = torch.randn(9, 7, requires_grad=True)
+    batched = expert_outputs(experts, x)
+    one_by_one = torch.stack([expert(x) for expert in experts], dim=1)
+    torch.testing.assert_close(batched, one_by_one)
+    upstream = torch.randn_like(batched)
+    grads = torch.autograd.grad((batched * upstream).sum(), [x] + list(experts[1].parameters()))
+    expected = torch.autograd.grad((one_by_one * upstream).sum(), [x] + list(experts[1].parameters()))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("batch", [1, 37])
 def test_mmoe_gates_softmax_and_mixture(batch):
     torch.manual_seed(1)
@@ -139,6 +138,18 @@ def test_ple_gates_over_allowed_experts(batch):
         torch.testing.assert_close(task_outputs[t], (weights[0][t].unsqueeze(-1) * stacked).sum(dim=1))
     everything = shared + [_expert_forward(e.linears, x) for task in cgc.task_experts for e in task]
     torch.testing.assert_close(shared_output, (weights[0][3].unsqueeze(-1) * torch.stack(everything, 1)).sum(1))
+    # the next level reads each task's output and the shared output, through its own experts
+    inputs = task_outputs + [shared_output]
+    cgc = ple.levels[1]
+    shared = [_expert_forward(e.linears, shared_output) for e in cgc.shared_experts]
+    own = [[_expert_forward(e.linears, task_outputs[t]) for e in cgc.task_experts[t]] for t in range(3)]
+    next_tasks, next_shared = cgc(task_outputs, shared_output)
+    for t in range(3):
+        g = torch.softmax(cgc.task_gates[t](inputs[t]), dim=-1)
+        torch.testing.assert_close(next_tasks[t], (g.unsqueeze(-1) * torch.stack(shared + own[t], 1)).sum(1))
+    g = torch.softmax(cgc.shared_gate(shared_output), dim=-1)
+    everything = torch.stack(shared + [o for outputs in own for o in outputs], 1)
+    torch.testing.assert_close(next_shared, (g.unsqueeze(-1) * everything).sum(1))
     assert [o.shape for o in ple(x)] == [(batch, 6)] * 3
 
 
@@ -217,7 +228,7 @@ def test_from_config_round_trip(name):
     assert config == model.config
     rebuilt = MultiTaskModel.from_config(config).eval()
     assert rebuilt.config == model.config
-    assert [(t.name, t.kind) for t in rebuilt.tasks] == [(t.name, t.kind) for t in TASKS]
+    assert rebuilt.tasks == TASKS and rebuilt.features == FEATURES  # the mtkernels.data specs
     rebuilt.load_state_dict(model.state_dict())
     sparse, dense = _batch(9, seed=6)
     with torch.no_grad():
@@ -267,3 +278,95 @@ def test_no_dense_features():
     sparse, _ = _batch(5)
     assert model(sparse).shape == (5, 3)
     assert model(sparse, torch.zeros(5, 0)).shape == (5, 3)
+
+
+# --- fused scoring -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_fused_scoring_in_eval_matches_eager(name, monkeypatch):
+    packs, scores = [], []
+    pack, score = ops.pack_multi_task_params, ops.multi_task_score
+    monkeypatch.setattr(ops, "pack_multi_task_params", lambda *a: packs.append(1) or pack(*a))
+    monkeypatch.setattr(ops, "multi_task_score", lambda *a: scores.append(1) or score(*a))
+    torch.manual_seed(8)
+    model = _model(name, dropout=0.2)
+    sparse, dense = _batch(23, seed=8)
+    model.train()
+    model(sparse, dense)
+    model.eval()
+    model(sparse, dense)  # grad mode on: eager
+    assert not scores
+    with torch.no_grad():
+        fused = model(sparse, dense)
+        model.use_fused_scoring = False
+        eager = model(sparse, dense)
+        model.use_fused_scoring = True
+    supported = name not in ("ple", "esmm0")  # multi-level PLE; ESMM without a bottom: eager only
+    assert len(scores) == int(supported)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    if supported:
+        with torch.no_grad():
+            model(sparse, dense)
+            assert len(packs) == 1  # cached while the parameters are unchanged
+            model.towers[0].linears[0].weight.mul_(2.0)  # an in-place update: packed again
+            changed = model(sparse, dense)
+            assert len(packs) == 2
+            model.use_fused_scoring = False
+            torch.testing.assert_close(changed, model(sparse, dense), rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(changed[:, 0], fused[:, 0])
+
+
+def test_fused_scoring_after_load_state_dict():
+    torch.manual_seed(9)
+    model, other = _model("mmoe").eval(), _model("mmoe").eval()
+    sparse, dense = _batch(7, seed=9)
+    with torch.no_grad():
+        before = model(sparse, dense)  # packs the current parameters
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(sparse, dense), other(sparse, dense), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(before, model(sparse, dense))
+
+
+# --- fused embedding optimizer --------------------------------------------------------------------
+def test_model_with_fused_embedding_optimizer_trains_rows():
+    torch.manual_seed(10)
+    model = _model("mmoe", embedding_optimizer={"kind": "rowwise_adagrad", "lr": 0.1, "eps": 1e-8})
+    assert all(not p.requires_grad for p in model.embedding_parameters())
+    assert all(p.requires_grad for p in model.dense_parameters())
+    assert "embeddings.embedding_bags.item_id.momentum" in model.state_dict()
+    optimizer = torch.optim.Adam(model.dense_parameters(), lr=1e-2)
+    sparse, dense = _batch(16, seed=10)
+    items = model.embeddings.embedding_bags["item_id"].weight
+    before = items.detach().clone()
+    tower_before = model.towers[0].linears[0].weight.detach().clone()
+    loss = model(sparse, dense).sum()
+    loss.backward()
+    optimizer.step()
+    touched = torch.zeros(items.shape[0], dtype=torch.bool)
+    touched[sparse["item_id"]["values"]] = True
+    assert items.grad is None
+    assert bool((items[touched] != before[touched]).any(dim=1).all())  # every looked-up row moved
+    assert torch.equal(items[~touched], before[~touched])
+    assert not torch.equal(model.towers[0].linears[0].weight, tower_before)
+    rebuilt = MultiTaskModel.from_config(json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.embeddings.embedding_bags["item_id"].momentum,
+                               model.embeddings.embedding_bags["item_id"].momentum)
+
+
+def test_shared_parameters_are_read_by_every_task():
+    """GradNorm's shared layer: each task's output has a gradient on it."""
+    torch.manual_seed(11)
+    sparse, dense = _batch(12, seed=11)
+    for name in ALL:
+        model = _model(name)
+        shared = model.shared_parameters()
+        assert shared and all(p.requires_grad for p in shared), name
+        dense_ids = {id(p) for p in model.dense_parameters()} | {id(p) for p in model.embedding_parameters()}
+        assert all(id(p) in dense_ids for p in shared)
+        out = model(sparse, dense)
+        for t in range(out.shape[1]):
+            grads = torch.autograd.grad(out[:, t].sum(), shared, retain_graph=True, allow_unused=True)
+            assert all(g is not None for g in grads), (name, t)
+            assert sum(float(g.abs().sum()) for g in grads) > 0, (name, t)
+    ple = PLE(6, 2, num_levels=2, num_shared_experts=0, num_task_experts=1, expert_hidden=(4,))
+    assert ple.shared_parameters() == []

@@ -169,7 +169,8 @@ class EmbeddingBagCollection(nn.Module):
         inverse = [0] * self.total_dim
         for position, column in enumerate(column_order):
             inverse[column] = position
-        self._column_permutation = None if len(self._groups) == 1 else torch.tensor(inverse)
+        identity = inverse == list(range(self.total_dim))
+        self._column_permutation = None if identity else torch.tensor(inverse)
 
         self.optimizer_config = None if optimizer is None else self._check_optimizer(optimizer)
         self._fused_optimizers: List[object] = []
@@ -200,12 +201,9 @@ class EmbeddingBagCollection(nn.Module):
         """(Re)build one FusedEmbeddingOptimizer per op call over the current table tensors, and expose
         its accumulators as the tables' ``momentum`` buffers (their values carried over, so moving the
         module to another device keeps the optimizer state)."""
-        if not hasattr(ops, "FusedEmbeddingOptimizer"):
-            raise NotImplementedError(
-                "EmbeddingBagCollection(optimizer=...) needs mtkernels.ops.FusedEmbeddingOptimizer "
-                "(the fused embedding update), which this build does not have"
-            )
         config = dict(self.optimizer_config)
+        if self._fused_optimizers:  # keep a learning rate changed since (a schedule)
+            config["lr"] = self._fused_optimizers[0].lr
         self._fused_optimizers = []
         for group in self._groups:
             modules = [self.embedding_bags[name] for name in group["tables"]]
@@ -224,6 +222,12 @@ class EmbeddingBagCollection(nn.Module):
         if self.optimizer_config is not None:
             self._bind_fused_optimizers()
         return result
+
+    @property
+    def fused_optimizers(self) -> List[object]:
+        """The `mtkernels.ops.FusedEmbeddingOptimizer` s (one per op call; empty without a fused
+        optimizer); set ``.lr`` on each for a learning-rate schedule."""
+        return list(self._fused_optimizers)
 
     # --- layout -----------------------------------------------------------------------------
     def feature_slice(self, name: str) -> slice:
@@ -255,6 +259,12 @@ class EmbeddingBagCollection(nn.Module):
         batch = kjt.stride()
         offsets, lengths, values, weights = kjt.offsets(), kjt.lengths(), kjt.values(), kjt.weights_or_none()
         positions = [keys.index(n) for n in names]
+        if positions == list(range(positions[0], positions[0] + len(positions))):
+            # a run of consecutive keys (e.g. one pooling group of the batch): views, no copy
+            first, last = positions[0] * batch, (positions[-1] + 1) * batch
+            start, end = offsets[[first, last]].tolist()
+            return (values[start:end], offsets[first:last + 1] - start,
+                    None if weights is None else weights[start:end])
         bounds = offsets[[p * batch for p in positions] + [(p + 1) * batch for p in positions]].tolist()
         starts, ends = bounds[: len(positions)], bounds[len(positions):]
         new_values = torch.cat([values[s:e] for s, e in zip(starts, ends)])
@@ -283,7 +293,7 @@ class EmbeddingBagCollection(nn.Module):
                                    weights, **kwargs)
             )
         if self._column_permutation is None:
-            return pooled[0]
+            return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
         permutation = self._column_permutation.to(pooled[0].device)
         return torch.cat(pooled, dim=1).index_select(1, permutation)
 

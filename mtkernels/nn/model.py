@@ -9,7 +9,6 @@ training and every other case run the same network as plain PyTorch layers.
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -29,12 +28,9 @@ def _spec(obj, kind: str):
     """A FeatureSpec/TaskSpec from a spec or a plain dict (as stored in ``model.config``)."""
     if not isinstance(obj, Mapping):
         return obj
-    try:
-        from .. import data
-        cls = getattr(data, kind)
-    except (ImportError, AttributeError):  # mtkernels.data not in this build: a plain record
-        return SimpleNamespace(**obj)
-    return cls(**obj)
+    # imported here: mtkernels.data pulls in pandas, which a model that is given specs never needs
+    from ..data import types
+    return getattr(types, kind)(**obj)
 
 
 def _spec_dict(obj, fields: Sequence[str]) -> dict:
@@ -172,6 +168,16 @@ class MultiTaskModel(nn.Module):
         embedding = {id(p) for p in self.embeddings.parameters()}
         return [p for p in self.parameters() if id(p) not in embedding]
 
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """The last layer all tasks share, where GradNorm (Chen et al., ICML 2018) measures the
+        per-task gradient norms: the backbone's `shared_parameters`, or, when the backbone shares
+        nothing (ESMM without a bottom, PLE without shared experts), the embedding tables that
+        require grad (none with a fused embedding optimizer: then the list is empty)."""
+        shared = self.backbone.shared_parameters()
+        if shared:
+            return shared
+        return [p for p in self.embeddings.parameters() if p.requires_grad]
+
     # --- forward ----------------------------------------------------------------------------
     def _inputs(self, sparse, dense: Optional[torch.Tensor]) -> torch.Tensor:
         pooled = self.embeddings(sparse)
@@ -197,8 +203,6 @@ class MultiTaskModel(nn.Module):
     def _fused_params(self):
         """The packed `multi_task_score` parameters, rebuilt when any parameter changed (in-place
         optimizer steps and ``load_state_dict`` bump the tensors' version counters)."""
-        if not hasattr(ops, "pack_multi_task_params"):
-            return None
         pieces = self.backbone._fused_scoring_params()
         if pieces is None:
             return None
