@@ -257,6 +257,32 @@ def test_pair_batch_user_major(data):
     assert data.user_row_of([1, 2]).tolist() == [1, 2] and data.item_position_of([1682]).tolist() == [1681]
 
 
+def test_resample_negatives(data, movielens):
+    original = data.splits["train"]
+    labels, user_row, item = original.labels.clone(), original.user_row.clone(), original.item.clone()
+    try:
+        fresh = data.resample_negatives(seed=11)
+        assert data.splits["train"] is fresh
+        assert torch.equal(torch.nan_to_num(fresh.labels, nan=-1), torch.nan_to_num(labels, nan=-1))
+        assert torch.equal(fresh.user_row, user_row)
+        negative = labels[:, 0] == 0
+        assert torch.equal(fresh.item[~negative], item[~negative])
+        assert (fresh.item[negative] != item[negative]).float().mean() > 0.9
+        rated = set(zip(movielens.ratings["user_id"], movielens.ratings["item_id"]))
+        pairs = zip(data.user_ids[fresh.user_row[negative]].tolist(), data.item_ids[fresh.item[negative] - 1].tolist())
+        assert not any(p in rated for p in pairs)
+        # Item-side features follow the new items.
+        assert torch.equal(fresh.sparse["item_id"], fresh.item)
+        batch = next(data.batches("train", 64))
+        assert torch.equal(batch.sparse["item_id"]["values"], fresh.item[:64])
+        again = data.resample_negatives(seed=11)
+        assert torch.equal(again.item, fresh.item)
+        assert not torch.equal(data.resample_negatives(seed=12).item, fresh.item)
+    finally:
+        restored = data.resample_negatives(seed=None)
+    assert torch.equal(restored.item, item)
+
+
 # --- synthetic folders (no download needed) ------------------------------------------------
 @pytest.fixture(scope="module")
 def synthetic():

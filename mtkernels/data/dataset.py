@@ -136,6 +136,7 @@ class MultiTaskData:
         topk_sets: Optional[Dict[str, TopKEval]] = None,
         user_id_feature: Optional[str] = "user_id",
         info: Optional[dict] = None,
+        negative_pools: Optional[Jagged] = None,
     ) -> None:
         self.name = name
         self.tasks = list(tasks)
@@ -159,6 +160,9 @@ class MultiTaskData:
         self._single = [f for f in self.features if not f.multi_valued]
         self._single_col = {f.name: j for j, f in enumerate(self._single)}
         self._split_single: Dict[str, torch.Tensor] = {}
+        # (offsets [user rows + 1], item rows): the items each user may get as a sampled negative.
+        self._negative_pools = negative_pools
+        self._split_rows = dict(split_rows)
         self.splits: Dict[str, Split] = {name_: self._assemble(name_, rows) for name_, rows in split_rows.items()}
 
     # --- building ---------------------------------------------------------------------------
@@ -315,6 +319,40 @@ class MultiTaskData:
     def num_batches(self, split: str, batch_size: int, drop_last: bool = False) -> int:
         n = self._split(split).num_rows
         return n // batch_size if drop_last else -(-n // batch_size)
+
+    # --- negative sampling ------------------------------------------------------------------
+    def resample_negatives(self, seed: Optional[int], split: str = "train") -> Split:
+        """Draw new items for the sampled-negative rows of ``split`` (rows whose first task label is 0).
+
+        Each negative row keeps its user, timestamp and labels and gets an item drawn uniformly from
+        the user's negative pool (for ml100k-mtl-v1: the items the user rated nowhere, the protocol's
+        own rule), so a model can see fresh negatives every epoch (PROTOCOL.md 3: a model may resample
+        its training negatives but must say so). Replaces ``splits[split]`` and returns it;
+        ``seed=None`` restores the loader's original negatives. Evaluation splits must keep theirs.
+
+        Raises:
+            ValueError: the data set has no negative pools (no sampled negatives) or an unknown split.
+        """
+        if self._negative_pools is None:
+            raise ValueError(f"{self.name} has no sampled negatives to resample")
+        if split not in self._split_rows:
+            raise ValueError(f"no split {split!r}; splits: {list(self._split_rows)}")
+        rows = self._split_rows[split]
+        if seed is not None:
+            offsets, items = self._negative_pools
+            negative = rows.labels[:, 0] == 0
+            users = rows.user_row[negative]
+            sizes = offsets[users + 1] - offsets[users]
+            if bool((sizes == 0).any()):
+                raise ValueError("a user with sampled negatives has an empty negative pool")
+            generator = torch.Generator().manual_seed(int(seed))
+            pick = (torch.rand(users.numel(), generator=generator, dtype=torch.float64) * sizes).long().clamp_(max=sizes - 1)
+            item_row = rows.item_row.clone()
+            item_row[negative] = items[offsets[users] + pick]
+            rows = SplitRows(rows.user_row, item_row, rows.labels, rows.context_sparse, rows.context_multi,
+                             rows.context_dense, rows.extra)
+        self.splits[split] = self._assemble(split, rows)
+        return self.splits[split]
 
     # --- catalogue and users ----------------------------------------------------------------
     @property

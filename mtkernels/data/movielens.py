@@ -288,6 +288,13 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         )
 
     topk = _topk_sets(splits, user_row_of, position_of)
+    # Negative pools per user row (PROTOCOL.md 3: catalogue items the user rated nowhere), as item rows.
+    rated = np.zeros((num_user_rows, num_items + 1), dtype=bool)
+    rated[user_row_of.loc[ratings["user_id"].to_numpy()].to_numpy(), position_of.loc[ratings["item_id"].to_numpy()].to_numpy() + 1] = True
+    rated[:, 0] = True  # the unknown item is never a negative
+    pool_users, pool_items = np.nonzero(~rated)
+    pool_offsets = np.zeros(num_user_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(pool_users, minlength=num_user_rows), out=pool_offsets[1:])
     titles = [str(t) if isinstance(t, str) else str(i) for i, t in zip(catalogue, item_side["title"])]
     user_side_frame = users_raw.set_index("user_id")[["age", "gender", "occupation", "zip_code"]]
     return MultiTaskData(
@@ -304,6 +311,7 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         item_titles=titles,
         user_side_frame=user_side_frame,
         topk_sets=topk,
+        negative_pools=(torch.from_numpy(pool_offsets), torch.from_numpy(pool_items.astype(np.int64))),
         info={"source": movielens.source, "path": str(movielens.path), "num_warm_users": len(warm),
               "num_cold_users": len(np.setdiff1d(np.unique(splits["test_cold"]["user_id"]), warm))
               if "test_cold" in splits else 0},
@@ -365,7 +373,8 @@ def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bo
     items without training history (cold users) get the mean, i.e. 0.
 
     Splits: ``train``, ``val``, ``test_warm``, ``test_cold``; ``topk_eval(split)`` for val,
-    test_warm, test_cold.
+    test_warm, test_cold; ``resample_negatives(seed)`` draws fresh training negatives by the
+    protocol's pool rule (the protocol's fixed ones are the default).
 
     Args:
         data_dir: folder with the RecBole files (``ml-100k.inter/.user/.item``) or a GroupLens
