@@ -257,6 +257,20 @@ def test_pair_batch_user_major(data):
     assert data.user_row_of([1, 2]).tolist() == [1, 2] and data.item_position_of([1682]).tolist() == [1681]
 
 
+def test_new_user_rows_match_cold_users(data):
+    rows = data.user_feature_rows("test_cold")
+    sides = [data.user_side(int(u)) for u in data.user_ids[rows.rows]]
+    fresh = data.new_user_rows(sides)
+    assert (fresh.rows == -1).all()
+    for name, values in rows.sparse.items():
+        assert torch.equal(fresh.sparse[name], values), name
+    assert torch.equal(fresh.dense, rows.dense)
+    odd = data.new_user_rows([{"age": 30, "gender": "X", "occupation": "astronaut"}])
+    assert odd.sparse["age"].item() > 0 and odd.sparse["gender"].item() == 0 and odd.sparse["zip"].item() == 0
+    batch = data.pair_batch(odd, torch.arange(4))
+    assert batch.sparse.stride() == 4 and torch.equal(batch.sparse["user_id"]["values"], torch.zeros(4, dtype=torch.long))
+
+
 def test_resample_negatives(data, movielens):
     original = data.splits["train"]
     labels, user_row, item = original.labels.clone(), original.user_row.clone(), original.item.clone()

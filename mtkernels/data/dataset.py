@@ -137,6 +137,7 @@ class MultiTaskData:
         user_id_feature: Optional[str] = "user_id",
         info: Optional[dict] = None,
         negative_pools: Optional[Jagged] = None,
+        user_encoder=None,
     ) -> None:
         self.name = name
         self.tasks = list(tasks)
@@ -162,6 +163,8 @@ class MultiTaskData:
         self._split_single: Dict[str, torch.Tensor] = {}
         # (offsets [user rows + 1], item rows): the items each user may get as a sampled negative.
         self._negative_pools = negative_pools
+        # raw side-feature records -> {user feature: int64 ids}, for users the data set never saw
+        self._user_encoder = user_encoder
         self._split_rows = dict(split_rows)
         self.splits: Dict[str, Split] = {name_: self._assemble(name_, rows) for name_, rows in split_rows.items()}
 
@@ -445,6 +448,32 @@ class MultiTaskData:
                 v, l = gather_jagged(*self._users.multi[f.name], rows)
                 multi[f.name] = (v, lengths_to_offsets(l))
         return UserRows(rows, sparse, multi, self._users.dense[rows])
+
+    def new_user_rows(self, sides: Sequence[dict]) -> UserRows:
+        """`UserRows` for users the data set does not hold, from raw side features alone.
+
+        Encoded like the loader's cold users: ``user_id`` = 0, vocabularies of the training users
+        (unseen or missing values -> 0), dense (history) features = the mean, 0; ``rows`` = -1.
+        E.g. ``data.new_user_rows([{"age": 31, "gender": "F", "occupation": "writer", "zip_code": "10025"}])``.
+
+        Raises:
+            ValueError: the loader gave no side-feature encoder (no user side features).
+        """
+        if self._user_encoder is None:
+            raise ValueError(f"{self.name} cannot encode new users (no user side features)")
+        count = len(sides)
+        encoded = self._user_encoder(pd.DataFrame(list(sides)))
+        sparse, multi = {}, {}
+        for f in self.features:
+            if f.side != "user":
+                continue
+            if f.multi_valued:
+                multi[f.name] = (torch.zeros(0, dtype=torch.long), torch.zeros(count + 1, dtype=torch.long))
+            elif f.name == self._user_id_feature:
+                sparse[f.name] = torch.zeros(count, dtype=torch.long)
+            else:
+                sparse[f.name] = torch.as_tensor(encoded.get(f.name, np.zeros(count)), dtype=torch.long)
+        return UserRows(torch.full((count,), -1, dtype=torch.long), sparse, multi, torch.zeros(count, self.user_dense_dim))
 
     def pair_batch(self, users: Union[UserRows, torch.Tensor, Sequence[int]], items: Optional[torch.Tensor] = None) -> Batch:
         """Every (user, item) pair of U users x N items as one `Batch`, user-major.

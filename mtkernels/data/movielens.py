@@ -219,16 +219,21 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
     occupation_vocab = Vocabulary(side["occupation"].iloc[warm_rows])
     zip_prefix = side["zip_code"].astype("string").str.strip().str.upper().str[:ZIP_PREFIX]
     zip_vocab = Vocabulary(zip_prefix.iloc[warm_rows])
+
+    def encode_user_side(frame: pd.DataFrame) -> Dict[str, np.ndarray]:
+        """Raw ``age, gender, occupation, zip_code`` columns -> the user-side feature ids."""
+        column = lambda name: frame[name] if name in frame else pd.Series([None] * len(frame), dtype=object)  # noqa: E731
+        prefix = column("zip_code").astype("string").str.strip().str.upper().str[:ZIP_PREFIX]
+        return {
+            "age": _bucket(column("age"), AGE_EDGES),
+            "gender": gender_vocab.encode(column("gender")),
+            "occupation": occupation_vocab.encode(column("occupation")),
+            "zip": zip_vocab.encode(prefix),
+        }
+
     user_id_feature = np.zeros(num_user_rows, dtype=np.int64)
     user_id_feature[warm_rows] = warm_rows
-    user_sparse = {
-        "user_id": user_id_feature,
-        "age": _bucket(side["age"], AGE_EDGES),
-        "gender": gender_vocab.encode(side["gender"]),
-        "occupation": occupation_vocab.encode(side["occupation"]),
-        "zip": zip_vocab.encode(zip_prefix),
-    }
-    user_sparse["age"][0] = user_sparse["gender"][0] = user_sparse["occupation"][0] = user_sparse["zip"][0] = 0
+    user_sparse = {"user_id": user_id_feature, **encode_user_side(side.reset_index(drop=True))}
 
     # Items: row p + 1 = catalogue position p (ascending external id); row 0 unknown.
     num_items = len(catalogue)
@@ -312,6 +317,7 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         user_side_frame=user_side_frame,
         topk_sets=topk,
         negative_pools=(torch.from_numpy(pool_offsets), torch.from_numpy(pool_items.astype(np.int64))),
+        user_encoder=encode_user_side,
         info={"source": movielens.source, "path": str(movielens.path), "num_warm_users": len(warm),
               "num_cold_users": len(np.setdiff1d(np.unique(splits["test_cold"]["user_id"]), warm))
               if "test_cold" in splits else 0},
