@@ -8,7 +8,6 @@ Data: F. M. Harper and J. A. Konstan, "The MovieLens Datasets: History and Conte
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
