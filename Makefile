@@ -19,11 +19,14 @@ $(DEPS): requirements.txt
 
 setup: $(DEPS)
 
-# Incremental (ninja); then an editable install so the `mtkernels` command exists.
+# First time: an editable install (builds the extension once and puts the `mtkernels` command in
+# .venv/bin); afterwards an incremental in-place rebuild (ninja) of what changed.
 build: $(DEPS)
-	$(PY) setup.py -q build_ext --inplace
-	@$(PY) -m pip show -q mtkernels >/dev/null 2>&1 || \
-	  $(PY) -m pip install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e . >/dev/null
+	@if $(PY) -m pip show -q mtkernels >/dev/null 2>&1; then \
+	  $(PY) setup.py -q build_ext --inplace; \
+	else \
+	  $(PY) -m pip install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .; \
+	fi
 	$(PY) -c "import json, mtkernels; print(json.dumps(mtkernels.info()))"
 
 # MovieLens-100K as RecBole ships it (read from the recbole==1.2.1 wheel, never imported).
