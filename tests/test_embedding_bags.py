@@ -453,3 +453,128 @@ def test_fused_per_sample_weights_gradient(path):
     reference_embedding_bags(ref_weights, indices, offsets, feature_table, "sum", ref_psw).backward(grad_output)
     # the per-sample-weight gradient is taken at the rows before the update
     torch.testing.assert_close(psw.grad, ref_psw.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Op registration: opcheck on the forward and every backward op, torch.compile
+# ---------------------------------------------------------------------------------------------
+def _opcheck_samples():
+    for pooling, weighted, index_dtype, dtype in [
+        ("sum", False, torch.int64, torch.float32),
+        ("mean", False, torch.int32, torch.float32),
+        ("sum", True, torch.int32, torch.float64),
+    ]:
+        weights, indices, offsets, feature_table, psw = make_problem(
+            (12, 9), (4, 6), [0, 1, 0], 5, 4, index_dtype, dtype, weighted, seed=21
+        )
+        yield weights, indices, offsets, feature_table, pooling, psw
+
+
+@native_only
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_opcheck_forward(requires_grad, sparse):
+    for weights, indices, offsets, feature_table, pooling, psw in _opcheck_samples():
+        weights = [w.requires_grad_(requires_grad) for w in weights]
+        if psw is not None:
+            psw.requires_grad_(requires_grad)
+        # AOT autograd cannot trace a sparse gradient: the sparse backward is checked below
+        tests = ("test_schema", "test_autograd_registration", "test_faketensor") if sparse else None
+        kwargs = {} if tests is None else {"test_utils": tests}
+        torch.library.opcheck(
+            torch.ops.mtkernels.embedding_bags.default,
+            (weights, indices, offsets, feature_table, pooling, psw, sparse),
+            **kwargs,
+        )
+
+
+@native_only
+def test_opcheck_backward_ops():
+    for weights, indices, offsets, feature_table, pooling, psw in _opcheck_samples():
+        total = sum(weights[t].shape[1] for t in feature_table)
+        grad_output = torch.randn(5, total, dtype=weights[0].dtype)
+        args = (grad_output, weights, indices, offsets, feature_table, pooling, psw)
+        torch.library.opcheck(torch.ops.mtkernels.embedding_bags_backward.default, args)
+        torch.library.opcheck(torch.ops.mtkernels.embedding_bags_backward_sparse.default, args)
+        torch.library.opcheck(
+            torch.ops.mtkernels.embedding_bags_per_sample_weights_backward.default,
+            (grad_output, weights, indices, offsets, feature_table),
+        )
+        for kind in ("sgd", "rowwise_adagrad"):
+            accumulators = [torch.zeros(w.shape[0]) for w in weights] if kind == "rowwise_adagrad" else []
+            torch.library.opcheck(
+                torch.ops.mtkernels.embedding_bags_fused_update.default,
+                ([w.clone() for w in weights], accumulators, grad_output, indices, offsets, feature_table,
+                 pooling, psw, kind, 0.1, 1e-8),
+            )
+
+
+@native_only
+def test_native_backward_ops_reject_bad_input():
+    weights, indices, offsets, feature_table, psw = make_problem(seed=22)
+    grad_output = torch.randn(5, 15)
+    ops = torch.ops.mtkernels
+    with pytest.raises(ValueError, match="grad_output"):
+        ops.embedding_bags_backward(grad_output[:, :3], weights, indices, offsets, feature_table, "sum", None)
+    bad = indices.clone()
+    bad[-1] = 1000
+    with pytest.raises(IndexError, match=rf"feature 2: index 1000 at position {indices.numel() - 1}"):
+        ops.embedding_bags_backward_sparse(grad_output, weights, bad, offsets, feature_table, "sum", None)
+    with pytest.raises(IndexError, match="feature 2"):
+        ops.embedding_bags_per_sample_weights_backward(grad_output, weights, bad, offsets, feature_table)
+    with pytest.raises(ValueError, match="optimizer"):
+        ops.embedding_bags_fused_update(weights, [], grad_output, indices, offsets, feature_table, "sum", None, "adam", 0.1, 0.0)
+    with pytest.raises(ValueError, match="accumulator"):
+        ops.embedding_bags_fused_update(weights, [], grad_output, indices, offsets, feature_table, "sum", None,
+                                        "rowwise_adagrad", 0.1, 0.0)
+    with pytest.raises(TypeError, match="one dtype"):
+        ops.embedding_bags(weights, indices.int(), offsets, feature_table, "sum", None, False)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.embedding_bags([weights[0], weights[1].double(), weights[2]], indices, offsets, feature_table, "sum", None, False)
+
+
+@native_only
+def test_native_handles_non_contiguous_tables():
+    weights, indices, offsets, feature_table, _ = make_problem(seed=23)
+    transposed = [w.t().contiguous().t() for w in weights]  # column stride != 1
+    torch.testing.assert_close(embedding_bags(transposed, indices, offsets), embedding_bags(weights, indices, offsets))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        torch.ops.mtkernels.embedding_bags_fused_update(
+            transposed, [], torch.randn(5, 15), indices, offsets, feature_table, "sum", None, "sgd", 0.1, 0.0
+        )
+
+
+@native_only
+def test_torch_compile_fullgraph():
+    weights, indices, offsets, feature_table, psw = make_problem(seed=24, weighted=True)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def lookup(w0, w1, w2, idx, off, psw_):
+        return torch.ops.mtkernels.embedding_bags([w0, w1, w2], idx, off, [0, 1, 2], "sum", psw_, False)
+
+    torch.testing.assert_close(
+        lookup(*weights, indices, offsets, psw), reference_embedding_bags(weights, indices, offsets, None, "sum", psw)
+    )
+
+
+@native_only
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_results_do_not_depend_on_thread_count(threads):
+    weights, indices, offsets, feature_table, psw = make_problem(
+        (300, 200), (32, 16), [0, 1, 0], 512, 30, dtype=torch.float32, weighted=True, seed=25, requires_grad=True
+    )
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            for w in weights:
+                w.grad = None
+            out = embedding_bags(weights, indices, offsets, feature_table, "sum", psw)
+            out.backward(torch.ones_like(out))
+            results.append((out.detach().clone(), [w.grad.clone() for w in weights]))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)

@@ -4,6 +4,7 @@ reference on random inputs, reciprocal rank fusion against plain Python, opcheck
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -265,3 +266,189 @@ def test_rrf_nan_ranked_last_and_never_returned(topk):
     # source 0 ranks: item1 1, item3 2, item2 3; source 1 ranks by index: item0 1, item1 2, ...
     assert indices.tolist() == [[1, 3, 2, -1]]
     torch.testing.assert_close(values[0, :3], torch.tensor([1 / 1 + 1 / 2, 1 / 2 + 1 / 4, 1 / 3 + 1 / 3]))
+
+
+# ---- the native kernel against the reference ---------------------------------------------------
+
+TRANSFORM_NAMES = list(TRANSFORM_CODES)
+
+
+def random_case(gen, num_sources, batch_size, num_items, exclusions):
+    """Random scores, weights (some zero), transforms and exclusion lists (with duplicates)."""
+    x = torch.randn(num_sources, batch_size, num_items, generator=gen) * 3
+    weights = (torch.rand(num_sources, generator=gen) * 4 - 2).tolist()
+    if num_sources > 1:
+        weights[int(torch.randint(0, num_sources, (1,), generator=gen))] = 0.0
+    transforms = [TRANSFORM_NAMES[int(i)] for i in torch.randint(0, 3, (num_sources,), generator=gen)]
+    if not exclusions:
+        return x, weights, transforms, None, None
+    lengths = torch.randint(0, max(1, num_items // 2), (batch_size,), generator=gen)
+    offsets = torch.zeros(batch_size + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    indices = torch.randint(0, max(1, num_items), (int(offsets[-1]),), generator=gen)
+    return x, weights, transforms, offsets, indices
+
+
+def assert_same_topk(got, want, fused_tol=2e-6):
+    """Values equal to tolerance; indices equal where the reference values are distinct (farther
+    apart than the tolerance from both neighbours); -1 exactly where the reference has -1."""
+    (values, indices), (ref_values, ref_indices) = got, want
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64
+    assert values.shape == ref_values.shape and indices.shape == ref_indices.shape
+    torch.testing.assert_close(values, ref_values, rtol=fused_tol, atol=fused_tol)
+    assert torch.equal(indices == -1, ref_indices == -1)
+    if ref_values.shape[1] == 0:
+        return
+    tol = 4 * fused_tol * (1 + ref_values.abs().nan_to_num(posinf=0, neginf=0))
+    gap_before = torch.full_like(ref_values, math.inf)
+    gap_before[:, 1:] = ref_values[:, :-1] - ref_values[:, 1:]
+    gap_after = torch.full_like(ref_values, math.inf)
+    gap_after[:, :-1] = ref_values[:, :-1] - ref_values[:, 1:]
+    distinct = (gap_before.nan_to_num(nan=0) > tol) & (gap_after.nan_to_num(nan=0) > tol) & (ref_indices >= 0)
+    assert torch.equal(indices[distinct], ref_indices[distinct])
+
+
+SHAPES = [  # (S, B, N, k)
+    (1, 4, 1, 1),
+    (2, 3, 17, 5),
+    (3, 8, 300, 10),
+    (3, 5, 5000, 100),  # several chunks
+    (4, 3, 2100, 1000),  # k near N, buffer compaction
+    (2, 70, 64, 300),  # k > N, many rows
+    (5, 2, 4097, 64),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("mode", ["weighted", "rrf"])
+@pytest.mark.parametrize("exclusions", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_native_matches_reference(shape, exclusions, mode):
+    num_sources, batch_size, num_items, k = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, exclusions, mode)).encode()))
+    x, weights, transforms, offsets, indices = random_case(gen, num_sources, batch_size, num_items, exclusions)
+    args = (weights, k, transforms, offsets, indices, mode)
+    got = mtkernels.ops.ensemble_topk(x, *args)
+    want = reference.ensemble_topk(x, *args)
+    assert_same_topk(got, want)
+    if exclusions:
+        for b in range(batch_size):
+            seen = set(indices[offsets[b] : offsets[b + 1]].tolist())
+            assert not seen & set(got[1][b].tolist())
+
+
+@needs_native
+@pytest.mark.parametrize("mode", ["weighted", "rrf"])
+def test_native_ties_exact(mode):
+    """Small integer scores: fused values are exact in float32, so every index must match."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (3, 16, 3000), generator=gen).float()
+    x[0, 2, ::7] = math.nan
+    x[1, 3, ::5] = -math.inf
+    offsets = torch.arange(0, 16 * 40 + 1, 40)
+    excluded = torch.randint(0, 3000, (16 * 40,), generator=gen)
+    for k in (1, 10, 1000, 3100):
+        got = mtkernels.ops.ensemble_topk(x, [1.0, 2.0, 0.5], k, None, offsets, excluded, mode)
+        want = reference.ensemble_topk(x, [1.0, 2.0, 0.5], k, None, offsets, excluded, mode)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode", ["weighted", "rrf"])
+def test_native_low_and_double_precision(dtype, mode):
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 6, 1000, generator=gen) * 4).to(dtype)
+    args = ([0.7, 1.3, -0.4], 50, ["sigmoid", "identity", "log_sigmoid"], None, None, mode)
+    got = mtkernels.ops.ensemble_topk(x, *args)
+    # read in float32: the reference on the float32 copy is the exact target
+    assert_same_topk(got, reference.ensemble_topk(x.float(), *args))
+    assert_same_topk(got, reference.ensemble_topk(x, *args))
+
+
+@needs_native
+def test_native_mixed_dtypes_and_strided_sources():
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(7, 500, generator=gen)
+    b = torch.randn(500, 7, generator=gen).t()  # item stride 7
+    c = torch.randn(7, 600, generator=gen)[:, 50:550].to(torch.bfloat16)  # row stride 600
+    args = ([1.0, 0.5, 2.0], 20, ["sigmoid", "identity", "sigmoid"])
+    assert_same_topk(mtkernels.ops.ensemble_topk([a, b, c], *args), reference.ensemble_topk([a, b, c], *args))
+
+
+@needs_native
+def test_native_extreme_values():
+    x = torch.tensor([[[math.inf, -math.inf, 0.0, -0.0, 1e30, -1e30, 100.0, -100.0, math.nan, 3.0]]]).expand(3, 1, 10)
+    for transforms in (["sigmoid"] * 3, ["log_sigmoid"] * 3, ["identity", "sigmoid", "log_sigmoid"]):
+        got = mtkernels.ops.ensemble_topk(x, [1.0, 1.0, 1.0], 10, transforms)
+        want = reference.ensemble_topk(x, [1.0, 1.0, 1.0], 10, transforms)
+        assert torch.equal(got[1] == -1, want[1] == -1)
+        assert 8 not in got[1].tolist()[0]
+        torch.testing.assert_close(got[0], want[0], rtol=2e-6, atol=1e-6)
+
+
+@needs_native
+def test_native_transforms_accuracy():
+    """The fast sigmoid / log-sigmoid against torch over a wide range (one source, k = N)."""
+    x = torch.linspace(-90, 90, 20001).reshape(1, 1, -1)
+    for name, fn in (("sigmoid", torch.sigmoid), ("log_sigmoid", torch.nn.functional.logsigmoid)):
+        values, indices = mtkernels.ops.ensemble_topk(x, [1.0], x.shape[-1], [name])
+        expected = fn(x[0, 0])[indices[0]]
+        torch.testing.assert_close(values[0], expected, rtol=1e-6, atol=1e-7)
+
+
+@needs_native
+def test_native_bad_input_raises_from_cpp():
+    """Called directly (no Python checks in front), the kernel rejects bad input itself."""
+    op = torch.ops.mtkernels.ensemble_topk.default
+    x = [torch.randn(2, 5)]
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        op(x, [1.0], -1, [0], None, None, "weighted", 60.0)
+    with pytest.raises(ValueError, match="weights must have one entry per source"):
+        op(x, [1.0, 2.0], 1, [0], None, None, "weighted", 60.0)
+    with pytest.raises(ValueError, match="transforms"):
+        op(x, [1.0], 1, [7], None, None, "weighted", 60.0)
+    with pytest.raises(ValueError, match="same shape"):
+        op([x[0], torch.randn(2, 6)], [1.0, 1.0], 1, [0, 0], None, None, "weighted", 60.0)
+    with pytest.raises(TypeError, match="same dtype"):
+        op([x[0], x[0].double()], [1.0, 1.0], 1, [0, 0], None, None, "weighted", 60.0)
+    with pytest.raises(ValueError, match="mode"):
+        op(x, [1.0], 1, [0], None, None, "sum", 60.0)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        op(x, [1.0], 1, [0], torch.tensor([0, 2, 1]), torch.tensor([0]), "weighted", 60.0)
+    with pytest.raises(ValueError, match="exclude_indices must lie in"):
+        op(x, [1.0], 1, [0], torch.tensor([0, 1, 1]), torch.tensor([5]), "weighted", 60.0)
+    with pytest.raises(ValueError, match="B\\+1=3 entries"):
+        op(x, [1.0], 1, [0], torch.tensor([0, 1]), torch.tensor([4]), "weighted", 60.0)
+    with pytest.raises(ValueError, match="together"):
+        op(x, [1.0], 1, [0], torch.tensor([0, 1, 1]), None, "weighted", 60.0)
+
+
+def test_no_autograd_through_the_op():
+    x = torch.randn(2, 3, 20, requires_grad=True)
+    values, indices = mtkernels.ops.ensemble_topk(x, [1.0, 1.0], 5)
+    assert not values.requires_grad and not indices.requires_grad
+
+
+@needs_native
+@pytest.mark.parametrize("with_exclusions", [False, True])
+def test_opcheck(with_exclusions):
+    gen = torch.Generator().manual_seed(6)
+    x = list(torch.randn(3, 4, 50, generator=gen).unbind(0))
+    offsets, excluded = (csr([[1, 2], [], [49], [0, 0, 3]]) if with_exclusions else (None, None))
+    for mode in ("weighted", "rrf"):
+        torch.library.opcheck(
+            torch.ops.mtkernels.ensemble_topk.default,
+            (x, [1.0, 0.0, -2.0], 7, [1, 0, 2], offsets, excluded, mode, 60.0),
+        )
+
+
+@needs_native
+def test_fake_kernel_under_compile():
+    def pipeline(a, b):
+        return torch.ops.mtkernels.ensemble_topk.default([a, b], [1.0, 0.5], 4, [1, 0], None, None, "weighted", 60.0)
+
+    compiled = torch.compile(pipeline, backend="aot_eager", fullgraph=True)
+    a, b = torch.randn(3, 40), torch.randn(3, 40)
+    got = compiled(a, b)
+    torch.testing.assert_close(got, pipeline(a, b))

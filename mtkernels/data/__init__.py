@@ -10,13 +10,16 @@ Each returns a `MultiTaskData` (tasks, features, dense_dim, splits, ``batches()`
 ``topk_eval()``); see `mtkernels.data.dataset`.
 """
 
+from .census import load_census_income
 from .dataset import EntityTable, MultiTaskData, SplitRows, gather_jagged
 from .sources import default_data_dir, fetch_ml100k
+from .interactions import load_interactions
 from .movielens import MovieLens, load_ml100k_mtl_v1, read_movielens_100k
 from .types import Batch, FeatureSpec, Split, TaskSpec, TopKEval, UserRows
 
 __all__ = [
     "Batch", "EntityTable", "FeatureSpec", "MovieLens", "MultiTaskData", "Split", "SplitRows", "TaskSpec",
-    "TopKEval", "UserRows", "default_data_dir", "fetch_ml100k", "gather_jagged", "load_ml100k_mtl_v1",
+    "TopKEval", "UserRows", "default_data_dir", "fetch_ml100k", "gather_jagged", "load_census_income",
+    "load_interactions", "load_ml100k_mtl_v1",
     "read_movielens_100k",
 ]

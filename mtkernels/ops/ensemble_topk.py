@@ -85,6 +85,7 @@ def ensemble_topk(
         return _reference(sources, weight_list, k, transform_names, exclude_offsets, exclude_indices, mode, rrf_c)
     if len({src.dtype for src in sources}) > 1:
         sources = [src.to(torch.float32) for src in sources]
+    sources = [src.detach() for src in sources]  # no autograd: selection has no useful gradient
     codes = [TRANSFORM_CODES[name] for name in transform_names]
     return torch.ops.mtkernels.ensemble_topk.default(
         sources, weight_list, k, codes, exclude_offsets, exclude_indices, mode, float(rrf_c)

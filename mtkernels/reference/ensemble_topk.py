@@ -220,7 +220,9 @@ def ensemble_topk(
         if mode == "weighted":
             fused += w * _transform(x, name)
         else:  # transforms are monotone, so they do not change the ranks: rank the raw scores
-            term = w / (rrf_c + rrf_ranks(x))
+            # a true division (``w / tensor`` would be ``reciprocal() * w``, rounded twice)
+            ranks = rrf_ranks(x)
+            term = torch.full_like(ranks, w) / (rrf_c + ranks)
             fused += torch.where(torch.isnan(x), torch.full_like(x, math.nan), term)
 
     valid = ~torch.isnan(fused)
