@@ -104,6 +104,11 @@ class MultiTaskBackbone(nn.Module):
         outputs; the identity except for `ESMM`."""
         return predictions
 
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels ``[B, T]`` (NaN = no label) the outputs are trained against; the labels
+        themselves except for `ESMM`."""
+        return labels
+
     def shared_parameters(self) -> List[nn.Parameter]:
         """The parameters of the last layer every task reads (GradNorm's W, Chen et al., ICML 2018:
         task gradient norms are measured there); empty when only the inputs are shared."""
@@ -357,8 +362,8 @@ class ESMM(MultiTaskBackbone):
     the paper, the shared embeddings; ``hidden`` optionally adds a shared bottom MLP). The model
     outputs pCTR and, for each post-click task, pCTCVR = pCTR x pCVR, so both losses are taken over
     the entire impression space: train the post-click output against ``click AND conversion``
-    labels on all impressions (0 where there was no click), never against labels restricted to
-    clicked rows. pCVR itself is ``pCTCVR / pCTR``. Regression tasks pass through unchanged.
+    labels on all impressions (0 where there was no click; `targets` builds them from the raw
+    labels), never against labels restricted to clicked rows. pCVR itself is ``pCTCVR / pCTR``. Regression tasks pass through unchanged.
 
     Args:
         input_dim: D.
@@ -401,6 +406,17 @@ class ESMM(MultiTaskBackbone):
         ctr = predictions[:, self.ctr_task]
         columns = [ctr * predictions[:, t] if t in self.ctcvr_tasks else predictions[:, t]
                    for t in range(self.num_tasks)]
+        return torch.stack(columns, dim=1)
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Entire-space labels: a post-click task's target is ``click AND conversion``, so it is 0
+        on every row without a click (where a post-click label is usually missing, NaN) and the
+        conversion label on clicked rows; rows with an unknown click stay unknown (NaN)."""
+        if labels.dim() != 2 or labels.shape[1] != self.num_tasks:
+            raise ValueError(f"labels must be [B, {self.num_tasks}], got {tuple(labels.shape)}")
+        click = labels[:, self.ctr_task]
+        columns = [torch.where(click == 0, torch.zeros_like(click), torch.where(click == 1, labels[:, t], click))
+                   if t in self.ctcvr_tasks else labels[:, t] for t in range(self.num_tasks)]
         return torch.stack(columns, dim=1)
 
     def shared_parameters(self) -> List[nn.Parameter]:
