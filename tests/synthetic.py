@@ -124,3 +124,15 @@ def tiny_model(data, backbone: str = "mmoe", seed: int = 0):
     torch.manual_seed(seed)
     return MultiTaskModel(data.features, data.dense_dim, data.tasks, backbone=backbone, embedding_dim=4,
                           backbone_kwargs=kwargs, tower_hidden=[4], embedding_optimizer=fused_embedding_optimizer())
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (and do not spin against other processes); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
