@@ -31,7 +31,7 @@ data: $(DEPS)
 	$(PY) -m mtkernels.data.fetch --dest $(DATA)
 
 test: build data
-	$(PY) -m pytest -q tests
+	MTKERNELS_STRICT=1 MTKERNELS_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
 
 demo: build data
 	$(PY) -m mtkernels demo --out outputs/demo

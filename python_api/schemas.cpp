@@ -5,14 +5,52 @@
 
 TORCH_LIBRARY(mtkernels, m) {
   // ---- embedding_bags: fused multi-table pooled lookup (ARCHITECTURE §3.1) ----
+  // Forward. `sparse` is read by the backward only (row-sparse instead of dense table grads).
+  m.def(
+      "embedding_bags(Tensor[] weights, Tensor indices, Tensor offsets, int[] feature_table, "
+      "str pooling, Tensor? per_sample_weights, bool sparse) -> Tensor");
+  // Dense gradient of every table.
+  m.def(
+      "embedding_bags_backward(Tensor grad_output, Tensor[] weights, Tensor indices, "
+      "Tensor offsets, int[] feature_table, str pooling, Tensor? per_sample_weights) -> Tensor[]");
+  // Row-sparse gradient of every table: (unique rows ascending [U_t] int64, row grads [U_t, D_t]).
+  m.def(
+      "embedding_bags_backward_sparse(Tensor grad_output, Tensor[] weights, Tensor indices, "
+      "Tensor offsets, int[] feature_table, str pooling, Tensor? per_sample_weights) "
+      "-> (Tensor[], Tensor[])");
+  // Gradient of the per-sample weights [L].
+  m.def(
+      "embedding_bags_per_sample_weights_backward(Tensor grad_output, Tensor[] weights, "
+      "Tensor indices, Tensor offsets, int[] feature_table) -> Tensor");
+  // Fused backward + optimizer ("sgd" | "rowwise_adagrad"): updates the touched rows of the
+  // tables (and the row-wise accumulators) in place.
+  m.def(
+      "embedding_bags_fused_update(Tensor(a!)[] weights, Tensor(b!)[] accumulators, "
+      "Tensor grad_output, Tensor indices, Tensor offsets, int[] feature_table, str pooling, "
+      "Tensor? per_sample_weights, str optimizer, float lr, float eps) -> ()");
 
   // ---- end embedding_bags ----
 
   // ---- ensemble_topk: fused score fusion and per-row top-k (ARCHITECTURE §3.3) ----
+  // scores: S tensors [B, N] (one dtype: float32, float16, bfloat16 or float64); weights: S floats;
+  // transforms: S codes, 0 identity, 1 sigmoid, 2 log_sigmoid; exclusions: CSR (offsets [B+1],
+  // item indices), both or neither; mode: "weighted" or "rrf". Returns values [B, k] float32 and
+  // indices [B, k] int64 (tail -1/-inf when fewer than k items remain). No autograd.
+  m.def(
+      "ensemble_topk(Tensor[] scores, float[] weights, int k, int[] transforms, "
+      "Tensor? exclude_offsets, Tensor? exclude_indices, str mode, float rrf_c) "
+      "-> (Tensor values, Tensor indices)");
 
   // ---- end ensemble_topk ----
 
   // ---- multi_task_score: fused experts, gates and task towers (ARCHITECTURE §3.2) ----
+  // Inference only (no autograd). Layout: mtkernels.reference.multi_task_score.MultiTaskScoreParams
+  // (expert layer l [E, H_l, H_l-1] + bias [E, H_l]; gates [T, E, D] + [T, E] under a [T, E] bool
+  // mask; tower layer k [T, G_k, G_k-1] + [T, G_k], last G = 1; transforms "sigmoid"/"identity").
+  m.def(
+      "multi_task_score(Tensor x, Tensor[] expert_weights, Tensor[] expert_biases, Tensor gate_weight, "
+      "Tensor gate_bias, Tensor gate_mask, Tensor[] tower_weights, Tensor[] tower_biases, "
+      "str[] transforms) -> Tensor");
 
   // ---- end multi_task_score ----
 }

@@ -1,8 +1,15 @@
 """The functional ops. Each calls the native kernel (torch.ops.mtkernels.*) when it is built for
 the input's device and falls back to the pure-PyTorch reference otherwise."""
 
-from .embedding_bags import embedding_bags
+from .embedding_bags import FusedEmbeddingOptimizer, embedding_bags
 from .ensemble_topk import ensemble_topk
-from .multi_task_score import multi_task_score
+from .multi_task_score import MultiTaskScoreParams, multi_task_score, pack_multi_task_params
 
-__all__ = ["embedding_bags", "ensemble_topk", "multi_task_score"]
+__all__ = [
+    "embedding_bags",
+    "FusedEmbeddingOptimizer",
+    "ensemble_topk",
+    "multi_task_score",
+    "MultiTaskScoreParams",
+    "pack_multi_task_params",
+]

@@ -1,0 +1,422 @@
+// CPU kernel of mtkernels::ensemble_topk (ARCHITECTURE.md §3.3): fuse S score matrices and keep
+// the top-k items of every row in one pass over the scores.
+//
+// Rows are independent: at::parallel_for over rows, one TopKSelector and two chunk buffers per
+// thread. Weighted mode streams each row in chunks of kChunk items (8 KiB of float32, in L1):
+// the fused scores of a chunk are computed source by source into a small accumulator (vectorised
+// loops, fast_math.h), excluded items are overwritten with NaN, and the chunk is offered to the
+// selector, whose hot path is one comparison per item. The fused [B, N] matrix never exists.
+// RRF mode needs every source's full ranking of the row, so it keeps one fused row per thread and
+// ranks each source with a stable LSD radix sort of order-preserving integer keys (linear in N;
+// stability gives the smaller index first among equal scores).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string_view>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "common/checks.h"
+#include "ensemble_topk/cpu/fast_math.h"
+#include "ensemble_topk/cpu/topk_selector.h"
+
+namespace mtkernels {
+namespace {
+
+// Transform codes of the schema's `int[] transforms` (mtkernels/ops/ensemble_topk.py).
+enum Transform : int64_t { kIdentity = 0, kSigmoid = 1, kLogSigmoid = 2 };
+
+constexpr int64_t kChunk = 2048;
+
+// ---- reading scores as float32 ------------------------------------------------------------------
+
+// Returns `count` scores as float32: the source itself for float32, else converted into `buffer`.
+inline const float* as_float(const float* source, int64_t /*count*/, float* /*buffer*/) {
+  return source;
+}
+
+inline const float* as_float(const double* source, int64_t count, float* buffer) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    buffer[i] = static_cast<float>(source[i]);
+  }
+  return buffer;
+}
+
+inline const float* as_float(const c10::BFloat16* source, int64_t count, float* buffer) {
+  // bfloat16 is the top half of a float32.
+  const auto* bits = reinterpret_cast<const uint16_t*>(source);
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    buffer[i] = std::bit_cast<float>(static_cast<uint32_t>(bits[i]) << 16);
+  }
+  return buffer;
+}
+
+inline const float* as_float(const c10::Half* source, int64_t count, float* buffer) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  const auto* bits = reinterpret_cast<const uint16_t*>(source);
+  for (; i + 8 <= count; i += 8) {
+    const __m128i half8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + i));
+    _mm256_storeu_ps(buffer + i, _mm256_cvtph_ps(half8));
+  }
+#endif
+  for (; i < count; ++i) {
+    buffer[i] = static_cast<float>(source[i]);
+  }
+  return buffer;
+}
+
+// ---- weighted fusion of one chunk -----------------------------------------------------------------
+
+template <int64_t kTransform>
+MTK_INLINE float apply(float x) {
+  if constexpr (kTransform == kSigmoid) {
+    return fast_math::sigmoid(x);
+  } else if constexpr (kTransform == kLogSigmoid) {
+    return fast_math::log_sigmoid(x);
+  } else {
+    return x;
+  }
+}
+
+// fused[i] (+)= weight * transform(x[i]); the first active source assigns, the others add.
+template <int64_t kTransform>
+void accumulate(float* __restrict fused, const float* __restrict x, int64_t count, float weight,
+                bool first) {
+  if (first) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) {
+      fused[i] = weight * apply<kTransform>(x[i]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) {
+      fused[i] += weight * apply<kTransform>(x[i]);
+    }
+  }
+}
+
+void accumulate(int64_t transform, float* fused, const float* x, int64_t count, float weight,
+                bool first) {
+  switch (transform) {
+    case kSigmoid:
+      accumulate<kSigmoid>(fused, x, count, weight, first);
+      break;
+    case kLogSigmoid:
+      accumulate<kLogSigmoid>(fused, x, count, weight, first);
+      break;
+    default:
+      accumulate<kIdentity>(fused, x, count, weight, first);
+  }
+}
+
+// The sources of non-zero weight: a zero-weight source contributes nothing, not even the NaN of
+// 0 * inf, so it is never read.
+struct Source {
+  const char* data;     // row 0, item 0
+  int64_t row_stride;   // in elements
+  float weight;
+  int64_t transform;
+};
+
+// One row's exclusions, sorted so that each chunk walks its own part of the list.
+void sorted_exclusions(const int64_t* offsets, const int64_t* indices, int64_t row,
+                       std::vector<int64_t>& out) {
+  out.assign(indices + offsets[row], indices + offsets[row + 1]);
+  std::sort(out.begin(), out.end());
+}
+
+template <typename scalar_t>
+void weighted_rows(const std::vector<Source>& sources, int64_t num_items, int64_t k,
+                   const int64_t* exclude_offsets, const int64_t* exclude_indices, int64_t row_begin,
+                   int64_t row_end, float* out_values, int64_t* out_indices) {
+  std::vector<float> fused(kChunk);
+  std::vector<float> converted(kChunk);
+  std::vector<int64_t> excluded;
+  TopKSelector selector;
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    excluded.clear();
+    if (exclude_offsets != nullptr) {
+      sorted_exclusions(exclude_offsets, exclude_indices, row, excluded);
+    }
+    size_t next_excluded = 0;
+    selector.reset(k, num_items);
+    for (int64_t start = 0; start < num_items; start += kChunk) {
+      const int64_t count = std::min(kChunk, num_items - start);
+      bool first = true;
+      for (const Source& source : sources) {
+        const auto* row_scores =
+            reinterpret_cast<const scalar_t*>(source.data) + row * source.row_stride + start;
+        const float* x = as_float(row_scores, count, converted.data());
+        accumulate(source.transform, fused.data(), x, count, source.weight, first);
+        first = false;
+      }
+      if (first) {  // no source of non-zero weight: every fused score is 0
+        std::fill(fused.begin(), fused.begin() + count, 0.0f);
+      }
+      for (; next_excluded < excluded.size() && excluded[next_excluded] < start + count;
+           ++next_excluded) {
+        fused[excluded[next_excluded] - start] = kNaN;
+      }
+      selector.offer(fused.data(), count, start);
+    }
+    selector.finish(out_values + row * k, out_indices + row * k);
+  }
+}
+
+// ---- reciprocal rank fusion ---------------------------------------------------------------------
+
+// Stable LSD radix sort of (key, item) pairs by key, 8 bits a pass; passes where every key has the
+// same byte are skipped. `keys`/`items` hold the input and receive the output.
+void radix_sort(std::vector<uint32_t>& keys, std::vector<uint32_t>& items,
+                std::vector<uint32_t>& keys_tmp, std::vector<uint32_t>& items_tmp, size_t count) {
+  std::array<std::array<uint32_t, 256>, 4> histogram{};
+  for (size_t i = 0; i < count; ++i) {
+    const uint32_t key = keys[i];
+    ++histogram[0][key & 0xff];
+    ++histogram[1][(key >> 8) & 0xff];
+    ++histogram[2][(key >> 16) & 0xff];
+    ++histogram[3][key >> 24];
+  }
+  keys_tmp.resize(keys.size());
+  items_tmp.resize(items.size());
+  for (int pass = 0; pass < 4; ++pass) {
+    auto& counts = histogram[pass];
+    const int shift = 8 * pass;
+    if (counts[(keys[0] >> shift) & 0xff] == count) {
+      continue;
+    }
+    uint32_t position = 0;
+    for (auto& c : counts) {
+      const uint32_t n = c;
+      c = position;
+      position += n;
+    }
+    for (size_t i = 0; i < count; ++i) {
+      const uint32_t slot = counts[(keys[i] >> shift) & 0xff]++;
+      keys_tmp[slot] = keys[i];
+      items_tmp[slot] = items[i];
+    }
+    keys.swap(keys_tmp);
+    items.swap(items_tmp);
+  }
+}
+
+template <typename scalar_t>
+void rrf_rows(const std::vector<Source>& sources, int64_t num_items, int64_t k, float rrf_c,
+              const int64_t* exclude_offsets, const int64_t* exclude_indices, int64_t row_begin,
+              int64_t row_end, float* out_values, int64_t* out_indices) {
+  std::vector<float> fused(num_items);
+  std::vector<float> converted(kChunk);
+  std::vector<uint32_t> keys(num_items), items(num_items), keys_tmp, items_tmp;
+  std::vector<int64_t> excluded;
+  TopKSelector selector;
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    std::fill(fused.begin(), fused.end(), 0.0f);
+    for (const Source& source : sources) {
+      // Keys of the numbers in item order (NaN scores get no rank and make the fused score NaN).
+      size_t count = 0;
+      for (int64_t start = 0; start < num_items; start += kChunk) {
+        const int64_t chunk = std::min(kChunk, num_items - start);
+        const auto* row_scores =
+            reinterpret_cast<const scalar_t*>(source.data) + row * source.row_stride + start;
+        const float* x = as_float(row_scores, chunk, converted.data());
+        for (int64_t i = 0; i < chunk; ++i) {
+          if (std::isnan(x[i])) {
+            fused[start + i] = kNaN;
+          } else {
+            keys[count] = ~ordered_key(x[i]);  // ascending key = descending score
+            items[count] = static_cast<uint32_t>(start + i);
+            ++count;
+          }
+        }
+      }
+      if (count == 0) {
+        continue;
+      }
+      radix_sort(keys, items, keys_tmp, items_tmp, count);
+      for (size_t rank = 0; rank < count; ++rank) {
+        fused[items[rank]] += source.weight / (rrf_c + static_cast<float>(rank + 1));
+      }
+    }
+    if (exclude_offsets != nullptr) {
+      for (int64_t j = exclude_offsets[row]; j < exclude_offsets[row + 1]; ++j) {
+        fused[exclude_indices[j]] = kNaN;
+      }
+    }
+    selector.reset(k, num_items);
+    selector.offer(fused.data(), num_items, 0);
+    selector.finish(out_values + row * k, out_indices + row * k);
+  }
+}
+
+// ---- checks and entry point -----------------------------------------------------------------------
+
+// The full checks of the CSR exclusions; returns them as contiguous int64.
+std::pair<at::Tensor, at::Tensor> checked_exclusions(const at::Tensor& offsets_in,
+                                                     const at::Tensor& indices_in,
+                                                     int64_t batch_size, int64_t num_items) {
+  check_index_dtype(offsets_in, "exclude_offsets");
+  check_index_dtype(indices_in, "exclude_indices");
+  check_dim(offsets_in, 1, "exclude_offsets");
+  check_dim(indices_in, 1, "exclude_indices");
+  TORCH_CHECK_VALUE(offsets_in.device().is_cpu() && indices_in.device().is_cpu(),
+                    "exclude_offsets and exclude_indices must be on the device of scores (cpu), got ",
+                    offsets_in.device(), " and ", indices_in.device());
+  TORCH_CHECK_VALUE(offsets_in.numel() == batch_size + 1, "exclude_offsets must have B+1=",
+                    batch_size + 1, " entries, got ", offsets_in.numel());
+  at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+  at::Tensor indices = indices_in.to(at::kLong).contiguous();
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  const int64_t nnz = indices.numel();
+  TORCH_CHECK_VALUE(o[0] == 0 && o[batch_size] == nnz,
+                    "exclude_offsets must start at 0 and end at len(exclude_indices)=", nnz,
+                    ", got ", o[0], " and ", o[batch_size]);
+  for (int64_t b = 0; b < batch_size; ++b) {
+    TORCH_CHECK_VALUE(o[b] <= o[b + 1], "exclude_offsets must be non-decreasing");
+  }
+  const int64_t* x = indices.data_ptr<int64_t>();
+  for (int64_t j = 0; j < nnz; ++j) {
+    TORCH_CHECK_VALUE(x[j] >= 0 && x[j] < num_items, "exclude_indices must lie in [0, N=", num_items,
+                      "), got ", x[j]);
+  }
+  return {offsets, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> ensemble_topk_cpu(
+    at::TensorList scores, at::ArrayRef<double> weights, int64_t k, at::IntArrayRef transforms,
+    const std::optional<at::Tensor>& exclude_offsets,
+    const std::optional<at::Tensor>& exclude_indices, c10::string_view mode, double rrf_c) {
+  const std::string_view mode_name(mode.data(), mode.size());
+  TORCH_CHECK_VALUE(mode_name == "weighted" || mode_name == "rrf",
+                    "mode must be one of ('weighted', 'rrf'), got '", mode_name, "'");
+  TORCH_CHECK_VALUE(k >= 0, "k must be >= 0, got ", k);
+  const auto num_sources = static_cast<int64_t>(scores.size());
+  TORCH_CHECK_VALUE(num_sources >= 1, "scores must hold at least one source (S >= 1), got none");
+  const at::Tensor& first = scores[0];
+  for (int64_t s = 0; s < num_sources; ++s) {
+    const at::Tensor& source = scores[s];
+    TORCH_CHECK_TYPE(source.scalar_type() == at::kFloat || source.scalar_type() == at::kHalf ||
+                         source.scalar_type() == at::kBFloat16 ||
+                         source.scalar_type() == at::kDouble,
+                     "scores[", s, "] must be float32, float16, bfloat16 or float64, got ",
+                     source.scalar_type());
+    TORCH_CHECK_TYPE(source.scalar_type() == first.scalar_type(),
+                     "all sources must have the same dtype: scores[0] is ", first.scalar_type(),
+                     ", scores[", s, "] is ", source.scalar_type());
+    TORCH_CHECK_VALUE(source.dim() == 2, "scores[", s, "] must be a [B, N] tensor, got shape ",
+                      source.sizes());
+    TORCH_CHECK_VALUE(source.sizes() == first.sizes(),
+                      "all sources must have the same shape [B, N]: scores[0] is ", first.sizes(),
+                      ", scores[", s, "] is ", source.sizes());
+    TORCH_CHECK_VALUE(source.device().is_cpu(), "scores[", s, "] must be a CPU tensor, got ",
+                      source.device());
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == num_sources,
+                    "weights must have one entry per source (S=", num_sources, "), got ",
+                    weights.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(transforms.size()) == num_sources,
+                    "transforms must have one entry per source (S=", num_sources, "), got ",
+                    transforms.size());
+  for (int64_t s = 0; s < num_sources; ++s) {
+    TORCH_CHECK_VALUE(std::isfinite(weights[s]), "weights must be finite, got ", weights[s],
+                      " at position ", s);
+    TORCH_CHECK_VALUE(transforms[s] >= kIdentity && transforms[s] <= kLogSigmoid, "transforms[", s,
+                      "] must be a code 0 (identity), 1 (sigmoid) or 2 (log_sigmoid), got ",
+                      transforms[s]);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(rrf_c) && rrf_c >= 0, "rrf_c must be a finite number >= 0, got ",
+                    rrf_c);
+  TORCH_CHECK_VALUE(exclude_offsets.has_value() == exclude_indices.has_value(),
+                    "exclude_offsets and exclude_indices must be given together (or neither)");
+
+  const int64_t batch_size = first.size(0);
+  const int64_t num_items = first.size(1);
+  // Candidates pack the item index in 32 bits (topk_selector.h).
+  TORCH_CHECK_VALUE(num_items < (int64_t{1} << 32), "scores must have fewer than 2^32 items per row, got ",
+                    num_items);
+  at::Tensor offsets, indices;
+  if (exclude_offsets.has_value()) {
+    std::tie(offsets, indices) =
+        checked_exclusions(*exclude_offsets, *exclude_indices, batch_size, num_items);
+  }
+
+  at::Tensor values = at::empty({batch_size, k}, first.options().dtype(at::kFloat));
+  at::Tensor items = at::empty({batch_size, k}, first.options().dtype(at::kLong));
+  if (batch_size == 0 || k == 0) {
+    return {values, items};
+  }
+
+  std::vector<at::Tensor> rows_contiguous;  // keeps copies alive where a row was strided
+  std::vector<Source> sources;
+  for (int64_t s = 0; s < num_sources; ++s) {
+    if (weights[s] == 0.0) {
+      continue;
+    }
+    at::Tensor source = scores[s];
+    if (source.stride(1) != 1) {
+      source = source.contiguous();
+      rows_contiguous.push_back(source);
+    }
+    sources.push_back({static_cast<const char*>(source.const_data_ptr()), source.stride(0),
+                       static_cast<float>(weights[s]), transforms[s]});
+  }
+  const int64_t* offsets_data = offsets.defined() ? offsets.const_data_ptr<int64_t>() : nullptr;
+  const int64_t* indices_data = indices.defined() ? indices.const_data_ptr<int64_t>() : nullptr;
+  float* values_data = values.data_ptr<float>();
+  int64_t* items_data = items.data_ptr<int64_t>();
+  const bool rrf = mode_name == "rrf";
+  const auto c = static_cast<float>(rrf_c);
+  // About 64K scores per task, so that tiny rows are not split across threads.
+  const int64_t work_per_row = std::max<int64_t>(1, num_items * std::max<int64_t>(1, sources.size()));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / work_per_row);
+
+  auto run = [&](auto zero) {
+    using scalar_t = decltype(zero);
+    at::parallel_for(0, batch_size, grain, [&](int64_t begin, int64_t end) {
+      if (rrf) {
+        rrf_rows<scalar_t>(sources, num_items, k, c, offsets_data, indices_data, begin, end,
+                           values_data, items_data);
+      } else {
+        weighted_rows<scalar_t>(sources, num_items, k, offsets_data, indices_data, begin, end,
+                                values_data, items_data);
+      }
+    });
+  };
+  switch (first.scalar_type()) {
+    case at::kHalf:
+      run(c10::Half{});
+      break;
+    case at::kBFloat16:
+      run(c10::BFloat16{});
+      break;
+    case at::kDouble:
+      run(double{});
+      break;
+    default:
+      run(float{});
+  }
+  return {values, items};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtkernels, CPU, m) { m.impl("ensemble_topk", &ensemble_topk_cpu); }
+
+}  // namespace mtkernels

@@ -1,0 +1,116 @@
+// multi_task_score: input checks and the network's dimensions, shared by every backend so each
+// rejects the same bad input with the same message (ARCHITECTURE §3.2; the layout is
+// mtkernels.reference.multi_task_score.MultiTaskScoreParams, whose Python checks say the same).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "common/checks.h"
+
+namespace mtkernels {
+
+struct MultiTaskScoreDims {
+  int64_t rows = 0;     // M
+  int64_t width = 0;    // D
+  int64_t experts = 0;  // E
+  int64_t tasks = 0;    // T
+  std::vector<int64_t> expert_sizes;  // H_1..H_L
+  std::vector<int64_t> tower_sizes;   // G_1..G_K (G_K = 1)
+  std::vector<bool> sigmoid;          // per task: "sigmoid" (true) or "identity"
+};
+
+inline void check_tensor_like_x(const at::Tensor& t, const at::Tensor& x, const std::string& name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(),
+                   ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ",
+                    t.device());
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const std::string& name) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+inline MultiTaskScoreDims check_multi_task_score_inputs(
+    const at::Tensor& x, at::TensorList expert_weights, at::TensorList expert_biases,
+    const at::Tensor& gate_weight, const at::Tensor& gate_bias, const at::Tensor& gate_mask,
+    at::TensorList tower_weights, at::TensorList tower_biases,
+    const std::vector<std::string>& transforms) {
+  MultiTaskScoreDims d;
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                       x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                   "x must be a float32, float64, bfloat16 or float16 tensor, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be a 2-D tensor [M, D], got shape ", x.sizes());
+  d.rows = x.size(0);
+  d.width = x.size(1);
+  TORCH_CHECK_TYPE(gate_mask.scalar_type() == at::kBool, "params.gate_mask must be a bool tensor, got ",
+                   gate_mask.scalar_type());
+  TORCH_CHECK_VALUE(gate_mask.dim() == 2 && gate_mask.size(0) >= 1 && gate_mask.size(1) >= 1,
+                    "params.gate_mask must have shape [T, E] with T, E >= 1, got ", gate_mask.sizes());
+  d.tasks = gate_mask.size(0);
+  d.experts = gate_mask.size(1);
+  TORCH_CHECK_VALUE(!expert_weights.empty(), "params.expert_weights must be a non-empty sequence of tensors");
+  TORCH_CHECK_VALUE(!expert_biases.empty(), "params.expert_biases must be a non-empty sequence of tensors");
+  TORCH_CHECK_VALUE(!tower_weights.empty(), "params.tower_weights must be a non-empty sequence of tensors");
+  TORCH_CHECK_VALUE(!tower_biases.empty(), "params.tower_biases must be a non-empty sequence of tensors");
+  TORCH_CHECK_VALUE(expert_weights.size() == expert_biases.size(),
+                    "params.expert_biases must have one tensor per expert layer (", expert_weights.size(),
+                    "), got ", expert_biases.size());
+  TORCH_CHECK_VALUE(tower_weights.size() == tower_biases.size(),
+                    "params.tower_biases must have one tensor per tower layer (", tower_weights.size(),
+                    "), got ", tower_biases.size());
+  const at::Tensor& first = expert_weights[0];
+  TORCH_CHECK_VALUE(first.dim() != 3 || first.size(0) == d.experts,
+                    "params.gate_mask [T, E] and params.expert_weights[0] [E, H_1, D] must agree on the "
+                    "number of experts E, got ", d.experts, " and ", first.size(0));
+  int64_t fan_in = d.width;
+  for (size_t l = 0; l < expert_weights.size(); ++l) {
+    const std::string name = "params.expert_weights[" + std::to_string(l) + "]";
+    const at::Tensor& w = expert_weights[l];
+    TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == d.experts && w.size(2) == fan_in, name,
+                      " must have shape [E=", d.experts, ", H_", l + 1, ", ", fan_in, "] (in_features = ",
+                      l == 0 ? "D of x" : "the previous layer width", "), got ", w.sizes());
+    check_tensor_like_x(w, x, name);
+    const int64_t hidden = w.size(1);
+    const std::string bname = "params.expert_biases[" + std::to_string(l) + "]";
+    check_tensor_like_x(expert_biases[l], x, bname);
+    check_shape(expert_biases[l], {d.experts, hidden}, bname);
+    d.expert_sizes.push_back(hidden);
+    fan_in = hidden;
+  }
+  check_tensor_like_x(gate_weight, x, "params.gate_weight");
+  check_shape(gate_weight, {d.tasks, d.experts, d.width}, "params.gate_weight");
+  check_tensor_like_x(gate_bias, x, "params.gate_bias");
+  check_shape(gate_bias, {d.tasks, d.experts}, "params.gate_bias");
+  TORCH_CHECK_VALUE(gate_mask.device() == x.device(), "params.gate_mask must be on x's device ", x.device(),
+                    ", got ", gate_mask.device());
+  const size_t num_layers = tower_weights.size();
+  for (size_t k = 0; k < num_layers; ++k) {
+    const std::string name = "params.tower_weights[" + std::to_string(k) + "]";
+    const at::Tensor& w = tower_weights[k];
+    const bool last = k + 1 == num_layers;
+    TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == d.tasks && w.size(2) == fan_in && (!last || w.size(1) == 1),
+                      name, " must have shape [T=", d.tasks, ", G_", k + 1, ", ", fan_in, "]",
+                      last ? ", out_features 1 in the last layer" : "", ", got ", w.sizes());
+    check_tensor_like_x(w, x, name);
+    const int64_t hidden = w.size(1);
+    const std::string bname = "params.tower_biases[" + std::to_string(k) + "]";
+    check_tensor_like_x(tower_biases[k], x, bname);
+    check_shape(tower_biases[k], {d.tasks, hidden}, bname);
+    d.tower_sizes.push_back(hidden);
+    fan_in = hidden;
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(transforms.size()) == d.tasks,
+                    "params.transforms must be a sequence of T=", d.tasks, " strings, got ", transforms.size());
+  for (size_t t = 0; t < transforms.size(); ++t) {
+    TORCH_CHECK_VALUE(transforms[t] == "sigmoid" || transforms[t] == "identity", "params.transforms[", t,
+                      "] must be 'sigmoid' or 'identity', got '", transforms[t], "'");
+    d.sigmoid.push_back(transforms[t] == "sigmoid");
+  }
+  return d;
+}
+
+}  // namespace mtkernels

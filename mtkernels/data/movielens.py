@@ -1,0 +1,354 @@
+"""MovieLens-100K: reading the RecBole atomic files or the GroupLens folder, and the encoded
+`ml100k-mtl-v1` multi-task data set (click, like, rating; warm and cold-start test users).
+
+Data: F. M. Harper and J. A. Konstan, "The MovieLens Datasets: History and Context", ACM TiiS 5(4),
+2015 (GroupLens terms: research use, no redistribution; the files are fetched, never committed).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import protocol
+from .dataset import EntityTable, MultiTaskData, SplitRows, csr_from_pairs
+from .sources import SUBDIR, default_data_dir, fetch_ml100k
+from .types import FeatureSpec, TaskSpec, TopKEval
+from .vocabulary import Vocabulary, encode_multi
+
+GROUPLENS_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+]
+# MovieLens-1M's published age groups (README of ml-1m): under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+.
+AGE_EDGES = [18, 25, 35, 45, 50, 56]
+# Release years: most ML-100K films are from the 1990s, so those get a bucket per year, older ones per decade.
+YEAR_EDGES = [1940, 1950, 1960, 1970, 1980, 1985, 1990, 1991, 1992, 1993, 1994, 1995, 1996, 1997, 1998]
+ZIP_PREFIX = 2
+# Pseudo-count of the smoothed (Bayesian) averages: an item with few training ratings is pulled
+# towards the global mean instead of echoing its one or two labels.
+SMOOTHING = 10.0
+
+
+@dataclass
+class MovieLens:
+    """Raw MovieLens-100K tables.
+
+    Attributes:
+        ratings: ``user_id, item_id, rating, timestamp`` (int64), one row per rating.
+        users: ``user_id (int64), age (int64), gender, occupation, zip_code (str)``.
+        items: ``item_id (int64), title (str), release_year (float, NaN if unknown), genres (list[str])``.
+        source: ``"recbole"`` or ``"grouplens"``; path: the folder read.
+    """
+
+    ratings: pd.DataFrame
+    users: pd.DataFrame
+    items: pd.DataFrame
+    source: str
+    path: Path
+
+
+def _read_tsv(path: Path, encoding: str) -> pd.DataFrame:
+    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE, encoding=encoding)
+    frame.columns = [c.split(":")[0] for c in frame.columns]  # RecBole headers are "name:type"
+    return frame
+
+
+def read_recbole(folder: Union[str, Path]) -> MovieLens:
+    """Read ``ml-100k.inter/.user/.item`` (RecBole atomic files, tab-separated, UTF-8)."""
+    folder = Path(folder)
+    inter = _read_tsv(folder / "ml-100k.inter", "utf-8")
+    ratings = pd.DataFrame({c: pd.to_numeric(inter[c]).astype(np.int64) for c in ("user_id", "item_id", "rating", "timestamp")})
+    user = _read_tsv(folder / "ml-100k.user", "utf-8")
+    users = pd.DataFrame({
+        "user_id": user["user_id"].astype(np.int64),
+        "age": pd.to_numeric(user["age"], errors="coerce"),
+        "gender": user["gender"], "occupation": user["occupation"], "zip_code": user["zip_code"],
+    })
+    item = _read_tsv(folder / "ml-100k.item", "utf-8")
+    items = pd.DataFrame({
+        "item_id": item["item_id"].astype(np.int64),
+        "title": item["movie_title"],
+        # One RecBole row (item 1412) lost its year to a parsing slip but keeps "(1995)" in its title.
+        "release_year": pd.to_numeric(item["release_year"], errors="coerce").astype(float).fillna(
+            pd.to_numeric(item["movie_title"].str.extract(r"\((\d{4})\)\s*$")[0], errors="coerce")),
+        "genres": [[g for g in s.split(" ") if g] for s in item["class"]],
+    })
+    return MovieLens(ratings, users, items, "recbole", folder)
+
+
+def read_grouplens(folder: Union[str, Path]) -> MovieLens:
+    """Read the GroupLens ``ml-100k`` folder: ``u.data`` (tab), ``u.user``, ``u.item`` (``|``), Latin-1.
+
+    ``u.item`` titles carry the year in brackets ("Toy Story (1995)"); it is stripped to match the
+    RecBole titles, and the release year is taken from the release date ("01-Jan-1995"). Genre names
+    come from ``u.genre`` when present, else the standard 19 in GroupLens order.
+    """
+    folder = Path(folder)
+    ratings = pd.read_csv(folder / "u.data", sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
+                          dtype=np.int64, encoding="latin-1")
+    users = pd.read_csv(folder / "u.user", sep="|", header=None, names=["user_id", "age", "gender", "occupation", "zip_code"],
+                        dtype=str, keep_default_na=False, encoding="latin-1")
+    users["user_id"] = users["user_id"].astype(np.int64)
+    users["age"] = pd.to_numeric(users["age"], errors="coerce")
+    genres = GROUPLENS_GENRES
+    if (folder / "u.genre").is_file():
+        genre_frame = pd.read_csv(folder / "u.genre", sep="|", header=None, names=["name", "index"], dtype=str,
+                                  keep_default_na=False, encoding="latin-1")
+        genre_frame = genre_frame[genre_frame["name"] != ""]
+        genres = [name for name, _ in sorted(zip(genre_frame["name"], genre_frame["index"].astype(int)), key=lambda x: x[1])]
+    item = pd.read_csv(folder / "u.item", sep="|", header=None, dtype=str, keep_default_na=False,
+                       quoting=csv.QUOTE_NONE, encoding="latin-1")
+    if item.shape[1] != 5 + len(genres):
+        raise ValueError(f"{folder / 'u.item'}: expected {5 + len(genres)} '|'-separated fields, got {item.shape[1]}")
+    flags = item.iloc[:, 5:].to_numpy() == "1"
+    year = pd.to_numeric(item.iloc[:, 2].str.extract(r"(\d{4})\s*$")[0], errors="coerce")
+    items = pd.DataFrame({
+        "item_id": item.iloc[:, 0].astype(np.int64),
+        "title": item.iloc[:, 1].str.replace(r"\s*\(\d{4}\)\s*$", "", regex=True),
+        "release_year": year.astype(float),
+        "genres": [[g for g, on in zip(genres, row) if on] for row in flags],
+    })
+    return MovieLens(ratings, users, items, "grouplens", folder)
+
+
+def find_movielens_folder(data_dir: Optional[Union[str, Path]] = None) -> Path:
+    """The folder holding ML-100K: ``data_dir`` itself or ``data_dir/ml-100k`` (RecBole or GroupLens files).
+
+    Raises:
+        FileNotFoundError: nothing found; the message says how to fetch the data.
+    """
+    base = Path(data_dir) if data_dir is not None else default_data_dir()
+    for folder in (base, base / SUBDIR):
+        if (folder / "ml-100k.inter").is_file() or (folder / "u.data").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"MovieLens-100K not found in {base} (nor {base / SUBDIR}): expected ml-100k.inter/.user/.item (RecBole) "
+        f"or u.data/u.user/u.item (GroupLens). Run `python -m mtkernels.data.fetch --dest {base}` "
+        "or set MTKERNELS_DATA."
+    )
+
+
+def read_movielens_100k(data_dir: Optional[Union[str, Path]] = None, download: bool = False) -> MovieLens:
+    """Read ML-100K from a RecBole or GroupLens folder (see `find_movielens_folder`).
+
+    Args:
+        data_dir: folder (default ``$MTKERNELS_DATA``, else ``./.cache/data``).
+        download: fetch the RecBole files from PyPI first when they are missing.
+    """
+    if download:
+        try:
+            find_movielens_folder(data_dir)
+        except FileNotFoundError:
+            fetch_ml100k(Path(data_dir) if data_dir is not None else None)
+    folder = find_movielens_folder(data_dir)
+    return read_recbole(folder) if (folder / "ml-100k.inter").is_file() else read_grouplens(folder)
+
+
+def _bucket(values: pd.Series, edges: List[float]) -> np.ndarray:
+    """Fixed buckets 1..len(edges)+1 (``np.digitize`` + 1); missing values -> 0."""
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    ids = np.digitize(numbers, edges) + 1
+    return np.where(np.isnan(numbers), 0, ids).astype(np.int64)
+
+
+def _smoothed_stats(keys: np.ndarray, ratings: np.ndarray, num_keys: int, prior_rating: float, prior_like: float):
+    """Per key (from training positives): log1p(count), smoothed mean rating, smoothed like rate."""
+    count = np.bincount(keys, minlength=num_keys).astype(float)
+    rating_sum = np.bincount(keys, weights=ratings, minlength=num_keys)
+    like_sum = np.bincount(keys, weights=(ratings >= protocol.LIKE_THRESHOLD).astype(float), minlength=num_keys)
+    mean_rating = (rating_sum + SMOOTHING * prior_rating) / (count + SMOOTHING)
+    like_rate = (like_sum + SMOOTHING * prior_like) / (count + SMOOTHING)
+    return np.stack([np.log1p(count), mean_rating, like_rate], axis=1)
+
+
+def _standardise(table: np.ndarray, fit_rows: np.ndarray, fill_rows: np.ndarray) -> np.ndarray:
+    """Standardise columns with mean/std of ``fit_rows``; rows in ``fill_rows`` get the mean (0)."""
+    mean = table[fit_rows].mean(axis=0)
+    std = table[fit_rows].std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    out = (table - mean) / std
+    out[fill_rows] = 0.0
+    return out.astype(np.float32)
+
+
+def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.DataFrame]] = None) -> MultiTaskData:
+    """Encode the protocol splits of ``movielens`` into a `MultiTaskData` (see `load_ml100k_mtl_v1`)."""
+    ratings, users_raw, items_raw = movielens.ratings, movielens.users, movielens.items
+    catalogue = np.sort(np.union1d(items_raw["item_id"].to_numpy(), ratings["item_id"].unique()))
+    if splits is None:
+        splits = protocol.build_splits(ratings, catalogue)
+    train = splits["train"]
+    train_pos = train[train["click"].to_numpy() == 1]
+
+    # Users: row 0 unknown, rows 1..W the training (warm) users ascending, then every other user
+    # (cold ones) ascending; only warm users get a user_id embedding, the others keep id 0.
+    warm = np.unique(train["user_id"].to_numpy())
+    all_users = np.union1d(users_raw["user_id"].to_numpy(), ratings["user_id"].unique())
+    others = np.setdiff1d(all_users, warm)
+    user_ids = np.concatenate([[-1], warm, others]).astype(np.int64)
+    num_user_rows = len(user_ids)
+    side = users_raw.set_index("user_id").reindex(user_ids)
+    warm_rows = np.arange(1, len(warm) + 1)
+    gender_vocab = Vocabulary(side["gender"].iloc[warm_rows])
+    occupation_vocab = Vocabulary(side["occupation"].iloc[warm_rows])
+    zip_prefix = side["zip_code"].astype("string").str.strip().str.upper().str[:ZIP_PREFIX]
+    zip_vocab = Vocabulary(zip_prefix.iloc[warm_rows])
+    user_id_feature = np.zeros(num_user_rows, dtype=np.int64)
+    user_id_feature[warm_rows] = warm_rows
+    user_sparse = {
+        "user_id": user_id_feature,
+        "age": _bucket(side["age"], AGE_EDGES),
+        "gender": gender_vocab.encode(side["gender"]),
+        "occupation": occupation_vocab.encode(side["occupation"]),
+        "zip": zip_vocab.encode(zip_prefix),
+    }
+    user_sparse["age"][0] = user_sparse["gender"][0] = user_sparse["occupation"][0] = user_sparse["zip"][0] = 0
+
+    # Items: row p + 1 = catalogue position p (ascending external id); row 0 unknown.
+    num_items = len(catalogue)
+    item_side = items_raw.set_index("item_id").reindex(catalogue)
+    genre_lists = [g if isinstance(g, list) else [] for g in item_side["genres"]]
+    genre_vocab = Vocabulary([g for lst in genre_lists for g in lst])
+    genre_values, genre_offsets = encode_multi([[]] + genre_lists, genre_vocab)
+    item_sparse = {
+        "item_id": np.arange(num_items + 1, dtype=np.int64),
+        "release_year": np.concatenate([[0], _bucket(item_side["release_year"], YEAR_EDGES)]),
+    }
+
+    # Dense features from training positives only (never val/test): activity/popularity and
+    # smoothed rating and like averages; users/items without training history get the mean.
+    user_row_of = pd.Series(np.arange(num_user_rows), index=user_ids)
+    position_of = pd.Series(np.arange(num_items), index=catalogue)
+    pos_user_rows = user_row_of.loc[train_pos["user_id"].to_numpy()].to_numpy()
+    pos_item_rows = position_of.loc[train_pos["item_id"].to_numpy()].to_numpy() + 1
+    pos_ratings = train_pos["rating"].to_numpy(dtype=float)
+    prior_rating = float(pos_ratings.mean()) if len(pos_ratings) else 0.0
+    prior_like = float((pos_ratings >= protocol.LIKE_THRESHOLD).mean()) if len(pos_ratings) else 0.0
+    user_dense = _smoothed_stats(pos_user_rows, pos_ratings, num_user_rows, prior_rating, prior_like)
+    user_dense = _standardise(user_dense, warm_rows, np.setdiff1d(np.arange(num_user_rows), warm_rows))
+    item_dense = _smoothed_stats(pos_item_rows, pos_ratings, num_items + 1, prior_rating, prior_like)
+    item_dense = _standardise(item_dense, np.arange(1, num_items + 1), np.array([0]))
+
+    users = EntityTable({k: torch.from_numpy(v) for k, v in user_sparse.items()}, {}, torch.from_numpy(user_dense))
+    items = EntityTable(
+        {k: torch.from_numpy(v) for k, v in item_sparse.items()},
+        {"genres": (torch.from_numpy(genre_values), torch.from_numpy(genre_offsets))},
+        torch.from_numpy(item_dense),
+    )
+    features = [
+        FeatureSpec("user_id", len(warm) + 1, False, "user"),
+        FeatureSpec("age", len(AGE_EDGES) + 2, False, "user"),
+        FeatureSpec("gender", gender_vocab.num_embeddings, False, "user"),
+        FeatureSpec("occupation", occupation_vocab.num_embeddings, False, "user"),
+        FeatureSpec("zip", zip_vocab.num_embeddings, False, "user"),
+        FeatureSpec("item_id", num_items + 1, False, "item"),
+        FeatureSpec("release_year", len(YEAR_EDGES) + 2, False, "item"),
+        FeatureSpec("genres", genre_vocab.num_embeddings, True, "item"),
+    ]
+    tasks = [TaskSpec("click", "binary"), TaskSpec("like", "binary"), TaskSpec("rating", "regression")]
+
+    split_rows = {}
+    for name, frame in splits.items():
+        labels = torch.from_numpy(frame[["click", "like", "rating"]].to_numpy(dtype=np.float32))
+        split_rows[name] = SplitRows(
+            user_row=torch.tensor(user_row_of.loc[frame["user_id"].to_numpy()].to_numpy()),
+            item_row=torch.tensor(position_of.loc[frame["item_id"].to_numpy()].to_numpy() + 1),
+            labels=labels,
+            extra={"timestamp": torch.from_numpy(frame["timestamp"].to_numpy(dtype=np.int64))},
+        )
+
+    topk = _topk_sets(splits, user_row_of, position_of)
+    titles = [str(t) if isinstance(t, str) else str(i) for i, t in zip(catalogue, item_side["title"])]
+    user_side_frame = users_raw.set_index("user_id")[["age", "gender", "occupation", "zip_code"]]
+    return MultiTaskData(
+        name=protocol.PROTOCOL_NAME,
+        tasks=tasks,
+        features=features,
+        split_rows=split_rows,
+        users=users,
+        items=items,
+        user_dense_names=["user_log_activity", "user_mean_rating", "user_like_rate"],
+        item_dense_names=["item_log_popularity", "item_mean_rating", "item_like_rate"],
+        user_ids=torch.from_numpy(user_ids),
+        item_ids=torch.from_numpy(catalogue.astype(np.int64)),
+        item_titles=titles,
+        user_side_frame=user_side_frame,
+        topk_sets=topk,
+        info={"source": movielens.source, "path": str(movielens.path), "num_warm_users": len(warm),
+              "num_cold_users": len(np.setdiff1d(np.unique(splits["test_cold"]["user_id"]), warm))
+              if "test_cold" in splits else 0},
+    )
+
+
+def _topk_sets(splits: Dict[str, pd.DataFrame], user_row_of: pd.Series, position_of: pd.Series) -> Dict[str, TopKEval]:
+    """PROTOCOL.md 5: val excludes train positives; test_warm excludes train + val; test_cold excludes nothing."""
+    def positives(name):
+        frame = splits[name]
+        frame = frame[frame["click"].to_numpy() == 1]
+        return user_row_of.loc[frame["user_id"].to_numpy()].to_numpy(), position_of.loc[frame["item_id"].to_numpy()].to_numpy()
+
+    seen = {"val": ["train"], "test_warm": ["train", "val"], "test_cold": []}
+    out = {}
+    for name, excluded in seen.items():
+        if name not in splits:
+            continue
+        rel_users, rel_items = positives(name)
+        users = np.unique(rel_users)
+        local = np.searchsorted(users, rel_users)
+        relevant_offsets, relevant_indices = csr_from_pairs(local, rel_items, len(users))
+        ex_users, ex_items = [], []
+        for other in excluded:
+            u, i = positives(other)
+            keep = np.isin(u, users)
+            ex_users.append(np.searchsorted(users, u[keep]))
+            ex_items.append(i[keep])
+        ex_users = np.concatenate(ex_users) if ex_users else np.zeros(0, np.int64)
+        ex_items = np.concatenate(ex_items) if ex_items else np.zeros(0, np.int64)
+        # A user may have rated nothing twice, but keep the CSR free of duplicates all the same.
+        pairs = np.unique(np.stack([ex_users, ex_items], axis=1), axis=0) if len(ex_users) else np.zeros((0, 2), np.int64)
+        exclude_offsets, exclude_indices = csr_from_pairs(pairs[:, 0], pairs[:, 1], len(users))
+        out[name] = TopKEval(torch.from_numpy(users.astype(np.int64)), exclude_offsets, exclude_indices,
+                             relevant_offsets, relevant_indices)
+    return out
+
+
+def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bool = False) -> MultiTaskData:
+    """MovieLens-100K under the `ml100k-mtl-v1` protocol (shared/data/PROTOCOL.md), encoded.
+
+    The splits are rebuilt from the ratings (cold users, temporal split, 4 sampled negatives per
+    positive) exactly as the canonical ``protocol_v1/*.csv`` files.
+
+    Tasks: ``click`` (binary, all rows), ``like`` (binary, rating >= 4, positives only),
+    ``rating`` (regression 1..5, positives only); NaN where a task has no label.
+
+    Sparse features (id 0 = unknown): user side ``user_id`` (training users 1..849; cold users 0),
+    ``age`` (MovieLens-1M's 7 age groups), ``gender``, ``occupation``, ``zip`` (first 2 characters);
+    item side ``item_id`` (1..1682, ascending external id), ``release_year`` (decades before 1980,
+    half-decades in the 1980s, years from 1990), ``genres`` (multi-valued, 19 genres). User-side
+    vocabularies come from training users only.
+
+    Dense features (6, standardised, from training positives only): user log1p(#ratings), user and
+    item smoothed mean rating and like rate (pseudo-count 10 towards the global mean), item
+    log1p(#ratings). Users or items without training history (cold users) get the mean, 0.
+
+    Splits: ``train``, ``val``, ``test_warm``, ``test_cold``; ``topk_eval(split)`` for val,
+    test_warm, test_cold.
+
+    Args:
+        data_dir: folder with the RecBole files (``ml-100k.inter/.user/.item``) or a GroupLens
+            folder (``u.data/u.user/u.item``), directly or in its ``ml-100k/`` subfolder. Default
+            ``$MTKERNELS_DATA``, else ``./.cache/data``.
+        download: fetch the RecBole files from PyPI (recbole==1.2.1 wheel) when they are missing.
+
+    Raises:
+        FileNotFoundError: no ML-100K files found (the message says how to fetch them).
+    """
+    return build_ml100k_mtl_v1(read_movielens_100k(data_dir, download=download))

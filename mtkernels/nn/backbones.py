@@ -1,0 +1,418 @@
+"""Multi-task backbones: what sits between the input features and the task towers.
+
+Every backbone maps ``x [B, D]`` to one representation per task (a list of T tensors
+``[B, task_dims[t]]``) that the task's `TaskTower` turns into a prediction:
+
+- `SharedBottom`: one MLP shared by all tasks (Caruana, 1997).
+- `MMoE`: E expert MLPs mixed per task by a softmax gate (Ma et al., "Modeling Task Relationships
+  in Multi-task Learning with Multi-gate Mixture-of-Experts", KDD 2018).
+- `PLE`: Progressive Layered Extraction, stacked CGC layers of shared and task-specific experts
+  (Tang et al., "Progressive Layered Extraction (PLE)", RecSys 2020).
+- `ESMM`: Entire Space Multi-task Model, pCTCVR = pCTR x pCVR (Ma et al., SIGIR 2018).
+
+Experts are `Expert` MLPs (ReLU after every layer) and gates one ``nn.Linear`` per task over the
+experts it may use, followed by a softmax, so the eval network is exactly what
+`mtkernels.ops.pack_multi_task_params` / `multi_task_score` compute (`_fused_scoring_params`).
+Expert order is global (PLE: shared experts first, then task 0's, task 1's, ...); a gate's logits
+follow the ascending order of the experts it may use.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .towers import Expert
+
+TASK_KINDS = ("binary", "regression")
+
+
+def _check_num_tasks(owner: str, num_tasks: int) -> int:
+    if int(num_tasks) < 1:
+        raise ValueError(f"{owner}: num_tasks must be >= 1, got {num_tasks}")
+    return int(num_tasks)
+
+
+def _gate(input_dim: int, num_experts: int) -> nn.Module:
+    """A gate's logit layer; with a single allowed expert there is nothing to choose (weight 1), and
+    an ``nn.Identity`` placeholder keeps the ModuleList positions (and state_dict keys) aligned."""
+    return nn.Linear(input_dim, num_experts) if num_experts > 1 else nn.Identity()
+
+
+def expert_outputs(experts: Sequence[Expert], x: torch.Tensor) -> torch.Tensor:
+    """``[B, E, H]``: every expert (same layer sizes) applied to ``x [B, D]``, batched: the first
+    layers of all experts as one matrix product over their concatenated weights, deeper layers as one
+    batched product over the experts. Equal to stacking ``expert(x)``, with one GEMM instead of E
+    (and no stacking copy), which matters at the small widths of recommendation experts."""
+    if len(experts) == 1:
+        return experts[0](x).unsqueeze(1)
+    dropout, training = experts[0].dropout, experts[0].training
+    first = [expert.linears[0] for expert in experts]
+    h = torch.relu(F.linear(x, torch.cat([l.weight for l in first]), torch.cat([l.bias for l in first])))
+    if dropout:
+        h = F.dropout(h, dropout, training)
+    h = h.view(x.shape[0], len(experts), -1)
+    for layer in range(1, len(experts[0].linears)):
+        weight = torch.stack([expert.linears[layer].weight for expert in experts])  # [E, O, I]
+        bias = torch.stack([expert.linears[layer].bias for expert in experts])  # [E, O]
+        h = torch.baddbmm(bias.unsqueeze(1), h.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
+        h = torch.relu(h)
+        if dropout:
+            h = F.dropout(h, dropout, training)
+    return h
+
+
+def _mix(gate: nn.Module, gate_input: torch.Tensor, groups: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_e softmax(gate(gate_input))_e * expert_e`` over the experts of ``groups`` (tensors
+    ``[B, E_i, H]`` taken in order, so that no concatenated copy of them is needed)."""
+    if isinstance(gate, nn.Identity):
+        return groups[0][:, 0]
+    weights = torch.softmax(gate(gate_input), dim=-1)  # dim=-1: also right at batch size 1
+    mixture, start = None, 0
+    for group in groups:
+        # multiply-and-sum rather than bmm: a batch of B [1, E] x [E, H] products is ~10x slower on
+        # CPU, forward and backward
+        part = (weights[:, start : start + group.shape[1]].unsqueeze(-1) * group).sum(dim=1)
+        mixture = part if mixture is None else mixture + part
+        start += group.shape[1]
+    return mixture
+
+
+def _gate_weights(gate: nn.Module, gate_input: torch.Tensor) -> torch.Tensor:
+    if isinstance(gate, nn.Identity):
+        return gate_input.new_ones(gate_input.shape[0], 1)
+    return torch.softmax(gate(gate_input), dim=-1)
+
+
+def _linear_or_none(gate: nn.Module) -> Optional[nn.Linear]:
+    return None if isinstance(gate, nn.Identity) else gate
+
+
+class MultiTaskBackbone(nn.Module):
+    """Base class: ``forward(x [B, D]) -> list of T tensors [B, task_dims[t]]``.
+
+    Attributes:
+        num_tasks: T.
+        task_dims: width of each task's representation (the input width of its tower).
+    """
+
+    num_tasks: int
+    task_dims: List[int]
+
+    def outputs(self, predictions: torch.Tensor) -> torch.Tensor:
+        """Map the per-tower predictions ``[B, T]`` (after each task's transform) to the model's
+        outputs; the identity except for `ESMM`."""
+        return predictions
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """The parameters of the last layer every task reads (GradNorm's W, Chen et al., ICML 2018:
+        task gradient norms are measured there); empty when only the inputs are shared."""
+        return []
+
+    def _fused_scoring_params(self) -> Optional[Dict[str, object]]:
+        """The backbone's inputs of `mtkernels.ops.pack_multi_task_params`: ``{"experts": list of
+        lists of nn.Linear, "gates": list (per task) of nn.Linear or None, "gate_mask": BoolTensor
+        [T, E]}``; ``None`` when the backbone is not one layer of experts and gates over ``x``."""
+        return None
+
+
+class SharedBottom(MultiTaskBackbone):
+    """Shared-Bottom: one `Expert` MLP shared by every task (hard parameter sharing).
+
+    Args:
+        input_dim: D.
+        num_tasks: T.
+        hidden: widths of the shared MLP (ReLU after every layer).
+        dropout: dropout after each ReLU (training only).
+
+    Shapes: ``x [B, D] -> T x [B, hidden[-1]]`` (the same tensor for every task).
+    ``state_dict`` keys: ``bottom.linears.<i>.weight/bias``.
+    """
+
+    def __init__(self, input_dim: int, num_tasks: int, hidden: Sequence[int] = (128, 64),
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_tasks = _check_num_tasks("SharedBottom", num_tasks)
+        self.bottom = Expert(input_dim, hidden, dropout)
+        self.task_dims = [self.bottom.output_dim] * self.num_tasks
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        shared = self.bottom(x)
+        return [shared] * self.num_tasks
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        return list(self.bottom.linears[-1].parameters())
+
+    def _fused_scoring_params(self):
+        return {
+            "experts": [list(self.bottom.linears)],
+            "gates": [None] * self.num_tasks,
+            "gate_mask": torch.ones(self.num_tasks, 1, dtype=torch.bool),
+        }
+
+
+class MMoE(MultiTaskBackbone):
+    """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018).
+
+    ``f_t(x) = sum_e g_t(x)_e * expert_e(x)`` with ``g_t(x) = softmax(W_t x + b_t)`` over the E
+    experts, one gate per task.
+
+    Args:
+        input_dim: D.
+        num_tasks: T.
+        num_experts: E (with E = 1 there is no gate: Shared-Bottom).
+        expert_hidden: widths of each expert MLP (ReLU after every layer).
+        dropout: dropout after each expert ReLU (training only).
+
+    Shapes: ``x [B, D] -> T x [B, expert_hidden[-1]]``; `gate_weights` ``-> T x [B, E]``.
+    ``state_dict`` keys: ``experts.<e>.linears.<i>.*``, ``gates.<t>.weight/bias``.
+
+    Raises:
+        ValueError: T < 1, E < 1, bad widths or dropout.
+    """
+
+    def __init__(self, input_dim: int, num_tasks: int, num_experts: int = 4,
+                 expert_hidden: Sequence[int] = (64,), dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_tasks = _check_num_tasks("MMoE", num_tasks)
+        if int(num_experts) < 1:
+            raise ValueError(f"MMoE: num_experts must be >= 1, got {num_experts}")
+        self.num_experts = int(num_experts)
+        self.experts = nn.ModuleList(Expert(input_dim, expert_hidden, dropout) for _ in range(self.num_experts))
+        self.gates = nn.ModuleList(_gate(int(input_dim), self.num_experts) for _ in range(self.num_tasks))
+        self.task_dims = [self.experts[0].output_dim] * self.num_tasks
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        outputs = [expert_outputs(self.experts, x)]  # [B, E, H]
+        return [_mix(gate, x, outputs) for gate in self.gates]
+
+    def gate_weights(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Each task's softmax weights over the experts: T tensors ``[B, E]``, rows sum to 1."""
+        return [_gate_weights(gate, x) for gate in self.gates]
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """Every expert's output layer (each task mixes all experts)."""
+        return [p for expert in self.experts for p in expert.linears[-1].parameters()]
+
+    def _fused_scoring_params(self):
+        return {
+            "experts": [list(expert.linears) for expert in self.experts],
+            "gates": [_linear_or_none(gate) for gate in self.gates],
+            "gate_mask": torch.ones(self.num_tasks, self.num_experts, dtype=torch.bool),
+        }
+
+
+class CGC(nn.Module):
+    """One Customized Gate Control layer of PLE (Tang et al., RecSys 2020, §4.2-4.3).
+
+    ``num_shared_experts`` shared experts and ``num_task_experts`` experts per task. Task t's gate
+    mixes its own and the shared experts' outputs; with ``shared_gate=True`` (every extraction
+    level but the last) a shared gate mixes all experts into the next level's shared input.
+    Expert order: shared first, then task 0's, task 1's, ...; a gate's logits follow it.
+
+    Forward: ``task_inputs`` T tensors ``[B, D]`` and ``shared_input [B, D]`` (all ``x`` at the
+    first level) -> ``(T tensors [B, H], [B, H] or None)``.
+    """
+
+    def __init__(self, input_dim: int, num_tasks: int, num_shared_experts: int, num_task_experts: int,
+                 expert_hidden: Sequence[int], dropout: float, shared_gate: bool) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.num_shared_experts = num_shared_experts
+        self.num_task_experts = num_task_experts
+        make = lambda: Expert(input_dim, expert_hidden, dropout)  # noqa: E731
+        self.shared_experts = nn.ModuleList(make() for _ in range(num_shared_experts))
+        self.task_experts = nn.ModuleList(
+            nn.ModuleList(make() for _ in range(num_task_experts)) for _ in range(num_tasks)
+        )
+        self.task_gates = nn.ModuleList(
+            _gate(input_dim, num_shared_experts + num_task_experts) for _ in range(num_tasks)
+        )
+        self.shared_gate = (
+            _gate(input_dim, num_shared_experts + num_tasks * num_task_experts) if shared_gate else None
+        )
+        self.output_dim = (self.shared_experts[0] if num_shared_experts else self.task_experts[0][0]).output_dim
+
+    def _expert_groups(self, task_inputs, shared_input):
+        """Shared experts' outputs ``[B, ns, H]`` and each task's ``[B, nt, H]`` (``None`` for an
+        empty group)."""
+        ns, nt = self.num_shared_experts, self.num_task_experts
+        if all(t is shared_input for t in task_inputs):  # first level: every expert reads x, batch them all
+            experts = list(self.shared_experts) + [e for task in self.task_experts for e in task]
+            everything = expert_outputs(experts, shared_input)
+            shared = everything[:, :ns] if ns else None
+            own = [everything[:, ns + t * nt : ns + (t + 1) * nt] if nt else None for t in range(self.num_tasks)]
+            return shared, own
+        shared = expert_outputs(self.shared_experts, shared_input) if ns else None
+        own = [expert_outputs(experts, task_inputs[t]) if nt else None for t, experts in enumerate(self.task_experts)]
+        return shared, own
+
+    def forward(self, task_inputs: List[torch.Tensor], shared_input: torch.Tensor):
+        shared, own = self._expert_groups(task_inputs, shared_input)
+        task_outputs = [
+            _mix(gate, task_inputs[t], [g for g in (shared, own[t]) if g is not None])
+            for t, gate in enumerate(self.task_gates)
+        ]
+        shared_output = None
+        if self.shared_gate is not None:
+            shared_output = _mix(self.shared_gate, shared_input, [g for g in [shared] + own if g is not None])
+        return task_outputs, shared_output
+
+    def gate_weights(self, task_inputs, shared_input) -> List[torch.Tensor]:
+        weights = [_gate_weights(gate, task_inputs[t]) for t, gate in enumerate(self.task_gates)]
+        if self.shared_gate is not None:
+            weights.append(_gate_weights(self.shared_gate, shared_input))
+        return weights
+
+
+class PLE(MultiTaskBackbone):
+    """Progressive Layered Extraction (Tang et al., RecSys 2020): ``num_levels`` stacked CGC layers.
+
+    Level 1 takes ``x`` as every input; level k > 1 takes task t's output of level k-1 as task t's
+    input and the shared gate's output as the shared input. The last level has no shared gate and
+    its task outputs feed the towers. With one level this is CGC (the paper's single-level model).
+
+    Args:
+        input_dim: D.
+        num_tasks: T.
+        num_levels: number of extraction levels (>= 1).
+        num_shared_experts: shared experts per level (>= 0).
+        num_task_experts: task-specific experts per task per level (>= 0; the two may not both be 0).
+        expert_hidden: widths of each expert MLP (ReLU after every layer).
+        dropout: dropout after each expert ReLU (training only).
+
+    Shapes: ``x [B, D] -> T x [B, expert_hidden[-1]]``; `gate_weights` ``->`` per level, T task
+    gates ``[B, num_shared_experts + num_task_experts]`` then (not at the last level) the shared
+    gate ``[B, num_shared_experts + T * num_task_experts]``.
+    ``state_dict`` keys: ``levels.<k>.shared_experts.<e>.*``, ``levels.<k>.task_experts.<t>.<e>.*``,
+    ``levels.<k>.task_gates.<t>.*``, ``levels.<k>.shared_gate.*``.
+
+    Raises:
+        ValueError: T < 1, num_levels < 1, negative expert counts or none at all, bad widths.
+    """
+
+    def __init__(self, input_dim: int, num_tasks: int, num_levels: int = 1, num_shared_experts: int = 1,
+                 num_task_experts: int = 1, expert_hidden: Sequence[int] = (64,), dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_tasks = _check_num_tasks("PLE", num_tasks)
+        if int(num_levels) < 1:
+            raise ValueError(f"PLE: num_levels must be >= 1, got {num_levels}")
+        if int(num_shared_experts) < 0 or int(num_task_experts) < 0:
+            raise ValueError(f"PLE: expert counts must be >= 0, got num_shared_experts={num_shared_experts}, "
+                             f"num_task_experts={num_task_experts}")
+        if int(num_shared_experts) + int(num_task_experts) < 1:
+            raise ValueError("PLE: each task needs at least one expert (num_shared_experts + num_task_experts >= 1)")
+        self.num_levels = int(num_levels)
+        levels = []
+        dim = int(input_dim)
+        for level in range(self.num_levels):
+            cgc = CGC(dim, self.num_tasks, int(num_shared_experts), int(num_task_experts), expert_hidden,
+                      dropout, shared_gate=level < self.num_levels - 1)
+            levels.append(cgc)
+            dim = cgc.output_dim
+        self.levels = nn.ModuleList(levels)
+        self.task_dims = [dim] * self.num_tasks
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        task_inputs, shared_input = [x] * self.num_tasks, x
+        for cgc in self.levels:
+            task_inputs, shared_input = cgc(task_inputs, shared_input)
+        return task_inputs
+
+    def gate_weights(self, x: torch.Tensor) -> List[List[torch.Tensor]]:
+        """Softmax weights of every gate, per level (see the class docstring); rows sum to 1."""
+        weights = []
+        task_inputs, shared_input = [x] * self.num_tasks, x
+        for cgc in self.levels:
+            weights.append(cgc.gate_weights(task_inputs, shared_input))
+            task_inputs, shared_input = cgc(task_inputs, shared_input)
+        return weights
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """The output layers of the shared experts of the deepest level that has any (all levels
+        share the same expert counts, so: the last level's, or none without shared experts)."""
+        return [p for expert in self.levels[-1].shared_experts for p in expert.linears[-1].parameters()]
+
+    def _fused_scoring_params(self):
+        # The fused op takes one input for every expert and gate: only the first level sees x alone.
+        if self.num_levels != 1:
+            return None
+        cgc = self.levels[0]
+        experts = [list(e.linears) for e in cgc.shared_experts]
+        experts += [list(e.linears) for task in cgc.task_experts for e in task]
+        mask = torch.zeros(self.num_tasks, len(experts), dtype=torch.bool)
+        mask[:, : cgc.num_shared_experts] = True
+        for t in range(self.num_tasks):
+            start = cgc.num_shared_experts + t * cgc.num_task_experts
+            mask[t, start : start + cgc.num_task_experts] = True
+        return {"experts": experts, "gates": [_linear_or_none(g) for g in cgc.task_gates], "gate_mask": mask}
+
+
+class ESMM(MultiTaskBackbone):
+    """Entire Space Multi-task Model (Ma et al., "Entire Space Multi-Task Model: An Effective
+    Approach for Estimating Post-Click Conversion Rate", SIGIR 2018).
+
+    The CTR task and each post-click binary task (CVR) have their own towers over shared inputs (in
+    the paper, the shared embeddings; ``hidden`` optionally adds a shared bottom MLP). The model
+    outputs pCTR and, for each post-click task, pCTCVR = pCTR x pCVR, so both losses are taken over
+    the entire impression space: train the post-click output against ``click AND conversion``
+    labels on all impressions (0 where there was no click), never against labels restricted to
+    clicked rows. pCVR itself is ``pCTCVR / pCTR``. Regression tasks pass through unchanged.
+
+    Args:
+        input_dim: D.
+        task_kinds: T kinds, ``"binary"`` or ``"regression"``.
+        ctr_task: index of the CTR task (binary); every other binary task is a post-click task.
+        hidden: widths of an optional shared bottom MLP (empty: towers read ``x`` itself).
+        dropout: dropout after each bottom ReLU (training only).
+
+    Shapes: ``x [B, D] -> T x [B, H]`` (H = ``hidden[-1]`` or D); `outputs` ``[B, T] -> [B, T]``.
+    ``state_dict`` keys: ``bottom.linears.<i>.*`` when ``hidden`` is given.
+
+    Raises:
+        ValueError: an unknown kind, ``ctr_task`` out of range or not binary.
+    """
+
+    def __init__(self, input_dim: int, task_kinds: Sequence[str], ctr_task: int = 0,
+                 hidden: Sequence[int] = (), dropout: float = 0.0) -> None:
+        super().__init__()
+        self.task_kinds = list(task_kinds)
+        self.num_tasks = _check_num_tasks("ESMM", len(self.task_kinds))
+        bad = [k for k in self.task_kinds if k not in TASK_KINDS]
+        if bad:
+            raise ValueError(f"ESMM: task kinds must be in {TASK_KINDS}, got {bad}")
+        if not 0 <= int(ctr_task) < self.num_tasks or self.task_kinds[int(ctr_task)] != "binary":
+            raise ValueError(f"ESMM: ctr_task must index a binary task among {self.task_kinds}, got {ctr_task}")
+        self.ctr_task = int(ctr_task)
+        self.ctcvr_tasks = [t for t, k in enumerate(self.task_kinds) if k == "binary" and t != self.ctr_task]
+        if int(input_dim) < 1:
+            raise ValueError(f"ESMM: input_dim must be >= 1, got {input_dim}")
+        self.bottom = Expert(input_dim, hidden, dropout) if len(hidden) else None
+        width = self.bottom.output_dim if self.bottom is not None else int(input_dim)
+        self.task_dims = [width] * self.num_tasks
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        shared = self.bottom(x) if self.bottom is not None else x
+        return [shared] * self.num_tasks
+
+    def outputs(self, predictions: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` (pCTR, pCVR_t, ...) -> ``[B, T]`` (pCTR, pCTCVR_t = pCTR * pCVR_t, ...)."""
+        ctr = predictions[:, self.ctr_task]
+        columns = [ctr * predictions[:, t] if t in self.ctcvr_tasks else predictions[:, t]
+                   for t in range(self.num_tasks)]
+        return torch.stack(columns, dim=1)
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        return [] if self.bottom is None else list(self.bottom.linears[-1].parameters())
+
+    def _fused_scoring_params(self):
+        if self.bottom is None:  # the towers read x directly: no expert layer for the fused op
+            return None
+        return {
+            "experts": [list(self.bottom.linears)],
+            "gates": [None] * self.num_tasks,
+            "gate_mask": torch.ones(self.num_tasks, 1, dtype=torch.bool),
+        }

@@ -1,0 +1,230 @@
+"""`MultiTaskModel`: sparse features (EmbeddingBagCollection) + dense features -> backbone -> one
+tower per task -> ``[B, T]`` predictions.
+
+In ``eval()`` under ``torch.no_grad()`` the experts, gates and towers run as one fused
+`mtkernels.ops.multi_task_score` call (SharedBottom, MMoE, single-level PLE, ESMM with a bottom);
+training and every other case run the same network as plain PyTorch layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import ops
+from .backbones import ESMM, MMoE, PLE, TASK_KINDS, MultiTaskBackbone, SharedBottom
+from .embedding import EmbeddingBagCollection, EmbeddingBagConfig
+from .towers import TaskTower
+
+BACKBONES = ("shared_bottom", "mmoe", "ple", "esmm")
+_FEATURE_FIELDS = ("name", "num_embeddings", "multi_valued", "side")
+_TASK_FIELDS = ("name", "kind")
+
+
+def _spec(obj, kind: str):
+    """A FeatureSpec/TaskSpec from a spec or a plain dict (as stored in ``model.config``)."""
+    if not isinstance(obj, Mapping):
+        return obj
+    # imported here: mtkernels.data pulls in pandas, which a model that is given specs never needs
+    from ..data import types
+    return getattr(types, kind)(**obj)
+
+
+def _spec_dict(obj, fields: Sequence[str]) -> dict:
+    if dataclasses.is_dataclass(obj):
+        record = dataclasses.asdict(obj)
+    elif isinstance(obj, Mapping):
+        record = dict(obj)
+    else:
+        record = {f: getattr(obj, f) for f in fields if hasattr(obj, f)}
+    return {f: record[f] for f in fields if f in record}
+
+
+class MultiTaskModel(nn.Module):
+    """A multi-task recommender: ``EmbeddingBagCollection`` over the sparse features, concatenated
+    with the dense features, a multi-task backbone and one `TaskTower` per task.
+
+    Args:
+        features: FeatureSpec list (``name, num_embeddings, multi_valued, side``; from
+            `mtkernels.data`, or dicts with those keys): one table per feature, named like it,
+            ``embedding_dim`` wide; single-valued features pool by sum (one id), multi-valued by mean.
+        dense_dim: number of dense float features (0 for none).
+        tasks: TaskSpec list (``name, kind`` with kind ``"binary"`` or ``"regression"``).
+        backbone: ``"shared_bottom"`` (`SharedBottom`), ``"mmoe"`` (`MMoE`), ``"ple"`` (`PLE`) or
+            ``"esmm"`` (`ESMM`; ``backbone_kwargs["ctr_task"]`` may name the CTR task).
+        embedding_dim: width of every table.
+        backbone_kwargs: extra constructor arguments of the backbone (e.g. ``num_experts``,
+            ``expert_hidden``, ``num_levels``, ``num_shared_experts``, ``num_task_experts``, ``hidden``).
+        tower_hidden: hidden widths of each tower.
+        dropout: dropout of experts and towers (training only).
+        embedding_optimizer: ``None`` or the fused optimizer of `EmbeddingBagCollection`
+            (``{"kind": "rowwise_adagrad" | "sgd", "lr": ..., "eps": ...}``).
+        use_fused_scoring: run ``eval()`` + ``no_grad`` forwards through `multi_task_score`.
+
+    Forward:
+        sparse: `mtkernels.KeyedJaggedTensor` (or torchrec's) with every feature, batch size B.
+        dense: float ``[B, dense_dim]`` (may be ``None`` when ``dense_dim == 0``).
+        Returns ``[B, T]`` float: probabilities (sigmoid) for binary tasks (ESMM: pCTR and pCTCVR),
+        raw values for regression tasks, columns in task order.
+
+    ``state_dict`` keys: ``embeddings.embedding_bags.<feature>.weight`` (and ``.momentum`` with the
+    fused row-wise Adagrad), ``backbone.*`` (see each backbone), ``towers.<t>.linears.<i>.*``.
+    `config` is a JSON-serialisable dict that `from_config` rebuilds the model from.
+
+    Raises:
+        ValueError: no features, duplicate feature names, unknown task kind or backbone, bad sizes
+            (constructor); dense of the wrong shape or batch size (forward).
+    """
+
+    def __init__(self, features: Sequence, dense_dim: int, tasks: Sequence, backbone: str = "mmoe",
+                 embedding_dim: int = 16, backbone_kwargs: Optional[dict] = None,
+                 tower_hidden: Sequence[int] = (32,), dropout: float = 0.0,
+                 embedding_optimizer: Optional[dict] = None, use_fused_scoring: bool = True) -> None:
+        super().__init__()
+        self.features = [_spec(f, "FeatureSpec") for f in features]
+        self._tasks = [_spec(t, "TaskSpec") for t in tasks]
+        if not self.features:
+            raise ValueError("features must hold at least one sparse feature")
+        if not self._tasks:
+            raise ValueError("tasks must hold at least one task")
+        kinds = [t.kind for t in self._tasks]
+        if any(k not in TASK_KINDS for k in kinds):
+            raise ValueError(f"task kinds must be in {TASK_KINDS}, got {kinds}")
+        task_names = [t.name for t in self._tasks]
+        if len(set(task_names)) != len(task_names):
+            raise ValueError(f"task names must be unique, got {task_names}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        if int(dense_dim) < 0:
+            raise ValueError(f"dense_dim must be >= 0, got {dense_dim}")
+        self.dense_dim = int(dense_dim)
+        backbone_kwargs = dict(backbone_kwargs or {})
+        self._config = {
+            "features": [_spec_dict(f, _FEATURE_FIELDS) for f in self.features],
+            "dense_dim": self.dense_dim,
+            "tasks": [_spec_dict(t, _TASK_FIELDS) for t in self._tasks],
+            "backbone": backbone,
+            "embedding_dim": int(embedding_dim),
+            "backbone_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in backbone_kwargs.items()},
+            "tower_hidden": [int(h) for h in tower_hidden],
+            "dropout": float(dropout),
+            "embedding_optimizer": None if embedding_optimizer is None else dict(embedding_optimizer),
+            "use_fused_scoring": bool(use_fused_scoring),
+        }
+
+        tables = [
+            EmbeddingBagConfig(f.name, f.num_embeddings, embedding_dim, [f.name],
+                               "mean" if getattr(f, "multi_valued", False) else "sum")
+            for f in self.features
+        ]
+        self.embeddings = EmbeddingBagCollection(tables, optimizer=embedding_optimizer)
+        input_dim = self.embeddings.total_dim + self.dense_dim
+        num_tasks = len(self._tasks)
+        if backbone == "shared_bottom":
+            self.backbone: MultiTaskBackbone = SharedBottom(input_dim, num_tasks, dropout=dropout, **backbone_kwargs)
+        elif backbone == "mmoe":
+            self.backbone = MMoE(input_dim, num_tasks, dropout=dropout, **backbone_kwargs)
+        elif backbone == "ple":
+            self.backbone = PLE(input_dim, num_tasks, dropout=dropout, **backbone_kwargs)
+        else:
+            ctr_task = backbone_kwargs.pop("ctr_task", 0)
+            if isinstance(ctr_task, str):
+                if ctr_task not in task_names:
+                    raise ValueError(f"ctr_task {ctr_task!r} is not a task; tasks are {task_names}")
+                ctr_task = task_names.index(ctr_task)
+            self.backbone = ESMM(input_dim, kinds, ctr_task=ctr_task, dropout=dropout, **backbone_kwargs)
+        self.towers = nn.ModuleList(TaskTower(d, tower_hidden, dropout) for d in self.backbone.task_dims)
+        self.use_fused_scoring = bool(use_fused_scoring)
+        self._packed = None  # (key, params) cache of the fused scoring parameters
+
+    # --- description ------------------------------------------------------------------------
+    @property
+    def tasks(self) -> List:
+        """The TaskSpec list, in output column order."""
+        return list(self._tasks)
+
+    @property
+    def config(self) -> dict:
+        """A plain JSON-serialisable dict; ``MultiTaskModel.from_config(config)`` rebuilds the model
+        (with fresh parameters: load the ``state_dict`` for the trained values)."""
+        import copy
+        return copy.deepcopy(self._config)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "MultiTaskModel":
+        """Build a model from `config` (as produced by ``model.config``)."""
+        return cls(**config)
+
+    def embedding_parameters(self) -> List[nn.Parameter]:
+        """The embedding tables (with a fused embedding optimizer they do not require grad and are
+        updated inside the backward: give them to no torch.optim optimizer)."""
+        return list(self.embeddings.parameters())
+
+    def dense_parameters(self) -> List[nn.Parameter]:
+        """Every other parameter: backbone (experts, gates) and towers."""
+        embedding = {id(p) for p in self.embeddings.parameters()}
+        return [p for p in self.parameters() if id(p) not in embedding]
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """The last layer all tasks share, where GradNorm (Chen et al., ICML 2018) measures the
+        per-task gradient norms: the backbone's `shared_parameters`, or, when the backbone shares
+        nothing (ESMM without a bottom, PLE without shared experts), the embedding tables that
+        require grad (none with a fused embedding optimizer: then the list is empty)."""
+        shared = self.backbone.shared_parameters()
+        if shared:
+            return shared
+        return [p for p in self.embeddings.parameters() if p.requires_grad]
+
+    # --- forward ----------------------------------------------------------------------------
+    def _inputs(self, sparse, dense: Optional[torch.Tensor]) -> torch.Tensor:
+        pooled = self.embeddings(sparse)
+        batch = pooled.shape[0]
+        if dense is None:
+            if self.dense_dim:
+                raise ValueError(f"dense must be a float tensor [B, {self.dense_dim}], got None")
+            return pooled
+        if dense.dim() != 2 or dense.shape[1] != self.dense_dim or dense.shape[0] != batch:
+            raise ValueError(
+                f"dense must be [B, dense_dim] = [{batch}, {self.dense_dim}] (B from the sparse batch), "
+                f"got {tuple(dense.shape)}"
+            )
+        if not dense.is_floating_point():
+            raise TypeError(f"dense must be a float tensor, got {dense.dtype}")
+        if self.dense_dim == 0:
+            return pooled
+        return torch.cat([pooled, dense.to(pooled.dtype)], dim=1)
+
+    def _transforms(self) -> List[str]:
+        return ["sigmoid" if t.kind == "binary" else "identity" for t in self._tasks]
+
+    def _fused_params(self):
+        """The packed `multi_task_score` parameters, rebuilt when any parameter changed (in-place
+        optimizer steps and ``load_state_dict`` bump the tensors' version counters)."""
+        pieces = self.backbone._fused_scoring_params()
+        if pieces is None:
+            return None
+        tensors = list(self.backbone.parameters()) + list(self.towers.parameters())
+        key = tuple((id(p), p.data_ptr(), p._version) for p in tensors)
+        if self._packed is None or self._packed[0] != key:
+            params = ops.pack_multi_task_params(
+                pieces["experts"], pieces["gates"], pieces["gate_mask"],
+                [list(tower.linears) for tower in self.towers], self._transforms(),
+            )
+            self._packed = (key, params)
+        return self._packed[1]
+
+    def forward(self, sparse, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self._inputs(sparse, dense)
+        if self.use_fused_scoring and not self.training and not torch.is_grad_enabled():
+            params = self._fused_params()
+            if params is not None:
+                return self.backbone.outputs(ops.multi_task_score(x, params))
+        representations = self.backbone(x)
+        columns = []
+        for task, tower, representation in zip(self._tasks, self.towers, representations):
+            value = tower(representation)
+            columns.append(torch.sigmoid(value) if task.kind == "binary" else value)
+        return self.backbone.outputs(torch.stack(columns, dim=1))

@@ -1,0 +1,129 @@
+"""Generic interaction-log loader: CSV/Parquet, dict/YAML schema, splits, side features, top-k sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from mtkernels.data import load_interactions
+from mtkernels.data.interactions import read_schema
+
+SCHEMA = {
+    "user": "uid", "item": "iid",
+    "labels": {"click": "binary", "rating": "regression"},
+    "user_features": ["age"], "item_features": ["genres"], "context_features": ["device"],
+    "multi_valued": {"genres": "|"}, "dense": ["price"], "timestamp": "ts", "item_title": "title",
+}
+
+
+@pytest.fixture(scope="module")
+def log():
+    rng = np.random.default_rng(0)
+    n = 600
+    frame = pd.DataFrame({
+        "uid": rng.integers(100, 140, n),
+        "iid": rng.choice(["a", "b", "c", "d", "e", "f", "g", "h"], n),
+        "click": rng.integers(0, 2, n),
+        "rating": np.where(rng.random(n) < 0.5, np.nan, rng.integers(1, 6, n)),
+        "device": rng.choice(["ios", "android"], n),
+        "price": rng.normal(50, 10, n),
+        "ts": rng.permutation(n),
+    })
+    frame["age"] = frame["uid"] % 5 * 10
+    genres = {"a": "x|y", "b": "y", "c": "", "d": "z|x", "e": "x", "f": "y|z", "g": "z", "h": "x|y|z"}
+    frame["genres"] = frame["iid"].map(genres)
+    frame["title"] = "Title " + frame["iid"]
+    return frame
+
+
+@pytest.fixture(params=["csv", "parquet"])
+def path(request, tmp_path, log):
+    target = tmp_path / f"log.{request.param}"
+    log.to_csv(target, index=False) if request.param == "csv" else log.to_parquet(target)
+    return target
+
+
+def test_loader_encodes_log(path, log):
+    data = load_interactions(path, {**SCHEMA, "split": "temporal"})
+    assert [t.name for t in data.tasks] == ["click", "rating"] and [t.kind for t in data.tasks] == ["binary", "regression"]
+    assert [f.name for f in data.features] == ["user_id", "age", "item_id", "genres", "device"]
+    assert [f.side for f in data.features] == ["user", "user", "item", "item", "context"]
+    assert data.feature("genres").multi_valued and data.feature("genres").num_embeddings == 4
+    assert data.dense_dim == 1 and data.num_items == 8 and data.item_ids == list("abcdefgh")
+    assert {k: s.num_rows for k, s in data.splits.items()} == {"train": 480, "val": 60, "test": 60}
+    # Temporal: every val/test row is later than every train row.
+    assert log["ts"].iloc[data.splits["train"].extra["row"].numpy()].max() < log["ts"].iloc[data.splits["val"].extra["row"].numpy()].min()
+    for name, split in data.splits.items():
+        rows = split.extra["row"].numpy()
+        part = log.iloc[rows]
+        np.testing.assert_array_equal(split.labels.numpy(), part[["click", "rating"]].to_numpy(np.float32))
+        assert [data.item_ids[i - 1] for i in split.item.tolist()] == part["iid"].tolist()
+        assert data.user_ids[split.user_row].tolist() == part["uid"].tolist()
+        genres_values, genres_offsets = split.multi["genres"]
+        assert (genres_offsets[1:] - genres_offsets[:-1]).tolist() == [len([g for g in s.split("|") if g]) for s in part["genres"].fillna("")]
+    train = data.splits["train"]
+    assert abs(float(train.dense.mean())) < 1e-5
+    assert data.item_titles[0] == "Title a" and data.user_side(100) == {"age": 0}
+    batch = next(data.batches("test", 7, shuffle=True, seed=0))
+    assert batch.sparse.stride() == 7 and batch.labels.shape == (7, 2)
+
+
+def test_unknown_users_and_topk(path, log):
+    data = load_interactions(path, {**SCHEMA, "split": "temporal"})
+    train_users = set(log["uid"].iloc[data.splits["train"].extra["row"].numpy()])
+    test = data.splits["test"]
+    for row, user in zip(test.user.tolist(), data.user_ids[test.user_row].tolist()):
+        assert (row == 0) == (user not in train_users)
+    sets = data.topk_eval("test")
+    positives = lambda rows: log.iloc[rows][log["click"].iloc[rows].to_numpy() == 1]  # noqa: E731
+    test_pos = positives(test.extra["row"].numpy())
+    seen = positives(np.concatenate([data.splits[s].extra["row"].numpy() for s in ("train", "val")]))
+    assert data.user_ids[sets.users].tolist() == sorted(test_pos["uid"].unique())
+    for i, user in enumerate(data.user_ids[sets.users].tolist()):
+        rel = {data.item_ids[j] for j in sets.relevant_indices[sets.relevant_offsets[i]:sets.relevant_offsets[i + 1]].tolist()}
+        ex = {data.item_ids[j] for j in sets.exclude_indices[sets.exclude_offsets[i]:sets.exclude_offsets[i + 1]].tolist()}
+        assert rel == set(test_pos.loc[test_pos["uid"] == user, "iid"])
+        assert ex == set(seen.loc[seen["uid"] == user, "iid"])
+    pairs = data.pair_batch(sets.users[:3])
+    assert pairs.sparse.stride() == 3 * 8 and torch.isnan(pairs.labels).all()
+    assert torch.equal(pairs.sparse["item_id"]["values"], torch.arange(1, 9).repeat(3))
+
+
+def test_yaml_schema_random_and_column_splits(tmp_path, log):
+    csv = tmp_path / "log.csv"
+    frame = log.assign(part=np.where(np.arange(len(log)) % 10 == 0, "test", np.where(np.arange(len(log)) % 10 == 1, "val", "train")))
+    frame.to_csv(csv, index=False)
+    schema_file = tmp_path / "schema.yaml"
+    schema_file.write_text(yaml.safe_dump({"user": "uid", "item": "iid", "labels": {"click": "binary"}, "seed": 5}))
+    first = load_interactions(csv, schema_file)
+    again = load_interactions(csv, schema_file)
+    other = load_interactions(csv, schema_file, seed=6)
+    assert [f.name for f in first.features] == ["user_id", "item_id"] and first.dense_dim == 0
+    assert torch.equal(first.splits["test"].extra["row"], again.splits["test"].extra["row"])
+    assert not torch.equal(first.splits["test"].extra["row"], other.splits["test"].extra["row"])
+    by_column = load_interactions(csv, schema_file, split="part")
+    assert by_column.splits["test"].extra["row"].tolist() == list(range(0, len(log), 10))
+
+
+def test_schema_errors(tmp_path, log):
+    csv = tmp_path / "log.csv"
+    log.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="'item' is required"):
+        read_schema({"user": "uid", "labels": {"click": "binary"}})
+    with pytest.raises(ValueError, match="kind"):
+        read_schema({"user": "uid", "item": "iid", "labels": {"click": "ordinal"}})
+    with pytest.raises(ValueError, match="unknown keys"):
+        read_schema({"user": "uid", "item": "iid", "labels": {"click": "binary"}, "colour": 1})
+    with pytest.raises(ValueError, match="missing"):
+        load_interactions(csv, {"user": "uid", "item": "nope", "labels": {"click": "binary"}})
+    with pytest.raises(ValueError, match="numeric"):
+        load_interactions(csv, {"user": "uid", "item": "iid", "labels": {"device": "binary"}})
+    with pytest.raises(ValueError, match="timestamp"):
+        load_interactions(csv, {"user": "uid", "item": "iid", "labels": {"click": "binary"}, "split": "temporal"})
+    with pytest.raises(ValueError, match="train/val/test"):
+        load_interactions(csv, {"user": "uid", "item": "iid", "labels": {"click": "binary"}, "split": "device"})
+    with pytest.raises(FileNotFoundError):
+        load_interactions(tmp_path / "absent.csv", {"user": "uid", "item": "iid", "labels": {"click": "binary"}})

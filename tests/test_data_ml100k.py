@@ -1,0 +1,316 @@
+"""MovieLens-100K: readers (RecBole and GroupLens folders), the ml100k-mtl-v1 protocol rebuilt row for
+row against the canonical CSVs, the encoded MultiTaskData, batches, pair batches and top-k sets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mtkernels.data import load_ml100k_mtl_v1, read_movielens_100k
+from mtkernels.data import protocol
+from mtkernels.data.movielens import build_ml100k_mtl_v1, read_grouplens, read_recbole
+from mtkernels.data.sources import default_data_dir, ml100k_complete
+
+try:
+    from tests.data_fixtures import synthetic_movielens, write_grouplens, write_recbole
+except ImportError:  # tests/ on sys.path instead of the repo root
+    from data_fixtures import synthetic_movielens, write_grouplens, write_recbole
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("MTKERNELS_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def ml100k_dir() -> Path:
+    for base in (default_data_dir(), REPO / ".cache" / "data"):
+        if ml100k_complete(base / "ml-100k"):
+            return base
+    pytest.skip("ml-100k files not fetched (run `python -m mtkernels.data.fetch --dest .cache/data`)")
+
+
+PROTOCOL_DIR = shared_data_dir() / "ml-100k" / "protocol_v1"
+needs_protocol = pytest.mark.skipif(not PROTOCOL_DIR.is_dir(), reason=f"{PROTOCOL_DIR} absent")
+
+
+# --- the real data --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def movielens():
+    return read_movielens_100k(ml100k_dir())
+
+
+@pytest.fixture(scope="module")
+def splits(movielens):
+    return protocol.build_splits(movielens.ratings, np.arange(1, 1683))
+
+
+@pytest.fixture(scope="module")
+def data(movielens, splits):
+    return build_ml100k_mtl_v1(movielens, splits)
+
+
+@pytest.fixture(scope="module")
+def canonical():
+    return {name: pd.read_csv(PROTOCOL_DIR / f"{name}.csv") for name in protocol.SPLITS}
+
+
+def test_recbole_files_as_described(movielens):
+    assert movielens.source == "recbole"
+    assert len(movielens.ratings) == 100_000
+    assert movielens.ratings["user_id"].nunique() == 943
+    assert movielens.ratings["item_id"].between(1, 1682).all()
+    assert movielens.ratings["rating"].value_counts().sort_index().tolist() == [6110, 11370, 27145, 34174, 21201]
+    assert len(movielens.users) == 943 and len(movielens.items) == 1682
+    assert movielens.items["release_year"].isna().sum() == 1  # item 267, "unknown"
+    assert movielens.items.loc[movielens.items["item_id"] == 1412, "release_year"].item() == 1995
+    genres = {g for lst in movielens.items["genres"] for g in lst}
+    assert len(genres) == 19 and "Film-Noir" in genres
+    assert movielens.items.loc[movielens.items["item_id"] == 1, "title"].item() == "Toy Story"
+
+
+@needs_protocol
+def test_protocol_rebuild_matches_canonical_rows(splits, canonical):
+    for name in protocol.SPLITS:
+        ours, ref = splits[name], canonical[name]
+        assert len(ours) == len(ref), name
+        for column in protocol.COLUMNS:
+            mine = ours[column].to_numpy(dtype=float)
+            theirs = ref[column].to_numpy(dtype=float)
+            np.testing.assert_array_equal(np.isnan(mine), np.isnan(theirs), err_msg=f"{name}.{column}")
+            np.testing.assert_array_equal(np.nan_to_num(mine), np.nan_to_num(theirs), err_msg=f"{name}.{column}")
+
+
+@needs_protocol
+def test_protocol_rebuild_matches_checksums(splits):
+    manifest = json.loads((PROTOCOL_DIR / "MANIFEST.json").read_text())
+    for name in protocol.SPLITS:
+        digest = hashlib.sha256(protocol.to_csv_text(splits[name]).encode()).hexdigest()
+        assert digest == manifest["sha256"][f"{name}.csv"], name
+        assert manifest["stats"][name]["rows"] == len(splits[name])
+
+
+def test_protocol_counts(splits):
+    positives = {k: int(v["click"].sum()) for k, v in splits.items()}
+    assert positives == {"train": 71505, "val": 9433, "test_warm": 9433, "test_cold": 9629}
+    assert splits["test_cold"]["user_id"].nunique() == 94
+    assert not set(splits["test_cold"]["user_id"]) & set(splits["train"]["user_id"])
+
+
+def test_encoded_data(data, splits):
+    assert [t.name for t in data.tasks] == ["click", "like", "rating"]
+    assert [t.kind for t in data.tasks] == ["binary", "binary", "regression"]
+    names = [f.name for f in data.features]
+    assert names == ["user_id", "age", "gender", "occupation", "zip", "item_id", "release_year", "genres"]
+    assert data.feature("user_id").num_embeddings == 850 and data.feature("item_id").num_embeddings == 1683
+    assert data.feature("genres").multi_valued and data.feature("genres").num_embeddings == 20
+    assert data.num_items == 1682 and data.item_ids.tolist() == list(range(1, 1683))
+    assert data.dense_dim == 6
+    for name, split in data.splits.items():
+        frame = splits[name]
+        assert split.num_rows == len(frame)
+        np.testing.assert_array_equal(split.labels.numpy(), frame[["click", "like", "rating"]].to_numpy(np.float32))
+        assert torch.equal(split.item, torch.from_numpy(frame["item_id"].to_numpy()))  # index = id here
+        assert torch.equal(data.user_ids[split.user_row], torch.from_numpy(frame["user_id"].to_numpy()))
+        for f in data.features:
+            values = split.multi[f.name][0] if f.multi_valued else split.sparse[f.name]
+            assert int(values.min()) >= 0 and int(values.max()) < f.num_embeddings, (name, f.name)
+        assert torch.isfinite(split.dense).all()
+    cold = data.splits["test_cold"]
+    assert (cold.user == 0).all() and (cold.sparse["user_id"] == 0).all()
+    assert cold.user_row.unique().numel() == 94 and (cold.user_row > 849).all()
+    # Cold users still carry their side features, and those equal the warm users' encoding.
+    assert (cold.sparse["age"] > 0).all() and (cold.sparse["gender"] > 0).all()
+    warm = data.splits["train"]
+    assert (warm.user >= 1).all() and torch.equal(warm.user, warm.user_row)
+    # History features of cold users are the (standardised) mean.
+    assert torch.equal(cold.dense[:, :3], torch.zeros(cold.num_rows, 3))
+
+
+def test_dense_features_use_train_only(movielens, splits):
+    """Changing val/test labels must not change any feature; train popularity must drive item_log_popularity."""
+    base = build_ml100k_mtl_v1(movielens, splits)
+    altered = {k: v.copy() for k, v in splits.items()}
+    for name in ("val", "test_warm", "test_cold"):
+        positive = altered[name]["click"] == 1
+        altered[name].loc[positive, "rating"] = 1.0
+        altered[name].loc[positive, "like"] = 0.0
+    other = build_ml100k_mtl_v1(movielens, altered)
+    for name in data_splits(base):
+        assert torch.equal(base.splits[name].dense, other.splits[name].dense)
+    train_pos = splits["train"][splits["train"]["click"] == 1]
+    counts = np.bincount(train_pos["item_id"], minlength=1683)[1:]
+    popularity = base.pair_batch(torch.tensor([1]), torch.arange(1682)).dense[:, 3].numpy()
+    order = np.argsort(counts, kind="stable")
+    assert np.all(np.diff(popularity[order]) >= -1e-6)
+
+
+def data_splits(data):
+    return list(data.splits)
+
+
+def test_batches_cover_split_in_order_and_shuffled(data):
+    split = data.splits["val"]
+    for shuffle in (False, True):
+        seen = []
+        for batch in data.batches("val", 1000, shuffle=shuffle, seed=3):
+            index = batch.index
+            seen.append(index)
+            kjt = batch.sparse
+            assert kjt.keys() == [f.name for f in data.features] and kjt.stride() == index.numel()
+            for f in data.features:
+                got = kjt[f.name]
+                if f.multi_valued:
+                    values, offsets = split.multi[f.name]
+                    want = [values[offsets[i]:offsets[i + 1]] for i in index.tolist()]
+                    assert torch.equal(got["lengths"], torch.tensor([len(w) for w in want]))
+                    assert torch.equal(got["values"], torch.cat(want))
+                else:
+                    assert torch.equal(got["values"], split.sparse[f.name][index])
+                    assert (got["lengths"] == 1).all()
+            assert torch.equal(batch.dense, split.dense[index])
+            assert torch.equal(batch.labels, split.labels[index], ) if not torch.isnan(batch.labels).any() else \
+                torch.equal(torch.nan_to_num(batch.labels, nan=-9), torch.nan_to_num(split.labels[index], nan=-9))
+        order = torch.cat(seen)
+        assert torch.equal(order.sort().values, torch.arange(split.num_rows))
+        assert torch.equal(order, torch.arange(split.num_rows)) != shuffle
+    first = [b.index for b in data.batches("val", 5000, shuffle=True, seed=7)]
+    again = [b.index for b in data.batches("val", 5000, shuffle=True, seed=7)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert len(list(data.batches("val", 5000, drop_last=True))) == split.num_rows // 5000
+    with pytest.raises(ValueError, match="batch_size"):
+        next(data.batches("val", 0))
+    with pytest.raises(KeyError, match="no split"):
+        next(data.batches("nope", 10))
+
+
+@needs_protocol
+def test_topk_sets_follow_protocol(data, canonical):
+    def positives(name):
+        frame = canonical[name]
+        frame = frame[frame["click"] == 1]
+        return {u: set(g["item_id"]) for u, g in frame.groupby("user_id")}
+
+    train, val, warm, cold = (positives(n) for n in protocol.SPLITS)
+    for name, relevant, excluded in (("val", val, [train]), ("test_warm", warm, [train, val]), ("test_cold", cold, [])):
+        sets = data.topk_eval(name)
+        users = data.user_ids[sets.users].tolist()
+        assert users == sorted(relevant)
+        for i, user in enumerate(users):
+            rel = data.item_ids[sets.relevant_indices[sets.relevant_offsets[i]:sets.relevant_offsets[i + 1]]]
+            ex = data.item_ids[sets.exclude_indices[sets.exclude_offsets[i]:sets.exclude_offsets[i + 1]]]
+            assert set(rel.tolist()) == relevant[user]
+            assert set(ex.tolist()) == set().union(*[e.get(user, set()) for e in excluded])
+    assert len(data.topk_eval("test_warm")) == 849 and len(data.topk_eval("test_cold")) == 94
+    assert int(data.topk_eval("test_cold").exclude_offsets[-1]) == 0
+    with pytest.raises(ValueError, match="no top-k"):
+        data.topk_eval("train")
+
+
+def test_pair_batch_user_major(data):
+    sets = data.topk_eval("test_cold")
+    rows = data.user_feature_rows("test_cold")
+    assert torch.equal(rows.rows, sets.users) and (rows.sparse["user_id"] == 0).all()
+    items = torch.tensor([0, 5, 1681])
+    batch = data.pair_batch(rows.rows[:2], items)
+    kjt = batch.sparse
+    assert kjt.stride() == 6 and batch.dense.shape == (6, data.dense_dim) and torch.isnan(batch.labels).all()
+    assert torch.equal(kjt["item_id"]["values"], (items + 1).repeat(2))
+    assert torch.equal(kjt["age"]["values"], rows.sparse["age"][:2].repeat_interleave(3))
+    assert torch.equal(batch.dense[:, :3], rows.dense[:2].repeat_interleave(3, 0))
+    # The same (user, item) pair scores the same features as the split row that holds it.
+    split = data.splits["test_cold"]
+    r = 0
+    user_row, item = split.user_row[r], split.item[r]
+    pair = data.pair_batch(user_row.reshape(1), (item - 1).reshape(1))
+    row_batch = data.batch("test_cold", torch.tensor([r]))
+    for f in data.features:
+        assert torch.equal(pair.sparse[f.name]["values"], row_batch.sparse[f.name]["values"]), f.name
+    assert torch.equal(pair.dense, row_batch.dense)
+    # Cold user's side features, raw.
+    side = data.user_side(int(data.user_ids[user_row]))
+    assert set(side) == {"age", "gender", "occupation", "zip_code"}
+    with pytest.raises(IndexError, match="items"):
+        data.pair_batch(rows.rows[:1], torch.tensor([1682]))
+    with pytest.raises(KeyError):
+        data.user_side(10_000)
+    assert data.item_titles[0] == "Toy Story" and len(data.item_titles) == 1682
+    assert data.user_row_of([1, 2]).tolist() == [1, 2] and data.item_position_of([1682]).tolist() == [1681]
+
+
+# --- synthetic folders (no download needed) ------------------------------------------------
+@pytest.fixture(scope="module")
+def synthetic():
+    return synthetic_movielens()
+
+
+def test_grouplens_folder_reads_like_recbole(tmp_path, synthetic):
+    ratings, users, items = synthetic
+    grouplens = read_grouplens(write_grouplens(tmp_path / "gl", ratings, users, items))
+    recbole = read_recbole(write_recbole(tmp_path / "rb", ratings, users, items))
+    assert grouplens.source == "grouplens"
+    assert grouplens.items["title"].iloc[0] == "Café Olé"  # Latin-1 decoded, "(year)" stripped
+    for got in (grouplens, recbole):
+        pd.testing.assert_frame_equal(got.ratings.reset_index(drop=True), ratings.reset_index(drop=True), check_dtype=False)
+        assert got.users["occupation"].tolist() == users["occupation"].tolist()
+        assert got.users["zip_code"].tolist() == users["zip_code"].tolist()
+        assert got.items["genres"].tolist() == items["genres"].tolist()
+        np.testing.assert_array_equal(got.items["release_year"].to_numpy(), items["release_year"].to_numpy())
+    assert recbole.items["title"].tolist() == grouplens.items["title"].tolist()
+    without_genre_file = read_grouplens(write_grouplens(tmp_path / "gl2", ratings, users, items, with_genre_file=False))
+    assert without_genre_file.items["genres"].tolist() == items["genres"].tolist()
+
+
+def test_loader_on_grouplens_folder(tmp_path, synthetic):
+    ratings, users, items = synthetic
+    folder = write_grouplens(tmp_path / "ml-100k", ratings, users, items)
+    from_folder = load_ml100k_mtl_v1(folder)
+    from_parent = load_ml100k_mtl_v1(tmp_path)  # finds the ml-100k/ subfolder
+    recbole = load_ml100k_mtl_v1(write_recbole(tmp_path / "rb", ratings, users, items))
+    num_cold = int(np.floor(0.1 * 30 + 0.5))
+    assert from_folder.info["num_cold_users"] == num_cold
+    for other in (from_parent, recbole):
+        for name in from_folder.splits:
+            a, b = from_folder.splits[name], other.splits[name]
+            assert torch.equal(a.user_row, b.user_row) and torch.equal(a.item, b.item)
+            assert all(torch.equal(a.sparse[k], b.sparse[k]) for k in a.sparse)
+            assert torch.equal(a.dense, b.dense)
+    for name, split in from_folder.splits.items():
+        positives = int(split.labels[:, 0].sum())
+        assert split.num_rows == 5 * positives
+        # Negatives carry no like/rating label and are items the user never rated.
+        negative = split.labels[:, 0] == 0
+        assert torch.isnan(split.labels[negative, 1:]).all() and not torch.isnan(split.labels[~negative]).any()
+        rated = set(zip(ratings["user_id"], ratings["item_id"]))
+        pairs = zip(from_folder.user_ids[split.user_row[negative]].tolist(), from_folder.item_ids[split.item[negative] - 1].tolist())
+        assert not any(p in rated for p in pairs)
+
+
+def test_protocol_split_rule_on_synthetic(synthetic):
+    ratings, _, _ = synthetic
+    splits = protocol.build_splits(ratings, np.arange(1, 61))
+    for user, group in ratings.groupby("user_id"):
+        n = len(group)
+        ordered = group.sort_values(["timestamp", "item_id"])["item_id"].tolist()
+        got = {name: frame.loc[(frame["user_id"] == user) & (frame["click"] == 1), "item_id"].tolist()
+               for name, frame in splits.items()}
+        if got["test_cold"]:
+            assert got["test_cold"] == ordered and not got["train"]
+            continue
+        n_hold = int(np.ceil(0.1 * n))
+        assert got["test_warm"] == ordered[n - n_hold:]
+        assert got["val"] == ordered[n - 2 * n_hold: n - n_hold]
+        assert got["train"] == ordered[: n - 2 * n_hold]
+
+
+def test_missing_data_names_the_fetch_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mtkernels.data.fetch"):
+        load_ml100k_mtl_v1(tmp_path / "nothing-here")

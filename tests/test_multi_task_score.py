@@ -1,0 +1,260 @@
+"""`multi_task_score`: the fused op and its reference against an eager model built from torch.nn
+layers (MMoE, PLE-CGC, Shared-Bottom), the hand-made gate check, bad input, opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mtkernels import ops, reference
+from mtkernels._extension import has_kernel
+from mtkernels.ops import MultiTaskScoreParams, multi_task_score, pack_multi_task_params
+
+NATIVE = has_kernel("multi_task_score", "cpu")
+native_only = pytest.mark.skipif(not NATIVE, reason="native multi_task_score kernel not built")
+
+
+class EagerMultiTask(nn.Module):
+    """The network as a user writes it: one nn.Linear per expert layer, gate and tower layer."""
+
+    def __init__(self, width, expert_sizes, gate_mask, tower_sizes, transforms, seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        num_tasks, num_experts = gate_mask.shape
+        self.gate_mask = gate_mask
+        self.transforms = list(transforms)
+        self.allowed = [gate_mask[t].nonzero().flatten().tolist() for t in range(num_tasks)]
+
+        def linear(fan_in, fan_out):
+            layer = nn.Linear(fan_in, fan_out)
+            with torch.no_grad():  # biases away from zero so a missed bias shows
+                layer.weight.copy_(torch.randn(fan_out, fan_in, generator=gen) / fan_in**0.5)
+                layer.bias.copy_(torch.randn(fan_out, generator=gen) * 0.3)
+            return layer
+
+        def mlp(fan_in, sizes):
+            layers = []
+            for size in sizes:
+                layers.append(linear(fan_in, size))
+                fan_in = size
+            return nn.ModuleList(layers)
+
+        self.experts = nn.ModuleList(mlp(width, expert_sizes) for _ in range(num_experts))
+        self.gates = nn.ModuleList(
+            linear(width, len(a)) if len(a) > 1 else nn.Identity() for a in self.allowed
+        )
+        self.towers = nn.ModuleList(mlp(expert_sizes[-1], tower_sizes) for _ in range(num_tasks))
+
+    def gate_list(self):
+        return [g if isinstance(g, nn.Linear) else None for g in self.gates]
+
+    def pack(self):
+        return pack_multi_task_params(
+            [list(e) for e in self.experts], self.gate_list(), self.gate_mask,
+            [list(t) for t in self.towers], self.transforms,
+        )
+
+    def forward(self, x):
+        outputs = []
+        for expert in self.experts:
+            h = x
+            for layer in expert:
+                h = torch.relu(layer(h))
+            outputs.append(h)
+        scores = []
+        for t, tower in enumerate(self.towers):
+            allowed = self.allowed[t]
+            if len(allowed) == 1:
+                h = outputs[allowed[0]]
+            else:
+                g = torch.softmax(self.gates[t](x), dim=-1)
+                h = sum(g[:, j : j + 1] * outputs[e] for j, e in enumerate(allowed))
+            for k, layer in enumerate(tower):
+                h = layer(h)
+                if k < len(tower) - 1:
+                    h = torch.relu(h)
+            s = h[:, 0]
+            scores.append(torch.sigmoid(s) if self.transforms[t] == "sigmoid" else s)
+        return torch.stack(scores, dim=1)
+
+
+def mmoe_mask(num_tasks=3, num_experts=4):
+    return torch.ones(num_tasks, num_experts, dtype=torch.bool)
+
+
+def cgc_mask():
+    # PLE CGC: 2 shared experts (0, 1), then 2 experts for task 0, 1 for task 1, 2 for task 2
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[:, :2] = True
+    mask[0, 2:4] = True
+    mask[1, 4] = True
+    mask[2, 5:7] = True
+    return mask
+
+
+CONFIGS = {
+    # name: (gate_mask, expert layer sizes, tower layer sizes, transforms)
+    "mmoe": (mmoe_mask(), [24, 16], [8, 1], ["sigmoid", "sigmoid", "identity"]),
+    "ple_cgc": (cgc_mask(), [20, 12], [1], ["sigmoid", "identity", "sigmoid"]),
+    "shared_bottom": (torch.ones(2, 1, dtype=torch.bool), [16], [10, 1], ["sigmoid", "identity"]),
+    "ple_one_own_expert": (torch.eye(3, dtype=torch.bool), [9, 7, 5], [6, 4, 1], ["identity"] * 3),
+}
+WIDTH = 13  # D not a multiple of 8: exercises the kernel's remainder loops
+
+
+def make(config, seed=0, width=WIDTH):
+    mask, expert_sizes, tower_sizes, transforms = CONFIGS[config]
+    return EagerMultiTask(width, expert_sizes, mask, tower_sizes, transforms, seed=seed).eval()
+
+
+SCORERS = {"reference": reference.multi_task_score, "ops": multi_task_score}
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("rows", [0, 1, 1000])
+def test_float32_matches_eager_model(scorer, config, rows):
+    model = make(config, seed=rows)
+    x = torch.randn(rows, WIDTH, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+        got = SCORERS[scorer](x, model.pack())
+    assert got.shape == (rows, model.gate_mask.shape[0]) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_hand_made_gate_softmax_runs_over_experts(scorer):
+    # 3 experts with constant outputs 1, 2, 3; gate logits = x = [[1,2,3],[0,0,0]]; the tower is
+    # the identity, so the score is the mixture: softmax([1,2,3]) . [1,2,3] and mean(1,2,3).
+    experts = []
+    for e in range(3):
+        layer = nn.Linear(3, 1)
+        nn.init.zeros_(layer.weight)
+        nn.init.constant_(layer.bias, e + 1.0)
+        experts.append([layer])
+    gate = nn.Linear(3, 3)
+    with torch.no_grad():
+        gate.weight.copy_(torch.eye(3))
+        gate.bias.zero_()
+    tower = nn.Linear(1, 1)
+    nn.init.ones_(tower.weight)
+    nn.init.zeros_(tower.bias)
+    params = pack_multi_task_params(experts, [gate], torch.ones(1, 3, dtype=torch.bool), [[tower]], ["identity"])
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    with torch.no_grad():
+        got = SCORERS[scorer](x, params)
+    torch.testing.assert_close(got, torch.tensor([[2.575210], [2.0]]), rtol=0, atol=1e-6)
+
+
+def test_masked_experts_get_no_weight():
+    # Poison the gate rows of experts a task may not use: the score must not change.
+    model = make("ple_cgc")
+    params = model.pack()
+    x = torch.randn(50, WIDTH)
+    with torch.no_grad():
+        expected = multi_task_score(x, params)
+        poisoned = params._replace(
+            gate_weight=params.gate_weight.masked_fill(~params.gate_mask[..., None], 1e4),
+            gate_bias=params.gate_bias.masked_fill(~params.gate_mask, 1e4),
+        )
+        torch.testing.assert_close(multi_task_score(x, poisoned), expected)
+        torch.testing.assert_close(reference.multi_task_score(x, poisoned), expected)
+
+
+def test_grad_mode_with_trainable_params_is_refused():
+    model = make("mmoe")
+    params = model.pack()
+    x = torch.randn(4, WIDTH, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        multi_task_score(x, params)
+    with torch.no_grad():
+        assert multi_task_score(x, params).shape == (4, 3)
+
+
+def _bad_inputs():
+    model = make("mmoe")
+    p = model.pack()
+    x = torch.randn(5, WIDTH)
+    E, T = 4, 3
+    w0, w1 = p.expert_weights
+    yield "x_1d", x[0], p, "x"
+    yield "x_width", torch.randn(5, WIDTH + 1), p, "params.expert_weights[0]"
+    yield "expert_bias", x, p._replace(expert_biases=(p.expert_biases[0], p.expert_biases[1][:, :-1])), "params.expert_biases[1]"
+    yield "expert_layer_chain", x, p._replace(expert_weights=(w0, w1[:, :, :-1])), "params.expert_weights[1]"
+    yield "expert_count", x, p._replace(expert_weights=(w0[:-1], w1)), "params.expert_weights[0]"
+    yield "gate_weight", x, p._replace(gate_weight=p.gate_weight[:, :, :-1]), "params.gate_weight"
+    yield "gate_bias", x, p._replace(gate_bias=p.gate_bias[:-1]), "params.gate_bias"
+    yield "gate_mask_shape", x, p._replace(gate_mask=p.gate_mask[:, :-1]), "params.gate_mask"
+    yield "gate_mask_empty_row", x, p._replace(gate_mask=torch.zeros(T, E, dtype=torch.bool)), "params.gate_mask"
+    yield "tower_in", x, p._replace(tower_weights=(p.tower_weights[0][:, :, :-1], p.tower_weights[1])), "params.tower_weights[0]"
+    yield "tower_out", x, p._replace(tower_weights=(p.tower_weights[0], p.tower_weights[1].expand(T, 2, -1))), "params.tower_weights[1]"
+    yield "tower_bias", x, p._replace(tower_biases=(p.tower_biases[0], p.tower_biases[1][:, :0])), "params.tower_biases[1]"
+    yield "transform_name", x, p._replace(transforms=("sigmoid", "softmax", "identity")), "params.transforms"
+    yield "transform_count", x, p._replace(transforms=("sigmoid",)), "params.transforms"
+
+
+BAD = {name: (x, p, arg) for name, x, p, arg in _bad_inputs()}
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("case", BAD)
+def test_wrong_shapes_raise_value_error_naming_the_argument(scorer, case):
+    x, params, arg = BAD[case]
+    with torch.no_grad(), pytest.raises(ValueError, match=arg.replace("[", r"\[").replace("]", r"\]")):
+        SCORERS[scorer](x, params)
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_wrong_dtype_raises_type_error(scorer):
+    params = make("mmoe").pack()
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="params.gate_weight"):
+            SCORERS[scorer](torch.randn(3, WIDTH), params._replace(gate_weight=params.gate_weight.double()))
+        with pytest.raises(TypeError, match="params.gate_mask"):
+            SCORERS[scorer](torch.randn(3, WIDTH), params._replace(gate_mask=params.gate_mask.float()))
+        with pytest.raises(TypeError, match="x"):
+            SCORERS[scorer](torch.randint(0, 3, (3, WIDTH)), params)
+
+
+def test_packer_rejects_inconsistent_layers():
+    model = make("mmoe")
+    experts = [list(e) for e in model.experts]
+    towers = [list(t) for t in model.towers]
+    gates, mask, transforms = model.gate_list(), model.gate_mask, model.transforms
+    with pytest.raises(ValueError, match=r"experts\[1\]\[1\]"):
+        pack_multi_task_params([experts[0], [experts[1][0], nn.Linear(24, 15)]] + experts[2:], gates, mask, towers, transforms)
+    with pytest.raises(ValueError, match=r"gates\[2\]"):
+        pack_multi_task_params(experts, gates[:2] + [nn.Linear(WIDTH, 3)], mask, towers, transforms)
+    with pytest.raises(ValueError, match=r"gates\[0\]"):
+        pack_multi_task_params(experts, [None] + gates[1:], mask, towers, transforms)
+    with pytest.raises(ValueError, match=r"towers\[0\]"):
+        pack_multi_task_params(experts, gates, mask, [[towers[0][0], nn.Linear(8, 2)]] + towers[1:], transforms)
+    with pytest.raises(ValueError, match="gate_mask"):
+        pack_multi_task_params(experts, gates, mask[:, :3], towers, transforms)
+    with pytest.raises(ValueError, match="transforms"):
+        pack_multi_task_params(experts, gates, mask, towers, ["sigmoid", "relu", "identity"])
+    with pytest.raises(TypeError, match=r"towers\[1\]\[0\]"):
+        pack_multi_task_params(experts, gates, mask, [towers[0], [nn.Conv1d(16, 8, 1), towers[1][1]], towers[2]], transforms)
+
+
+def test_packed_layout_and_raw_tensors():
+    model = make("ple_cgc")
+    p = model.pack()
+    E, T = 7, 3
+    assert p.expert_weights[0].shape == (E, 20, WIDTH) and p.expert_weights[1].shape == (E, 12, 20)
+    assert p.gate_weight.shape == (T, E, WIDTH) and p.gate_bias.shape == (T, E)
+    assert p.tower_weights[0].shape == (T, 1, 12) and p.tower_biases[0].shape == (T, 1)
+    # task 1's gate covers experts 0, 1, 4 in that order
+    torch.testing.assert_close(p.gate_weight[1, [0, 1, 4]], model.gates[1].weight.detach())
+    assert p.gate_weight[1, [2, 3, 5, 6]].abs().sum() == 0
+    # the same network from stacked tensors that are not views of one buffer
+    raw = MultiTaskScoreParams(
+        tuple(w.clone() for w in p.expert_weights), tuple(b.clone() for b in p.expert_biases),
+        p.gate_weight.clone(), p.gate_bias.clone(), p.gate_mask.clone(),
+        tuple(w.clone() for w in p.tower_weights), tuple(b.clone() for b in p.tower_biases), list(p.transforms),
+    )
+    x = torch.randn(33, WIDTH)
+    with torch.no_grad():
+        torch.testing.assert_close(multi_task_score(x, raw), model(x), rtol=1e-5, atol=1e-6)
