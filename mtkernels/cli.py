@@ -1,0 +1,242 @@
+"""The ``mtkernels`` command line: ``demo``, ``train``, ``evaluate``, ``recommend``, ``info``.
+
+    mtkernels info
+    mtkernels train --data ml100k --model mmoe --checkpoint runs/mmoe.pt [--epochs 20 --seed 0 ...]
+    mtkernels evaluate --checkpoint runs/mmoe.pt [--split test_warm --split test_cold]
+    mtkernels recommend --checkpoint runs/mmoe.pt --user 5 [--user 900] [--k 10]
+    mtkernels demo --out outputs/demo
+
+``--data`` is ``ml100k`` (MovieLens-100K, protocol ml100k-mtl-v1), ``census`` (Census-Income) or
+the path of a CSV/Parquet interaction log with ``--schema`` (see ``mtkernels.data.load_interactions``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ._extension import info
+
+
+def load_data(spec: Dict[str, Any]):
+    """Load a data set from a plain spec ``{"name": "ml100k" | "census" | path, "data_dir",
+    "schema"}`` (stored in checkpoints so ``evaluate`` reloads the same data).
+
+    Raises:
+        ValueError: an unknown data set name with no such file.
+    """
+    from . import data as data_module
+
+    name = spec.get("name", "ml100k")
+    data_dir = spec.get("data_dir")
+    if name in ("ml100k", "ml100k-mtl-v1", "movielens"):
+        return data_module.load_ml100k_mtl_v1(data_dir)
+    if name in ("census", "census-income"):
+        return data_module.load_census_income(data_dir)
+    if os.path.isfile(name):
+        if not spec.get("schema"):
+            raise ValueError(f"--data {name} is a file: give its columns with --schema (YAML file or JSON)")
+        return data_module.load_interactions(name, _schema(spec["schema"]))
+    raise ValueError(f"--data must be 'ml100k', 'census' or an existing CSV/Parquet file, got {name!r}")
+
+
+def _schema(schema):
+    if isinstance(schema, dict):
+        return schema
+    text = str(schema)
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    return text  # a YAML path: the loader reads it
+
+
+def _task_weights(pairs: Optional[Sequence[str]]) -> Optional[Dict[str, float]]:
+    if not pairs:
+        return None
+    weights = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--task-weight must look like NAME=WEIGHT (e.g. click=1.0), got {pair!r}")
+        weights[name] = float(value)
+    return weights
+
+
+def _format_metrics(result: Dict[str, Any]) -> str:
+    parts = []
+    for key, value in result.items():
+        if isinstance(value, dict):
+            parts.append(f"{key}: " + " ".join(f"{k} {v:.4f}" for k, v in value.items() if isinstance(v, (int, float))))
+    return " | ".join(parts)
+
+
+# --- commands -------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    print(json.dumps(info(), indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .evaluation import evaluate, has_items
+    from .serving import serving_tables
+    from .training import TrainConfig, fit, presets
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    data_spec = {"name": args.data, "data_dir": args.data_dir, "schema": args.schema}
+    data = load_data(data_spec)
+    overrides = {"embedding_dim": args.embedding_dim, "use_fused_optimizer": args.embedding_optimizer != "none"}
+    if args.embedding_optimizer != "none":
+        overrides["embedding_optimizer"] = dict(presets.EMBEDDING_OPTIMIZER, kind=args.embedding_optimizer,
+                                                **({"lr": args.embedding_lr} if args.embedding_lr else {}))
+    model = presets.build_model(data, args.model, **overrides)
+    values = dict(presets.TRAIN_PRESET)
+    for field in ("epochs", "batch_size", "lr", "weight_decay", "patience", "monitor", "loss_weighting", "seed"):
+        value = getattr(args, field)
+        if value is not None:
+            values[field] = value
+    values["progress"] = not args.no_progress
+    config = TrainConfig(**values)
+    extra = {"data": data_spec, "serving": serving_tables(data) if has_items(data) else None}
+    result = fit(model, data, config, checkpoint_path=args.checkpoint, resume=args.resume, checkpoint_extra=extra)
+    print(f"trained {args.model}: best epoch {result.best_epoch}, {len(result.history)} epochs, "
+          f"{result.seconds_per_epoch:.2f} s/epoch; checkpoint: {os.path.abspath(args.checkpoint)}")
+    if args.evaluate:
+        for split in args.evaluate:
+            print(f"{split}: {_format_metrics(evaluate(model, data, split))}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate
+    from .training import build_model, load_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    spec = dict(checkpoint.get("data") or {"name": "ml100k"})
+    if args.data_dir:
+        spec["data_dir"] = args.data_dir
+    data = load_data(spec)
+    model = build_model(checkpoint, best=True)
+    splits = args.split or [s for s in ("test_warm", "test_cold", "test") if s in data.splits]
+    results = {}
+    for split in splits:
+        if split not in data.splits:
+            raise ValueError(f"--split {split!r} is not a split of this data set; splits: {list(data.splits)}")
+        results[split] = evaluate(model, data, split, k=args.k, task_weights=_task_weights(args.task_weight))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for split, result in results.items():
+            print(f"{split}: {_format_metrics(result)}")
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from .serving import Ranker
+
+    ranker = Ranker.load(args.checkpoint)
+    result = ranker.recommend(args.user, k=args.k, exclude_seen=not args.include_seen,
+                              task_weights=_task_weights(args.task_weight))
+    if args.json:
+        print(json.dumps([
+            {"user_id": u, "served_by": how, "item_ids": ids.tolist(), "scores": scores.tolist(), "titles": titles}
+            for u, how, ids, scores, titles in zip(result.user_ids, result.served_by, result.item_ids,
+                                                   result.scores, result.titles)
+        ], indent=2))
+        return 0
+    for u, how, ids, scores, titles in zip(result.user_ids, result.served_by, result.item_ids, result.scores, result.titles):
+        print(f"user {u} (served by {how}):")
+        for rank, (i, s, t) in enumerate(zip(ids.tolist(), scores.tolist(), titles), start=1):
+            if i >= 0:
+                print(f"  {rank:2d}. {t} (item {i}, score {s:.4f})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, data_dir=args.data_dir, models=args.models, seeds=args.seeds,
+             epochs=args.epochs, progress=not args.no_progress, threads=args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtkernels", description="Multi-task recommendation with fused kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="build and runtime facts (native ops, CUDA, threads)")
+    p.set_defaults(func=cmd_info)
+
+    def add_data(p):
+        p.add_argument("--data", default="ml100k", help="ml100k | census | path of a CSV/Parquet log")
+        p.add_argument("--data-dir", default=None, help="folder of the raw files (default: MTKERNELS_DATA)")
+        p.add_argument("--schema", default=None, help="schema of a CSV/Parquet log: YAML path or JSON text")
+
+    p = sub.add_parser("train", help="train a multi-task model and write a checkpoint")
+    add_data(p)
+    p.add_argument("--model", default="mmoe", choices=["shared_bottom", "mmoe", "ple", "esmm"])
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (written atomically every epoch)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="Adam learning rate of the dense part")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--monitor", choices=["score", "loss", "ndcg"])
+    p.add_argument("--loss-weighting", choices=["fixed", "uncertainty", "gradnorm"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--embedding-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sgd", "none"],
+                   help="fused update of the tables inside the backward ('none': Adam with dense gradients)")
+    p.add_argument("--embedding-lr", type=float)
+    p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on test splits")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", action="append", help="split to evaluate (repeatable; default the test splits)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--task-weight", action="append", metavar="TASK=W", help="ranking score weights (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="top-k items for users, from a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--user", type=int, action="append", default=[], help="external user id (repeatable)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--include-seen", action="store_true", help="do not exclude the items a user has seen")
+    p.add_argument("--task-weight", action="append", metavar="TASK=W", help="ranking score weights (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("demo", help="train SharedBottom, MMoE and PLE on MovieLens-100K; report and plot")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--models", nargs="+", default=["shared_bottom", "mmoe", "ple"])
+    p.add_argument("--seeds", type=int, default=1, help="seeds per model (mean and spread when > 1)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"mtkernels {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Evaluation of multi-task recommenders: point-wise metrics per task and top-k ranking metrics.
+
+Follows the ml100k-mtl-v1 protocol (../shared/data/PROTOCOL.md §5):
+
+- point-wise metrics pooled over the rows of a split: AUC and logloss for binary tasks, RMSE for
+  regression tasks, each over the rows where that task has a label (NaN labels drop out);
+- top-k (NDCG@K, Recall@K): every user of the split scored against the whole item catalogue, the
+  split's exclusions removed (train(+val) positives), the top-k lists computed by the fused
+  ``mtkernels.ops.ensemble_topk`` op from a weighted sum of task scores (the "ranking score" the
+  model states: by default the click probability, i.e. the first binary task), ties broken by the
+  smaller item index (= the smaller item id, items are indexed in ascending id).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from . import metrics as _metrics
+from . import ops
+
+
+def default_ranking(tasks: Sequence) -> Dict[str, float]:
+    """The default ranking score: the probability of the first binary task (click in ml100k)."""
+    for task in tasks:
+        if task.kind == "binary":
+            return {task.name: 1.0}
+    return {tasks[0].name: 1.0}
+
+
+def _ranking_sources(tasks: Sequence, task_weights: Mapping[str, float]) -> Tuple[list, torch.Tensor]:
+    names = [t.name for t in tasks]
+    columns, weights = [], []
+    for name, w in task_weights.items():
+        if name not in names:
+            raise ValueError(f"task_weights names an unknown task {name!r}; the tasks are {names}")
+        columns.append(names.index(name))
+        weights.append(float(w))
+    if not columns:
+        raise ValueError("task_weights must name at least one task")
+    return columns, torch.tensor(weights, dtype=torch.float32)
+
+
+def fused_topk(
+    predictions: torch.Tensor,
+    tasks: Sequence,
+    task_weights: Mapping[str, float],
+    k: int,
+    exclude_offsets: Optional[torch.Tensor] = None,
+    exclude_indices: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k items per user from a weighted sum of task predictions, in one ``ensemble_topk`` call.
+
+    Args:
+        predictions: float ``[U, N, T]``: the model's outputs for U users x N items (probabilities
+            for binary tasks, raw values for regression tasks).
+        tasks: the model's T task specs (``.name``, ``.kind``).
+        task_weights: ``{task name: weight}``; the score of item n for user u is
+            ``sum_t w_t * predictions[u, n, t]``.
+        k: list length (>= 0).
+        exclude_offsets, exclude_indices: optional CSR ``[U+1]`` / item positions in ``[0, N)`` never
+            returned for that user (e.g. the items the user has already seen).
+
+    Returns:
+        ``(scores [U, k] float32, indices [U, k] int64)``, best first, ties by smaller index; the
+        tail is ``(-inf, -1)`` when fewer than k items are left.
+
+    Raises:
+        ValueError: unknown task names, a bad k or malformed exclusions (from the op).
+    """
+    columns, weights = _ranking_sources(tasks, task_weights)
+    sources = predictions[:, :, columns].permute(2, 0, 1).contiguous().float()
+    return ops.ensemble_topk(
+        sources, weights, k, exclude_offsets=exclude_offsets, exclude_indices=exclude_indices
+    )
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data, split: str, batch_size: int = 32768) -> torch.Tensor:
+    """Model outputs for every row of a split, in row order: float ``[n, T]``."""
+    model.eval()
+    outputs = [model(batch.sparse, batch.dense) for batch in data.batches(split, batch_size, shuffle=False)]
+    num_tasks = len(data.tasks)
+    return torch.cat(outputs) if outputs else torch.zeros(0, num_tasks)
+
+
+def pointwise_metrics(tasks: Sequence, labels: torch.Tensor, predictions: torch.Tensor) -> Dict[str, Dict[str, float]]:
+    """AUC and logloss of each binary task, RMSE of each regression task (NaN labels skipped).
+
+    Args:
+        tasks: T task specs. labels, predictions: float ``[n, T]``.
+
+    Returns:
+        ``{task name: {"auc", "logloss"} | {"rmse"}}``; a metric with no labelled row (or AUC with
+        a single class) is NaN.
+    """
+    result: Dict[str, Dict[str, float]] = {}
+    for t, task in enumerate(tasks):
+        y = labels[:, t]
+        p = predictions[:, t]
+        mask = ~torch.isnan(y)
+        y, p = y[mask].double().numpy(), p[mask].double().numpy()
+        if task.kind == "binary":
+            two_classes = y.size > 0 and 0 < y.sum() < y.size
+            result[task.name] = {
+                "auc": float(_metrics.auc(y, p)) if two_classes else math.nan,
+                "logloss": float(_metrics.logloss(y, p)) if y.size else math.nan,
+            }
+        else:
+            result[task.name] = {"rmse": float(_metrics.rmse(y, p)) if y.size else math.nan}
+    return result
+
+
+@torch.no_grad()
+def topk_lists(
+    model: torch.nn.Module,
+    data,
+    split: str,
+    k: int = 10,
+    task_weights: Optional[Mapping[str, float]] = None,
+    users_per_block: int = 64,
+):
+    """Top-k item positions for every user of a split's top-k evaluation (PROTOCOL.md §5).
+
+    Scores each block of users against all ``data.num_items`` items with the model and keeps the
+    top k with ``ensemble_topk`` (the split's exclusions removed).
+
+    Returns:
+        ``(indices [U, k] int64 item positions (-1 pads), topk_eval)`` where ``topk_eval`` is
+        ``data.topk_eval(split)`` (users, exclusions, relevant items).
+    """
+    model.eval()
+    tasks = data.tasks
+    task_weights = dict(task_weights or default_ranking(tasks))
+    evaluation = data.topk_eval(split)
+    users = evaluation.users
+    items = torch.arange(data.num_items)
+    lists = []
+    for start in range(0, users.numel(), users_per_block):
+        stop = min(start + users_per_block, users.numel())
+        batch = data.pair_batch(users[start:stop], items)
+        predictions = model(batch.sparse, batch.dense).reshape(stop - start, data.num_items, len(tasks))
+        lo, hi = int(evaluation.exclude_offsets[start]), int(evaluation.exclude_offsets[stop])
+        offsets = evaluation.exclude_offsets[start : stop + 1] - lo
+        _, indices = fused_topk(
+            predictions, tasks, task_weights, k, offsets, evaluation.exclude_indices[lo:hi]
+        )
+        lists.append(indices)
+    indices = torch.cat(lists) if lists else torch.zeros(0, k, dtype=torch.long)
+    return indices, evaluation
+
+
+def topk_metrics(model, data, split: str, k: int = 10, task_weights: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+    """NDCG@k and Recall@k of a split (PROTOCOL.md §5): ``{"ndcg@k": ..., "recall@k": ...}``."""
+    indices, evaluation = topk_lists(model, data, split, k, task_weights)
+    relevant = (evaluation.relevant_offsets, evaluation.relevant_indices)
+    return {
+        f"ndcg@{k}": float(_metrics.ndcg_at_k(indices, relevant, k)),
+        f"recall@{k}": float(_metrics.recall_at_k(indices, relevant, k)),
+    }
+
+
+def has_items(data) -> bool:
+    """True when the data set has an item catalogue to rank (top-k metrics, serving)."""
+    return int(getattr(data, "num_items", 0) or 0) > 0
+
+
+def evaluate(
+    model: torch.nn.Module,
+    data,
+    split: str,
+    k: int = 10,
+    task_weights: Optional[Mapping[str, float]] = None,
+    topk: bool = True,
+    batch_size: int = 32768,
+) -> Dict[str, object]:
+    """All metrics of one split: ``{task: {...}, ..., "topk": {"ndcg@k", "recall@k"}}``.
+
+    ``topk=False``, or a data set without items (``num_items`` 0 or missing, e.g. Census-Income),
+    skips the ranking part.
+    """
+    labels = data.splits[split].labels
+    result: Dict[str, object] = dict(pointwise_metrics(data.tasks, labels, predict(model, data, split, batch_size)))
+    if topk and has_items(data):
+        result["topk"] = topk_metrics(model, data, split, k, task_weights)
+    return result

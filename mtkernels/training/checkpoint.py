@@ -1,0 +1,88 @@
+"""Checkpoints: one file per run, written atomically, that resumes training and serves requests.
+
+A checkpoint is a dict saved with ``torch.save``:
+
+    format            "mtkernels.checkpoint/1"
+    model_class       "module:QualName" of the model (rebuilt with ``from_config(model_config)``)
+    model_config      the model's plain, JSON-serialisable ``config``
+    model_state       the latest weights (``state_dict``; fused-optimizer state included)
+    best_model_state  the weights of the best validation epoch (what evaluate/recommend use)
+    train_config      the TrainConfig as a dict
+    trainer           optimiser, loss weighting, RNG and early-stopping state (to resume exactly)
+    history           per-epoch records (loss, validation metrics, seconds)
+    tasks             [{"name", "kind"}, ...]
+    serving           id maps, seen items, titles, popularity, user/item feature tables (the Ranker)
+
+The write goes to a temporary file in the destination folder, is flushed to disk and then renamed
+over the destination with ``os.replace``, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from typing import Any, Dict
+
+import torch
+
+FORMAT = "mtkernels.checkpoint/1"
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path: str, checkpoint: Dict[str, Any]) -> None:
+    """Write ``checkpoint`` (see the module docstring) to ``path`` atomically."""
+    checkpoint = dict(checkpoint)
+    checkpoint["format"] = FORMAT
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not an mtkernels checkpoint.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # weights_only=False: the file holds plain configs and RNG states besides tensors; only load
+    # checkpoints you wrote (as with any torch.save file).
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an mtkernels checkpoint (expected format {FORMAT!r})")
+    return checkpoint
+
+
+def class_path(obj) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def build_model(checkpoint: Dict[str, Any], best: bool = True) -> torch.nn.Module:
+    """Rebuild the model of a checkpoint in eval mode, with its best (or latest) weights."""
+    module_name, _, qualname = checkpoint["model_class"].partition(":")
+    cls = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    model = cls.from_config(checkpoint["model_config"])
+    state = checkpoint.get("best_model_state") if best else None
+    model.load_state_dict(state if state is not None else checkpoint["model_state"])
+    model.eval()
+    return model

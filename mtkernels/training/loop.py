@@ -1,0 +1,359 @@
+"""The fit/evaluate loop: per-task masked losses, loss weighting, early stopping on validation,
+a tqdm progress bar, seeds, and atomic checkpoints that a later run resumes from exactly.
+
+Optimisers: the embedding tables are updated inside the backward by the fused optimiser of
+``mtkernels.nn.EmbeddingBagCollection`` when the model was built with ``embedding_optimizer``
+(row-wise Adagrad as in FBGEMM/TorchRec); everything else trainable (the dense part, and the
+log-variances of uncertainty weighting) by one Adam.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import evaluation
+from .checkpoint import class_path, load_checkpoint, save_checkpoint
+from .losses import masked_task_losses
+from .weighting import GradNorm, make_weighting
+
+MONITORS = ("score", "loss", "ndcg")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (plain values; stored in checkpoints).
+
+    Attributes:
+        epochs: maximum number of passes over the training split.
+        batch_size: rows per step.
+        lr: Adam learning rate of the dense part.
+        weight_decay: Adam (L2) weight decay of the dense part.
+        loss_weighting: ``"fixed"``, ``"uncertainty"`` (Kendall et al., CVPR 2018) or
+            ``"gradnorm"`` (Chen et al., ICML 2018).
+        task_weights: fixed weights, one per task (``"fixed"`` only; default all 1).
+        gradnorm_alpha: GradNorm's asymmetry alpha.
+        patience: stop after this many epochs without a better validation ``monitor`` (0: never).
+        monitor: what early stopping watches on the validation split: ``"score"`` (sum over
+            tasks of AUC for binary tasks and -RMSE for regression tasks; higher is better),
+            ``"loss"`` (the unweighted sum of task losses; lower is better) or ``"ndcg"`` (top-k
+            NDCG@10 on val plus ``"score"``; needs an item catalogue; slower).
+        seed: seeds Python, NumPy and torch; epoch e shuffles with ``seed * 1_000_003 + e``.
+        eval_batch_size: rows per step when predicting.
+        progress: show a tqdm progress bar per epoch.
+        validation_split: the split early stopping watches.
+    """
+
+    epochs: int = 30
+    batch_size: int = 2048
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    loss_weighting: str = "fixed"
+    task_weights: Optional[List[float]] = None
+    gradnorm_alpha: float = 1.5
+    patience: int = 2
+    monitor: str = "score"
+    seed: int = 0
+    eval_batch_size: int = 32768
+    progress: bool = True
+    validation_split: str = "val"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
+        if self.loss_weighting not in ("fixed", "uncertainty", "gradnorm"):
+            raise ValueError(
+                f"loss_weighting must be 'fixed', 'uncertainty' or 'gradnorm', got {self.loss_weighting!r}"
+            )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns. ``history`` holds one dict per epoch (``epoch``, ``train_loss``,
+    ``task_losses``, ``task_weights``, ``seconds``, ``val`` metrics, ``monitor``)."""
+
+    history: List[Dict[str, Any]]
+    best_epoch: int
+    best_monitor: float
+    seconds_per_epoch: float
+    stopped_early: bool
+    resumed_from_epoch: Optional[int] = None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and torch (one call at the start of a run)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _dense_optimizer_groups(model: torch.nn.Module, weighting: torch.nn.Module, weight_decay: float):
+    """Adam groups: the model's dense parameters (with weight decay), other trainable model
+    parameters (embedding tables without a fused optimiser; no weight decay), the uncertainty
+    log-variances (no weight decay). GradNorm's weights have their own optimiser."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if hasattr(model, "dense_parameters"):
+        dense_ids = {id(p) for p in model.dense_parameters()}
+    else:
+        dense_ids = {id(p) for p in trainable}
+    dense = [p for p in trainable if id(p) in dense_ids]
+    other = [p for p in trainable if id(p) not in dense_ids]
+    groups = [{"params": dense, "weight_decay": weight_decay}]
+    if other:
+        groups.append({"params": other, "weight_decay": 0.0})
+    if not isinstance(weighting, GradNorm):
+        extra = [p for p in weighting.parameters() if p.requires_grad]
+        if extra:
+            groups.append({"params": extra, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def shared_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """The last shared layer's parameters, where GradNorm measures task gradient norms.
+
+    Uses ``model.shared_parameters()`` when the model defines it; otherwise the last ``nn.Linear``
+    of ``model.backbone`` (the experts' / shared bottom's output layer); otherwise all dense
+    parameters.
+    """
+    if hasattr(model, "shared_parameters"):
+        return [p for p in model.shared_parameters() if p.requires_grad]
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None:
+        linears = [m for m in backbone.modules() if isinstance(m, torch.nn.Linear)]
+        # In MMoE/PLE the last Linear created may be a gate; prefer an expert's layer.
+        experts = [m for name, m in backbone.named_modules() if isinstance(m, torch.nn.Linear) and "gate" not in name]
+        chosen = experts[-1] if experts else (linears[-1] if linears else None)
+        if chosen is not None:
+            return [p for p in chosen.parameters() if p.requires_grad]
+    params = model.dense_parameters() if hasattr(model, "dense_parameters") else model.parameters()
+    return [p for p in params if p.requires_grad]
+
+
+def validation_monitor(model, data, config: TrainConfig) -> Dict[str, Any]:
+    """Validation metrics and the early-stopping value (higher is better) of the current model."""
+    split = config.validation_split
+    predictions = evaluation.predict(model, data, split, config.eval_batch_size)
+    labels = data.splits[split].labels
+    metrics: Dict[str, Any] = dict(evaluation.pointwise_metrics(data.tasks, labels, predictions))
+    score = 0.0
+    for task in data.tasks:
+        m = metrics[task.name]
+        value = m["auc"] if task.kind == "binary" else -m["rmse"]
+        score += 0.0 if math.isnan(value) else value
+    metrics["score"] = score
+    with torch.no_grad():
+        metrics["loss"] = float(masked_task_losses(predictions, labels, data.tasks).sum())
+    if config.monitor == "score":
+        monitor = score
+    elif config.monitor == "loss":
+        monitor = -metrics["loss"]
+    else:
+        metrics["topk"] = evaluation.topk_metrics(model, data, split, 10)
+        monitor = score + metrics["topk"]["ndcg@10"]
+    metrics["monitor"] = monitor
+    return metrics
+
+
+def fit(
+    model: torch.nn.Module,
+    data,
+    config: Optional[TrainConfig] = None,
+    checkpoint_path: Optional[str] = None,
+    resume: bool = False,
+    checkpoint_extra: Optional[Dict[str, Any]] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> FitResult:
+    """Train ``model`` on ``data.splits["train"]`` with early stopping on validation.
+
+    Each step: predictions ``[B, T]`` -> per-task masked losses ``[T]`` -> loss weighting ->
+    backward (the fused embedding optimiser updates the touched table rows inside it) -> Adam
+    step of the dense part. After each epoch the validation split is scored; the best epoch's
+    weights are kept and loaded into ``model`` at the end.
+
+    Args:
+        model: a multi-task model, ``model(sparse KJT, dense [B, Dd]) -> [B, T]`` (probabilities
+            for binary tasks), with ``config`` and ``from_config`` (``mtkernels.nn.MultiTaskModel``).
+        data: a ``mtkernels.data.MultiTaskData`` (``tasks``, ``splits``, ``batches``).
+        config: hyperparameters (default ``TrainConfig()``).
+        checkpoint_path: when given, a checkpoint is written there (atomically) after every
+            epoch: latest and best weights, optimiser/weighting/RNG state, history, plus
+            ``checkpoint_extra`` (e.g. the Ranker's serving tables).
+        resume: continue from ``checkpoint_path`` when it exists (same model config required);
+            the continued run equals an uninterrupted one.
+        log: called with one line per epoch (default: tqdm.write when ``config.progress``).
+
+    Returns:
+        :class:`FitResult`.
+
+    Raises:
+        ValueError: a checkpoint to resume from whose model config differs from ``model.config``.
+    """
+    config = config or TrainConfig()
+    if log is None:
+        log = tqdm.write if config.progress else (lambda line: None)
+    tasks = data.tasks
+    seed_everything(config.seed)
+    weighting = make_weighting(config.loss_weighting, tasks, config.task_weights, config.gradnorm_alpha)
+    optimizer = torch.optim.Adam(_dense_optimizer_groups(model, weighting, config.weight_decay), lr=config.lr)
+    shared = shared_parameters(model) if isinstance(weighting, GradNorm) else []
+
+    history: List[Dict[str, Any]] = []
+    best_monitor, best_epoch, bad_epochs = -math.inf, -1, 0
+    best_state = None
+    start_epoch = 0
+    resumed_from = None
+    stopped_early = False
+    model_config = getattr(model, "config", None)
+
+    if resume and checkpoint_path and os.path.isfile(checkpoint_path):
+        ckpt = load_checkpoint(checkpoint_path)
+        if ckpt.get("model_config") != model_config:
+            raise ValueError(
+                f"cannot resume from {checkpoint_path}: its model config {ckpt.get('model_config')} "
+                f"differs from this model's {model_config}"
+            )
+        trainer = ckpt["trainer"]
+        model.load_state_dict(ckpt["model_state"])
+        optimizer.load_state_dict(trainer["optimizer"])
+        weighting.load_state_dict(trainer["weighting"])
+        if isinstance(weighting, GradNorm) and trainer.get("weighting_optimizer") is not None:
+            weighting.load_optimizer_state_dict(trainer["weighting_optimizer"])
+        _set_rng_state(trainer["rng"])
+        history = list(ckpt["history"])
+        best_monitor, best_epoch, bad_epochs = trainer["best_monitor"], trainer["best_epoch"], trainer["bad_epochs"]
+        best_state = ckpt.get("best_model_state")
+        stopped_early = trainer.get("stopped_early", False)
+        start_epoch = trainer["epoch"] + 1
+        resumed_from = trainer["epoch"]
+        log(f"resumed from {checkpoint_path} after epoch {trainer['epoch']}")
+
+    split = data.splits["train"]
+    steps_per_epoch = max(1, math.ceil(split.num_rows / config.batch_size))
+
+    def write_checkpoint(epoch: int) -> None:
+        if not checkpoint_path:
+            return
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "model_class": class_path(model),
+                "model_config": model_config,
+                "model_state": model.state_dict(),
+                "best_model_state": best_state,
+                "train_config": config.to_dict(),
+                "tasks": [{"name": t.name, "kind": t.kind} for t in tasks],
+                "history": history,
+                "trainer": {
+                    "epoch": epoch,
+                    "optimizer": optimizer.state_dict(),
+                    "weighting": weighting.state_dict(),
+                    "weighting_optimizer": weighting.optimizer_state_dict() if isinstance(weighting, GradNorm) else None,
+                    "rng": _rng_state(),
+                    "best_monitor": best_monitor,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs,
+                    "stopped_early": stopped_early,
+                },
+                **(checkpoint_extra or {}),
+            },
+        )
+
+    for epoch in range(start_epoch, config.epochs):
+        if stopped_early:
+            break
+        model.train()
+        total, steps = 0.0, 0
+        task_sums = torch.zeros(len(tasks), dtype=torch.float64)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not config.progress, leave=False)
+        started = time.perf_counter()
+        for batch in data.batches("train", config.batch_size, shuffle=True, seed=config.seed * 1_000_003 + epoch):
+            predictions = model(batch.sparse, batch.dense)
+            losses = masked_task_losses(predictions, batch.labels, tasks)
+            objective = weighting.combine(losses)
+            optimizer.zero_grad(set_to_none=True)
+            if shared:
+                weighting.update(losses, shared)
+            objective.backward()
+            optimizer.step()
+            total += float(objective.detach())
+            task_sums += losses.detach().double()
+            steps += 1
+            bar.update(1)
+            if steps % 20 == 0:
+                bar.set_postfix(loss=f"{total / steps:.4f}")
+        seconds = time.perf_counter() - started
+        bar.close()
+
+        val = validation_monitor(model, data, config)
+        record = {
+            "epoch": epoch,
+            "train_loss": total / max(steps, 1),
+            "task_losses": {t.name: float(v) / max(steps, 1) for t, v in zip(tasks, task_sums)},
+            "task_weights": [float(w) for w in weighting.weights()],
+            "seconds": seconds,
+            "val": val,
+            "monitor": val["monitor"],
+        }
+        history.append(record)
+        if val["monitor"] > best_monitor:
+            best_monitor, best_epoch, bad_epochs = val["monitor"], epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            stopped_early = config.patience > 0 and bad_epochs >= config.patience
+        log(
+            f"epoch {epoch}: loss {record['train_loss']:.4f}, {seconds:.2f} s, "
+            + ", ".join(
+                f"{t.name} " + " ".join(f"{k} {v:.4f}" for k, v in val[t.name].items()) for t in tasks
+            )
+            + ("  *" if best_epoch == epoch else "")
+        )
+        write_checkpoint(epoch)
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    train_seconds = [h["seconds"] for h in history]
+    return FitResult(
+        history=history,
+        best_epoch=best_epoch,
+        best_monitor=best_monitor,
+        seconds_per_epoch=float(np.mean(train_seconds)) if train_seconds else math.nan,
+        stopped_early=stopped_early,
+        resumed_from_epoch=resumed_from,
+    )

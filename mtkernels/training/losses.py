@@ -1,0 +1,72 @@
+"""Per-task losses with missing labels: masked binary cross-entropy and mean squared error.
+
+Multi-task recommendation logs label some tasks on a subset of rows only (in ml100k-mtl-v1 the
+sampled negatives carry a click label but no like or rating). Such labels are NaN; they drop out
+of that task's loss, and a task with no label in the batch contributes exactly 0 (with a zero,
+finite gradient), never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Probabilities are clipped like the metric (PROTOCOL.md §5 logloss) so that a saturated sigmoid
+# gives a finite loss and gradient.
+PROBABILITY_EPS = 1e-7
+
+TASK_KINDS = ("binary", "regression")
+
+
+def _kind(task) -> str:
+    kind = task if isinstance(task, str) else getattr(task, "kind", None)
+    if kind not in TASK_KINDS:
+        raise ValueError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
+    return kind
+
+
+def masked_task_losses(predictions: torch.Tensor, labels: torch.Tensor, tasks: Sequence) -> torch.Tensor:
+    """Loss of each task over the rows where that task has a label.
+
+    Args:
+        predictions: float ``[B, T]``: probabilities in (0, 1) for binary tasks (the models apply
+            the sigmoid), raw values for regression tasks.
+        labels: float ``[B, T]``, NaN where a row has no label for that task.
+        tasks: T task specs (objects with ``.kind``) or kind strings, ``"binary"`` (binary
+            cross-entropy) or ``"regression"`` (mean squared error).
+
+    Returns:
+        float ``[T]``: task t's mean loss over its labelled rows; 0 for a task with no labelled
+        row in the batch (its gradient is 0 too).
+
+    Raises:
+        ValueError: shapes that differ or do not match the number of tasks, an unknown task kind.
+    """
+    if predictions.dim() != 2 or predictions.shape != labels.shape:
+        raise ValueError(
+            f"predictions and labels must both be [B, T] with the same shape, got "
+            f"{tuple(predictions.shape)} and {tuple(labels.shape)}"
+        )
+    kinds = [_kind(t) for t in tasks]
+    if len(kinds) != predictions.shape[1]:
+        raise ValueError(f"got {len(kinds)} tasks for predictions with {predictions.shape[1]} columns")
+    losses = []
+    for t, kind in enumerate(kinds):
+        y = labels[:, t]
+        mask = ~torch.isnan(y)
+        # Fill missing labels with a harmless value and zero their weight instead of indexing,
+        # so an empty mask still yields a finite 0 with a zero gradient (never 0/0).
+        y_filled = torch.where(mask, y, torch.zeros_like(y))
+        p = predictions[:, t]
+        if kind == "binary":
+            p = p.clamp(PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
+            element = F.binary_cross_entropy(p, y_filled, reduction="none")
+        else:
+            element = (p - y_filled) ** 2
+        weight = mask.to(element.dtype)
+        losses.append((element * weight).sum() / weight.sum().clamp_min(1.0))
+    if not losses:
+        return predictions.new_zeros(0)
+    return torch.stack(losses)

@@ -1,0 +1,77 @@
+"""The tuned model and training settings the command line and the demo use on ml100k-mtl-v1.
+
+Chosen on the validation split (PROTOCOL.md §4: val for model selection only); the numbers they
+reach are in the README's results table. Embedding tables are trained by the fused row-wise
+Adagrad of ``EmbeddingBagCollection`` (FBGEMM/TorchRec's default for tables), the rest by Adam.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Optional
+
+BACKBONES = ("shared_bottom", "mmoe", "ple")
+
+EMBEDDING_OPTIMIZER: Dict[str, Any] = {"kind": "rowwise_adagrad", "lr": 0.05, "eps": 1e-8}
+
+MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
+    "shared_bottom": {
+        "embedding_dim": 16,
+        "backbone_kwargs": {"hidden": [128, 64]},
+        "tower_hidden": [32],
+        "dropout": 0.0,
+    },
+    "mmoe": {
+        "embedding_dim": 16,
+        "backbone_kwargs": {"num_experts": 4, "expert_hidden": [64]},
+        "tower_hidden": [32],
+        "dropout": 0.0,
+    },
+    "ple": {
+        "embedding_dim": 16,
+        "backbone_kwargs": {"num_levels": 1, "num_shared_experts": 2, "num_task_experts": 1, "expert_hidden": [64]},
+        "tower_hidden": [32],
+        "dropout": 0.0,
+    },
+    "esmm": {
+        "embedding_dim": 16,
+        "backbone_kwargs": {"hidden": [64]},
+        "tower_hidden": [32],
+        "dropout": 0.0,
+    },
+}
+
+TRAIN_PRESET: Dict[str, Any] = {
+    "epochs": 20,
+    "batch_size": 2048,
+    "lr": 2e-3,
+    "weight_decay": 0.0,
+    "patience": 2,
+    "monitor": "score",
+}
+
+
+def model_kwargs(backbone: str, embedding_dim: Optional[int] = None,
+                 embedding_optimizer: Optional[Dict[str, Any]] = None, use_fused_optimizer: bool = True) -> Dict[str, Any]:
+    """Keyword arguments of ``MultiTaskModel`` (besides features, dense_dim, tasks) for a backbone.
+
+    Raises:
+        ValueError: an unknown backbone.
+    """
+    if backbone not in MODEL_PRESETS:
+        raise ValueError(f"backbone must be one of {sorted(MODEL_PRESETS)}, got {backbone!r}")
+    kwargs = copy.deepcopy(MODEL_PRESETS[backbone])
+    kwargs["backbone"] = backbone
+    if embedding_dim is not None:
+        kwargs["embedding_dim"] = int(embedding_dim)
+    if use_fused_optimizer:
+        kwargs["embedding_optimizer"] = dict(embedding_optimizer or EMBEDDING_OPTIMIZER)
+    return kwargs
+
+
+def build_model(data, backbone: str, **overrides):
+    """A ``mtkernels.nn.MultiTaskModel`` sized for ``data`` with the preset of ``backbone``."""
+    from ..nn import MultiTaskModel
+
+    kwargs = model_kwargs(backbone, **overrides)
+    return MultiTaskModel(data.features, data.dense_dim, data.tasks, **kwargs)
