@@ -4,7 +4,9 @@
 //   1. One ATen product x [M, D] x [D, E*H_1 + T*E] gives every expert's first layer and every
 //      gate's logits at once (the packer stores the gate rows right after the expert first-layer
 //      rows; other layouts are concatenated once per call). It is the bulk of the FLOPs and
-//      MKL's full-size product runs it faster than per-block calls.
+//      MKL's full-size product runs it faster than per-block calls. Serving-sized calls (up to
+//      256 rows per thread) instead make it per block inside the parallel region below, so the
+//      whole call is one fork/join.
 //   2. One at::parallel_for over blocks of rows does the rest with the block's activations in
 //      L1/L2: bias + ReLU, the masked gate softmax, the remaining expert layers, the per-task
 //      mixtures, the towers and the transforms. Its matrix products are small (e.g. [B,128] x
@@ -159,7 +161,9 @@ bool adjacent(const at::Tensor& first, const at::Tensor& second) {
              static_cast<const char*>(second.const_data_ptr());
 }
 
-at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); }
+at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
+}
 
 at::Tensor multi_task_score_cpu(const at::Tensor& x_in, at::TensorList expert_weights_in,
                                 at::TensorList expert_biases_in, const at::Tensor& gate_weight,
@@ -205,8 +209,9 @@ at::Tensor multi_task_score_cpu(const at::Tensor& x_in, at::TensorList expert_we
 
   std::vector<at::Tensor> expert_weights, expert_biases, tower_weights, tower_biases;
   for (size_t l = 0; l < expert_weights_in.size(); ++l) {
-    expert_weights.push_back(as_float(expert_weights_in[l]));
-    expert_biases.push_back(as_float(expert_biases_in[l]));
+    // layer 0 is read through first_weight / first_bias
+    expert_weights.push_back(l == 0 ? at::Tensor() : as_float(expert_weights_in[l]));
+    expert_biases.push_back(l == 0 ? at::Tensor() : as_float(expert_biases_in[l]));
   }
   for (size_t k = 0; k < tower_weights_in.size(); ++k) {
     tower_weights.push_back(as_float(tower_weights_in[k]));
