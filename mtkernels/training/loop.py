@@ -231,6 +231,11 @@ def fit(
     weighting = make_weighting(config.loss_weighting, tasks, config.task_weights, config.gradnorm_alpha)
     optimizer = torch.optim.Adam(_dense_optimizer_groups(model, weighting, config.weight_decay), lr=config.lr)
     shared = shared_parameters(model) if isinstance(weighting, GradNorm) else []
+    if isinstance(weighting, GradNorm) and not shared:
+        raise ValueError(
+            "loss_weighting='gradnorm' needs shared parameters that require grad (the last shared layer); "
+            "this model shares none"
+        )
 
     history: List[Dict[str, Any]] = []
     best_monitor, best_epoch, bad_epochs = -math.inf, -1, 0
