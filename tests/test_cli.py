@@ -76,3 +76,27 @@ def test_errors_are_clean(tmp_path, capsys):
     assert "--data must be" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train"])  # --checkpoint is required
+
+
+def test_demo_writes_report_and_learning_curves(tmp_path, monkeypatch, capsys):
+    import mtkernels.data
+
+    data = make_data()
+    monkeypatch.setattr(mtkernels.data, "load_ml100k_mtl_v1", lambda data_dir=None: data)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--models", "mmoe", "ple", "--seeds", "2", "--epochs", "1",
+                     "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "test_warm (mean over 2 seeds" in text and "torch-rechub MMoE" in text
+    assert "top-10 for user" in text and "cold, served from side features" in text
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"mmoe", "ple"}
+    runs = report["models"]["mmoe"]["runs"]
+    assert len(runs) == 2 and runs[0]["epochs"] == 1
+    mean = report["models"]["mmoe"]["test_warm"]["mean"]["click_auc"]
+    assert mean == pytest.approx((runs[0]["test_warm"]["click_auc"] + runs[1]["test_warm"]["click_auc"]) / 2)
+    assert [u["served_by"] for u in report["recommendations"]["users"]] == ["model", "side_features"]
+    png = (out / "learning_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.json", "learning_curves.png", "mmoe-seed0.pt", "mmoe-seed1.pt", "ple-seed0.pt", "ple-seed1.pt"])
