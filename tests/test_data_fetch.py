@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def real_wheel():
     """The recbole wheel where set-up left it (``make data``), or a path given in $MTKERNELS_RECBOLE_WHEEL."""
     candidates = [os.environ.get("MTKERNELS_RECBOLE_WHEEL"), sources.default_data_dir() / "downloads" / WHEEL_NAME,
-                  REPO / ".cache" / "data" / "downloads" / WHEEL_NAME, Path("/work/cache") / WHEEL_NAME]
+                  REPO / ".cache" / "data" / "downloads" / WHEEL_NAME]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
@@ -64,10 +64,26 @@ def test_pip_download_path(tmp_path, monkeypatch):
         sources.download_wheel(tmp_path / "other")
 
 
-def test_fetch_from_wheel_is_idempotent(tmp_path, capsys):
+def fetched_folder():
+    for base in (sources.default_data_dir(), REPO / ".cache" / "data"):
+        if sources.ml100k_complete(base / "ml-100k"):
+            return base / "ml-100k"
+    return None
+
+
+def test_fetch_from_wheel_is_idempotent(tmp_path, capsys, monkeypatch):
     wheel = real_wheel()
     if wheel is None:
-        pytest.skip("no recbole-1.2.1 wheel on this machine (make data downloads it)")
+        # No wheel kept here (the data was fetched earlier): a zip of the fetched files stands in
+        # for it, its own sha256 standing in for the published one.
+        folder = fetched_folder()
+        if folder is None:
+            pytest.skip("neither the recbole wheel nor the ml-100k files are here (make data fetches them)")
+        wheel = tmp_path / WHEEL_NAME
+        with zipfile.ZipFile(wheel, "w") as archive:
+            for name in FILES:
+                archive.write(folder / name, MEMBER_DIR + name)
+        monkeypatch.setattr(sources, "WHEEL_SHA256", sources.sha256_of(wheel))
     dest = tmp_path / "data"
     assert fetch.main(["--dest", str(dest), "--wheel", str(wheel)]) == 0
     assert "fetched" in capsys.readouterr().out

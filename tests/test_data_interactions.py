@@ -87,6 +87,8 @@ def test_unknown_users_and_topk(path, log):
         ex = {data.item_ids[j] for j in sets.exclude_indices[sets.exclude_offsets[i]:sets.exclude_offsets[i + 1]].tolist()}
         assert rel == set(test_pos.loc[test_pos["uid"] == user, "iid"])
         assert ex == set(seen.loc[seen["uid"] == user, "iid"])
+    newcomer = data.new_user_rows([{"age": 30}, {"age": 999}])
+    assert newcomer.sparse["age"].tolist() == [data.splits["train"].sparse["age"][torch.tensor(log["age"].iloc[data.splits["train"].extra["row"].numpy()].to_numpy() == 30)][0].item(), 0]
     pairs = data.pair_batch(sets.users[:3])
     assert pairs.sparse.stride() == 3 * 8 and torch.isnan(pairs.labels).all()
     assert torch.equal(pairs.sparse["item_id"]["values"], torch.arange(1, 9).repeat(3))

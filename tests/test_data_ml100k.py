@@ -113,13 +113,13 @@ def test_encoded_data(data, splits):
     assert data.feature("user_id").num_embeddings == 850 and data.feature("item_id").num_embeddings == 1683
     assert data.feature("genres").multi_valued and data.feature("genres").num_embeddings == 20
     assert data.num_items == 1682 and data.item_ids.tolist() == list(range(1, 1683))
-    assert data.dense_dim == 6
+    assert data.dense_dim == 8 and data.user_dense_dim == 5
     for name, split in data.splits.items():
         frame = splits[name]
         assert split.num_rows == len(frame)
         np.testing.assert_array_equal(split.labels.numpy(), frame[["click", "like", "rating"]].to_numpy(np.float32))
-        assert torch.equal(split.item, torch.from_numpy(frame["item_id"].to_numpy()))  # index = id here
-        assert torch.equal(data.user_ids[split.user_row], torch.from_numpy(frame["user_id"].to_numpy()))
+        assert torch.equal(split.item, torch.tensor(frame["item_id"].to_numpy()))  # index = id here
+        assert torch.equal(data.user_ids[split.user_row], torch.tensor(frame["user_id"].to_numpy()))
         for f in data.features:
             values = split.multi[f.name][0] if f.multi_valued else split.sparse[f.name]
             assert int(values.min()) >= 0 and int(values.max()) < f.num_embeddings, (name, f.name)
@@ -132,12 +132,13 @@ def test_encoded_data(data, splits):
     warm = data.splits["train"]
     assert (warm.user >= 1).all() and torch.equal(warm.user, warm.user_row)
     # History features of cold users are the (standardised) mean.
-    assert torch.equal(cold.dense[:, :3], torch.zeros(cold.num_rows, 3))
+    assert torch.equal(cold.dense[:, :5], torch.zeros(cold.num_rows, 5))
+    assert (warm.dense[:, :5] != 0).any(1).all()
 
 
-def test_dense_features_use_train_only(movielens, splits):
+def test_dense_features_use_train_only(data, movielens, splits):
     """Changing val/test labels must not change any feature; train popularity must drive item_log_popularity."""
-    base = build_ml100k_mtl_v1(movielens, splits)
+    base = data
     altered = {k: v.copy() for k, v in splits.items()}
     for name in ("val", "test_warm", "test_cold"):
         positive = altered[name]["click"] == 1
@@ -148,9 +149,19 @@ def test_dense_features_use_train_only(movielens, splits):
         assert torch.equal(base.splits[name].dense, other.splits[name].dense)
     train_pos = splits["train"][splits["train"]["click"] == 1]
     counts = np.bincount(train_pos["item_id"], minlength=1683)[1:]
-    popularity = base.pair_batch(torch.tensor([1]), torch.arange(1682)).dense[:, 3].numpy()
+    popularity = base.pair_batch(torch.tensor([1]), torch.arange(1682)).dense[:, base.dense_names.index("item_log_popularity")].numpy()
     order = np.argsort(counts, kind="stable")
     assert np.all(np.diff(popularity[order]) >= -1e-6)
+    # The users' history popularity is an affine map (standardisation) of the raw mean over the
+    # last 10 training ratings.
+    log_count = np.log1p(np.bincount(train_pos["item_id"], minlength=1683))
+    recent = train_pos.groupby("user_id").tail(10).assign(pop=lambda f: log_count[f["item_id"]]).groupby("user_id")["pop"].mean()
+    rows = base.user_row_of(recent.index.tolist())
+    column = base.user_feature_rows(users=rows).dense[:, base.dense_names.index("user_recent_popularity")].numpy()
+    assert np.corrcoef(recent.to_numpy(), column)[0, 1] > 0.9999
+    bare = build_ml100k_mtl_v1(movielens, splits, dense_features=False)
+    assert bare.dense_dim == 0 and bare.splits["train"].dense.shape == (357_525, 0)
+    assert next(bare.batches("val", 4)).dense.shape == (4, 0)
 
 
 def data_splits(data):
@@ -161,19 +172,19 @@ def test_batches_cover_split_in_order_and_shuffled(data):
     split = data.splits["val"]
     for shuffle in (False, True):
         seen = []
-        for batch in data.batches("val", 1000, shuffle=shuffle, seed=3):
+        for number, batch in enumerate(data.batches("val", 1000, shuffle=shuffle, seed=3)):
             index = batch.index
             seen.append(index)
             kjt = batch.sparse
             assert kjt.keys() == [f.name for f in data.features] and kjt.stride() == index.numel()
             for f in data.features:
                 got = kjt[f.name]
-                if f.multi_valued:
+                if f.multi_valued and number < 3:  # row-by-row reference: a few batches suffice
                     values, offsets = split.multi[f.name]
                     want = [values[offsets[i]:offsets[i + 1]] for i in index.tolist()]
                     assert torch.equal(got["lengths"], torch.tensor([len(w) for w in want]))
                     assert torch.equal(got["values"], torch.cat(want))
-                else:
+                elif not f.multi_valued:
                     assert torch.equal(got["values"], split.sparse[f.name][index])
                     assert (got["lengths"] == 1).all()
             assert torch.equal(batch.dense, split.dense[index])
@@ -225,7 +236,7 @@ def test_pair_batch_user_major(data):
     assert kjt.stride() == 6 and batch.dense.shape == (6, data.dense_dim) and torch.isnan(batch.labels).all()
     assert torch.equal(kjt["item_id"]["values"], (items + 1).repeat(2))
     assert torch.equal(kjt["age"]["values"], rows.sparse["age"][:2].repeat_interleave(3))
-    assert torch.equal(batch.dense[:, :3], rows.dense[:2].repeat_interleave(3, 0))
+    assert torch.equal(batch.dense[:, :5], rows.dense[:2].repeat_interleave(3, 0))
     # The same (user, item) pair scores the same features as the split row that holds it.
     split = data.splits["test_cold"]
     r = 0
@@ -244,6 +255,46 @@ def test_pair_batch_user_major(data):
         data.user_side(10_000)
     assert data.item_titles[0] == "Toy Story" and len(data.item_titles) == 1682
     assert data.user_row_of([1, 2]).tolist() == [1, 2] and data.item_position_of([1682]).tolist() == [1681]
+
+
+def test_new_user_rows_match_cold_users(data):
+    rows = data.user_feature_rows("test_cold")
+    sides = [data.user_side(int(u)) for u in data.user_ids[rows.rows]]
+    fresh = data.new_user_rows(sides)
+    assert (fresh.rows == -1).all()
+    for name, values in rows.sparse.items():
+        assert torch.equal(fresh.sparse[name], values), name
+    assert torch.equal(fresh.dense, rows.dense)
+    odd = data.new_user_rows([{"age": 30, "gender": "X", "occupation": "astronaut"}])
+    assert odd.sparse["age"].item() > 0 and odd.sparse["gender"].item() == 0 and odd.sparse["zip"].item() == 0
+    batch = data.pair_batch(odd, torch.arange(4))
+    assert batch.sparse.stride() == 4 and torch.equal(batch.sparse["user_id"]["values"], torch.zeros(4, dtype=torch.long))
+
+
+def test_resample_negatives(data, movielens):
+    original = data.splits["train"]
+    labels, user_row, item = original.labels.clone(), original.user_row.clone(), original.item.clone()
+    try:
+        fresh = data.resample_negatives(seed=11)
+        assert data.splits["train"] is fresh
+        assert torch.equal(torch.nan_to_num(fresh.labels, nan=-1), torch.nan_to_num(labels, nan=-1))
+        assert torch.equal(fresh.user_row, user_row)
+        negative = labels[:, 0] == 0
+        assert torch.equal(fresh.item[~negative], item[~negative])
+        assert (fresh.item[negative] != item[negative]).float().mean() > 0.9
+        rated = set(zip(movielens.ratings["user_id"], movielens.ratings["item_id"]))
+        pairs = zip(data.user_ids[fresh.user_row[negative]].tolist(), data.item_ids[fresh.item[negative] - 1].tolist())
+        assert not any(p in rated for p in pairs)
+        # Item-side features follow the new items.
+        assert torch.equal(fresh.sparse["item_id"], fresh.item)
+        batch = next(data.batches("train", 64))
+        assert torch.equal(batch.sparse["item_id"]["values"], fresh.item[:64])
+        again = data.resample_negatives(seed=11)
+        assert torch.equal(again.item, fresh.item)
+        assert not torch.equal(data.resample_negatives(seed=12).item, fresh.item)
+    finally:
+        restored = data.resample_negatives(seed=None)
+    assert torch.equal(restored.item, item)
 
 
 # --- synthetic folders (no download needed) ------------------------------------------------

@@ -258,3 +258,119 @@ def test_packed_layout_and_raw_tensors():
     x = torch.randn(33, WIDTH)
     with torch.no_grad():
         torch.testing.assert_close(multi_task_score(x, raw), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", ["mmoe", "ple_cgc", "shared_bottom"])
+def test_bfloat16_error_within_twice_the_eager_bfloat16_error(config):
+    model = make(config, seed=3)
+    x = torch.randn(1000, WIDTH, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        exact = model(x)
+        model_bf16 = make(config, seed=3).to(torch.bfloat16)
+        eager_error = (model_bf16(x.bfloat16()).float() - exact).abs().max()
+        got = multi_task_score(x.bfloat16(), model_bf16.pack())
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    fused_error = (got.float() - exact).abs().max()
+    assert eager_error > 0
+    assert fused_error <= 2 * eager_error, (fused_error, eager_error)
+
+
+def random_params(gen, width, experts, tasks, expert_sizes, tower_sizes, dtype=torch.float32):
+    """Random stacked params with a random gate mask (every task keeps one expert at least)."""
+    mask = torch.rand(tasks, experts, generator=gen) < 0.6
+    mask[torch.arange(tasks), torch.randint(0, experts, (tasks,), generator=gen)] = True
+
+    def stack(groups, sizes, fan_in):
+        ws, bs = [], []
+        for size in sizes:
+            ws.append((torch.randn(groups, size, fan_in, generator=gen) / fan_in**0.5).to(dtype))
+            bs.append((torch.randn(groups, size, generator=gen) * 0.3).to(dtype))
+            fan_in = size
+        return tuple(ws), tuple(bs)
+
+    ew, eb = stack(experts, expert_sizes, width)
+    tw, tb = stack(tasks, tower_sizes, expert_sizes[-1])
+    transforms = tuple("sigmoid" if torch.rand(1, generator=gen) < 0.5 else "identity" for _ in range(tasks))
+    return MultiTaskScoreParams(
+        ew, eb,
+        torch.randn(tasks, experts, width, generator=gen).to(dtype),
+        torch.randn(tasks, experts, generator=gen).to(dtype),
+        mask, tw, tb, transforms,
+    )
+
+
+SHAPES = [
+    # rows, width, experts, tasks, expert layer sizes, tower layer sizes
+    (1, 1, 1, 1, [1], [1]),
+    (7, 5, 3, 2, [17], [1]),
+    (97, 13, 5, 4, [33, 19], [7, 1]),
+    (250, 40, 8, 3, [64, 32], [16, 1]),
+    (301, 9, 2, 5, [8, 8, 8], [5, 3, 1]),
+]
+
+
+@native_only
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_native_matches_reference_on_random_params(shape):
+    rows, width, experts, tasks, expert_sizes, tower_sizes = shape
+    gen = torch.Generator().manual_seed(rows)
+    params = random_params(gen, width, experts, tasks, expert_sizes, tower_sizes)
+    x = torch.randn(rows, width, generator=gen)
+    with torch.no_grad():
+        expected = reference.multi_task_score(x.double(), MultiTaskScoreParams(
+            *[tuple(t.double() for t in f) if isinstance(f, tuple) and f and isinstance(f[0], torch.Tensor)
+              else (f.double() if isinstance(f, torch.Tensor) and f.is_floating_point() else f) for f in params]
+        ))
+        for threads in (1, 2):
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                got = multi_task_score(x, params)
+            finally:
+                torch.set_num_threads(previous)
+            torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@native_only
+def test_non_contiguous_input_and_params():
+    gen = torch.Generator().manual_seed(11)
+    params = random_params(gen, 12, 4, 3, [16, 8], [4, 1])
+    x = torch.randn(12, 40, generator=gen)[:, ::2][:, :12]  # rows strided by 40, columns by 2
+    transposed = params._replace(gate_weight=params.gate_weight.transpose(1, 2).contiguous().transpose(1, 2))
+    with torch.no_grad():
+        expected = reference.multi_task_score(x.contiguous(), params)
+        torch.testing.assert_close(multi_task_score(x, transposed), expected, rtol=1e-5, atol=1e-6)
+
+
+@native_only
+def test_float64_runs_on_the_reference():
+    model = make("mmoe").double()
+    x = torch.randn(20, WIDTH, dtype=torch.float64)
+    with torch.no_grad():
+        got = multi_task_score(x, model.pack())
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, model(x), rtol=1e-12, atol=1e-12)
+        with pytest.raises(TypeError, match="float32"):
+            p = model.pack()
+            torch.ops.mtkernels.multi_task_score.default(x, *p)
+
+
+@native_only
+@pytest.mark.parametrize(
+    "config, dtype, rows",
+    [("mmoe", torch.float32, 5), ("mmoe", torch.float32, 0), ("ple_cgc", torch.bfloat16, 3), ("shared_bottom", torch.float32, 4)],
+)
+def test_opcheck(config, dtype, rows):
+    p = make(config).to(dtype).pack()
+    x = torch.randn(rows, WIDTH, dtype=dtype)
+    torch.library.opcheck(torch.ops.mtkernels.multi_task_score.default, (x, *p))
+
+
+@native_only
+def test_torch_compile_uses_the_fake_kernel():
+    model = make("mmoe")
+    p = model.pack()
+    compiled = torch.compile(lambda x: multi_task_score(x, p), backend="eager", fullgraph=True)
+    x = torch.randn(9, WIDTH)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)

@@ -233,3 +233,21 @@ def test_fused_optimizer_follows_module_conversion():
     assert ebc.fused_optimizers[0].weights[1] is ebc.embedding_bags["items"].weight
     assert ebc.fused_optimizers[0].accumulators[1] is ebc.embedding_bags["items"].momentum
     assert float((ebc.embedding_bags["items"].momentum - momentum).abs().sum()) > 0
+
+
+@pytest.mark.parametrize("optimizer", [None, {"kind": "sgd", "lr": 0.5}])
+def test_freeze_stops_training_the_tables(optimizer):
+    torch.manual_seed(7)
+    ebc = EmbeddingBagCollection(_tables(), optimizer=optimizer)
+    kjt = _random_kjt(ebc, 6, torch.Generator().manual_seed(11))
+    before = {n: t.weight.detach().clone() for n, t in ebc.embedding_bags.items()}
+    assert ebc.freeze() is ebc and ebc.frozen
+    out = ebc(kjt)
+    assert not out.requires_grad  # nothing to train: no backward through the lookup at all
+    assert all(torch.equal(t.weight, before[n]) for n, t in ebc.embedding_bags.items())
+    ebc.freeze(False)
+    (ebc(kjt) * torch.randn(6, ebc.total_dim)).sum().backward()
+    if optimizer is None:
+        assert all(t.weight.grad is not None for t in ebc.embedding_bags.values())
+    else:
+        assert not all(torch.equal(t.weight, before[n]) for n, t in ebc.embedding_bags.items())

@@ -197,6 +197,15 @@ def test_esmm_pctcvr_is_pctr_times_pcvr(name):
     assert bool((out[:, 1] <= out[:, 0]).all())  # pCTCVR <= pCTR
 
 
+def test_esmm_entire_space_targets():
+    nan = float("nan")
+    labels = torch.tensor([[1.0, 1.0, 4.0], [1.0, 0.0, 2.0], [0.0, nan, nan], [nan, nan, 3.0], [1.0, nan, 5.0]])
+    targets = _model("esmm").targets(labels)
+    expected = torch.tensor([[1.0, 1.0, 4.0], [1.0, 0.0, 2.0], [0.0, 0.0, nan], [nan, nan, 3.0], [1.0, nan, 5.0]])
+    torch.testing.assert_close(targets, expected, equal_nan=True)
+    torch.testing.assert_close(_model("mmoe").targets(labels), labels, equal_nan=True)  # others: unchanged
+
+
 def test_esmm_ctr_task_must_be_binary():
     with pytest.raises(ValueError, match="ctr_task"):
         ESMM(4, ["regression", "binary"], ctr_task=0)

@@ -44,6 +44,14 @@ def gather_jagged(values: torch.Tensor, offsets: torch.Tensor, index: torch.Tens
     return values.index_select(0, torch.arange(total, dtype=torch.long).add_(shift)), lengths
 
 
+def _take_columns(single: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``single[:, index]`` for a feature-major ``[F, n]`` matrix, one contiguous row at a time
+    (index_select along dim 1 is several times slower on CPU)."""
+    if single.shape[0] == 0:
+        return single.new_zeros(0, index.numel())
+    return torch.stack([row.index_select(0, index) for row in single])
+
+
 def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
     offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long)
     torch.cumsum(lengths, 0, out=offsets[1:])
@@ -128,6 +136,8 @@ class MultiTaskData:
         topk_sets: Optional[Dict[str, TopKEval]] = None,
         user_id_feature: Optional[str] = "user_id",
         info: Optional[dict] = None,
+        negative_pools: Optional[Jagged] = None,
+        user_encoder=None,
     ) -> None:
         self.name = name
         self.tasks = list(tasks)
@@ -151,6 +161,11 @@ class MultiTaskData:
         self._single = [f for f in self.features if not f.multi_valued]
         self._single_col = {f.name: j for j, f in enumerate(self._single)}
         self._split_single: Dict[str, torch.Tensor] = {}
+        # (offsets [user rows + 1], item rows): the items each user may get as a sampled negative.
+        self._negative_pools = negative_pools
+        # raw side-feature records -> {user feature: int64 ids}, for users the data set never saw
+        self._user_encoder = user_encoder
+        self._split_rows = dict(split_rows)
         self.splits: Dict[str, Split] = {name_: self._assemble(name_, rows) for name_, rows in split_rows.items()}
 
     # --- building ---------------------------------------------------------------------------
@@ -257,7 +272,7 @@ class MultiTaskData:
         for name, (v, o) in s.multi.items():
             values, lengths = gather_jagged(v, o, index)
             multi[name] = (values, lengths_to_offsets(lengths))
-        single = self._split_single[split].index_select(1, index)
+        single = _take_columns(self._split_single[split], index)
         return self._rows_batch(single, multi, s.dense[index], s.labels[index], 0, index.numel(), index)
 
     def batches(
@@ -289,7 +304,7 @@ class MultiTaskData:
         if shuffle:
             gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
             order = torch.randperm(n, generator=gen)
-            single = single.index_select(1, order)
+            single = _take_columns(single, order)
             dense, labels = dense.index_select(0, order), labels.index_select(0, order)
             shuffled = {}
             for name, (v, o) in multi.items():
@@ -307,6 +322,40 @@ class MultiTaskData:
     def num_batches(self, split: str, batch_size: int, drop_last: bool = False) -> int:
         n = self._split(split).num_rows
         return n // batch_size if drop_last else -(-n // batch_size)
+
+    # --- negative sampling ------------------------------------------------------------------
+    def resample_negatives(self, seed: Optional[int], split: str = "train") -> Split:
+        """Draw new items for the sampled-negative rows of ``split`` (rows whose first task label is 0).
+
+        Each negative row keeps its user, timestamp and labels and gets an item drawn uniformly from
+        the user's negative pool (for ml100k-mtl-v1: the items the user rated nowhere, the protocol's
+        own rule), so a model can see fresh negatives every epoch (PROTOCOL.md 3: a model may resample
+        its training negatives but must say so). Replaces ``splits[split]`` and returns it;
+        ``seed=None`` restores the loader's original negatives. Evaluation splits must keep theirs.
+
+        Raises:
+            ValueError: the data set has no negative pools (no sampled negatives) or an unknown split.
+        """
+        if self._negative_pools is None:
+            raise ValueError(f"{self.name} has no sampled negatives to resample")
+        if split not in self._split_rows:
+            raise ValueError(f"no split {split!r}; splits: {list(self._split_rows)}")
+        rows = self._split_rows[split]
+        if seed is not None:
+            offsets, items = self._negative_pools
+            negative = rows.labels[:, 0] == 0
+            users = rows.user_row[negative]
+            sizes = offsets[users + 1] - offsets[users]
+            if bool((sizes == 0).any()):
+                raise ValueError("a user with sampled negatives has an empty negative pool")
+            generator = torch.Generator().manual_seed(int(seed))
+            pick = (torch.rand(users.numel(), generator=generator, dtype=torch.float64) * sizes).long().clamp_(max=sizes - 1)
+            item_row = rows.item_row.clone()
+            item_row[negative] = items[offsets[users] + pick]
+            rows = SplitRows(rows.user_row, item_row, rows.labels, rows.context_sparse, rows.context_multi,
+                             rows.context_dense, rows.extra)
+        self.splits[split] = self._assemble(split, rows)
+        return self.splits[split]
 
     # --- catalogue and users ----------------------------------------------------------------
     @property
@@ -399,6 +448,32 @@ class MultiTaskData:
                 v, l = gather_jagged(*self._users.multi[f.name], rows)
                 multi[f.name] = (v, lengths_to_offsets(l))
         return UserRows(rows, sparse, multi, self._users.dense[rows])
+
+    def new_user_rows(self, sides: Sequence[dict]) -> UserRows:
+        """`UserRows` for users the data set does not hold, from raw side features alone.
+
+        Encoded like the loader's cold users: ``user_id`` = 0, vocabularies of the training users
+        (unseen or missing values -> 0), dense (history) features = the mean, 0; ``rows`` = -1.
+        E.g. ``data.new_user_rows([{"age": 31, "gender": "F", "occupation": "writer", "zip_code": "10025"}])``.
+
+        Raises:
+            ValueError: the loader gave no side-feature encoder (no user side features).
+        """
+        if self._user_encoder is None:
+            raise ValueError(f"{self.name} cannot encode new users (no user side features)")
+        count = len(sides)
+        encoded = self._user_encoder(pd.DataFrame(list(sides)))
+        sparse, multi = {}, {}
+        for f in self.features:
+            if f.side != "user":
+                continue
+            if f.multi_valued:
+                multi[f.name] = (torch.zeros(0, dtype=torch.long), torch.zeros(count + 1, dtype=torch.long))
+            elif f.name == self._user_id_feature:
+                sparse[f.name] = torch.zeros(count, dtype=torch.long)
+            else:
+                sparse[f.name] = torch.as_tensor(encoded.get(f.name, np.zeros(count)), dtype=torch.long)
+        return UserRows(torch.full((count,), -1, dtype=torch.long), sparse, multi, torch.zeros(count, self.user_dense_dim))
 
     def pair_batch(self, users: Union[UserRows, torch.Tensor, Sequence[int]], items: Optional[torch.Tensor] = None) -> Batch:
         """Every (user, item) pair of U users x N items as one `Batch`, user-major.

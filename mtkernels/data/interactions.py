@@ -111,13 +111,20 @@ def _split_labels(frame: pd.DataFrame, schema: dict) -> np.ndarray:
     return names.map({s: i for i, s in enumerate(SPLITS)}).to_numpy(np.int64)
 
 
+def _with_unknown_row(sparse, jagged, specs, vocabularies):
+    """Prepend the unknown entity (row 0: id 0, empty bags) to encoded user/item tables."""
+    sparse = {k: torch.cat([torch.zeros(1, dtype=torch.long), v]) for k, v in sparse.items()}
+    jagged = {k: (v, torch.cat([torch.zeros(1, dtype=torch.long), o])) for k, (v, o) in jagged.items()}
+    return sparse, jagged, specs, vocabularies
+
+
 def _lists(values: pd.Series, sep: str) -> list:
     return [[] if pd.isna(v) or str(v) == "" else [x.strip() for x in str(v).split(sep) if x.strip()] for v in values]
 
 
 def _encode_side(frame: pd.DataFrame, columns, multi: dict, fit_rows: np.ndarray, side: str):
     """Encode categorical columns of a table (one row per entity, or per interaction)."""
-    sparse, jagged, specs = {}, {}, []
+    sparse, jagged, specs, vocabularies = {}, {}, [], {}
     for column in columns:
         if column in multi:
             lists = _lists(frame[column], multi[column])
@@ -130,7 +137,8 @@ def _encode_side(frame: pd.DataFrame, columns, multi: dict, fit_rows: np.ndarray
             vocab = Vocabulary(text.iloc[fit_rows])
             sparse[column] = torch.from_numpy(vocab.encode(text))
             specs.append(FeatureSpec(column, vocab.num_embeddings, False, side))
-    return sparse, jagged, specs
+            vocabularies[column] = vocab
+    return sparse, jagged, specs, vocabularies
 
 
 def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **overrides) -> MultiTaskData:
@@ -183,9 +191,14 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
     user_row_of = pd.Series(np.arange(1, len(user_order) + 1), index=user_order)
     user_row = user_row_of.loc[frame[user_col].to_numpy()].to_numpy()
     user_first = frame.drop_duplicates(user_col).set_index(user_col).reindex(user_order)
-    user_first = pd.concat([user_first.iloc[:0].reindex([None]), user_first])  # row 0: unknown user
     warm_rows = np.arange(1, len(warm) + 1)
-    user_sparse, user_multi, user_specs = _encode_side(user_first, schema["user_features"], schema["multi_valued"], warm_rows, "user")
+    user_sparse, user_multi, user_specs, user_vocabularies = _with_unknown_row(
+        *_encode_side(user_first, schema["user_features"], schema["multi_valued"], warm_rows - 1, "user"))
+
+    def encode_user_side(records: pd.DataFrame) -> Dict[str, np.ndarray]:
+        return {c: v.encode(records[c].astype("string") if c in records else pd.Series([None] * len(records)))
+                for c, v in user_vocabularies.items()}
+
     user_id = np.zeros(len(user_order) + 1, dtype=np.int64)
     user_id[warm_rows] = warm_rows
     user_sparse = {"user_id": torch.from_numpy(user_id), **user_sparse}
@@ -194,12 +207,11 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
     catalogue = pd.Index(pd.unique(frame[item_col])).sort_values()
     item_row = catalogue.get_indexer(frame[item_col].to_numpy()) + 1
     item_first = frame.drop_duplicates(item_col).set_index(item_col).reindex(catalogue)
-    item_first = pd.concat([item_first.iloc[:0].reindex([None]), item_first])
-    all_items = np.arange(1, len(catalogue) + 1)
-    item_sparse, item_multi, item_specs = _encode_side(item_first, schema["item_features"], schema["multi_valued"], all_items, "item")
+    item_sparse, item_multi, item_specs, _ = _with_unknown_row(
+        *_encode_side(item_first, schema["item_features"], schema["multi_valued"], np.arange(len(catalogue)), "item"))
     item_sparse = {"item_id": torch.arange(len(catalogue) + 1), **item_sparse}
 
-    context_sparse, context_multi, context_specs = _encode_side(frame, schema["context_features"], schema["multi_valued"], train_rows, "context")
+    context_sparse, context_multi, context_specs, _ = _encode_side(frame, schema["context_features"], schema["multi_valued"], train_rows, "context")
     dense = frame[list(schema["dense"])].to_numpy(np.float64) if schema["dense"] else np.zeros((len(frame), 0))
     mean = np.nanmean(dense[train_rows], axis=0) if dense.shape[1] else np.zeros(0)
     std = np.nanstd(dense[train_rows], axis=0) if dense.shape[1] else np.zeros(0)
@@ -242,7 +254,7 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
     side_columns = list(schema["user_features"])
     titles = None
     if schema["item_title"]:
-        titles = [str(t) for t in item_first[schema["item_title"]].iloc[1:]]
+        titles = [str(t) for t in item_first[schema["item_title"]]]
     ids = lambda index: torch.tensor(index.to_numpy(np.int64)) if pd.api.types.is_integer_dtype(index) else list(index)  # noqa: E731
     user_ids = ids(user_order)
     user_ids = torch.cat([torch.tensor([-1]), user_ids]) if isinstance(user_ids, torch.Tensor) else [None] + user_ids
@@ -259,6 +271,7 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
         item_titles=titles,
         user_side_frame=frame.drop_duplicates(user_col).set_index(user_col)[side_columns] if side_columns else None,
         topk_sets=topk,
+        user_encoder=encode_user_side if user_vocabularies else None,
         info={"path": str(path), "schema": schema, "num_warm_users": len(warm)},
     )
 

@@ -8,7 +8,6 @@ Data: F. M. Harper and J. A. Konstan, "The MovieLens Datasets: History and Conte
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -35,6 +34,9 @@ ZIP_PREFIX = 2
 # Pseudo-count of the smoothed (Bayesian) averages: an item with few training ratings is pulled
 # towards the global mean instead of echoing its one or two labels.
 SMOOTHING = 10.0
+USER_DENSE = ["user_log_activity", "user_mean_rating", "user_like_rate", "user_history_popularity", "user_recent_popularity"]
+ITEM_DENSE = ["item_log_popularity", "item_mean_rating", "item_like_rate"]
+RECENT = 10  # ratings that make a user's "recent" history
 
 
 @dataclass
@@ -169,6 +171,20 @@ def _smoothed_stats(keys: np.ndarray, ratings: np.ndarray, num_keys: int, prior_
     return np.stack([np.log1p(count), mean_rating, like_rate], axis=1)
 
 
+def _user_taste_stats(user_rows: np.ndarray, item_log_count: np.ndarray, num_rows: int, recent: int = RECENT) -> np.ndarray:
+    """Per user: mean log-popularity of the items in the user's training history, overall and over
+    the last ``recent`` ratings (rows in protocol order: user, timestamp, item). Users drift towards
+    rarer films over time (PROTOCOL.md 6), so the recent value tells how mainstream the next film is."""
+    frame = pd.DataFrame({"user": user_rows, "pop": item_log_count})
+    position_from_end = frame.groupby("user").cumcount(ascending=False).to_numpy()
+    overall = frame.groupby("user")["pop"].mean()
+    latest = frame[position_from_end < recent].groupby("user")["pop"].mean()
+    out = np.zeros((num_rows, 2))
+    out[overall.index.to_numpy(), 0] = overall.to_numpy()
+    out[latest.index.to_numpy(), 1] = latest.to_numpy()
+    return out
+
+
 def _standardise(table: np.ndarray, fit_rows: np.ndarray, fill_rows: np.ndarray) -> np.ndarray:
     """Standardise columns with mean/std of ``fit_rows``; rows in ``fill_rows`` get the mean (0)."""
     mean = table[fit_rows].mean(axis=0)
@@ -179,7 +195,8 @@ def _standardise(table: np.ndarray, fit_rows: np.ndarray, fill_rows: np.ndarray)
     return out.astype(np.float32)
 
 
-def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.DataFrame]] = None) -> MultiTaskData:
+def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.DataFrame]] = None,
+                        dense_features: bool = True) -> MultiTaskData:
     """Encode the protocol splits of ``movielens`` into a `MultiTaskData` (see `load_ml100k_mtl_v1`)."""
     ratings, users_raw, items_raw = movielens.ratings, movielens.users, movielens.items
     catalogue = np.sort(np.union1d(items_raw["item_id"].to_numpy(), ratings["item_id"].unique()))
@@ -201,16 +218,21 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
     occupation_vocab = Vocabulary(side["occupation"].iloc[warm_rows])
     zip_prefix = side["zip_code"].astype("string").str.strip().str.upper().str[:ZIP_PREFIX]
     zip_vocab = Vocabulary(zip_prefix.iloc[warm_rows])
+
+    def encode_user_side(frame: pd.DataFrame) -> Dict[str, np.ndarray]:
+        """Raw ``age, gender, occupation, zip_code`` columns -> the user-side feature ids."""
+        column = lambda name: frame[name] if name in frame else pd.Series([None] * len(frame), dtype=object)  # noqa: E731
+        prefix = column("zip_code").astype("string").str.strip().str.upper().str[:ZIP_PREFIX]
+        return {
+            "age": _bucket(column("age"), AGE_EDGES),
+            "gender": gender_vocab.encode(column("gender")),
+            "occupation": occupation_vocab.encode(column("occupation")),
+            "zip": zip_vocab.encode(prefix),
+        }
+
     user_id_feature = np.zeros(num_user_rows, dtype=np.int64)
     user_id_feature[warm_rows] = warm_rows
-    user_sparse = {
-        "user_id": user_id_feature,
-        "age": _bucket(side["age"], AGE_EDGES),
-        "gender": gender_vocab.encode(side["gender"]),
-        "occupation": occupation_vocab.encode(side["occupation"]),
-        "zip": zip_vocab.encode(zip_prefix),
-    }
-    user_sparse["age"][0] = user_sparse["gender"][0] = user_sparse["occupation"][0] = user_sparse["zip"][0] = 0
+    user_sparse = {"user_id": user_id_feature, **encode_user_side(side.reset_index(drop=True))}
 
     # Items: row p + 1 = catalogue position p (ascending external id); row 0 unknown.
     num_items = len(catalogue)
@@ -233,10 +255,14 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
     prior_rating = float(pos_ratings.mean()) if len(pos_ratings) else 0.0
     prior_like = float((pos_ratings >= protocol.LIKE_THRESHOLD).mean()) if len(pos_ratings) else 0.0
     user_dense = _smoothed_stats(pos_user_rows, pos_ratings, num_user_rows, prior_rating, prior_like)
-    user_dense = _standardise(user_dense, warm_rows, np.setdiff1d(np.arange(num_user_rows), warm_rows))
     item_dense = _smoothed_stats(pos_item_rows, pos_ratings, num_items + 1, prior_rating, prior_like)
+    item_log_count = item_dense[pos_item_rows, 0]
+    user_dense = np.concatenate([user_dense, _user_taste_stats(pos_user_rows, item_log_count, num_user_rows)], 1)
+    user_dense = _standardise(user_dense, warm_rows, np.setdiff1d(np.arange(num_user_rows), warm_rows))
     item_dense = _standardise(item_dense, np.arange(1, num_items + 1), np.array([0]))
 
+    if not dense_features:
+        user_dense, item_dense = user_dense[:, :0], item_dense[:, :0]
     users = EntityTable({k: torch.from_numpy(v) for k, v in user_sparse.items()}, {}, torch.from_numpy(user_dense))
     items = EntityTable(
         {k: torch.from_numpy(v) for k, v in item_sparse.items()},
@@ -262,10 +288,17 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
             user_row=torch.tensor(user_row_of.loc[frame["user_id"].to_numpy()].to_numpy()),
             item_row=torch.tensor(position_of.loc[frame["item_id"].to_numpy()].to_numpy() + 1),
             labels=labels,
-            extra={"timestamp": torch.from_numpy(frame["timestamp"].to_numpy(dtype=np.int64))},
+            extra={"timestamp": torch.tensor(frame["timestamp"].to_numpy(dtype=np.int64))},
         )
 
     topk = _topk_sets(splits, user_row_of, position_of)
+    # Negative pools per user row (PROTOCOL.md 3: catalogue items the user rated nowhere), as item rows.
+    rated = np.zeros((num_user_rows, num_items + 1), dtype=bool)
+    rated[user_row_of.loc[ratings["user_id"].to_numpy()].to_numpy(), position_of.loc[ratings["item_id"].to_numpy()].to_numpy() + 1] = True
+    rated[:, 0] = True  # the unknown item is never a negative
+    pool_users, pool_items = np.nonzero(~rated)
+    pool_offsets = np.zeros(num_user_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(pool_users, minlength=num_user_rows), out=pool_offsets[1:])
     titles = [str(t) if isinstance(t, str) else str(i) for i, t in zip(catalogue, item_side["title"])]
     user_side_frame = users_raw.set_index("user_id")[["age", "gender", "occupation", "zip_code"]]
     return MultiTaskData(
@@ -275,13 +308,15 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         split_rows=split_rows,
         users=users,
         items=items,
-        user_dense_names=["user_log_activity", "user_mean_rating", "user_like_rate"],
-        item_dense_names=["item_log_popularity", "item_mean_rating", "item_like_rate"],
+        user_dense_names=USER_DENSE if dense_features else [],
+        item_dense_names=ITEM_DENSE if dense_features else [],
         user_ids=torch.from_numpy(user_ids),
         item_ids=torch.from_numpy(catalogue.astype(np.int64)),
         item_titles=titles,
         user_side_frame=user_side_frame,
         topk_sets=topk,
+        negative_pools=(torch.from_numpy(pool_offsets), torch.from_numpy(pool_items.astype(np.int64))),
+        user_encoder=encode_user_side,
         info={"source": movielens.source, "path": str(movielens.path), "num_warm_users": len(warm),
               "num_cold_users": len(np.setdiff1d(np.unique(splits["test_cold"]["user_id"]), warm))
               if "test_cold" in splits else 0},
@@ -320,7 +355,8 @@ def _topk_sets(splits: Dict[str, pd.DataFrame], user_row_of: pd.Series, position
     return out
 
 
-def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bool = False) -> MultiTaskData:
+def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bool = False,
+                       dense_features: bool = True) -> MultiTaskData:
     """MovieLens-100K under the `ml100k-mtl-v1` protocol (shared/data/PROTOCOL.md), encoded.
 
     The splits are rebuilt from the ratings (cold users, temporal split, 4 sampled negatives per
@@ -335,20 +371,24 @@ def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bo
     half-decades in the 1980s, years from 1990), ``genres`` (multi-valued, 19 genres). User-side
     vocabularies come from training users only.
 
-    Dense features (6, standardised, from training positives only): user log1p(#ratings), user and
-    item smoothed mean rating and like rate (pseudo-count 10 towards the global mean), item
-    log1p(#ratings). Users or items without training history (cold users) get the mean, 0.
+    Dense features (8, standardised, from training positives only; `USER_DENSE` then `ITEM_DENSE`):
+    user log1p(#ratings), smoothed mean rating and like rate (pseudo-count 10 towards the global
+    mean), mean log-popularity of the user's rated items (all, and the last 10: users drift to
+    rarer films over time); item log1p(#ratings), smoothed mean rating and like rate. Users or
+    items without training history (cold users) get the mean, i.e. 0.
 
     Splits: ``train``, ``val``, ``test_warm``, ``test_cold``; ``topk_eval(split)`` for val,
-    test_warm, test_cold.
+    test_warm, test_cold; ``resample_negatives(seed)`` draws fresh training negatives by the
+    protocol's pool rule (the protocol's fixed ones are the default).
 
     Args:
         data_dir: folder with the RecBole files (``ml-100k.inter/.user/.item``) or a GroupLens
             folder (``u.data/u.user/u.item``), directly or in its ``ml-100k/`` subfolder. Default
             ``$MTKERNELS_DATA``, else ``./.cache/data``.
         download: fetch the RecBole files from PyPI (recbole==1.2.1 wheel) when they are missing.
+        dense_features: False drops the dense features (``dense_dim`` 0), e.g. for an ablation.
 
     Raises:
         FileNotFoundError: no ML-100K files found (the message says how to fetch them).
     """
-    return build_ml100k_mtl_v1(read_movielens_100k(data_dir, download=download))
+    return build_ml100k_mtl_v1(read_movielens_100k(data_dir, download=download), dense_features=dense_features)

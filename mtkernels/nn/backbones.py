@@ -65,20 +65,17 @@ def expert_outputs(experts: Sequence[Expert], x: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _mix(gate: nn.Module, gate_input: torch.Tensor, groups: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_e softmax(gate(gate_input))_e * expert_e`` over the experts of ``groups`` (tensors
-    ``[B, E_i, H]`` taken in order, so that no concatenated copy of them is needed)."""
-    if isinstance(gate, nn.Identity):
-        return groups[0][:, 0]
-    weights = torch.softmax(gate(gate_input), dim=-1)  # dim=-1: also right at batch size 1
-    mixture, start = None, 0
-    for group in groups:
-        # multiply-and-sum rather than bmm: a batch of B [1, E] x [E, H] products is ~10x slower on
-        # CPU, forward and backward
-        part = (weights[:, start : start + group.shape[1]].unsqueeze(-1) * group).sum(dim=1)
-        mixture = part if mixture is None else mixture + part
-        start += group.shape[1]
-    return mixture
+def _mixtures(weights: Sequence[torch.Tensor], outputs: torch.Tensor) -> List[torch.Tensor]:
+    """``sum_e weights[r][:, e] * outputs[:, e]`` for each row r of gate weights ``[B, E]`` over
+    ``outputs [B, E, H]``: R tensors ``[B, H]``.
+
+    All rows go through one ``bmm`` (``[B, R, E] x [B, E, H]``); measured on CPU (B = 2048, E = 4,
+    H = 64, forward + backward) that is ~6x faster than a multiply-and-sum per row and ~20x faster
+    than a bmm per row (``[B, 1, E]`` products take a slow path). One row uses the multiply-and-sum.
+    """
+    if len(weights) == 1:
+        return [(weights[0].unsqueeze(-1) * outputs).sum(dim=1)]
+    return list(torch.bmm(torch.stack(list(weights), dim=1), outputs).unbind(1))
 
 
 def _gate_weights(gate: nn.Module, gate_input: torch.Tensor) -> torch.Tensor:
@@ -106,6 +103,11 @@ class MultiTaskBackbone(nn.Module):
         """Map the per-tower predictions ``[B, T]`` (after each task's transform) to the model's
         outputs; the identity except for `ESMM`."""
         return predictions
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels ``[B, T]`` (NaN = no label) the outputs are trained against; the labels
+        themselves except for `ESMM`."""
+        return labels
 
     def shared_parameters(self) -> List[nn.Parameter]:
         """The parameters of the last layer every task reads (GradNorm's W, Chen et al., ICML 2018:
@@ -186,8 +188,7 @@ class MMoE(MultiTaskBackbone):
         self.task_dims = [self.experts[0].output_dim] * self.num_tasks
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        outputs = [expert_outputs(self.experts, x)]  # [B, E, H]
-        return [_mix(gate, x, outputs) for gate in self.gates]
+        return _mixtures(self.gate_weights(x), expert_outputs(self.experts, x))
 
     def gate_weights(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Each task's softmax weights over the experts: T tensors ``[B, E]``, rows sum to 1."""
@@ -236,30 +237,32 @@ class CGC(nn.Module):
         )
         self.output_dim = (self.shared_experts[0] if num_shared_experts else self.task_experts[0][0]).output_dim
 
-    def _expert_groups(self, task_inputs, shared_input):
-        """Shared experts' outputs ``[B, ns, H]`` and each task's ``[B, nt, H]`` (``None`` for an
-        empty group)."""
-        ns, nt = self.num_shared_experts, self.num_task_experts
+    def _expert_outputs(self, task_inputs, shared_input) -> torch.Tensor:
+        """All experts' outputs ``[B, E, H]`` in the global order (shared, task 0's, task 1's, ...)."""
         if all(t is shared_input for t in task_inputs):  # first level: every expert reads x, batch them all
             experts = list(self.shared_experts) + [e for task in self.task_experts for e in task]
-            everything = expert_outputs(experts, shared_input)
-            shared = everything[:, :ns] if ns else None
-            own = [everything[:, ns + t * nt : ns + (t + 1) * nt] if nt else None for t in range(self.num_tasks)]
-            return shared, own
-        shared = expert_outputs(self.shared_experts, shared_input) if ns else None
-        own = [expert_outputs(experts, task_inputs[t]) if nt else None for t, experts in enumerate(self.task_experts)]
-        return shared, own
+            return expert_outputs(experts, shared_input)
+        groups = [expert_outputs(self.shared_experts, shared_input)] if self.num_shared_experts else []
+        if self.num_task_experts:
+            groups += [expert_outputs(experts, task_inputs[t]) for t, experts in enumerate(self.task_experts)]
+        return torch.cat(groups, dim=1)
+
+    def _full_gate_weights(self, task_inputs, shared_input) -> List[torch.Tensor]:
+        """Each gate's weights over all E experts (zeros for the experts it may not use)."""
+        ns, nt, num_tasks = self.num_shared_experts, self.num_task_experts, self.num_tasks
+        gates = self.gate_weights(task_inputs, shared_input)
+        rows = []
+        for t, weights in enumerate(gates[:num_tasks]):
+            batch = weights.shape[0]
+            before = weights.new_zeros(batch, t * nt)
+            after = weights.new_zeros(batch, (num_tasks - 1 - t) * nt)
+            rows.append(torch.cat([weights[:, :ns], before, weights[:, ns:], after], dim=1))
+        return rows + gates[num_tasks:]  # the shared gate (not at the last level) spans every expert
 
     def forward(self, task_inputs: List[torch.Tensor], shared_input: torch.Tensor):
-        shared, own = self._expert_groups(task_inputs, shared_input)
-        task_outputs = [
-            _mix(gate, task_inputs[t], [g for g in (shared, own[t]) if g is not None])
-            for t, gate in enumerate(self.task_gates)
-        ]
-        shared_output = None
-        if self.shared_gate is not None:
-            shared_output = _mix(self.shared_gate, shared_input, [g for g in [shared] + own if g is not None])
-        return task_outputs, shared_output
+        mixed = _mixtures(self._full_gate_weights(task_inputs, shared_input),
+                          self._expert_outputs(task_inputs, shared_input))
+        return mixed[: self.num_tasks], (mixed[self.num_tasks] if self.shared_gate is not None else None)
 
     def gate_weights(self, task_inputs, shared_input) -> List[torch.Tensor]:
         weights = [_gate_weights(gate, task_inputs[t]) for t, gate in enumerate(self.task_gates)]
@@ -359,8 +362,8 @@ class ESMM(MultiTaskBackbone):
     the paper, the shared embeddings; ``hidden`` optionally adds a shared bottom MLP). The model
     outputs pCTR and, for each post-click task, pCTCVR = pCTR x pCVR, so both losses are taken over
     the entire impression space: train the post-click output against ``click AND conversion``
-    labels on all impressions (0 where there was no click), never against labels restricted to
-    clicked rows. pCVR itself is ``pCTCVR / pCTR``. Regression tasks pass through unchanged.
+    labels on all impressions (0 where there was no click; `targets` builds them from the raw
+    labels), never against labels restricted to clicked rows. pCVR itself is ``pCTCVR / pCTR``. Regression tasks pass through unchanged.
 
     Args:
         input_dim: D.
@@ -403,6 +406,17 @@ class ESMM(MultiTaskBackbone):
         ctr = predictions[:, self.ctr_task]
         columns = [ctr * predictions[:, t] if t in self.ctcvr_tasks else predictions[:, t]
                    for t in range(self.num_tasks)]
+        return torch.stack(columns, dim=1)
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Entire-space labels: a post-click task's target is ``click AND conversion``, so it is 0
+        on every row without a click (where a post-click label is usually missing, NaN) and the
+        conversion label on clicked rows; rows with an unknown click stay unknown (NaN)."""
+        if labels.dim() != 2 or labels.shape[1] != self.num_tasks:
+            raise ValueError(f"labels must be [B, {self.num_tasks}], got {tuple(labels.shape)}")
+        click = labels[:, self.ctr_task]
+        columns = [torch.where(click == 0, torch.zeros_like(click), torch.where(click == 1, labels[:, t], click))
+                   if t in self.ctcvr_tasks else labels[:, t] for t in range(self.num_tasks)]
         return torch.stack(columns, dim=1)
 
     def shared_parameters(self) -> List[nn.Parameter]:

@@ -174,6 +174,7 @@ class EmbeddingBagCollection(nn.Module):
 
         self.optimizer_config = None if optimizer is None else self._check_optimizer(optimizer)
         self._fused_optimizers: List[object] = []
+        self._frozen = False
         if self.optimizer_config is not None:
             for table in self.embedding_bags.values():
                 table.weight.requires_grad_(False)
@@ -222,6 +223,24 @@ class EmbeddingBagCollection(nn.Module):
         if self.optimizer_config is not None:
             self._bind_fused_optimizers()
         return result
+
+    def freeze(self, frozen: bool = True) -> "EmbeddingBagCollection":
+        """Stop (or, with ``frozen=False``, resume) training the tables, e.g. to transfer them.
+
+        Without a fused optimizer this sets ``requires_grad`` of the tables; with one it turns the
+        update inside the backward off (the tables never require grad there, so
+        ``requires_grad_(False)`` alone would not stop it). Returns ``self``.
+        """
+        self._frozen = bool(frozen)
+        if self.optimizer_config is None:
+            for table in self.embedding_bags.values():
+                table.weight.requires_grad_(not self._frozen)
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        """True after `freeze` (the tables are not trained)."""
+        return self._frozen
 
     @property
     def fused_optimizers(self) -> List[object]:
@@ -286,7 +305,7 @@ class EmbeddingBagCollection(nn.Module):
                 )
             tables = [self.embedding_bags[name].weight for name in group["tables"]]
             kwargs = {}
-            if self._fused_optimizers:
+            if self._fused_optimizers and not self._frozen:
                 kwargs["fused_optimizer"] = self._fused_optimizers[i]
             pooled.append(
                 ops.embedding_bags(tables, values, offsets, group["feature_table"], group["pooling"],

@@ -168,6 +168,16 @@ class MultiTaskModel(nn.Module):
         embedding = {id(p) for p in self.embeddings.parameters()}
         return [p for p in self.parameters() if id(p) not in embedding]
 
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels ``[B, T]`` (NaN = missing) that the outputs are trained and evaluated against.
+
+        The labels themselves, except with the ESMM backbone: its post-click outputs are pCTCVR, so
+        their targets are entire-space ``click AND conversion`` labels (0 on rows without a click,
+        where the data usually leaves the post-click label NaN). Training on the raw labels with
+        NaN rows dropped would fit pCTCVR on clicked rows only, which ESMM exists to avoid.
+        """
+        return self.backbone.targets(labels)
+
     def shared_parameters(self) -> List[nn.Parameter]:
         """The last layer all tasks share, where GradNorm (Chen et al., ICML 2018) measures the
         per-task gradient norms: the backbone's `shared_parameters`, or, when the backbone shares

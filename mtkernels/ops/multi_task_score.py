@@ -203,8 +203,10 @@ def multi_task_score(x: torch.Tensor, params: MultiTaskScoreParams) -> torch.Ten
     (or with tensors that do not require grad); train with the model's eager forward.
 
     Args:
-        x: ``[M, D]`` rows to score (e.g. user-candidate pairs), float32 or bfloat16 (float64 and
-            float16 work too); bfloat16 runs bfloat16 matrix products with float32 accumulation.
+        x: ``[M, D]`` rows to score (e.g. user-candidate pairs), float32 or bfloat16 (float16
+            works too). The native kernel computes in float32: bfloat16/float16 inputs and
+            weights are widened to float32 once per call, every product accumulates in float32,
+            and the scores are rounded to x's dtype at the end. float64 runs on the reference.
         params: `MultiTaskScoreParams` (from `pack_multi_task_params`, or built from stacked
             tensors directly), same dtype and device as x.
 
@@ -225,7 +227,8 @@ def multi_task_score(x: torch.Tensor, params: MultiTaskScoreParams) -> torch.Ten
         )
     if not isinstance(params, MultiTaskScoreParams):
         raise TypeError(f"params must be a MultiTaskScoreParams, got {type(params).__name__}")
-    if isinstance(x, torch.Tensor) and _native(x.device):
+    # float64 stays on the reference: the native kernel computes in float32.
+    if isinstance(x, torch.Tensor) and x.dtype != torch.float64 and _native(x.device):
         return torch.ops.mtkernels.multi_task_score.default(
             x,
             params.expert_weights,

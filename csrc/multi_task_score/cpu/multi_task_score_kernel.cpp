@@ -1,31 +1,32 @@
-// multi_task_score, CPU: experts, per-task softmax gates, task towers and output transforms fused
-// over blocks of rows (ARCHITECTURE §3.2).
+// multi_task_score, CPU: experts, per-task softmax gates, task towers and output transforms
+// (ARCHITECTURE §3.2), float32 arithmetic throughout (bfloat16/float16 inputs are widened once).
 //
-// Per block of rows, inside one at::parallel_for:
-//   1. one matrix product x_block [B, D] x [D, E*H_1 + T*E] gives every expert's first layer and
-//      every gate's logits (the packer stores the gate rows right after the expert first-layer
-//      rows; otherwise they are concatenated once per call);
-//   2. bias + ReLU in place; the remaining expert layers are one product per expert on the block;
-//   3. per row: masked softmax over the allowed experts (float accumulation), the mixture of the
-//      last expert layer per task, the tower (small products on the block, the last layer a dot
-//      product) and the output transform.
-// The [M, T, H] mixtures and the [M, E*H] expert activations only ever exist per block, sized to
-// stay in L2. The products are ATen's (MKL / oneDNN underneath); everything else is here.
-// The per-block structure follows the "fused MLP" idea of FBGEMM's and oneDNN's inference paths
-// (keep activations of one row tile in cache across layers); the code is our own.
+//   1. One ATen product x [M, D] x [D, E*H_1 + T*E] gives every expert's first layer and every
+//      gate's logits at once (the packer stores the gate rows right after the expert first-layer
+//      rows; other layouts are concatenated once per call). It is the bulk of the FLOPs and
+//      MKL's full-size product runs it faster than per-block calls.
+//   2. One at::parallel_for over blocks of rows does the rest with the block's activations in
+//      L1/L2: bias + ReLU, the masked gate softmax, the remaining expert layers, the per-task
+//      mixtures, the towers and the transforms. Its matrix products are small (e.g. [B,128] x
+//      [128,64] per expert) where a BLAS call costs more in overhead and packing than it computes,
+//      so they run on a register-tiled micro-kernel over weights packed once per call into
+//      16-column panels (the BLIS / GotoBLAS layout: Goto & van de Geijn, "Anatomy of
+//      High-Performance Matrix Multiplication", TOMS 2008), with bias and ReLU fused into the
+//      store. The [M, T, H] mixtures and later expert layers exist only per block.
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "multi_task_score/multi_task_score.h"
@@ -33,201 +34,129 @@
 namespace mtkernels {
 namespace {
 
-// Rows per block: enough blocks to keep every thread busy, few enough rows that one block's
-// activations ([B, E*H_1 + T*E] plus the later layers) stay in a 1 MiB L2.
-int64_t block_rows(int64_t rows, int64_t row_bytes) {
-  constexpr int64_t kCacheBytes = 512 * 1024;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t cap = std::max<int64_t>(16, kCacheBytes / std::max<int64_t>(1, row_bytes));
-  cap = std::min<int64_t>(cap, 256);
-  const int64_t per_thread = (rows + threads - 1) / threads;
-  int64_t block = std::min(cap, per_thread);
-  // Equal blocks: 300 rows on one thread run as 2 x 150, not 256 + 44.
-  const int64_t blocks = (rows + block - 1) / std::max<int64_t>(1, block);
-  block = (rows + blocks - 1) / std::max<int64_t>(1, blocks);
-  return std::max<int64_t>(1, block);
+// 8 floats: GCC/Clang vector extension, AVX2 with -march=native, SSE pairs or scalar otherwise.
+// Accumulators use the naturally aligned type (kept in registers); loads and stores go through
+// the 4-byte-aligned alias (unaligned moves) since rows and panels need not be 32-byte aligned.
+typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4)));
+constexpr int64_t kPanel = 16;  // columns per packed weight panel (two vec8)
+constexpr int64_t kTileRows = 6;  // rows per micro-kernel tile: 12 accumulators + 3 in 16 registers
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+inline vec8 load8(const float* p) { return *reinterpret_cast<const vec8_unaligned*>(p); }
+inline void store8(float* p, vec8 v) { *reinterpret_cast<vec8_unaligned*>(p) = v; }
+
+// Weights W [N, K] (nn.Linear layout) -> panels [ceil(N/16)][K][16], zero-padded columns, so the
+// micro-kernel reads 16 consecutive output columns for each k.
+void pack_panels(const float* w, int64_t n, int64_t k, float* out) {
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* dst = out + p * k * kPanel;
+    const int64_t cols = std::min(kPanel, n - p * kPanel);
+    for (int64_t kk = 0; kk < k; ++kk) {
+      for (int64_t j = 0; j < cols; ++j) dst[kk * kPanel + j] = w[(p * kPanel + j) * k + kk];
+      for (int64_t j = cols; j < kPanel; ++j) dst[kk * kPanel + j] = 0.f;
+    }
+  }
 }
 
-// True when `second` starts right where `first` ends in one contiguous buffer, so the two can be
-// read as one matrix without a copy.
+// C[ROWS, 16] = relu?(A[ROWS, K] B_panel[K, 16] + bias[16]). Writes all 16 columns: every
+// destination buffer here is padded to a multiple of 16 columns.
+template <int ROWS>
+inline void tile_kernel(int64_t k, const float* a, int64_t lda, const float* panel, const float* bias,
+                        bool relu, float* c, int64_t ldc) {
+  vec8 acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = vec8{};
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const vec8 b0 = load8(panel + kk * kPanel);
+    const vec8 b1 = load8(panel + kk * kPanel + 8);
+    for (int r = 0; r < ROWS; ++r) {
+      const float s = a[r * lda + kk];
+      acc[r][0] += s * b0;
+      acc[r][1] += s * b1;
+    }
+  }
+  const vec8 bias0 = load8(bias), bias1 = load8(bias + 8);
+  const vec8 zero = vec8{};
+  for (int r = 0; r < ROWS; ++r) {
+    vec8 v0 = acc[r][0] + bias0, v1 = acc[r][1] + bias1;
+    if (relu) {
+      v0 = v0 > zero ? v0 : zero;
+      v1 = v1 > zero ? v1 : zero;
+    }
+    store8(c + r * ldc, v0);
+    store8(c + r * ldc + 8, v1);
+  }
+}
+
+// C[rows, N] = relu?(A[rows, K] W^T + bias) with W packed by pack_panels and bias padded to
+// round_up(N, 16). Loops panel-outer so one 16-column panel (K x 64 bytes) stays in L1 while the
+// row tiles stream over it.
+void small_gemm(int64_t rows, int64_t n, int64_t k, const float* a, int64_t lda, const float* packed,
+                const float* bias, bool relu, float* c, int64_t ldc) {
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* panel = packed + p * k * kPanel;
+    const float* bp = bias + p * kPanel;
+    float* cp = c + p * kPanel;
+    int64_t r = 0;
+    for (; r + kTileRows <= rows; r += kTileRows)
+      tile_kernel<kTileRows>(k, a + r * lda, lda, panel, bp, relu, cp + r * ldc, ldc);
+    switch (rows - r) {
+      case 5: tile_kernel<5>(k, a + r * lda, lda, panel, bp, relu, cp + r * ldc, ldc); break;
+      case 4: tile_kernel<4>(k, a + r * lda, lda, panel, bp, relu, cp + r * ldc, ldc); break;
+      case 3: tile_kernel<3>(k, a + r * lda, lda, panel, bp, relu, cp + r * ldc, ldc); break;
+      case 2: tile_kernel<2>(k, a + r * lda, lda, panel, bp, relu, cp + r * ldc, ldc); break;
+      case 1: tile_kernel<1>(k, a + r * lda, lda, panel, bp, relu, cp + r * ldc, ldc); break;
+      default: break;
+    }
+  }
+}
+
+// One dense layer stack, packed: per group g (expert or task), layer l's panels and padded bias.
+struct PackedLayers {
+  std::vector<int64_t> in, out;         // K and N per layer
+  std::vector<at::Tensor> panels, bias;  // per layer: [G, panels*K*16], [G, round_up(N, 16)]
+  int64_t panel_stride(size_t l) const { return round_up(out[l], kPanel) * in[l]; }
+};
+
+PackedLayers pack_layers(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
+                         size_t first, size_t last) {
+  PackedLayers packed;
+  for (size_t l = first; l < last; ++l) {
+    const at::Tensor& w = weights[l];  // [G, N, K], float32 contiguous
+    const int64_t groups = w.size(0), n = w.size(1), k = w.size(2);
+    const int64_t stride = round_up(n, kPanel) * k;
+    at::Tensor panels = at::empty({groups, stride}, w.options());
+    at::Tensor bias = at::zeros({groups, round_up(n, kPanel)}, w.options());
+    const float* wp = w.const_data_ptr<float>();
+    const float* bp = biases[l].const_data_ptr<float>();
+    float* pp = panels.data_ptr<float>();
+    float* biasp = bias.data_ptr<float>();
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        pack_panels(wp + g * n * k, n, k, pp + g * stride);
+        std::memcpy(biasp + g * round_up(n, kPanel), bp + g * n, sizeof(float) * n);
+      }
+    });
+    packed.in.push_back(k);
+    packed.out.push_back(n);
+    packed.panels.push_back(panels);
+    packed.bias.push_back(bias);
+  }
+  return packed;
+}
+
+// True when `second` starts right where `first` ends in one buffer: the two read as one matrix.
 bool adjacent(const at::Tensor& first, const at::Tensor& second) {
   return first.is_contiguous() && second.is_contiguous() && first.numel() > 0 &&
-         first.storage().is_alias_of(second.storage()) &&
+         first.scalar_type() == second.scalar_type() && first.storage().is_alias_of(second.storage()) &&
          static_cast<const char*>(first.const_data_ptr()) + first.nbytes() ==
              static_cast<const char*>(second.const_data_ptr());
 }
 
-template <typename scalar_t>
-void score_blocks(const at::Tensor& x, const MultiTaskScoreDims& d, const at::Tensor& first_weight,
-                  const at::Tensor& first_bias, const std::vector<at::Tensor>& expert_weights,
-                  const std::vector<at::Tensor>& expert_biases, const std::vector<uint8_t>& mask,
-                  const std::vector<at::Tensor>& tower_weights, const std::vector<at::Tensor>& tower_biases,
-                  at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t M = d.rows, E = d.experts, T = d.tasks;
-  const int64_t num_expert_layers = static_cast<int64_t>(d.expert_sizes.size());
-  const int64_t num_tower_layers = static_cast<int64_t>(d.tower_sizes.size());
-  const int64_t H1 = d.expert_sizes[0];
-  const int64_t H = d.expert_sizes.back();  // width of the mixture
-  const int64_t N1 = E * H1 + T * E;
-
-  int64_t row_elems = N1;
-  for (int64_t l = 1; l < num_expert_layers; ++l) row_elems += E * d.expert_sizes[l];
-  row_elems += H;
-  for (int64_t k = 0; k + 1 < num_tower_layers; ++k) row_elems += d.tower_sizes[k];
-  const int64_t B = block_rows(M, row_elems * static_cast<int64_t>(sizeof(scalar_t)));
-  const int64_t num_blocks = (M + B - 1) / B;
-
-  // Transposed views of the weights, made once: each product reads W^T without a copy.
-  const at::Tensor first_t = first_weight.t();
-  std::vector<std::vector<at::Tensor>> expert_t(num_expert_layers);
-  for (int64_t l = 1; l < num_expert_layers; ++l)
-    for (int64_t e = 0; e < E; ++e) expert_t[l].push_back(expert_weights[l][e].t());
-  std::vector<std::vector<at::Tensor>> tower_t(num_tower_layers);
-  for (int64_t k = 0; k + 1 < num_tower_layers; ++k)
-    for (int64_t t = 0; t < T; ++t) tower_t[k].push_back(tower_weights[k][t].t());
-
-  const scalar_t* b1 = first_bias.const_data_ptr<scalar_t>();
-  const scalar_t* last_w = tower_weights.back().const_data_ptr<scalar_t>();  // [T, 1, G]
-  const scalar_t* last_b = tower_biases.back().const_data_ptr<scalar_t>();   // [T, 1]
-  const int64_t G_last_in = num_tower_layers > 1 ? d.tower_sizes[num_tower_layers - 2] : H;
-  scalar_t* out_ptr = out.data_ptr<scalar_t>();
-  const auto opts = x.options();
-
-  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    // Dispatch state is thread-local and OpenMP workers do not inherit it: skip autograd for the
-    // products here too (this op has no backward; it also saves the autograd wrappers' overhead).
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    // Per-thread scratch, allocated once per chunk of blocks and reused by every block.
-    at::Tensor first_buf = at::empty({B, N1}, opts);
-    std::vector<at::Tensor> layer_buf(num_expert_layers);
-    layer_buf[0] = first_buf;
-    for (int64_t l = 1; l < num_expert_layers; ++l) layer_buf[l] = at::empty({B, E * d.expert_sizes[l]}, opts);
-    at::Tensor mix_buf = at::empty({B, H}, opts);
-    std::vector<at::Tensor> tower_buf(num_tower_layers);
-    for (int64_t k = 0; k + 1 < num_tower_layers; ++k) tower_buf[k] = at::empty({B, d.tower_sizes[k]}, opts);
-    std::vector<acc_t> gate(static_cast<size_t>(B * T * E));
-    std::vector<acc_t> acc(static_cast<size_t>(std::max(H, G_last_in)));
-
-    for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t r0 = block * B;
-      const int64_t nb = std::min(B, M - r0);
-      const bool full = nb == B;
-      auto rows_of = [&](const at::Tensor& buf) { return full ? buf : buf.narrow(0, 0, nb); };
-
-      // 1. expert first layers and gate logits: one product.
-      at::Tensor h1 = rows_of(first_buf);
-      at::mm_out(h1, x.narrow(0, r0, nb), first_t);
-      scalar_t* h1p = h1.data_ptr<scalar_t>();
-      for (int64_t r = 0; r < nb; ++r) {
-        scalar_t* row = h1p + r * N1;
-        for (int64_t j = 0; j < E * H1; ++j) {
-          const acc_t v = static_cast<acc_t>(row[j]) + static_cast<acc_t>(b1[j]);
-          row[j] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
-        }
-        // 3a. masked softmax over each task's allowed experts, in float.
-        for (int64_t t = 0; t < T; ++t) {
-          const scalar_t* logit = row + E * H1 + t * E;
-          const scalar_t* bias = b1 + E * H1 + t * E;
-          const uint8_t* allowed = mask.data() + t * E;
-          acc_t* g = gate.data() + (r * T + t) * E;
-          acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t e = 0; e < E; ++e) {
-            g[e] = static_cast<acc_t>(logit[e]) + static_cast<acc_t>(bias[e]);
-            if (allowed[e] && g[e] > max_logit) max_logit = g[e];
-          }
-          acc_t sum = 0;
-          for (int64_t e = 0; e < E; ++e) {
-            g[e] = allowed[e] ? std::exp(g[e] - max_logit) : acc_t(0);
-            sum += g[e];
-          }
-          const acc_t inv = acc_t(1) / sum;
-          for (int64_t e = 0; e < E; ++e) g[e] *= inv;
-        }
-      }
-
-      // 2. remaining expert layers: one product per expert on the block, then bias + ReLU.
-      for (int64_t l = 1; l < num_expert_layers; ++l) {
-        const int64_t in_w = d.expert_sizes[l - 1], out_w = d.expert_sizes[l];
-        at::Tensor in = rows_of(layer_buf[l - 1]);
-        at::Tensor h = rows_of(layer_buf[l]);
-        for (int64_t e = 0; e < E; ++e) {
-          at::Tensor h_e = h.narrow(1, e * out_w, out_w);
-          at::mm_out(h_e, in.narrow(1, e * in_w, in_w), expert_t[l][e]);
-        }
-        const scalar_t* b = expert_biases[l].const_data_ptr<scalar_t>();  // [E, out_w]
-        scalar_t* hp = h.data_ptr<scalar_t>();
-        const int64_t width = E * out_w;
-        for (int64_t r = 0; r < nb; ++r) {
-          scalar_t* row = hp + r * width;
-          for (int64_t j = 0; j < width; ++j) {
-            const acc_t v = static_cast<acc_t>(row[j]) + static_cast<acc_t>(b[j]);
-            row[j] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
-          }
-        }
-      }
-      const at::Tensor last_expert = rows_of(layer_buf[num_expert_layers - 1]);
-      const scalar_t* ep = last_expert.const_data_ptr<scalar_t>();
-      const int64_t ep_stride = num_expert_layers == 1 ? N1 : E * H;
-
-      // 3b. per task: mixture, tower, transform.
-      for (int64_t t = 0; t < T; ++t) {
-        const uint8_t* allowed = mask.data() + t * E;
-        const scalar_t* wl = last_w + t * G_last_in;
-        const acc_t bl = static_cast<acc_t>(last_b[t]);
-        const bool sigmoid = d.sigmoid[t];
-        auto transform = [sigmoid](acc_t s) { return sigmoid ? acc_t(1) / (acc_t(1) + std::exp(-s)) : s; };
-        at::Tensor mix = rows_of(mix_buf);
-        scalar_t* mp = mix.data_ptr<scalar_t>();
-        for (int64_t r = 0; r < nb; ++r) {
-          const acc_t* g = gate.data() + (r * T + t) * E;
-          const scalar_t* er = ep + r * ep_stride;
-          acc_t* a = acc.data();
-          std::fill(a, a + H, acc_t(0));
-          for (int64_t e = 0; e < E; ++e) {
-            if (!allowed[e]) continue;
-            const acc_t ge = g[e];
-            const scalar_t* src = er + e * H;
-            for (int64_t j = 0; j < H; ++j) a[j] += ge * static_cast<acc_t>(src[j]);
-          }
-          if (num_tower_layers == 1) {
-            acc_t s = bl;
-            for (int64_t j = 0; j < H; ++j) s += a[j] * static_cast<acc_t>(wl[j]);
-            out_ptr[(r0 + r) * T + t] = static_cast<scalar_t>(transform(s));
-          } else {
-            scalar_t* dst = mp + r * H;
-            for (int64_t j = 0; j < H; ++j) dst[j] = static_cast<scalar_t>(a[j]);
-          }
-        }
-        if (num_tower_layers > 1) {
-          at::Tensor in = mix;
-          for (int64_t k = 0; k + 1 < num_tower_layers; ++k) {
-            at::Tensor h = rows_of(tower_buf[k]);
-            at::mm_out(h, in, tower_t[k][t]);
-            const int64_t width = d.tower_sizes[k];
-            const scalar_t* b = tower_biases[k].const_data_ptr<scalar_t>() + t * width;
-            scalar_t* hp = h.data_ptr<scalar_t>();
-            for (int64_t r = 0; r < nb; ++r) {
-              scalar_t* row = hp + r * width;
-              for (int64_t j = 0; j < width; ++j) {
-                const acc_t v = static_cast<acc_t>(row[j]) + static_cast<acc_t>(b[j]);
-                row[j] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
-              }
-            }
-            in = h;
-          }
-          const scalar_t* ip = in.const_data_ptr<scalar_t>();
-          for (int64_t r = 0; r < nb; ++r) {
-            const scalar_t* row = ip + r * G_last_in;
-            acc_t s = bl;
-            for (int64_t j = 0; j < G_last_in; ++j) s += static_cast<acc_t>(row[j]) * static_cast<acc_t>(wl[j]);
-            out_ptr[(r0 + r) * T + t] = static_cast<scalar_t>(transform(s));
-          }
-        }
-      }
-    }
-  });
-}
+at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); }
 
 at::Tensor multi_task_score_cpu(const at::Tensor& x_in, at::TensorList expert_weights_in,
                                 at::TensorList expert_biases_in, const at::Tensor& gate_weight,
@@ -238,7 +167,11 @@ at::Tensor multi_task_score_cpu(const at::Tensor& x_in, at::TensorList expert_we
   const MultiTaskScoreDims d =
       check_multi_task_score_inputs(x_in, expert_weights_in, expert_biases_in, gate_weight, gate_bias,
                                     gate_mask, tower_weights_in, tower_biases_in, transforms);
-  const int64_t E = d.experts, T = d.tasks, D = d.width, H1 = d.expert_sizes[0];
+  TORCH_CHECK_TYPE(x_in.scalar_type() != at::kDouble,
+                   "x: the native multi_task_score computes in float32; float64 input runs on "
+                   "mtkernels.reference.multi_task_score (mtkernels.ops.multi_task_score routes it there)");
+  const int64_t M = d.rows, E = d.experts, T = d.tasks, D = d.width, H1 = d.expert_sizes[0];
+  const int64_t N1 = E * H1 + T * E;
 
   const at::Tensor mask_t = gate_mask.contiguous();
   const bool* mask_ptr = mask_t.const_data_ptr<bool>();
@@ -251,40 +184,162 @@ at::Tensor multi_task_score_cpu(const at::Tensor& x_in, at::TensorList expert_we
     }
     TORCH_CHECK_VALUE(any, "params.gate_mask must allow at least one expert for every task");
   }
-
-  at::Tensor out = at::empty({d.rows, T}, x_in.options());
-  if (d.rows == 0) return out;
-  const at::Tensor x = x_in.stride(1) == 1 && x_in.stride(0) >= D ? x_in : x_in.contiguous();
+  at::Tensor out = at::empty({M, T}, x_in.options());
+  if (M == 0) return out;
 
   // The expert first layers and the gates as one [E*H_1 + T*E, D] matrix (and one bias vector):
   // free when the params come from pack_multi_task_params, one copy otherwise.
   const at::Tensor& w0 = expert_weights_in[0];
   const at::Tensor& b0 = expert_biases_in[0];
-  at::Tensor first_weight, first_bias;
-  if (adjacent(w0, gate_weight)) {
-    first_weight = at::Tensor(w0).as_strided({E * H1 + T * E, D}, {D, 1});
-  } else {
-    first_weight = at::cat({w0.reshape({E * H1, D}), gate_weight.reshape({T * E, D})});
-  }
-  if (adjacent(b0, gate_bias)) {
-    first_bias = at::Tensor(b0).as_strided({E * H1 + T * E}, {1});
-  } else {
-    first_bias = at::cat({b0.reshape({E * H1}), gate_bias.reshape({T * E})});
-  }
+  at::Tensor first_weight = adjacent(w0, gate_weight)
+                                ? at::Tensor(w0).as_strided({N1, D}, {D, 1})
+                                : at::cat({w0.reshape({E * H1, D}), gate_weight.reshape({T * E, D})});
+  at::Tensor first_bias = adjacent(b0, gate_bias) ? at::Tensor(b0).as_strided({N1}, {1})
+                                                  : at::cat({b0.reshape({E * H1}), gate_bias.reshape({T * E})});
+  first_weight = as_float(first_weight);
+  first_bias = as_float(first_bias);
+  const at::Tensor x = as_float(x_in);
+
   std::vector<at::Tensor> expert_weights, expert_biases, tower_weights, tower_biases;
   for (size_t l = 0; l < expert_weights_in.size(); ++l) {
-    expert_weights.push_back(expert_weights_in[l].contiguous());
-    expert_biases.push_back(expert_biases_in[l].contiguous());
+    expert_weights.push_back(as_float(expert_weights_in[l]));
+    expert_biases.push_back(as_float(expert_biases_in[l]));
   }
   for (size_t k = 0; k < tower_weights_in.size(); ++k) {
-    tower_weights.push_back(tower_weights_in[k].contiguous());
-    tower_biases.push_back(tower_biases_in[k].contiguous());
+    tower_weights.push_back(as_float(tower_weights_in[k]));
+    tower_biases.push_back(as_float(tower_biases_in[k]));
   }
+  const size_t num_expert_layers = expert_weights.size(), num_tower_layers = tower_weights.size();
+  const PackedLayers experts = pack_layers(expert_weights, expert_biases, 1, num_expert_layers);
+  const PackedLayers towers = pack_layers(tower_weights, tower_biases, 0, num_tower_layers - 1);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "multi_task_score_cpu", [&] {
-    score_blocks<scalar_t>(x, d, first_weight, first_bias, expert_weights, expert_biases, mask, tower_weights,
-                           tower_biases, out);
+  // 1. Every expert's first layer and every gate's logits, one product (bias added below).
+  at::Tensor first = at::mm(x, first_weight.t());  // [M, N1], made here: updated in place below
+
+  const int64_t H = d.expert_sizes.back();  // mixture width
+  const int64_t G_last = num_tower_layers > 1 ? d.tower_sizes[num_tower_layers - 2] : H;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Rows per block: a multiple of the micro-kernel tile, enough blocks for every thread, and a
+  // block's later activations (~E*H_2 floats a row) well inside L2.
+  int64_t block = std::min<int64_t>(96, round_up((M + threads - 1) / threads, kTileRows));
+  block = std::max<int64_t>(block, kTileRows);
+  const int64_t num_blocks = (M + block - 1) / block;
+
+  float* first_p = first.data_ptr<float>();
+  const float* b1 = first_bias.const_data_ptr<float>();
+  const float* last_w = tower_weights.back().const_data_ptr<float>();  // [T, 1, G_last]
+  const float* last_b = tower_biases.back().const_data_ptr<float>();   // [T, 1]
+  at::Tensor out_f = x_in.scalar_type() == at::kFloat ? out : at::empty({M, T}, x.options());
+  float* out_p = out_f.data_ptr<float>();
+
+  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    // Dispatch state is thread-local and OpenMP workers do not inherit it.
+    at::AutoDispatchBelowADInplaceOrView below_autograd_worker;
+    // Per-thread scratch, reused by every block of this thread. Widths padded to 16 columns.
+    std::vector<std::vector<float>> layer_buf(num_expert_layers);  // [0]: unused, rows of `first`
+    std::vector<int64_t> layer_ld(num_expert_layers);
+    layer_ld[0] = N1;
+    for (size_t l = 1; l < num_expert_layers; ++l) {
+      layer_ld[l] = E * round_up(d.expert_sizes[l], kPanel);
+      layer_buf[l].resize(static_cast<size_t>(block * layer_ld[l]));
+    }
+    const int64_t mix_ld = round_up(H, kPanel);
+    std::vector<float> mix(static_cast<size_t>(block * mix_ld));
+    std::vector<std::vector<float>> tower_buf(num_tower_layers);
+    for (size_t k = 0; k + 1 < num_tower_layers; ++k)
+      tower_buf[k].resize(static_cast<size_t>(block * round_up(d.tower_sizes[k], kPanel)));
+    std::vector<float> gate(static_cast<size_t>(block * T * E));
+
+    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+      const int64_t r0 = blk * block;
+      const int64_t nb = std::min(block, M - r0);
+
+      // bias + ReLU of the expert first layers, in place, and the masked gate softmax.
+      float* block_first = first_p + r0 * N1;
+      for (int64_t r = 0; r < nb; ++r) {
+        float* src = block_first + r * N1;
+        for (int64_t j = 0; j < E * H1; ++j) {
+          const float v = src[j] + b1[j];
+          src[j] = v > 0.f ? v : 0.f;
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          const float* logit = src + E * H1 + t * E;
+          const float* bias = b1 + E * H1 + t * E;
+          const uint8_t* allowed = mask.data() + t * E;
+          float* g = gate.data() + (r * T + t) * E;
+          float max_logit = -std::numeric_limits<float>::infinity();
+          for (int64_t e = 0; e < E; ++e) {
+            g[e] = logit[e] + bias[e];
+            if (allowed[e] && g[e] > max_logit) max_logit = g[e];
+          }
+          float sum = 0.f;
+          for (int64_t e = 0; e < E; ++e) {
+            g[e] = allowed[e] ? std::exp(g[e] - max_logit) : 0.f;
+            sum += g[e];
+          }
+          const float inv = 1.f / sum;
+          for (int64_t e = 0; e < E; ++e) g[e] *= inv;
+        }
+      }
+
+      // remaining expert layers, per expert on the block (bias + ReLU fused into the store).
+      for (size_t l = 1; l < num_expert_layers; ++l) {
+        const int64_t in_w = d.expert_sizes[l - 1], out_w = d.expert_sizes[l];
+        const int64_t in_step = l == 1 ? in_w : round_up(in_w, kPanel);
+        const int64_t out_step = round_up(out_w, kPanel);
+        const float* panels = experts.panels[l - 1].const_data_ptr<float>();
+        const float* bias = experts.bias[l - 1].const_data_ptr<float>();
+        for (int64_t e = 0; e < E; ++e) {
+          const float* in = l == 1 ? block_first : layer_buf[l - 1].data();
+          small_gemm(nb, out_w, in_w, in + e * in_step, layer_ld[l - 1],
+                     panels + e * experts.panel_stride(l - 1), bias + e * out_step, /*relu=*/true,
+                     layer_buf[l].data() + e * out_step, layer_ld[l]);
+        }
+      }
+      const float* last = num_expert_layers == 1 ? block_first : layer_buf[num_expert_layers - 1].data();
+      const int64_t last_ld = layer_ld[num_expert_layers - 1];
+      const int64_t last_step = num_expert_layers == 1 ? H : round_up(H, kPanel);
+
+      for (int64_t t = 0; t < T; ++t) {
+        const uint8_t* allowed = mask.data() + t * E;
+        // mixture_t = sum over allowed experts of gate weight x expert output, per row.
+        for (int64_t r = 0; r < nb; ++r) {
+          const float* g = gate.data() + (r * T + t) * E;
+          const float* er = last + r * last_ld;
+          float* m = mix.data() + r * mix_ld;
+          std::fill(m, m + H, 0.f);
+          for (int64_t e = 0; e < E; ++e) {
+            if (!allowed[e]) continue;
+            const float ge = g[e];
+            const float* src = er + e * last_step;
+            for (int64_t j = 0; j < H; ++j) m[j] += ge * src[j];
+          }
+        }
+        // tower: hidden layers on the micro-kernel, the 1-wide last layer as a dot product.
+        const float* in = mix.data();
+        int64_t in_ld = mix_ld;
+        for (size_t k = 0; k + 1 < num_tower_layers; ++k) {
+          const int64_t out_w = d.tower_sizes[k];
+          const int64_t ld = round_up(out_w, kPanel);
+          small_gemm(nb, out_w, towers.in[k], in, in_ld, towers.panels[k].const_data_ptr<float>() + t * towers.panel_stride(k),
+                     towers.bias[k].const_data_ptr<float>() + t * ld, /*relu=*/true, tower_buf[k].data(), ld);
+          in = tower_buf[k].data();
+          in_ld = ld;
+        }
+        const float* wl = last_w + t * G_last;
+        const float bl = last_b[t];
+        const bool sigmoid = d.sigmoid[t];
+        for (int64_t r = 0; r < nb; ++r) {
+          const float* row = in + r * in_ld;
+          float s = 0.f;
+          for (int64_t j = 0; j < G_last; ++j) s += row[j] * wl[j];
+          s += bl;
+          out_p[(r0 + r) * T + t] = sigmoid ? 1.f / (1.f + std::exp(-s)) : s;
+        }
+      }
+    }
   });
+  if (!out_f.is_same(out)) out.copy_(out_f);
   return out;
 }
 
