@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset")
     parser.add_argument("--json", default=None, help="write all results here")
+    parser.add_argument("--verbose", action="store_true", help="print one line per epoch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = dict(item.split("=", 1) for item in args.set)
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
 
             model = MultiTaskModel(data.features, data.dense_dim, data.tasks, **kwargs)
             started = time.perf_counter()
-            result = fit(model, data, TrainConfig(**values), log=lambda line: None)
+            result = fit(model, data, TrainConfig(**values), log=print if args.verbose else (lambda line: None))
             run = {"seed": seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
                    "seconds_per_epoch": result.seconds_per_epoch, "seconds_total": time.perf_counter() - started,
                    "val_history": [{k: h[k] for k in ("epoch", "train_loss", "monitor", "seconds")} for h in result.history]}
