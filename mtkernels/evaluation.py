@@ -182,6 +182,8 @@ def evaluate(
     skips the ranking part.
     """
     labels = data.splits[split].labels
+    if hasattr(model, "targets"):  # ESMM: its post-click outputs are scored on entire-space labels
+        labels = model.targets(labels)
     result: Dict[str, object] = dict(pointwise_metrics(data.tasks, labels, predict(model, data, split, batch_size)))
     if topk and has_items(data):
         result["topk"] = topk_metrics(model, data, split, k, task_weights)

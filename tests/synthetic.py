@@ -120,6 +120,7 @@ def tiny_model(data, backbone: str = "mmoe", seed: int = 0):
         "mmoe": {"num_experts": 2, "expert_hidden": [8]},
         "ple": {"num_shared_experts": 1, "num_task_experts": 1, "expert_hidden": [8]},
         "shared_bottom": {"hidden": [8]},
+        "esmm": {"hidden": [8]},
     }[backbone]
     torch.manual_seed(seed)
     return MultiTaskModel(data.features, data.dense_dim, data.tasks, backbone=backbone, embedding_dim=4,

@@ -150,3 +150,17 @@ def test_evaluate_reports_every_task(data):
     assert "topk" not in without
     with pytest.raises(ValueError, match="unknown task"):
         evaluation.topk_metrics(model, data, "val", task_weights={"purchase": 1.0})
+
+
+def test_esmm_trains_post_click_tasks_over_the_entire_space(data):
+    from mtkernels.training.loop import _targets
+
+    model = tiny_model(data, "esmm")
+    labels = data.splits["train"].labels
+    targets = _targets(model, labels)
+    negatives = labels[:, 0] == 0
+    # like is NaN on sampled negatives in the data; ESMM trains pCTCVR on them as 0
+    assert torch.isnan(labels[negatives, 1]).all() and (targets[negatives, 1] == 0).all()
+    result = fit(model, data, _config(epochs=1))
+    assert all(math.isfinite(v) for v in result.history[0]["task_losses"].values())
+    assert result.history[0]["val"]["like"]["auc"] == result.history[0]["val"]["like"]["auc"]  # not NaN

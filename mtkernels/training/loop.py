@@ -164,11 +164,17 @@ def shared_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
     return [p for p in params if p.requires_grad]
 
 
+def _targets(model: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """What the outputs are trained against: ``model.targets(labels)`` (ESMM's entire-space
+    click-and-conversion labels) when the model defines it, else the labels."""
+    return model.targets(labels) if hasattr(model, "targets") else labels
+
+
 def validation_monitor(model, data, config: TrainConfig) -> Dict[str, Any]:
     """Validation metrics and the early-stopping value (higher is better) of the current model."""
     split = config.validation_split
     predictions = evaluation.predict(model, data, split, config.eval_batch_size)
-    labels = data.splits[split].labels
+    labels = _targets(model, data.splits[split].labels)
     metrics: Dict[str, Any] = dict(evaluation.pointwise_metrics(data.tasks, labels, predictions))
     score = 0.0
     for task in data.tasks:
@@ -231,6 +237,11 @@ def fit(
     weighting = make_weighting(config.loss_weighting, tasks, config.task_weights, config.gradnorm_alpha)
     optimizer = torch.optim.Adam(_dense_optimizer_groups(model, weighting, config.weight_decay), lr=config.lr)
     shared = shared_parameters(model) if isinstance(weighting, GradNorm) else []
+    if isinstance(weighting, GradNorm) and not shared:
+        raise ValueError(
+            "loss_weighting='gradnorm' needs shared parameters that require grad (the last shared layer); "
+            "this model shares none"
+        )
 
     history: List[Dict[str, Any]] = []
     best_monitor, best_epoch, bad_epochs = -math.inf, -1, 0
@@ -303,7 +314,7 @@ def fit(
         started = time.perf_counter()
         for batch in data.batches("train", config.batch_size, shuffle=True, seed=config.seed * 1_000_003 + epoch):
             predictions = model(batch.sparse, batch.dense)
-            losses = masked_task_losses(predictions, batch.labels, tasks)
+            losses = masked_task_losses(predictions, _targets(model, batch.labels), tasks)
             objective = weighting.combine(losses)
             optimizer.zero_grad(set_to_none=True)
             if shared:

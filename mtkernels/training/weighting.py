@@ -107,8 +107,9 @@ class GradNorm(nn.Module):
         self._optimizer = torch.optim.Adam([self.task_weights], lr=lr)
 
     def combine(self, losses: torch.Tensor) -> torch.Tensor:
-        # The model's backward sees the weights as constants; they move only in update.
-        return (self.task_weights.detach().to(losses.dtype) * losses).sum()
+        # The model's backward sees the weights as constants (a copy: update() changes them in
+        # place before that backward runs); they move only in update.
+        return (self.task_weights.detach().clone().to(losses.dtype) * losses).sum()
 
     def weights(self) -> torch.Tensor:
         return self.task_weights.detach().clone()

@@ -1,0 +1,105 @@
+"""Quality of the multi-task models on ml100k-mtl-v1 (issue 3 "Must reach"), 3 seeds per model.
+
+    python -m benchmarks.quality_ml100k [--models mmoe ple] [--seeds 3] [--threads 2]
+        [--set embedding_dim=32 --set lr=0.003 ...] [--json results.json]
+
+Trains each model with the presets of `mtkernels.training.presets` (overridable with --set:
+embedding_dim, embedding_lr, lr, weight_decay, batch_size, epochs, patience, dropout, expert_hidden,
+num_experts, tower_hidden), early stopping on val, and prints one table per test split with the
+mean and sample standard deviation over seeds beside the issue's baselines, plus training seconds
+per epoch (the training loop only, at the given thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from mtkernels import evaluation
+from mtkernels.data import load_ml100k_mtl_v1
+from mtkernels.demo import BASELINES, NAMES, flatten_metrics, format_table, summarise
+from mtkernels.training import TrainConfig, fit, presets
+from mtkernels.training.checkpoint import atomic_write
+
+MODEL_KEYS = {"embedding_dim", "dropout", "tower_hidden"}
+BACKBONE_KEYS = {"expert_hidden", "num_experts", "hidden", "num_shared_experts", "num_task_experts", "num_levels"}
+TRAIN_KEYS = {"lr", "weight_decay", "batch_size", "epochs", "patience", "monitor", "loss_weighting"}
+
+
+def _value(text: str):
+    if "," in text:
+        return [int(v) for v in text.split(",") if v]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["shared_bottom", "mmoe", "ple"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset")
+    parser.add_argument("--json", default=None, help="write all results here")
+    parser.add_argument("--verbose", action="store_true", help="print one line per epoch")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    overrides = {k: _value(v) for k, v in overrides.items()}
+
+    data = load_ml100k_mtl_v1(args.data_dir)
+    results = {"threads": args.threads, "overrides": overrides, "models": {}}
+    for backbone in args.models:
+        runs = []
+        for seed in range(args.seeds):
+            kwargs = presets.model_kwargs(backbone)
+            for key, value in overrides.items():
+                if key in MODEL_KEYS:
+                    kwargs[key] = value
+                elif key in BACKBONE_KEYS and key in kwargs["backbone_kwargs"]:
+                    kwargs["backbone_kwargs"][key] = value
+                elif key == "embedding_lr":
+                    kwargs["embedding_optimizer"]["lr"] = value
+            values = dict(presets.TRAIN_PRESET, seed=seed, progress=False)
+            values.update({k: v for k, v in overrides.items() if k in TRAIN_KEYS})
+            torch.manual_seed(seed)
+            from mtkernels.nn import MultiTaskModel
+
+            model = MultiTaskModel(data.features, data.dense_dim, data.tasks, **kwargs)
+            started = time.perf_counter()
+            result = fit(model, data, TrainConfig(**values), log=print if args.verbose else (lambda line: None))
+            run = {"seed": seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
+                   "seconds_per_epoch": result.seconds_per_epoch, "seconds_total": time.perf_counter() - started,
+                   "val_history": [{k: h[k] for k in ("epoch", "train_loss", "monitor", "seconds")} for h in result.history]}
+            for split in ("test_warm", "test_cold"):
+                flat = flatten_metrics(evaluation.evaluate(model, data, split))
+                flat.update(seconds_per_epoch=result.seconds_per_epoch, epochs=float(len(result.history)))
+                run[split] = flat
+            runs.append(run)
+            w = run["test_warm"]
+            print(f"{NAMES.get(backbone, backbone)} seed {seed}: {run['epochs']} epochs (best {run['best_epoch']}), "
+                  f"{run['seconds_per_epoch']:.2f} s/epoch | warm click AUC {w['click_auc']:.4f} like AUC "
+                  f"{w['like_auc']:.4f} RMSE {w['rating_rmse']:.4f} NDCG@10 {w['ndcg@10']:.4f} "
+                  f"Recall@10 {w['recall@10']:.4f}", flush=True)
+        results["models"][backbone] = {"runs": runs, "test_warm": summarise([r["test_warm"] for r in runs]),
+                                       "test_cold": summarise([r["test_cold"] for r in runs])}
+    for split in ("test_warm", "test_cold"):
+        rows = {NAMES.get(b, b): results["models"][b][split] for b in args.models}
+        if split == "test_warm":
+            rows.update(BASELINES)
+        print()
+        print(format_table(f"{split}: mean ± std over {args.seeds} seeds, {args.threads} threads", rows, args.seeds))
+    if args.json:
+        atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=2, default=float).encode()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

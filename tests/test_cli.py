@@ -1,0 +1,102 @@
+"""The `mtkernels` command line: info, and train -> evaluate -> recommend on a tiny data set."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mtkernels import cli
+from synthetic import make_data, one_thread  # noqa: F401 (autouse fixture)
+
+
+def test_info_subprocess():
+    out = subprocess.run([sys.executable, "-m", "mtkernels", "info"], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert set(info["ops"]) == {"embedding_bags", "ensemble_topk", "multi_task_score"}
+    assert info["torch"] == torch.__version__
+
+
+@pytest.fixture()
+def tiny_data(monkeypatch):
+    data = make_data()
+    seen = []
+
+    def load(spec):
+        seen.append(spec)
+        return data
+
+    monkeypatch.setattr(cli, "load_data", load)
+    return data, seen
+
+
+def test_train_evaluate_recommend(tmp_path, tiny_data, capsys):
+    data, seen = tiny_data
+    checkpoint = str(tmp_path / "run" / "mmoe.pt")
+    code = cli.main(["train", "--data", "ml100k", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "2",
+                     "--batch-size", "64", "--embedding-dim", "4", "--no-progress", "--evaluate", "val"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "best epoch" in out and "val: click: auc" in out
+    assert os.path.isfile(checkpoint)
+
+    assert cli.main(["evaluate", "--checkpoint", checkpoint, "--split", "test_warm", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["test_warm"]) == {"click", "like", "rating", "topk"}
+    assert 0 <= result["test_warm"]["topk"]["ndcg@10"] <= 1
+    assert seen[-1]["name"] == "ml100k"  # the checkpoint remembers its data set
+
+    warm = int(data.user_ids[int(data.topk_eval("test_warm").users[0])])
+    assert cli.main(["recommend", "--checkpoint", checkpoint, "--user", str(warm), "--user", "424242",
+                     "--k", "3", "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert [r["served_by"] for r in recs] == ["model", "popularity"]
+    assert all(len(r["item_ids"]) == 3 for r in recs)
+    assert cli.main(["recommend", "--checkpoint", checkpoint, "--user", str(warm), "--k", "3"]) == 0
+    text = capsys.readouterr().out
+    assert f"user {warm} (served by model)" in text and " 3. movie" in text
+
+    # resume: a second run continues the same checkpoint up to 3 epochs
+    assert cli.main(["train", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "3", "--batch-size", "64",
+                     "--embedding-dim", "4", "--no-progress", "--resume"]) == 0
+    assert "resumed" not in capsys.readouterr().err
+    from mtkernels.training import load_checkpoint
+
+    assert load_checkpoint(checkpoint)["trainer"]["epoch"] == 2
+
+
+def test_errors_are_clean(tmp_path, capsys):
+    assert cli.main(["recommend", "--checkpoint", str(tmp_path / "missing.pt"), "--user", "1"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(tmp_path / "nope.csv"), "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    assert "--data must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train"])  # --checkpoint is required
+
+
+def test_demo_writes_report_and_learning_curves(tmp_path, monkeypatch, capsys):
+    import mtkernels.data
+
+    data = make_data()
+    monkeypatch.setattr(mtkernels.data, "load_ml100k_mtl_v1", lambda data_dir=None: data)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--models", "mmoe", "ple", "--seeds", "2", "--epochs", "1",
+                     "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "test_warm (mean over 2 seeds" in text and "torch-rechub MMoE" in text
+    assert "top-10 for user" in text and "cold, served from side features" in text
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"mmoe", "ple"}
+    runs = report["models"]["mmoe"]["runs"]
+    assert len(runs) == 2 and runs[0]["epochs"] == 1
+    mean = report["models"]["mmoe"]["test_warm"]["mean"]["click_auc"]
+    assert mean == pytest.approx((runs[0]["test_warm"]["click_auc"] + runs[1]["test_warm"]["click_auc"]) / 2)
+    assert [u["served_by"] for u in report["recommendations"]["users"]] == ["model", "side_features"]
+    png = (out / "learning_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.json", "learning_curves.png", "mmoe-seed0.pt", "mmoe-seed1.pt", "ple-seed0.pt", "ple-seed1.pt"])
