@@ -87,14 +87,14 @@ def test_forward_matches_reference_and_cpu(shape, index_dtype, pooling, weighted
 
 @needs_kernel
 def test_unaligned_and_strided_tables_take_the_scalar_path():
-    gen = torch.Generator().manual_seed(1)
-    shifted = torch.randn(10 * 8 + 1, generator=gen)[1:].view(10, 8)  # data 4 bytes off 16-byte alignment
-    strided = torch.randn(20, 10, generator=gen)[:, :8]  # row stride 10: rows not 16-byte aligned
-    tables = [shifted, strided]
+    # Views made on the device (a copy to the device would realign them).
+    shifted = torch.randn(10 * 8 + 1, device="cuda")[1:].view(10, 8)  # data 4 bytes off 16-byte alignment
+    strided = torch.randn(20, 10, device="cuda")[:, :8]  # row stride 10: rows not 16-byte aligned
+    assert shifted.data_ptr() % 16 != 0 and strided.stride(0) == 10
     indices = torch.tensor([0, 5, 9, 3, 19, 0, 7])
     offsets = torch.tensor([0, 2, 3, 5, 7])
-    expected = reference_embedding_bags(tables, indices, offsets, [0, 1], "sum", None)
-    out = embedding_bags(*cuda(tables, indices, offsets), [0, 1])
+    expected = reference_embedding_bags([shifted.cpu(), strided.cpu()], indices, offsets, [0, 1], "sum", None)
+    out = embedding_bags([shifted, strided], indices.cuda(), offsets.cuda(), [0, 1])
     torch.testing.assert_close(out.cpu(), expected)
 
 

@@ -77,7 +77,7 @@ __global__ void gates_towers_kernel(const scalar_t* __restrict__ experts, int64_
                                     at::opmath_type<scalar_t>* __restrict__ global_scratch,
                                     scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char shared_raw[];
+  extern __shared__ __align__(16) unsigned char shared_raw[];
   const int warp_in_block = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp_in_block;
