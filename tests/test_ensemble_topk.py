@@ -378,6 +378,20 @@ def test_native_pruning_is_exact(signs, k):
 
 
 @needs_native
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_native_sorted_rows(order):
+    """Scores rising along the row make every item beat the running top-k (the kernel then stops
+    pruning for a while); falling scores make almost none do. Same answer as the reference."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.sort(torch.randn(3, 4, 7000, generator=gen), dim=2, descending=order == "descending").values
+    offsets = torch.arange(0, 4 * 30 + 1, 30)
+    excluded = torch.randint(0, 7000, (120,), generator=gen)
+    for k in (5, 300):
+        args = ([0.5, 0.3, 0.2], k, ["sigmoid", "sigmoid", "identity"], offsets, excluded)
+        assert_same_topk(mtkernels.ops.ensemble_topk(x, *args), reference.ensemble_topk(x, *args))
+
+
+@needs_native
 def test_native_pruning_ties_at_the_bound():
     """sigmoid(0) = 1/2 sits exactly on its bound; integer identity scores make fused values tie
     exactly across thousands of items: the order must still be value, then index."""

@@ -7,7 +7,8 @@
 // source (vector loops, fast_math.h) and all offered. After that, one pass over the chunk computes
 // a cheap upper bound of every item's fused score (a few vector operations per source, no exp)
 // and only the items whose bound beats the current k-th best get their exact score; on typical
-// scores that is well under 1% of the items, so the pass runs at close to memory speed. Excluded
+// scores that is well under 1% of the items, so the pass runs at close to memory speed (when a
+// chunk yields more than a quarter of its items, the next one is computed densely). Excluded
 // items are skipped by the selector, which walks the row's sorted exclusion list alongside.
 // The fused [B, N] matrix never exists.
 // RRF mode needs every source's full ranking of the row, so it keeps one fused row per thread and
@@ -287,6 +288,7 @@ void weighted_rows(const std::vector<Source>& sources, int64_t num_items, int64_
   for (int64_t row = row_begin; row < row_end; ++row) {
     ExclusionCursor cursor = row_exclusions(exclude_offsets, exclude_indices, row, excluded);
     selector.reset(k, num_items);
+    bool dense = false;
     for (int64_t start = 0; start < num_items; start += kChunk) {
       const int64_t count = std::min(kChunk, num_items - start);
       for (size_t s = 0; s < num_sources; ++s) {
@@ -294,7 +296,7 @@ void weighted_rows(const std::vector<Source>& sources, int64_t num_items, int64_
                                  row * sources[s].row_stride + start;
         chunk[s].x = as_float(row_scores, count, converted.data() + s * kChunk);
       }
-      if (selector.filling()) {
+      if (selector.filling() || dense) {
         // Every item's fused score, source by source, then the threshold scan.
         for (size_t s = 0; s < num_sources; ++s) {
           accumulate(chunk[s], fused.data(), count, s == 0);
@@ -303,6 +305,7 @@ void weighted_rows(const std::vector<Source>& sources, int64_t num_items, int64_
           std::fill(fused.begin(), fused.begin() + count, 0.0f);
         }
         selector.offer(fused.data(), count, start, cursor);
+        dense = false;  // try pruning again on the next chunk
         continue;
       }
       // Pruning: the bound of every item, then the exact score of the few items whose bound
@@ -310,6 +313,9 @@ void weighted_rows(const std::vector<Source>& sources, int64_t num_items, int64_
       // chunk is in L1/L2 by then, having just been read by the bound pass).
       const int64_t num_candidates = find_candidates(chunk, bounds, count, selector.threshold(),
                                                      margin, candidates.data());
+      // When many items pass (scores rising along the row, a bound too loose for these
+      // weights), gathering costs more than it saves: the next chunk is computed densely.
+      dense = num_candidates * 4 > count;
       if (num_candidates == 0) {
         continue;
       }
