@@ -3,6 +3,7 @@ reference on random inputs, reciprocal rank fusion against plain Python, opcheck
 
 from __future__ import annotations
 
+import importlib
 import math
 import zlib
 
@@ -504,3 +505,14 @@ def test_fake_kernel_under_compile():
     a, b = torch.randn(3, 40), torch.randn(3, 40)
     got = compiled(a, b)
     torch.testing.assert_close(got, pipeline(a, b))
+
+
+def test_falls_back_to_reference_without_kernel(monkeypatch):
+    module = importlib.import_module("mtkernels.ops.ensemble_topk")  # the module, not the function
+    monkeypatch.setattr(module, "has_kernel", lambda op, device="cpu": False)
+    x = torch.tensor([[[5.0, 7.0, 7.0, 3.0, 9.0]]])
+    offsets, excluded = csr([[4]])
+    values, indices = module.ensemble_topk(x, [1.0], 3, exclude_offsets=offsets, exclude_indices=excluded)
+    assert indices.tolist() == [[1, 2, 0]]
+    with pytest.raises(ValueError, match="exclude_indices must lie in"):
+        module.ensemble_topk(x, [1.0], 3, exclude_offsets=offsets, exclude_indices=torch.tensor([5]))
