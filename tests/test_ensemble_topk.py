@@ -3,6 +3,7 @@ reference on random inputs, reciprocal rank fusion against plain Python, opcheck
 
 from __future__ import annotations
 
+import importlib
 import math
 import zlib
 
@@ -378,6 +379,20 @@ def test_native_pruning_is_exact(signs, k):
 
 
 @needs_native
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_native_sorted_rows(order):
+    """Scores rising along the row make every item beat the running top-k (the kernel then stops
+    pruning for a while); falling scores make almost none do. Same answer as the reference."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.sort(torch.randn(3, 4, 7000, generator=gen), dim=2, descending=order == "descending").values
+    offsets = torch.arange(0, 4 * 30 + 1, 30)
+    excluded = torch.randint(0, 7000, (120,), generator=gen)
+    for k in (5, 300):
+        args = ([0.5, 0.3, 0.2], k, ["sigmoid", "sigmoid", "identity"], offsets, excluded)
+        assert_same_topk(mtkernels.ops.ensemble_topk(x, *args), reference.ensemble_topk(x, *args))
+
+
+@needs_native
 def test_native_pruning_ties_at_the_bound():
     """sigmoid(0) = 1/2 sits exactly on its bound; integer identity scores make fused values tie
     exactly across thousands of items: the order must still be value, then index."""
@@ -490,3 +505,14 @@ def test_fake_kernel_under_compile():
     a, b = torch.randn(3, 40), torch.randn(3, 40)
     got = compiled(a, b)
     torch.testing.assert_close(got, pipeline(a, b))
+
+
+def test_falls_back_to_reference_without_kernel(monkeypatch):
+    module = importlib.import_module("mtkernels.ops.ensemble_topk")  # the module, not the function
+    monkeypatch.setattr(module, "has_kernel", lambda op, device="cpu": False)
+    x = torch.tensor([[[5.0, 7.0, 7.0, 3.0, 9.0]]])
+    offsets, excluded = csr([[4]])
+    values, indices = module.ensemble_topk(x, [1.0], 3, exclude_offsets=offsets, exclude_indices=excluded)
+    assert indices.tolist() == [[1, 2, 0]]
+    with pytest.raises(ValueError, match="exclude_indices must lie in"):
+        module.ensemble_topk(x, [1.0], 3, exclude_offsets=offsets, exclude_indices=torch.tensor([5]))

@@ -1,11 +1,16 @@
 // CPU kernel of mtkernels::ensemble_topk (ARCHITECTURE.md §3.3): fuse S score matrices and keep
 // the top-k items of every row in one pass over the scores.
 //
-// Rows are independent: at::parallel_for over rows, one TopKSelector and two chunk buffers per
-// thread. Weighted mode streams each row in chunks of kChunk items (8 KiB of float32, in L1):
-// the fused scores of a chunk are computed source by source into a small accumulator (vectorised
-// loops, fast_math.h), excluded items are overwritten with NaN, and the chunk is offered to the
-// selector, whose hot path is one comparison per item. The fused [B, N] matrix never exists.
+// Rows are independent: at::parallel_for over rows, one TopKSelector and a few chunk buffers per
+// thread. Weighted mode streams each row in chunks of kChunk items (8 KiB per source, in L1).
+// While the selector holds fewer than k items, a chunk's fused scores are computed source by
+// source (vector loops, fast_math.h) and all offered. After that, one pass over the chunk computes
+// a cheap upper bound of every item's fused score (a few vector operations per source, no exp)
+// and only the items whose bound beats the current k-th best get their exact score; on typical
+// scores that is well under 1% of the items, so the pass runs at close to memory speed (when a
+// chunk yields more than a quarter of its items, the next one is computed densely). Excluded
+// items are skipped by the selector, which walks the row's sorted exclusion list alongside.
+// The fused [B, N] matrix never exists.
 // RRF mode needs every source's full ranking of the row, so it keeps one fused row per thread and
 // ranks each source with a stable LSD radix sort of order-preserving integer keys (linear in N;
 // stability gives the smaller index first among equal scores).
@@ -146,7 +151,7 @@ void accumulate(float* __restrict fused, const float* __restrict x, int64_t coun
 #endif
   for (; i < count; ++i) {
     const float term = apply<kTransform>(x[i]);
-    fused[i] = first ? weight * term : std::fma(weight, term, fused[i]);
+    fused[i] = first ? weight * term : MTK_FMA(weight, term, fused[i]);
   }
 }
 
@@ -235,14 +240,14 @@ int64_t find_candidates(const std::vector<ChunkSource>& chunk, const std::vector
     float magnitude = 0.0f;
     for (size_t s = 0; s < num_sources; ++s) {
       const TermBound& bound = bounds[s];
-      float t = std::fma(chunk[s].x[i], bound.a, bound.b);
+      float t = MTK_FMA(chunk[s].x[i], bound.a, bound.b);
       t = bound.lo > t ? bound.lo : t;  // NaN kept
       t = bound.hi < t ? bound.hi : t;
       const float term = chunk[s].weight * t;
       upper += term;
       magnitude += std::fabs(term);
     }
-    if (std::fma(magnitude, margin, upper) > threshold) {
+    if (MTK_FMA(magnitude, margin, upper) > threshold) {
       candidates[num_candidates++] = static_cast<int32_t>(i);
     }
   }
@@ -283,6 +288,7 @@ void weighted_rows(const std::vector<Source>& sources, int64_t num_items, int64_
   for (int64_t row = row_begin; row < row_end; ++row) {
     ExclusionCursor cursor = row_exclusions(exclude_offsets, exclude_indices, row, excluded);
     selector.reset(k, num_items);
+    bool dense = false;
     for (int64_t start = 0; start < num_items; start += kChunk) {
       const int64_t count = std::min(kChunk, num_items - start);
       for (size_t s = 0; s < num_sources; ++s) {
@@ -290,7 +296,7 @@ void weighted_rows(const std::vector<Source>& sources, int64_t num_items, int64_
                                  row * sources[s].row_stride + start;
         chunk[s].x = as_float(row_scores, count, converted.data() + s * kChunk);
       }
-      if (selector.filling()) {
+      if (selector.filling() || dense) {
         // Every item's fused score, source by source, then the threshold scan.
         for (size_t s = 0; s < num_sources; ++s) {
           accumulate(chunk[s], fused.data(), count, s == 0);
@@ -299,6 +305,7 @@ void weighted_rows(const std::vector<Source>& sources, int64_t num_items, int64_
           std::fill(fused.begin(), fused.begin() + count, 0.0f);
         }
         selector.offer(fused.data(), count, start, cursor);
+        dense = false;  // try pruning again on the next chunk
         continue;
       }
       // Pruning: the bound of every item, then the exact score of the few items whose bound
@@ -306,6 +313,9 @@ void weighted_rows(const std::vector<Source>& sources, int64_t num_items, int64_
       // chunk is in L1/L2 by then, having just been read by the bound pass).
       const int64_t num_candidates = find_candidates(chunk, bounds, count, selector.threshold(),
                                                      margin, candidates.data());
+      // When many items pass (scores rising along the row, a bound too loose for these
+      // weights), gathering costs more than it saves: the next chunk is computed densely.
+      dense = num_candidates * 4 > count;
       if (num_candidates == 0) {
         continue;
       }

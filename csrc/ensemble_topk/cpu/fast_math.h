@@ -9,6 +9,7 @@
 #pragma once
 
 #include <bit>
+#include <cmath>
 #include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -23,6 +24,15 @@ namespace mtkernels::fast_math {
 #define MTK_INLINE inline
 #endif
 
+// Where the vector code uses a fused multiply-add, the scalar code (vector tails, scattered
+// candidates) must too, so that an item's score never depends on where it was computed. Without
+// FMA hardware there is no vector path, and a plain multiply-add keeps the code fast.
+#if defined(__FMA__)
+#define MTK_FMA(a, b, c) std::fma((a), (b), (c))
+#else
+#define MTK_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
 // exp(x) for x clamped to [-87.3, 88.3], so the power of two stays a normal float
 // (exp(-inf) gives about 1.2e-38 instead of 0, exp(+inf) about 2.2e38 instead of inf).
 MTK_INLINE float exp(float x) {
@@ -30,17 +40,17 @@ MTK_INLINE float exp(float x) {
   x = x > 88.3f ? 88.3f : x;
   x = x < -87.3f ? -87.3f : x;
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = x * 1.44269504088896341f + kShift;
+  const float t = MTK_FMA(x, 1.44269504088896341f, kShift);
   const float n = t - kShift;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
+  float r = MTK_FMA(-n, 0.693359375f, x);
+  r = MTK_FMA(-n, -2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
+  p = MTK_FMA(p, r, 1.3981999507e-3f);
+  p = MTK_FMA(p, r, 8.3334519073e-3f);
+  p = MTK_FMA(p, r, 4.1665795894e-2f);
+  p = MTK_FMA(p, r, 1.6666665459e-1f);
+  p = MTK_FMA(p, r, 5.0000001201e-1f);
+  p = MTK_FMA(p, r * r, r) + 1.0f;
   // The low mantissa bits of t hold n; move n + 127 into the exponent field.
   const uint32_t scale_bits = (std::bit_cast<uint32_t>(t) + 127u) << 23;
   return p * std::bit_cast<float>(scale_bits);
@@ -55,18 +65,18 @@ MTK_INLINE float log_1_to_2(float u) {
   const float f = m - 1.0f;
   const float z = f * f;
   float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  y = y + e * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  return (f + y) + e * 0.693359375f;
+  y = MTK_FMA(y, f, -1.1514610310e-1f);
+  y = MTK_FMA(y, f, 1.1676998740e-1f);
+  y = MTK_FMA(y, f, -1.2420140846e-1f);
+  y = MTK_FMA(y, f, 1.4249322787e-1f);
+  y = MTK_FMA(y, f, -1.6668057665e-1f);
+  y = MTK_FMA(y, f, 2.0000714765e-1f);
+  y = MTK_FMA(y, f, -2.4999993993e-1f);
+  y = MTK_FMA(y, f, 3.3333331174e-1f);
+  y = (y * f) * z;
+  y = MTK_FMA(e, -2.12194440e-4f, y);
+  y = MTK_FMA(-0.5f, z, y);
+  return MTK_FMA(e, 0.693359375f, f + y);
 }
 
 MTK_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp(-x)); }
