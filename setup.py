@@ -50,7 +50,9 @@ def _want_cuda():
 def _extension():
     with_cuda = _want_cuda()
     sources = _sources("python_api/*.cpp") + _sources("csrc/**/cpu/*.cpp")
-    cxx = ["-O3", "-fopenmp", "-DMTKERNELS_VERSION=\"%s\"" % VERSION]
+    # C++20 explicitly: torch before about 2.12 defaults extensions to C++17, and the kernels use C++20
+    # (std::bit_cast); the GPU machine's torch (about 2.11) would otherwise fail to build them.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DMTKERNELS_VERSION=\"%s\"" % VERSION]
     if not _flag("MTKERNELS_PORTABLE"):
         cxx.append("-march=native")
     define_macros = []
@@ -59,7 +61,7 @@ def _extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
         sources += _sources("csrc/**/cuda/*.cu")
         define_macros.append(("MTKERNELS_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension

@@ -342,14 +342,52 @@ def test_native_matches_reference(shape, exclusions, mode):
 def test_native_ties_exact(mode):
     """Small integer scores: fused values are exact in float32, so every index must match."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randint(-3, 4, (3, 16, 3000), generator=gen).float()
+    x = torch.randint(-3, 4, (3, 8, 3000), generator=gen).float()
     x[0, 2, ::7] = math.nan
     x[1, 3, ::5] = -math.inf
-    offsets = torch.arange(0, 16 * 40 + 1, 40)
-    excluded = torch.randint(0, 3000, (16 * 40,), generator=gen)
+    offsets = torch.arange(0, 8 * 40 + 1, 40)
+    excluded = torch.randint(0, 3000, (8 * 40,), generator=gen)
     for k in (1, 10, 1000, 3100):
         got = mtkernels.ops.ensemble_topk(x, [1.0, 2.0, 0.5], k, None, offsets, excluded, mode)
         want = reference.ensemble_topk(x, [1.0, 2.0, 0.5], k, None, offsets, excluded, mode)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("signs", [(1, 1, 1), (1, -1, 1), (-1, -1, -1), (1, 1, -1)])
+@pytest.mark.parametrize("k", [1, 100])
+def test_native_pruning_is_exact(signs, k):
+    """Past the first chunk the kernel skips items by a bound: every transform, both weight signs,
+    long rows (many chunks), exclusions, extreme values; always the reference's answer."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((signs, k)).encode()))
+    x = torch.randn(4, 6, 5000, generator=gen) * 3
+    x[0, 0, 3000:3010] = math.inf
+    x[1, 1, 4000:4003] = -math.inf
+    x[2, 2, ::13] = math.nan
+    x[3, 3, 4000] = 1e30
+    weights = [signs[0] * 0.7, signs[1] * 1.1, signs[2] * 0.4, 0.2]
+    offsets = torch.arange(0, 6 * 50 + 1, 50)
+    excluded = torch.randint(0, 5000, (300,), generator=gen)
+    for transforms in (
+        ["sigmoid", "sigmoid", "identity", "log_sigmoid"],
+        ["log_sigmoid", "sigmoid", "log_sigmoid", "sigmoid"],
+        ["sigmoid"] * 4,
+    ):
+        args = (weights, k, transforms, offsets, excluded)
+        assert_same_topk(mtkernels.ops.ensemble_topk(x, *args), reference.ensemble_topk(x, *args))
+
+
+@needs_native
+def test_native_pruning_ties_at_the_bound():
+    """sigmoid(0) = 1/2 sits exactly on its bound; integer identity scores make fused values tie
+    exactly across thousands of items: the order must still be value, then index."""
+    gen = torch.Generator().manual_seed(7)
+    zeros = torch.zeros(5, 20000)
+    ints = torch.randint(0, 6, (5, 20000), generator=gen).float()
+    for k in (1, 10, 100, 3000):
+        args = ([1.0, 1.0], k, ["sigmoid", "identity"])
+        got = mtkernels.ops.ensemble_topk([zeros, ints], *args)
+        want = reference.ensemble_topk([zeros, ints], *args)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

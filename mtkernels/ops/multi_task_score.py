@@ -197,7 +197,9 @@ def multi_task_score(x: torch.Tensor, params: MultiTaskScoreParams) -> torch.Ten
     al., KDD 2018), a single-level PLE/CGC layer (Tang et al., RecSys 2020), or Shared-Bottom
     (E = 1). Expert hidden sizes are uniform across experts, tower sizes uniform across towers.
     The native CPU kernel computes the expert first layers and gate logits as one matrix product
-    and fuses the rest per block of rows, so the ``[M, T, H]`` mixtures are never written out.
+    and fuses the rest per block of rows, so the ``[M, T, H]`` mixtures are never written out;
+    it runs on ``torch.get_num_threads()`` threads (serving-sized calls, up to 256 rows per
+    thread, in a single parallel pass). Measured speed: benchmarks/table_mts.py.
 
     Inference only, no autograd: call it under `torch.no_grad()` / `torch.inference_mode()`
     (or with tensors that do not require grad); train with the model's eager forward.

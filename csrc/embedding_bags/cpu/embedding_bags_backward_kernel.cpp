@@ -152,8 +152,13 @@ std::vector<RowGroups> group_all_tables(const Layout& layout, const at::Tensor& 
 }
 
 // Sums, for every unique row of every table, its contributions grad_output[b, columns of f] *
-// scale (per-sample weight, 1/len for mean, or 1) and calls sink(table, row, u, row_gradient).
-// The unique rows of all tables form one range split across threads.
+// scale (per-sample weight, 1/len for mean, or 1). The unique rows of all tables form one range
+// split across threads. Row gradients are handed to the sink kBatch rows at a time:
+// sink(table, rows, first_unit, count, gradients [count, dim], dim), so that the sink can issue the
+// independent random reads of several table rows (and accumulators) together and the memory
+// system overlaps their latencies, instead of one full miss per row.
+constexpr int64_t kBatch = 8;
+
 template <typename scalar_t, typename index_t, typename Sink>
 void reduce_rows(const std::vector<RowGroups>& groups, const Layout& layout,
                  const at::Tensor& grad_output, const at::Tensor& offsets,
@@ -169,30 +174,35 @@ void reduce_rows(const std::vector<RowGroups>& groups, const Layout& layout,
   const int64_t total = first_unit.back();
 
   at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(static_cast<size_t>(layout.max_dim));
-    acc_t* __restrict a = acc.data();
+    std::vector<acc_t> buffer(static_cast<size_t>(kBatch * std::max<int64_t>(layout.max_dim, 1)));
     int64_t t = std::upper_bound(first_unit.begin(), first_unit.end(), begin) - first_unit.begin() - 1;
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = begin; i < end;) {
       while (i >= first_unit[t + 1]) ++t;
       const RowGroups& group = groups[t];
-      const int64_t u = i - first_unit[t];
       const int64_t dim = layout.dim[t];
-      for (int64_t d = 0; d < dim; ++d) a[d] = acc_t(0);
-      const int64_t q_end = group.starts[u + 1];
-      for (int64_t q = group.starts[u]; q < q_end; ++q) {
-        const int64_t bag = group.bags[q];
-        const int64_t f = bag / layout.batch_size;
-        const int64_t b = bag - f * layout.batch_size;
-        acc_t scale = acc_t(1);
-        if (psw != nullptr) {
-          scale = static_cast<acc_t>(psw[group.positions[q]]);
-        } else if (mean) {
-          scale = acc_t(1) / static_cast<acc_t>(off[bag + 1] - off[bag]);
+      const int64_t u_first = i - first_unit[t];
+      const int64_t count = std::min({kBatch, end - i, first_unit[t + 1] - i});
+      for (int64_t k = 0; k < count; ++k) {
+        acc_t* __restrict a = buffer.data() + k * dim;
+        const int64_t u = u_first + k;
+        for (int64_t d = 0; d < dim; ++d) a[d] = acc_t(0);
+        const int64_t q_end = group.starts[u + 1];
+        for (int64_t q = group.starts[u]; q < q_end; ++q) {
+          const int64_t bag = group.bags[q];
+          const int64_t f = bag / layout.batch_size;
+          const int64_t b = bag - f * layout.batch_size;
+          acc_t scale = acc_t(1);
+          if (psw != nullptr) {
+            scale = static_cast<acc_t>(psw[group.positions[q]]);
+          } else if (mean) {
+            scale = acc_t(1) / static_cast<acc_t>(off[bag + 1] - off[bag]);
+          }
+          const scalar_t* __restrict src = g + b * layout.total_dim + layout.column[f];
+          for (int64_t d = 0; d < dim; ++d) a[d] += scale * static_cast<acc_t>(src[d]);
         }
-        const scalar_t* __restrict src = g + b * layout.total_dim + layout.column[f];
-        for (int64_t d = 0; d < dim; ++d) a[d] += scale * static_cast<acc_t>(src[d]);
       }
-      sink(t, group.rows[u], u, static_cast<const acc_t*>(a), dim);
+      sink(t, group.rows.data() + u_first, u_first, count, static_cast<const acc_t*>(buffer.data()), dim);
+      i += count;
     }
   });
 }
@@ -235,9 +245,11 @@ std::vector<at::Tensor> embedding_bags_backward_cpu(
       std::vector<scalar_t*> out;
       for (auto& gr : grads) out.push_back(gr.data_ptr<scalar_t>());
       reduce_rows<scalar_t, index_t>(groups, p.layout, p.grad_output, p.offsets, p.per_sample_weights, p.pooling,
-          [&](int64_t t, int64_t row, int64_t, const acc_t* a, int64_t dim) {
-            scalar_t* __restrict dst = out[t] + row * dim;
-            for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(a[d]);
+          [&](int64_t t, const int64_t* rows, int64_t, int64_t count, const acc_t* a, int64_t dim) {
+            for (int64_t k = 0; k < count; ++k, a += dim) {
+              scalar_t* __restrict dst = out[t] + rows[k] * dim;
+              for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(a[d]);
+            }
           });
     });
   });
@@ -265,9 +277,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> embedding_bags_back
       std::vector<scalar_t*> out;
       for (auto& gr : row_grads) out.push_back(gr.data_ptr<scalar_t>());
       reduce_rows<scalar_t, index_t>(groups, p.layout, p.grad_output, p.offsets, p.per_sample_weights, p.pooling,
-          [&](int64_t t, int64_t, int64_t u, const acc_t* a, int64_t dim) {
-            scalar_t* __restrict dst = out[t] + u * dim;
-            for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(a[d]);
+          [&](int64_t t, const int64_t*, int64_t u_first, int64_t count, const acc_t* a, int64_t dim) {
+            scalar_t* __restrict dst = out[t] + u_first * dim;
+            for (int64_t d = 0; d < count * dim; ++d) dst[d] = static_cast<scalar_t>(a[d]);
           });
     });
   });
@@ -320,21 +332,35 @@ void embedding_bags_fused_update_cpu(at::TensorList weights, at::TensorList accu
       const acc_t step = static_cast<acc_t>(lr);
       const acc_t epsilon = static_cast<acc_t>(eps);
       reduce_rows<scalar_t, index_t>(groups, p.layout, p.grad_output, p.offsets, p.per_sample_weights, p.pooling,
-          [&](int64_t t, int64_t row, int64_t, const acc_t* a, int64_t dim) {
-            scalar_t* __restrict w = table_data[t] + row * row_stride[t];
+          [&](int64_t t, const int64_t* rows, int64_t, int64_t count, const acc_t* a, int64_t dim) {
+            const int64_t stride = row_stride[t];
+            scalar_t* table = table_data[t];
             if (!adagrad) {
-              for (int64_t d = 0; d < dim; ++d) w[d] = static_cast<scalar_t>(static_cast<acc_t>(w[d]) - step * a[d]);
+              for (int64_t k = 0; k < count; ++k) {
+                scalar_t* __restrict w = table + rows[k] * stride;
+                const acc_t* __restrict ak = a + k * dim;
+                for (int64_t d = 0; d < dim; ++d) w[d] = static_cast<scalar_t>(static_cast<acc_t>(w[d]) - step * ak[d]);
+              }
               return;
             }
             // FBGEMM EXACT_ROWWISE_ADAGRAD: one accumulator per row, the mean of the squared
-            // row gradient; the row is owned by this thread, so the update is race-free.
-            acc_t square_sum = acc_t(0);
-            for (int64_t d = 0; d < dim; ++d) square_sum += a[d] * a[d];
-            float& accumulator = acc_data[t][row];
-            if (dim > 0) accumulator += static_cast<float>(square_sum / static_cast<acc_t>(dim));
-            const acc_t denom = std::sqrt(static_cast<acc_t>(accumulator)) + epsilon;
-            for (int64_t d = 0; d < dim; ++d) {
-              w[d] = static_cast<scalar_t>(static_cast<acc_t>(w[d]) - step * a[d] / denom);
+            // row gradient. Each row is owned by this thread, so the update is race-free. The
+            // accumulators of the batch are read first, together (independent misses).
+            acc_t multiplier[kBatch];
+            float* accumulator = acc_data[t];
+            for (int64_t k = 0; k < count; ++k) {
+              const acc_t* __restrict ak = a + k * dim;
+              acc_t square_sum = acc_t(0);
+              for (int64_t d = 0; d < dim; ++d) square_sum += ak[d] * ak[d];
+              float& slot = accumulator[rows[k]];
+              if (dim > 0) slot += static_cast<float>(square_sum / static_cast<acc_t>(dim));
+              multiplier[k] = step / (std::sqrt(static_cast<acc_t>(slot)) + epsilon);
+            }
+            for (int64_t k = 0; k < count; ++k) {
+              scalar_t* __restrict w = table + rows[k] * stride;
+              const acc_t* __restrict ak = a + k * dim;
+              const acc_t m = multiplier[k];
+              for (int64_t d = 0; d < dim; ++d) w[d] = static_cast<scalar_t>(static_cast<acc_t>(w[d]) - m * ak[d]);
             }
           });
     });

@@ -24,15 +24,104 @@ namespace mtkernels {
 namespace embedding_bags {
 namespace {
 
-// How many indices ahead the row of a later index is prefetched (FBGEMM uses 16 for its JIT
-// kernels; 8 is enough here: each row is 1..8 cache lines).
-constexpr int64_t kPrefetchDistance = 8;
+// How many indices ahead the row of a later index is prefetched (FBGEMM's EmbeddingSpMDM uses
+// 16): the gathers are random rows of large tables, so they are bound by memory latency, and the
+// prefetches keep several misses in flight. Indices of the following bags of the same feature are
+// prefetched too (with pooling factor 1 a bag has a single index).
+constexpr int64_t kPrefetchDistance = 16;
 
+// The id ahead may not be bounds-checked yet: the address is formed as an integer (no
+// out-of-object pointer arithmetic) and x86/ARM prefetches never fault, so a bad id costs at most
+// a useless prefetch; it is caught before its row is read.
 template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t dim) {
-  const char* p = reinterpret_cast<const char*>(row);
+inline void prefetch_row(const scalar_t* table, int64_t row, int64_t row_stride, int64_t dim) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(table) +
+                            static_cast<uintptr_t>(row * row_stride) * sizeof(scalar_t);
   const int64_t bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 1);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(address + b), 0, 3);
+}
+
+// What one bag needs: its index range, the table and where its pooled row goes.
+template <typename scalar_t, typename index_t>
+struct BagTask {
+  const index_t* indices;
+  const scalar_t* per_sample_weights;  // nullptr: unweighted
+  const scalar_t* table;
+  int64_t row_stride;
+  int64_t dim;
+  int64_t start, stop;
+  int64_t prefetch_stop;  // end of this feature's ids: the ids ahead that index the same table
+};
+
+// Pools columns [column, column + kWidth) of the bag: the kWidth accumulators have a
+// compile-time size, so they live in vector registers across the whole bag instead of being
+// re-loaded and re-stored for every index (what FBGEMM's JIT kernels do with their registers).
+template <int kWidth, bool kWeighted, typename scalar_t, typename index_t, typename acc_t>
+inline void pool_columns(const BagTask<scalar_t, index_t>& bag, int64_t column, acc_t scale, scalar_t* out) {
+  acc_t acc[kWidth];
+  for (int d = 0; d < kWidth; ++d) acc[d] = acc_t(0);
+  for (int64_t p = bag.start; p < bag.stop; ++p) {
+    if (column == 0 && p + kPrefetchDistance < bag.prefetch_stop) {
+      prefetch_row(bag.table, static_cast<int64_t>(bag.indices[p + kPrefetchDistance]), bag.row_stride, bag.dim);
+    }
+    const scalar_t* __restrict src = bag.table + static_cast<int64_t>(bag.indices[p]) * bag.row_stride + column;
+    if (kWeighted) {
+      const acc_t w = static_cast<acc_t>(bag.per_sample_weights[p]);
+      for (int d = 0; d < kWidth; ++d) acc[d] += w * static_cast<acc_t>(src[d]);
+    } else {
+      for (int d = 0; d < kWidth; ++d) acc[d] += static_cast<acc_t>(src[d]);
+    }
+  }
+  for (int d = 0; d < kWidth; ++d) out[column + d] = static_cast<scalar_t>(acc[d] * scale);
+}
+
+template <bool kWeighted, typename scalar_t, typename index_t, typename acc_t>
+inline void pool_bag(const BagTask<scalar_t, index_t>& bag, acc_t scale, scalar_t* out) {
+  int64_t column = 0;
+  // 64 columns at a time (8 AVX2 registers of float32), then narrower blocks for the tail
+  for (; column + 64 <= bag.dim; column += 64) pool_columns<64, kWeighted>(bag, column, scale, out);
+  if (column + 32 <= bag.dim) { pool_columns<32, kWeighted>(bag, column, scale, out); column += 32; }
+  if (column + 16 <= bag.dim) { pool_columns<16, kWeighted>(bag, column, scale, out); column += 16; }
+  if (column + 8 <= bag.dim) { pool_columns<8, kWeighted>(bag, column, scale, out); column += 8; }
+  for (; column < bag.dim; ++column) pool_columns<1, kWeighted>(bag, column, scale, out);
+}
+
+// Pools bags [bag_begin, bag_end) of one feature whose ids are all in range. The per-bag work is
+// kept minimal (no division, no per-bag lookups of the feature's table): with pooling factor 1
+// a bag is a single row, and a short loop body lets the out-of-order core keep several row
+// misses in flight. kWidth > 0: the dim is a multiple of kWidth (register-blocked pass per
+// kWidth columns); kWidth == 0: any dim.
+template <int kWidth, bool kWeighted, typename scalar_t, typename index_t, typename acc_t>
+void pool_feature(BagTask<scalar_t, index_t> bag, const index_t* off, int64_t bag_begin, int64_t bag_end,
+                  bool mean, scalar_t* dst, int64_t dst_stride) {
+  for (int64_t b = bag_begin; b < bag_end; ++b, dst += dst_stride) {
+    bag.start = off[b];
+    bag.stop = off[b + 1];
+    const acc_t scale = (mean && bag.stop > bag.start) ? acc_t(1) / static_cast<acc_t>(bag.stop - bag.start) : acc_t(1);
+    if (kWidth == 0) {
+      pool_bag<kWeighted>(bag, scale, dst);
+    } else {
+      for (int64_t column = 0; column < bag.dim; column += kWidth) {
+        pool_columns<kWidth, kWeighted>(bag, column, scale, dst);
+      }
+    }
+  }
+}
+
+template <bool kWeighted, typename scalar_t, typename index_t, typename acc_t>
+void pool_feature_any_dim(const BagTask<scalar_t, index_t>& bag, const index_t* off, int64_t bag_begin,
+                          int64_t bag_end, bool mean, scalar_t* dst, int64_t dst_stride) {
+  if (bag.dim % 64 == 0) {
+    pool_feature<64, kWeighted, scalar_t, index_t, acc_t>(bag, off, bag_begin, bag_end, mean, dst, dst_stride);
+  } else if (bag.dim == 32) {
+    pool_feature<32, kWeighted, scalar_t, index_t, acc_t>(bag, off, bag_begin, bag_end, mean, dst, dst_stride);
+  } else if (bag.dim == 16) {
+    pool_feature<16, kWeighted, scalar_t, index_t, acc_t>(bag, off, bag_begin, bag_end, mean, dst, dst_stride);
+  } else if (bag.dim == 8) {
+    pool_feature<8, kWeighted, scalar_t, index_t, acc_t>(bag, off, bag_begin, bag_end, mean, dst, dst_stride);
+  } else {
+    pool_feature<0, kWeighted, scalar_t, index_t, acc_t>(bag, off, bag_begin, bag_end, mean, dst, dst_stride);
+  }
 }
 
 template <typename scalar_t, typename index_t>
@@ -44,57 +133,45 @@ void forward_kernel(const std::vector<at::Tensor>& weights, const at::Tensor& in
   const index_t* off = offsets.data_ptr<index_t>();
   const scalar_t* psw = per_sample_weights.has_value() ? per_sample_weights->data_ptr<scalar_t>() : nullptr;
   scalar_t* out = output.data_ptr<scalar_t>();
-  const int64_t num_bags = layout.num_features * layout.batch_size;
-  std::vector<const scalar_t*> table_data;
-  std::vector<int64_t> row_stride;
-  for (const auto& w : weights) {
-    table_data.push_back(w.data_ptr<scalar_t>());
-    row_stride.push_back(w.stride(0));
-  }
+  const int64_t batch = layout.batch_size;
+  const int64_t num_bags = layout.num_features * batch;
+  const bool mean = pooling == Pooling::kMean;
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
 
   at::parallel_for(0, num_bags, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(static_cast<size_t>(layout.max_dim));
-    acc_t* __restrict a = acc.data();
-    for (int64_t bag = begin; bag < end; ++bag) {
-      const int64_t f = bag / layout.batch_size;
-      const int64_t b = bag - f * layout.batch_size;
+    // the chunk [begin, end) of bags, split at feature boundaries
+    for (int64_t bag_begin = begin; bag_begin < end;) {
+      const int64_t f = bag_begin / batch;
+      const int64_t bag_end = std::min(end, (f + 1) * batch);
       const int64_t t = layout.feature_table[f];
-      const int64_t dim = layout.dim[t];
-      const int64_t num_rows = layout.num_rows[t];
-      const scalar_t* table = table_data[t];
-      const int64_t stride = row_stride[t];
-      const int64_t start = off[bag];
-      const int64_t stop = off[bag + 1];
-      const int64_t feature_stop = off[(f + 1) * layout.batch_size];
-      for (int64_t d = 0; d < dim; ++d) a[d] = acc_t(0);
-      for (int64_t p = start; p < stop; ++p) {
-        const int64_t row = idx[p];
-        // one unsigned compare catches both row < 0 and row >= num_rows
-        if (static_cast<uint64_t>(row) >= static_cast<uint64_t>(num_rows)) {
-          int64_t seen = first_bad.load(std::memory_order_relaxed);
-          while (p < seen && !first_bad.compare_exchange_weak(seen, p)) {
-          }
-          break;
-        }
-        if (p + kPrefetchDistance < feature_stop) {
-          const int64_t ahead = idx[p + kPrefetchDistance];
-          if (static_cast<uint64_t>(ahead) < static_cast<uint64_t>(num_rows)) {
-            prefetch_row(table + ahead * stride, dim);
-          }
-        }
-        const scalar_t* __restrict src = table + row * stride;
-        if (psw != nullptr) {
-          const acc_t w = static_cast<acc_t>(psw[p]);
-          for (int64_t d = 0; d < dim; ++d) a[d] += w * static_cast<acc_t>(src[d]);
-        } else {
-          for (int64_t d = 0; d < dim; ++d) a[d] += static_cast<acc_t>(src[d]);
-        }
+      const at::Tensor& table = weights[t];
+      BagTask<scalar_t, index_t> bag{idx, psw, table.data_ptr<scalar_t>(), table.stride(0), layout.dim[t], 0, 0,
+                                     static_cast<int64_t>(off[(f + 1) * batch])};
+      scalar_t* dst = out + (bag_begin - f * batch) * layout.total_dim + layout.column[f];
+      // Bounds check every id of these bags in one sequential pass (branch-free OR, vectorised)
+      // before any row is read; only when it fails is the bad position searched for.
+      const uint64_t num_rows = static_cast<uint64_t>(layout.num_rows[t]);
+      const int64_t p_begin = off[bag_begin], p_end = off[bag_end];
+      bool any_bad = false;
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        any_bad |= static_cast<uint64_t>(static_cast<int64_t>(idx[p])) >= num_rows;
       }
-      acc_t scale = acc_t(1);
-      if (pooling == Pooling::kMean && stop > start) scale = acc_t(1) / static_cast<acc_t>(stop - start);
-      scalar_t* __restrict dst = out + b * layout.total_dim + layout.column[f];
-      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(a[d] * scale);
+      if (any_bad) {
+        for (int64_t p = p_begin; p < p_end; ++p) {
+          if (static_cast<uint64_t>(static_cast<int64_t>(idx[p])) >= num_rows) {
+            int64_t seen = first_bad.load(std::memory_order_relaxed);
+            while (p < seen && !first_bad.compare_exchange_weak(seen, p)) {
+            }
+            break;
+          }
+        }
+        // the output is discarded: an IndexError is raised below
+      } else if (psw != nullptr) {
+        pool_feature_any_dim<true, scalar_t, index_t, acc_t>(bag, off, bag_begin, bag_end, mean, dst, layout.total_dim);
+      } else {
+        pool_feature_any_dim<false, scalar_t, index_t, acc_t>(bag, off, bag_begin, bag_end, mean, dst, layout.total_dim);
+      }
+      bag_begin = bag_end;
     }
   });
   const int64_t bad = first_bad.load();

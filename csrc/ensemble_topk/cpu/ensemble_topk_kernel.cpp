@@ -18,9 +18,11 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <string_view>
 #include <vector>
 
@@ -80,7 +82,23 @@ inline const float* as_float(const c10::Half* source, int64_t count, float* buff
   return buffer;
 }
 
-// ---- weighted fusion of one chunk -----------------------------------------------------------------
+// ---- weighted fusion -----------------------------------------------------------------------------
+
+// The sources of non-zero weight: a zero-weight source contributes nothing, not even the NaN of
+// 0 * inf, so it is never read.
+struct Source {
+  const char* data;    // row 0, item 0
+  int64_t row_stride;  // in elements
+  float weight;
+  int64_t transform;
+};
+
+// One source's scores for the current chunk, as float32.
+struct ChunkSource {
+  const float* x;
+  float weight;
+  int64_t transform;
+};
 
 template <int64_t kTransform>
 MTK_INLINE float apply(float x) {
@@ -93,87 +111,216 @@ MTK_INLINE float apply(float x) {
   }
 }
 
-// fused[i] (+)= weight * transform(x[i]); the first active source assigns, the others add.
+#if defined(MTK_HAVE_AVX2)
+template <int64_t kTransform>
+MTK_INLINE __m256 apply(__m256 x) {
+  if constexpr (kTransform == kSigmoid) {
+    return fast_math::avx2::sigmoid(x);
+  } else if constexpr (kTransform == kLogSigmoid) {
+    return fast_math::avx2::log_sigmoid(x);
+  } else {
+    return x;
+  }
+}
+#endif
+
+// fused[i] (+)= weight * transform(x[i]) over a chunk: one source at a time, in source order, so
+// each loop is a straight vector loop. The first source's term is assigned (not added to 0) and
+// later terms use one fused multiply-add, in the vector body and the scalar tail alike.
 template <int64_t kTransform>
 void accumulate(float* __restrict fused, const float* __restrict x, int64_t count, float weight,
                 bool first) {
+  int64_t i = 0;
+#if defined(MTK_HAVE_AVX2)
+  const __m256 w = _mm256_set1_ps(weight);
   if (first) {
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) {
-      fused[i] = weight * apply<kTransform>(x[i]);
+    for (; i + 8 <= count; i += 8) {
+      _mm256_storeu_ps(fused + i, _mm256_mul_ps(w, apply<kTransform>(_mm256_loadu_ps(x + i))));
     }
   } else {
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) {
-      fused[i] += weight * apply<kTransform>(x[i]);
+    for (; i + 8 <= count; i += 8) {
+      const __m256 term = apply<kTransform>(_mm256_loadu_ps(x + i));
+      _mm256_storeu_ps(fused + i, _mm256_fmadd_ps(w, term, _mm256_loadu_ps(fused + i)));
     }
   }
-}
-
-void accumulate(int64_t transform, float* fused, const float* x, int64_t count, float weight,
-                bool first) {
-  switch (transform) {
-    case kSigmoid:
-      accumulate<kSigmoid>(fused, x, count, weight, first);
-      break;
-    case kLogSigmoid:
-      accumulate<kLogSigmoid>(fused, x, count, weight, first);
-      break;
-    default:
-      accumulate<kIdentity>(fused, x, count, weight, first);
+#endif
+  for (; i < count; ++i) {
+    const float term = apply<kTransform>(x[i]);
+    fused[i] = first ? weight * term : std::fma(weight, term, fused[i]);
   }
 }
 
-// The sources of non-zero weight: a zero-weight source contributes nothing, not even the NaN of
-// 0 * inf, so it is never read.
-struct Source {
-  const char* data;     // row 0, item 0
-  int64_t row_stride;   // in elements
-  float weight;
-  int64_t transform;
+void accumulate(const ChunkSource& source, float* fused, int64_t count, bool first) {
+  switch (source.transform) {
+    case kSigmoid:
+      accumulate<kSigmoid>(fused, source.x, count, source.weight, first);
+      break;
+    case kLogSigmoid:
+      accumulate<kLogSigmoid>(fused, source.x, count, source.weight, first);
+      break;
+    default:
+      accumulate<kIdentity>(fused, source.x, count, source.weight, first);
+  }
+}
+
+// Upper bound of the fused scores, for pruning in the style of MaxScore (Turtle and Flood, 1995):
+// an item whose bound does not exceed the current top-k threshold cannot enter the top-k, so its
+// transforms are never computed. Each term w * t(x) is bounded by w * clamp(a * x + b, lo, hi),
+// a handful of vector operations against the ~20 of an exact sigmoid:
+//   identity:            x itself (a = 1, b = 0, no clamp);
+//   sigmoid, w >= 0:     sigmoid(x) <= clamp(1/2 + x/4, 1/2, 1)  (the tangent at 0 bounds the
+//                        concave half; sigmoid <= 1/2 on the other);
+//   sigmoid, w < 0:      sigmoid(x) >= clamp(1/2 + x/4, 0, 1/2)  (the same, mirrored);
+//   log-sigmoid, w >= 0: log sigmoid(x) <= min(x, 0);
+//   log-sigmoid, w < 0:  log sigmoid(x) >= min(x, 0) - log 2.
+// The bound must hold for the rounded scores too: `margin` (a few ulps of the sum of the terms'
+// magnitudes) covers the rounding of both sums and the 1-3 ulp error of fast_math.
+struct TermBound {
+  float a, b, lo, hi;
 };
 
-// One row's exclusions, sorted so that each chunk walks its own part of the list.
-void sorted_exclusions(const int64_t* offsets, const int64_t* indices, int64_t row,
-                       std::vector<int64_t>& out) {
-  out.assign(indices + offsets[row], indices + offsets[row + 1]);
-  std::sort(out.begin(), out.end());
+TermBound term_bound(const Source& source) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  constexpr float kLog2Below = -0.693147242f;  // -log(2) rounded down
+  switch (source.transform) {
+    case kSigmoid:
+      return source.weight >= 0.0f ? TermBound{0.25f, 0.5f, 0.5f, 1.0f}
+                                   : TermBound{0.25f, 0.5f, 0.0f, 0.5f};
+    case kLogSigmoid:
+      return source.weight >= 0.0f ? TermBound{1.0f, 0.0f, -kInf, 0.0f}
+                                   : TermBound{1.0f, kLog2Below, -kInf, kLog2Below};
+    default:
+      return TermBound{1.0f, 0.0f, -kInf, kInf};
+  }
+}
+
+// Appends to `candidates` the items i of the chunk whose bound (sum over sources of the term
+// bounds, plus the rounding margin) exceeds `threshold`; returns their number. One pass over the
+// chunk, all sources at once, nothing stored but the candidates.
+int64_t find_candidates(const std::vector<ChunkSource>& chunk, const std::vector<TermBound>& bounds,
+                        int64_t count, float threshold, float margin, int32_t* candidates) {
+  const size_t num_sources = chunk.size();
+  int64_t num_candidates = 0;
+  int64_t i = 0;
+#if defined(MTK_HAVE_AVX2)
+  const __m256 threshold8 = _mm256_set1_ps(threshold);
+  const __m256 margin8 = _mm256_set1_ps(margin);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (; i + 8 <= count; i += 8) {
+    __m256 upper = _mm256_setzero_ps();
+    __m256 magnitude = _mm256_setzero_ps();
+    for (size_t s = 0; s < num_sources; ++s) {
+      const TermBound& bound = bounds[s];
+      const __m256 x = _mm256_loadu_ps(chunk[s].x + i);
+      // min/max return their second operand on NaN: a NaN score keeps a NaN bound
+      const __m256 t = _mm256_min_ps(
+          _mm256_set1_ps(bound.hi),
+          _mm256_max_ps(_mm256_set1_ps(bound.lo),
+                        _mm256_fmadd_ps(x, _mm256_set1_ps(bound.a), _mm256_set1_ps(bound.b))));
+      const __m256 term = _mm256_mul_ps(_mm256_set1_ps(chunk[s].weight), t);
+      upper = _mm256_add_ps(upper, term);
+      magnitude = _mm256_add_ps(magnitude, _mm256_andnot_ps(sign, term));
+    }
+    upper = _mm256_fmadd_ps(magnitude, margin8, upper);
+    auto passed =
+        static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(upper, threshold8, _CMP_GT_OQ)));
+    while (passed != 0) {
+      candidates[num_candidates++] = static_cast<int32_t>(i + std::countr_zero(passed));
+      passed &= passed - 1;
+    }
+  }
+#endif
+  for (; i < count; ++i) {
+    float upper = 0.0f;
+    float magnitude = 0.0f;
+    for (size_t s = 0; s < num_sources; ++s) {
+      const TermBound& bound = bounds[s];
+      float t = std::fma(chunk[s].x[i], bound.a, bound.b);
+      t = bound.lo > t ? bound.lo : t;  // NaN kept
+      t = bound.hi < t ? bound.hi : t;
+      const float term = chunk[s].weight * t;
+      upper += term;
+      magnitude += std::fabs(term);
+    }
+    if (std::fma(magnitude, margin, upper) > threshold) {
+      candidates[num_candidates++] = static_cast<int32_t>(i);
+    }
+  }
+  return num_candidates;
+}
+
+// One row's sorted exclusions (buffer reused across rows).
+ExclusionCursor row_exclusions(const int64_t* offsets, const int64_t* indices, int64_t row,
+                               std::vector<int64_t>& buffer) {
+  if (offsets == nullptr) {
+    return {};
+  }
+  buffer.assign(indices + offsets[row], indices + offsets[row + 1]);
+  std::sort(buffer.begin(), buffer.end());
+  return {buffer.data(), buffer.data() + buffer.size()};
 }
 
 template <typename scalar_t>
 void weighted_rows(const std::vector<Source>& sources, int64_t num_items, int64_t k,
                    const int64_t* exclude_offsets, const int64_t* exclude_indices, int64_t row_begin,
                    int64_t row_end, float* out_values, int64_t* out_indices) {
+  const size_t num_sources = sources.size();
+  std::vector<TermBound> bounds;
+  for (const Source& source : sources) {
+    bounds.push_back(term_bound(source));
+  }
+  const float margin = static_cast<float>(num_sources + 8) * std::numeric_limits<float>::epsilon();
+  std::vector<ChunkSource> chunk(num_sources);
+  for (size_t s = 0; s < num_sources; ++s) {
+    chunk[s] = {nullptr, sources[s].weight, sources[s].transform};
+  }
+  std::vector<float> converted(std::is_same_v<scalar_t, float> ? 0 : num_sources * kChunk);
   std::vector<float> fused(kChunk);
-  std::vector<float> converted(kChunk);
+  std::vector<float> gathered(num_sources * kChunk);
+  std::vector<int32_t> candidates(kChunk);
   std::vector<int64_t> excluded;
   TopKSelector selector;
-  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
   for (int64_t row = row_begin; row < row_end; ++row) {
-    excluded.clear();
-    if (exclude_offsets != nullptr) {
-      sorted_exclusions(exclude_offsets, exclude_indices, row, excluded);
-    }
-    size_t next_excluded = 0;
+    ExclusionCursor cursor = row_exclusions(exclude_offsets, exclude_indices, row, excluded);
     selector.reset(k, num_items);
     for (int64_t start = 0; start < num_items; start += kChunk) {
       const int64_t count = std::min(kChunk, num_items - start);
-      bool first = true;
-      for (const Source& source : sources) {
-        const auto* row_scores =
-            reinterpret_cast<const scalar_t*>(source.data) + row * source.row_stride + start;
-        const float* x = as_float(row_scores, count, converted.data());
-        accumulate(source.transform, fused.data(), x, count, source.weight, first);
-        first = false;
+      for (size_t s = 0; s < num_sources; ++s) {
+        const auto* row_scores = reinterpret_cast<const scalar_t*>(sources[s].data) +
+                                 row * sources[s].row_stride + start;
+        chunk[s].x = as_float(row_scores, count, converted.data() + s * kChunk);
       }
-      if (first) {  // no source of non-zero weight: every fused score is 0
-        std::fill(fused.begin(), fused.begin() + count, 0.0f);
+      if (selector.filling()) {
+        // Every item's fused score, source by source, then the threshold scan.
+        for (size_t s = 0; s < num_sources; ++s) {
+          accumulate(chunk[s], fused.data(), count, s == 0);
+        }
+        if (num_sources == 0) {
+          std::fill(fused.begin(), fused.begin() + count, 0.0f);
+        }
+        selector.offer(fused.data(), count, start, cursor);
+        continue;
       }
-      for (; next_excluded < excluded.size() && excluded[next_excluded] < start + count;
-           ++next_excluded) {
-        fused[excluded[next_excluded] - start] = kNaN;
+      // Pruning: the bound of every item, then the exact score of the few items whose bound
+      // exceeds the threshold (gathered into short arrays, so the loops stay vector loops; the
+      // chunk is in L1/L2 by then, having just been read by the bound pass).
+      const int64_t num_candidates = find_candidates(chunk, bounds, count, selector.threshold(),
+                                                     margin, candidates.data());
+      if (num_candidates == 0) {
+        continue;
       }
-      selector.offer(fused.data(), count, start);
+      for (size_t s = 0; s < num_sources; ++s) {
+        float* gathered_x = gathered.data() + s * kChunk;
+        const float* x = chunk[s].x;
+        for (int64_t c = 0; c < num_candidates; ++c) {
+          gathered_x[c] = x[candidates[c]];
+        }
+        accumulate(ChunkSource{gathered_x, chunk[s].weight, chunk[s].transform}, fused.data(),
+                   num_candidates, s == 0);
+      }
+      for (int64_t c = 0; c < num_candidates; ++c) {
+        selector.offer(&fused[c], 1, start + candidates[c], cursor);
+      }
     }
     selector.finish(out_values + row * k, out_indices + row * k);
   }
@@ -261,7 +408,8 @@ void rrf_rows(const std::vector<Source>& sources, int64_t num_items, int64_t k, 
       }
     }
     selector.reset(k, num_items);
-    selector.offer(fused.data(), num_items, 0);
+    ExclusionCursor none;
+    selector.offer(fused.data(), num_items, 0, none);
     selector.finish(out_values + row * k, out_indices + row * k);
   }
 }

@@ -21,6 +21,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace mtkernels {
 
 // Maps a non-NaN float to a uint32 that sorts like the float (-0.0 and +0.0 first made equal).
@@ -34,6 +38,26 @@ inline float from_ordered_key(uint32_t key) {
   return std::bit_cast<float>(bits);
 }
 
+// One row's excluded items, sorted, queried with non-decreasing item indices (the order in which
+// the selector meets items), so each query is amortised O(1).
+class ExclusionCursor {
+ public:
+  ExclusionCursor() = default;
+  ExclusionCursor(const int64_t* sorted_begin, const int64_t* sorted_end)
+      : next_(sorted_begin), end_(sorted_end) {}
+
+  bool excludes(int64_t index) {
+    while (next_ != end_ && *next_ < index) {
+      ++next_;
+    }
+    return next_ != end_ && *next_ == index;
+  }
+
+ private:
+  const int64_t* next_ = nullptr;
+  const int64_t* end_ = nullptr;
+};
+
 class TopKSelector {
  public:
   // Prepares for a new row of `num_items` items.
@@ -46,13 +70,19 @@ class TopKSelector {
     threshold_ = std::numeric_limits<float>::infinity();  // k = 0: nothing passes
   }
 
-  // Offers items start .. start + length - 1 with fused values `values` (NaN: not an item).
-  void offer(const float* values, int64_t length, int64_t start) {
+  // True until k items are held: then every number is kept (including -inf).
+  bool filling() const { return filling_; }
+
+  // The value an item must exceed to be kept (once not filling).
+  float threshold() const { return threshold_; }
+
+  // Offers items start .. start + length - 1 with fused values `values` (NaN: not an item);
+  // items the cursor excludes are skipped.
+  void offer(const float* values, int64_t length, int64_t start, ExclusionCursor& excluded) {
     int64_t i = 0;
-    // Until k items are held every number is kept (including -inf).
     for (; filling_ && i < length; ++i) {
       const float v = values[i];
-      if (v == v) {
+      if (v == v && !excluded.excludes(start + i)) {
         items_.push_back(pack(v, start + i));
         if (static_cast<int64_t>(items_.size()) == k_) {
           filling_ = false;
@@ -61,24 +91,39 @@ class TopKSelector {
         }
       }
     }
+    // Blocks of 16 items: one vector comparison each, scalar work only for the lanes that pass.
     constexpr int64_t kBlock = 16;
     for (; i + kBlock <= length; i += kBlock) {
-      const float threshold = threshold_;
-      bool any = false;
-#pragma omp simd reduction(| : any)
-      for (int64_t j = 0; j < kBlock; ++j) {
-        any |= values[i + j] > threshold;
+#if defined(__AVX2__)
+      const __m256 threshold = _mm256_set1_ps(threshold_);
+      const __m256 low = _mm256_cmp_ps(_mm256_loadu_ps(values + i), threshold, _CMP_GT_OQ);
+      const __m256 high = _mm256_cmp_ps(_mm256_loadu_ps(values + i + 8), threshold, _CMP_GT_OQ);
+      uint32_t passed = static_cast<uint32_t>(_mm256_movemask_ps(low)) |
+                        (static_cast<uint32_t>(_mm256_movemask_ps(high)) << 8);
+      while (passed != 0) {
+        const int j = std::countr_zero(passed);
+        passed &= passed - 1;
+        if (values[i + j] > threshold_ && !excluded.excludes(start + i + j)) {
+          insert(values[i + j], start + i + j);  // (the threshold may have risen in this block)
+        }
       }
-      if (any) {
+#else
+      const float threshold = threshold_;
+      int passed = 0;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        passed += values[i + j] > threshold;
+      }
+      if (passed != 0) {
         for (int64_t j = 0; j < kBlock; ++j) {
-          if (values[i + j] > threshold_) {
+          if (values[i + j] > threshold_ && !excluded.excludes(start + i + j)) {
             insert(values[i + j], start + i + j);
           }
         }
       }
+#endif
     }
     for (; i < length; ++i) {
-      if (values[i] > threshold_) {
+      if (values[i] > threshold_ && !excluded.excludes(start + i)) {
         insert(values[i], start + i);
       }
     }

@@ -57,8 +57,9 @@ constexpr int kTile = kThreads * kItemsPerThread;  // items a block scores betwe
 // The candidate buffer holds k kept items plus one tile: 4096 keys (32 KiB) allows k <= 3072.
 constexpr int kMaxBuffer = 4096;
 constexpr int64_t kMaxSharedK = kMaxBuffer - kTile;
-// Elements of one [rows, N] int64 chunk of the composite paths (2 GiB).
-constexpr int64_t kChunkElements = int64_t{1} << 28;
+// Elements of one [rows, N] chunk of the composite paths (512 MiB per int64 matrix; rrf holds
+// about six such matrices at once).
+constexpr int64_t kChunkElements = int64_t{1} << 26;
 
 // One source of non-zero weight, as the kernel reads it.
 struct SourceMeta {

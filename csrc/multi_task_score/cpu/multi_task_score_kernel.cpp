@@ -4,7 +4,9 @@
 //   1. One ATen product x [M, D] x [D, E*H_1 + T*E] gives every expert's first layer and every
 //      gate's logits at once (the packer stores the gate rows right after the expert first-layer
 //      rows; other layouts are concatenated once per call). It is the bulk of the FLOPs and
-//      MKL's full-size product runs it faster than per-block calls.
+//      MKL's full-size product runs it faster than per-block calls. Serving-sized calls (up to
+//      256 rows per thread) instead make it per block inside the parallel region below, so the
+//      whole call is one fork/join.
 //   2. One at::parallel_for over blocks of rows does the rest with the block's activations in
 //      L1/L2: bias + ReLU, the masked gate softmax, the remaining expert layers, the per-task
 //      mixtures, the towers and the transforms. Its matrix products are small (e.g. [B,128] x
@@ -25,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -41,6 +44,8 @@ typedef float vec8 __attribute__((vector_size(32)));
 typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4)));
 constexpr int64_t kPanel = 16;  // columns per packed weight panel (two vec8)
 constexpr int64_t kTileRows = 6;  // rows per micro-kernel tile: 12 accumulators + 3 in 16 registers
+constexpr int64_t kBlockRows = 96;  // rows per block of the streaming pass (large calls)
+constexpr int64_t kOnePassRows = 256;  // up to this many rows per thread: one block per thread
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -156,7 +161,9 @@ bool adjacent(const at::Tensor& first, const at::Tensor& second) {
              static_cast<const char*>(second.const_data_ptr());
 }
 
-at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); }
+at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
+}
 
 at::Tensor multi_task_score_cpu(const at::Tensor& x_in, at::TensorList expert_weights_in,
                                 at::TensorList expert_biases_in, const at::Tensor& gate_weight,
@@ -202,8 +209,9 @@ at::Tensor multi_task_score_cpu(const at::Tensor& x_in, at::TensorList expert_we
 
   std::vector<at::Tensor> expert_weights, expert_biases, tower_weights, tower_biases;
   for (size_t l = 0; l < expert_weights_in.size(); ++l) {
-    expert_weights.push_back(as_float(expert_weights_in[l]));
-    expert_biases.push_back(as_float(expert_biases_in[l]));
+    // layer 0 is read through first_weight / first_bias
+    expert_weights.push_back(l == 0 ? at::Tensor() : as_float(expert_weights_in[l]));
+    expert_biases.push_back(l == 0 ? at::Tensor() : as_float(expert_biases_in[l]));
   }
   for (size_t k = 0; k < tower_weights_in.size(); ++k) {
     tower_weights.push_back(as_float(tower_weights_in[k]));
@@ -213,28 +221,38 @@ at::Tensor multi_task_score_cpu(const at::Tensor& x_in, at::TensorList expert_we
   const PackedLayers experts = pack_layers(expert_weights, expert_biases, 1, num_expert_layers);
   const PackedLayers towers = pack_layers(tower_weights, tower_biases, 0, num_tower_layers - 1);
 
-  // 1. Every expert's first layer and every gate's logits, one product (bias added below).
-  at::Tensor first = at::mm(x, first_weight.t());  // [M, N1], made here: updated in place below
-
   const int64_t H = d.expert_sizes.back();  // mixture width
   const int64_t G_last = num_tower_layers > 1 ? d.tower_sizes[num_tower_layers - 2] : H;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Rows per block: a multiple of the micro-kernel tile, enough blocks for every thread, and a
-  // block's later activations (~E*H_2 floats a row) well inside L2.
-  int64_t block = std::min<int64_t>(96, round_up((M + threads - 1) / threads, kTileRows));
-  block = std::max<int64_t>(block, kTileRows);
+  const int64_t rows_per_thread = round_up((M + threads - 1) / threads, kTileRows);
+  // Serving-sized calls (a few hundred rows) are overhead-bound: one block per thread, the first
+  // product made per block inside the single parallel region (no second fork/join, no
+  // [M, N1] buffer). Larger calls make the first product once, full size, where MKL is fastest,
+  // and then stream blocks of rows small enough that the later activations stay in L2.
+  const bool one_pass = rows_per_thread <= kOnePassRows;
+  const int64_t block = one_pass ? rows_per_thread : std::min<int64_t>(kBlockRows, rows_per_thread);
   const int64_t num_blocks = (M + block - 1) / block;
 
-  float* first_p = first.data_ptr<float>();
+  // 1. Every expert's first layer and every gate's logits, one product (bias added below).
+  at::Tensor first;  // [M, N1], made here and updated in place below
+  if (!one_pass) first = at::mm(x, first_weight.t());
+  const at::Tensor first_t = first_weight.t();
+  const int64_t first_ld = N1;
+
+  float* first_p = one_pass ? nullptr : first.data_ptr<float>();
   const float* b1 = first_bias.const_data_ptr<float>();
   const float* last_w = tower_weights.back().const_data_ptr<float>();  // [T, 1, G_last]
   const float* last_b = tower_biases.back().const_data_ptr<float>();   // [T, 1]
   at::Tensor out_f = x_in.scalar_type() == at::kFloat ? out : at::empty({M, T}, x.options());
   float* out_p = out_f.data_ptr<float>();
 
-  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+  // Blocks are claimed dynamically: on a shared machine a thread that was descheduled finds the
+  // work already taken by the others instead of making them wait at the join.
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, std::min(threads, num_blocks), 1, [&](int64_t, int64_t) {
     // Dispatch state is thread-local and OpenMP workers do not inherit it.
     at::AutoDispatchBelowADInplaceOrView below_autograd_worker;
+    at::Tensor block_first_buf = one_pass ? at::empty({block, N1}, x.options()) : at::Tensor();
     // Per-thread scratch, reused by every block of this thread. Widths padded to 16 columns.
     std::vector<std::vector<float>> layer_buf(num_expert_layers);  // [0]: unused, rows of `first`
     std::vector<int64_t> layer_ld(num_expert_layers);
@@ -250,12 +268,19 @@ at::Tensor multi_task_score_cpu(const at::Tensor& x_in, at::TensorList expert_we
       tower_buf[k].resize(static_cast<size_t>(block * round_up(d.tower_sizes[k], kPanel)));
     std::vector<float> gate(static_cast<size_t>(block * T * E));
 
-    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+    for (int64_t blk = next_block.fetch_add(1); blk < num_blocks; blk = next_block.fetch_add(1)) {
       const int64_t r0 = blk * block;
       const int64_t nb = std::min(block, M - r0);
 
+      float* block_first;
+      if (one_pass) {
+        at::Tensor rows = block_first_buf.narrow(0, 0, nb);
+        at::mm_out(rows, x.narrow(0, r0, nb), first_t);  // one thread's product, inside the region
+        block_first = rows.data_ptr<float>();
+      } else {
+        block_first = first_p + r0 * first_ld;
+      }
       // bias + ReLU of the expert first layers, in place, and the masked gate softmax.
-      float* block_first = first_p + r0 * N1;
       for (int64_t r = 0; r < nb; ++r) {
         float* src = block_first + r * N1;
         for (int64_t j = 0; j < E * H1; ++j) {
