@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["shared_bottom", "mmoe", "ple"])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+seeds-1")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset")
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     results = {"threads": args.threads, "overrides": overrides, "models": {}}
     for backbone in args.models:
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             kwargs = presets.model_kwargs(backbone)
             for key, value in overrides.items():
                 if key in MODEL_KEYS:

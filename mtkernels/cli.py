@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -86,7 +85,8 @@ def cmd_train(args) -> int:
     from .serving import serving_tables
     from .training import TrainConfig, fit, presets
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data_spec = {"name": args.data, "data_dir": args.data_dir, "schema": args.schema}
     data = load_data(data_spec)
     overrides = {"embedding_dim": args.embedding_dim, "use_fused_optimizer": args.embedding_optimizer != "none"}

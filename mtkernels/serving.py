@@ -19,22 +19,11 @@ import torch
 
 from . import ops
 from .evaluation import default_ranking, fused_topk
+from .data import gather_jagged
 from .jagged import KeyedJaggedTensor
 from .training.checkpoint import build_model, load_checkpoint
 
 SERVED_BY = ("model", "side_features", "popularity")
-
-
-def _jagged_select(values: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor):
-    """Bags ``rows`` (may repeat) of a jagged table -> (values, lengths), in ``rows`` order."""
-    starts = offsets[rows]
-    lengths = offsets[rows + 1] - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return values.new_zeros(0), lengths
-    bag_starts = torch.cumsum(lengths, 0) - lengths
-    within = torch.arange(total, dtype=torch.long) - torch.repeat_interleave(bag_starts, lengths)
-    return values[torch.repeat_interleave(starts, lengths) + within], lengths
 
 
 def _lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
@@ -194,11 +183,11 @@ class Ranker:
         for name in self.tables["feature_names"]:
             side = self.tables["feature_sides"][name]
             if side == "user" and name in users["multi"]:
-                v, l = _jagged_select(*users["multi"][name], pair_users)
+                v, l = gather_jagged(*users["multi"][name], pair_users)
             elif side == "user":
                 v, l = users["sparse"][name][pair_users], torch.ones(pair_users.numel(), dtype=torch.long)
             elif side == "item":
-                v, l = _jagged_select(*self.tables["item_bags"][name], pair_items)
+                v, l = gather_jagged(*self.tables["item_bags"][name], pair_items)
             else:  # context features are unknown at serving time: the unknown id 0
                 v = torch.zeros(pair_users.numel(), dtype=torch.long)
                 l = torch.ones(pair_users.numel(), dtype=torch.long)

@@ -186,3 +186,11 @@ def test_train_config_validation():
         TrainConfig(loss_weighting="equal")
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({"epochs": 1, "learning_rate": 0.1})
+
+
+def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
+    path = tmp_path / "perm.pt"
+    save_checkpoint(str(path), {"epoch": 0})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)

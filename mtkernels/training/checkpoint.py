@@ -34,8 +34,12 @@ def atomic_write(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    # mkstemp creates the file 0600; give the final file the usual permissions (0666 & ~umask).
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~umask)
             write(f)
             f.flush()
             os.fsync(f.fileno())
