@@ -4,7 +4,7 @@
 # each op against its torch baseline (benchmarks/gpu_check.py). Budget: under 8 minutes on an H200.
 #
 #   bash benchmarks/gpu_check.sh            # output in $OUT if set, else benchmarks/results/
-#   PYTHON=python3.12 OUT=/tmp/out bash benchmarks/gpu_check.sh
+#   PYTHON=python3.12 OUT="$PWD/gpu-out" bash benchmarks/gpu_check.sh
 #
 # Environment: PYTHON (default python3), CUDA_HOME (default: the toolkit of the real nvcc, or
 # /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0+PTX), MAX_JOBS (default: all cores),
