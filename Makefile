@@ -71,7 +71,7 @@ test-cuda-build: $(CUDA_DEPS) data
 	cd $(CUDA_TREE) && MTKERNELS_REQUIRE_NATIVE=1 $(CUDA_PY) -c "import json, mtkernels; i = mtkernels.info(); \
 	  print(json.dumps(i)); assert i['cuda_built'], 'CUDA kernels not built in'; \
 	  missing = [op for op, d in i['ops'].items() if 'cuda' not in d]; assert not missing, f'no CUDA kernel: {missing}'"
-	cd $(CUDA_TREE) && $(CUDA_PY) -m pytest -q $(CUDA_TESTS)
+	cd $(CUDA_TREE) && MTKERNELS_SHARED_DATA=$(abspath ../shared/data) $(CUDA_PY) -m pytest -q $(CUDA_TESTS)
 
 clean:
 	rm -rf build *.egg-info mtkernels/*.so .pytest_cache
