@@ -11,19 +11,13 @@ import argparse
 import importlib
 import os
 import platform
-import tempfile
 
 import torch
 
+from mtkernels.training.checkpoint import atomic_write
+
 TABLES = {"embedding": "table_embedding", "topk": "table_topk", "mts": "table_mts"}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> None:
@@ -41,7 +35,8 @@ def main(argv=None) -> None:
         print(table, flush=True)
         if not args.no_write:
             os.makedirs(RESULTS, exist_ok=True)
-            _write_atomic(os.path.join(RESULTS, f"{name}-cpu.md"), header + table + "\n")
+            text = header + table + "\n"
+            atomic_write(os.path.join(RESULTS, f"{name}-cpu.md"), lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":
