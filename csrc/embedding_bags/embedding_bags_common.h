@@ -125,5 +125,36 @@ template <typename index_t>
   __builtin_unreachable();
 }
 
+
+// The fused update's own arguments: the optimizer name (returns true for "rowwise_adagrad") and
+// tables that can be written in place.
+inline bool check_fused_optimizer(c10::string_view optimizer, const at::TensorList& weights) {
+  const bool adagrad = optimizer == "rowwise_adagrad";
+  TORCH_CHECK_VALUE(adagrad || optimizer == "sgd", "optimizer must be 'sgd' or 'rowwise_adagrad', got '",
+                    std::string(optimizer), "'");
+  for (size_t t = 0; t < weights.size(); ++t) {
+    // the update writes through the table's own storage: no copies
+    TORCH_CHECK_VALUE(weights[t].dim() != 2 || weights[t].size(1) <= 1 || weights[t].stride(1) == 1,
+                      "weights[", t, "] must have contiguous rows (stride(1) == 1) to be updated in place");
+  }
+  return adagrad;
+}
+
+// Row-wise Adagrad keeps one contiguous float32 accumulator [num_rows[t]] per table.
+inline void check_accumulators(const at::TensorList& accumulators, const at::TensorList& weights,
+                               const Layout& layout) {
+  TORCH_CHECK_VALUE(accumulators.size() == weights.size(), "rowwise_adagrad needs one accumulator per table (",
+                    weights.size(), "), got ", accumulators.size());
+  for (size_t t = 0; t < accumulators.size(); ++t) {
+    const auto& acc = accumulators[t];
+    TORCH_CHECK_TYPE(acc.scalar_type() == at::kFloat, "accumulators[", t, "] must be float32, got ",
+                     acc.scalar_type());
+    TORCH_CHECK_VALUE(acc.dim() == 1 && acc.size(0) == layout.num_rows[t] && acc.is_contiguous(),
+                      "accumulators[", t, "] must be a contiguous [", layout.num_rows[t],
+                      "] tensor, got shape ", acc.sizes());
+    check_same_device(acc, "accumulators", weights[t], "weights");
+  }
+}
+
 }  // namespace embedding_bags
 }  // namespace mtkernels

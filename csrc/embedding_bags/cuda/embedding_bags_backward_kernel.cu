@@ -356,28 +356,9 @@ void embedding_bags_fused_update_cuda(at::TensorList weights, at::TensorList acc
                                       c10::string_view pooling,
                                       const c10::optional<at::Tensor>& per_sample_weights,
                                       c10::string_view optimizer, double lr, double eps) {
-  const bool adagrad = optimizer == "rowwise_adagrad";
-  TORCH_CHECK_VALUE(adagrad || optimizer == "sgd", "optimizer must be 'sgd' or 'rowwise_adagrad', got '",
-                    std::string(optimizer), "'");
-  for (size_t t = 0; t < weights.size(); ++t) {
-    // the update writes through the table's own storage: no copies
-    TORCH_CHECK_VALUE(weights[t].dim() != 2 || weights[t].size(1) <= 1 || weights[t].stride(1) == 1,
-                      "weights[", t, "] must have contiguous rows (stride(1) == 1) to be updated in place");
-  }
+  const bool adagrad = check_fused_optimizer(optimizer, weights);
   Prepared p = prepare(grad_output, weights, indices, offsets, feature_table, pooling, per_sample_weights);
-  if (adagrad) {
-    TORCH_CHECK_VALUE(accumulators.size() == weights.size(), "rowwise_adagrad needs one accumulator per table (",
-                      weights.size(), "), got ", accumulators.size());
-    for (size_t t = 0; t < accumulators.size(); ++t) {
-      const auto& acc = accumulators[t];
-      TORCH_CHECK_TYPE(acc.scalar_type() == at::kFloat, "accumulators[", t, "] must be float32, got ",
-                       acc.scalar_type());
-      TORCH_CHECK_VALUE(acc.dim() == 1 && acc.size(0) == p.layout.num_rows[t] && acc.is_contiguous(),
-                        "accumulators[", t, "] must be a contiguous [", p.layout.num_rows[t],
-                        "] tensor, got shape ", acc.sizes());
-      check_same_device(acc, "accumulators", weights[t], "weights");
-    }
-  }
+  if (adagrad) check_accumulators(accumulators, weights, p.layout);
   const c10::cuda::CUDAGuard device_guard(p.indices.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const std::vector<int64_t> base = table_row_bases(p.layout);
