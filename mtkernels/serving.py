@@ -102,6 +102,39 @@ def serving_tables(data, user_id_feature: str = "user_id") -> Dict[str, object]:
     }
 
 
+def pair_rows(tables: Mapping[str, object], users: Dict[str, object], pair_users: torch.Tensor,
+              pair_items: torch.Tensor):
+    """Model inputs of the (user, item) pairs ``(pair_users[i], pair_items[i])``, laid out as
+    ``MultiTaskData.pair_batch`` lays them out (context features unknown: id 0, dense 0).
+
+    Args:
+        tables: :func:`serving_tables`.
+        users: ``{"sparse": {name: [R]}, "multi": {name: (values, offsets)}, "dense": [R, du]}``
+            (the ``user_*`` entries of ``tables``, possibly with appended rows).
+        pair_users: int64 ``[P]`` rows of ``users``. pair_items: int64 ``[P]`` item positions.
+
+    Returns:
+        ``(KeyedJaggedTensor of P rows, dense [P, dense_dim])``.
+    """
+    values, lengths = [], []
+    for name in tables["feature_names"]:
+        side = tables["feature_sides"][name]
+        if side == "user" and name in users["multi"]:
+            v, l = gather_jagged(*users["multi"][name], pair_users)
+        elif side == "user":
+            v, l = users["sparse"][name][pair_users], torch.ones(pair_users.numel(), dtype=torch.long)
+        elif side == "item":
+            v, l = gather_jagged(*tables["item_bags"][name], pair_items)
+        else:  # context features are unknown at serving time: the unknown id 0
+            v = torch.zeros(pair_users.numel(), dtype=torch.long)
+            l = torch.ones(pair_users.numel(), dtype=torch.long)
+        values.append(v)
+        lengths.append(l)
+    sparse = KeyedJaggedTensor(tables["feature_names"], torch.cat(values), lengths=torch.cat(lengths))
+    dense = torch.cat([users["dense"][pair_users], tables["item_dense"][pair_items]], dim=1)
+    return sparse, dense
+
+
 @dataclasses.dataclass
 class Recommendations:
     """The answer to one request of B users.
@@ -177,25 +210,7 @@ class Ranker:
             ``(KeyedJaggedTensor of U*N rows, dense [U*N, dense_dim])``.
         """
         n_users, n_items = rows.numel(), self.num_items
-        pair_users = rows.repeat_interleave(n_items)
-        pair_items = torch.arange(n_items).repeat(n_users)
-        values, lengths = [], []
-        for name in self.tables["feature_names"]:
-            side = self.tables["feature_sides"][name]
-            if side == "user" and name in users["multi"]:
-                v, l = gather_jagged(*users["multi"][name], pair_users)
-            elif side == "user":
-                v, l = users["sparse"][name][pair_users], torch.ones(pair_users.numel(), dtype=torch.long)
-            elif side == "item":
-                v, l = gather_jagged(*self.tables["item_bags"][name], pair_items)
-            else:  # context features are unknown at serving time: the unknown id 0
-                v = torch.zeros(pair_users.numel(), dtype=torch.long)
-                l = torch.ones(pair_users.numel(), dtype=torch.long)
-            values.append(v)
-            lengths.append(l)
-        sparse = KeyedJaggedTensor(self.tables["feature_names"], torch.cat(values), lengths=torch.cat(lengths))
-        dense = torch.cat([users["dense"][pair_users], self.tables["item_dense"][pair_items]], dim=1)
-        return sparse, dense
+        return pair_rows(self.tables, users, rows.repeat_interleave(n_items), torch.arange(n_items).repeat(n_users))
 
     @torch.no_grad()
     def score(self, users: Dict[str, object], rows: torch.Tensor) -> torch.Tensor:

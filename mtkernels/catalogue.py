@@ -1,0 +1,223 @@
+"""Scoring users against the whole item catalogue with a trained `MultiTaskModel`, factorised.
+
+A pair's model input is ``x = [user-side columns | item-side and context columns]`` and the first
+layer of every expert and every gate is linear in x, so its pre-activation splits into a user part
+and an item part: ``W x + b = W x_user + (W x_item + b)``. :class:`CatalogueScorer` computes the
+user part once per user (``[U, H1]``) and the item part once per item (``[N, H1]``); a pair costs
+one broadcast add, then the rest of the network (deeper expert layers, gate softmax, mixture,
+towers, output transforms). The widest matrix product of the model (``D x H1`` per pair, with
+``D`` = all embeddings + dense columns) and the per-pair feature gathering and embedding lookups
+disappear; this is the split that two-tower retrieval makes exact, and that production rankers
+use to cache user-side computation (e.g. "user-side precomputation" in DLRM-style serving).
+
+Backbones that are not one layer of experts and gates over x (PLE with several levels, ESMM
+without a bottom) fall back to the plain model forward over every pair (same outputs, slower).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .serving import pair_rows
+
+
+def user_table(tables: Mapping[str, object]) -> Dict[str, object]:
+    """The stored user feature table of serving tables, in the form scorers take."""
+    return {"sparse": tables["user_sparse"], "multi": tables["user_multi"], "dense": tables["user_dense"]}
+
+
+class CatalogueScorer:
+    """Predictions of a `MultiTaskModel` for user rows x all N items: ``[U, N, T]``.
+
+    Equal (to float32 rounding: the first layer's sum is split in two) to running the model on
+    ``MultiTaskData.pair_batch`` / ``Ranker.pair_features`` of the same users.
+
+    Args:
+        model: a trained ``mtkernels.nn.MultiTaskModel`` (put in eval mode).
+        tables: ``mtkernels.serving.serving_tables`` of its data (feature rows of users and items).
+        users_per_block: users per block of ``[block x N]`` pairs (memory: block x N x H1 floats).
+
+    Raises:
+        ValueError: the model's features differ from the tables' features.
+    """
+
+    def __init__(self, model: torch.nn.Module, tables: Mapping[str, object], users_per_block: int = 16) -> None:
+        self.model = model.eval()
+        self.tables = tables
+        self.users_per_block = max(1, int(users_per_block))
+        self.num_items = int(tables["item_ids"].numel())
+        self.tasks = list(model.tasks)
+        names = [f.name for f in model.features]
+        if names != list(tables["feature_names"]):
+            raise ValueError(f"the model's features {names} differ from the serving tables' {tables['feature_names']}")
+        self._layers = self._first_layer()
+        self._item_part: Optional[torch.Tensor] = None
+
+    # --- layout ------------------------------------------------------------------------------
+    def _first_layer(self):
+        """The stacked first layers of every expert and gate, or None when not factorisable."""
+        pieces = self.model.backbone._fused_scoring_params()
+        if pieces is None:
+            return None
+        experts = pieces["experts"]
+        gates = pieces["gates"]
+        weights = [e[0].weight for e in experts] + [g.weight for g in gates if g is not None]
+        biases = [e[0].bias for e in experts] + [g.bias for g in gates if g is not None]
+        return {
+            "weight": torch.cat(weights).detach(),
+            "bias": torch.cat(biases).detach(),
+            "experts": experts,
+            "gates": gates,
+            "gate_mask": pieces["gate_mask"],
+        }
+
+    def _user_columns(self) -> torch.Tensor:
+        """Bool ``[D]``: the input columns that come from the user (embeddings, then dense)."""
+        embeddings = self.model.embeddings
+        mask = torch.zeros(embeddings.total_dim + self.model.dense_dim, dtype=torch.bool)
+        for f in self.model.features:
+            if f.side == "user":
+                mask[embeddings.feature_slice(f.name)] = True
+        user_dense = int(self.tables["user_dense"].shape[1])
+        mask[embeddings.total_dim : embeddings.total_dim + user_dense] = True
+        return mask
+
+    def _inputs(self, users: Mapping[str, object], pair_users: torch.Tensor, pair_items: torch.Tensor) -> torch.Tensor:
+        sparse, dense = pair_rows(self.tables, users, pair_users, pair_items)
+        return self.model._inputs(sparse, dense)
+
+    def _item_side(self) -> torch.Tensor:
+        """``[N, H1]``: the item and context columns' share of the first layer, bias included."""
+        if self._item_part is None:
+            items = torch.arange(self.num_items)
+            x = self._inputs(user_table(self.tables), torch.zeros_like(items), items)
+            x = x.masked_fill(self._user_columns(), 0.0)
+            self._item_part = F.linear(x, self._layers["weight"], self._layers["bias"])
+        return self._item_part
+
+    def _user_side(self, users: Mapping[str, object], rows: torch.Tensor) -> torch.Tensor:
+        """``[U, H1]``: the user columns' share of the first layer."""
+        x = self._inputs(users, rows, torch.zeros_like(rows))
+        x = x.masked_fill(~self._user_columns(), 0.0)
+        return F.linear(x, self._layers["weight"])
+
+    # --- the network after the first layer ----------------------------------------------------
+    def _rest(self, user_part: torch.Tensor, item_part: torch.Tensor, buffers: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Predictions ``[U*N, T]`` (user-major) of U users x N items from the first layer's user
+        part ``[U, H1]`` and item part ``[N, H1]`` (bias included).
+
+        Laid out expert-major (``[E, P, w]``, gates ``[G, P]``) so every elementwise step runs over
+        contiguous memory and the gate softmax over a leading dimension (vectorised across pairs);
+        no batch-of-P ``bmm``, which is slow at these widths. ``buffers`` are reused between blocks:
+        re-allocating ~10 MB per block costs page faults that outweigh the arithmetic.
+        """
+        layers = self._layers
+        experts, gates, mask = layers["experts"], layers["gates"], layers["gate_mask"]
+        num_experts, width = len(experts), experts[0][0].out_features
+        n_users, n_items = user_part.shape[0], item_part.shape[0]
+        num_pairs, num_tasks = n_users * n_items, len(gates)
+        expert_cols = num_experts * width
+        h = buffers["experts"][:, :num_pairs]  # [E, P, w]
+        for e in range(num_experts):
+            cols = slice(e * width, (e + 1) * width)
+            torch.add(user_part[:, None, cols], item_part[None, :, cols], out=h[e].view(n_users, n_items, width))
+        h.relu_()
+        if num_experts == 1:
+            h = h[0]
+            for linear in experts[0][1:]:
+                h = F.linear(h, linear.weight, linear.bias).relu_()
+            per_task = None  # every task reads the one expert h [P, H]
+        else:
+            for layer in range(1, len(experts[0])):
+                weight = torch.stack([e[layer].weight for e in experts])
+                bias = torch.stack([e[layer].bias for e in experts])
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2)).relu_()
+            num_logits = user_part.shape[1] - expert_cols
+            logits = buffers["gates"][:num_logits, :num_pairs]  # [G, P]
+            torch.add(user_part[:, expert_cols:].t()[:, :, None], item_part[:, expert_cols:].t()[:, None, :],
+                      out=logits.view(num_logits, n_users, n_items))
+            per_task = buffers["tasks"][:, :num_pairs, : h.shape[-1]]
+            offset = 0
+            for t, gate in enumerate(gates):
+                allowed = mask[t].nonzero().flatten().tolist()
+                if gate is None:  # one allowed expert: weight 1
+                    per_task[t].copy_(h[allowed[0]])
+                    continue
+                g = torch.softmax(logits[offset : offset + len(allowed)], dim=0)  # [n_t, P]
+                offset += len(allowed)
+                torch.mul(h[allowed[0]], g[0, :, None], out=per_task[t])
+                for j, e in enumerate(allowed[1:], start=1):
+                    per_task[t].addcmul_(h[e], g[j, :, None])
+        towers = [list(tower.linears) for tower in self.model.towers]
+        out = user_part.new_empty(num_pairs, num_tasks)
+        if len({tuple(tuple(l.weight.shape) for l in tower) for tower in towers}) == 1:
+            depth = len(towers[0])
+            if per_task is None:  # first tower layers of all tasks as one product over the shared h
+                weight = torch.cat([tower[0].weight for tower in towers])
+                bias = torch.cat([tower[0].bias for tower in towers])
+                z = F.linear(h, weight, bias).view(num_pairs, num_tasks, -1).transpose(0, 1)
+                first = 1
+            else:
+                z, first = per_task, 0
+            for i in range(first, depth):
+                if i > 0:
+                    z = z.relu_() if z.is_contiguous() else torch.relu(z)
+                weight = torch.stack([tower[i].weight for tower in towers])
+                bias = torch.stack([tower[i].bias for tower in towers])
+                z = torch.baddbmm(bias.unsqueeze(1), z, weight.transpose(1, 2))  # [T, P, O]
+            out.copy_(z.squeeze(-1).t())
+        else:
+            for t, tower in enumerate(towers):
+                z = h if per_task is None else per_task[t]
+                for i, linear in enumerate(tower):
+                    if i > 0:
+                        z = torch.relu(z)
+                    z = F.linear(z, linear.weight, linear.bias)
+                out[:, t] = z.squeeze(-1)
+        for t, task in enumerate(self.tasks):
+            if task.kind == "binary":
+                out[:, t].sigmoid_()
+        return self.model.backbone.outputs(out)
+
+    def _buffers(self, num_pairs: int) -> Dict[str, torch.Tensor]:
+        layers = self._layers
+        experts = layers["experts"]
+        num_experts, width = len(experts), experts[0][0].out_features
+        num_logits = layers["weight"].shape[0] - num_experts * width
+        tasks = len(layers["gates"])
+        return {
+            "experts": torch.empty(num_experts, num_pairs, width),
+            "gates": torch.empty(max(num_logits, 1), num_pairs),
+            "tasks": torch.empty(tasks, num_pairs, experts[0][-1].out_features) if num_experts > 1 else None,
+        }
+
+    # --- scoring -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, users: Mapping[str, object], rows: torch.Tensor) -> torch.Tensor:
+        """Predictions ``[U, N, T]`` for user rows ``rows`` (int64 ``[U]``) of ``users`` (the
+        serving user table, possibly with appended rows) against every item: probabilities for
+        binary tasks, raw values for regression tasks."""
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        n_users, n_items, n_tasks = rows.numel(), self.num_items, len(self.tasks)
+        out = torch.empty(n_users, n_items, n_tasks)
+        items = torch.arange(n_items)
+        if self._layers is not None:
+            item_part = self._item_side()
+            buffers = self._buffers(min(n_users, self.users_per_block) * n_items)
+        for start in range(0, n_users, self.users_per_block):
+            block = rows[start : start + self.users_per_block]
+            if self._layers is None:
+                pred = self.model(*pair_rows(self.tables, users, block.repeat_interleave(n_items), items.repeat(block.numel())))
+            else:
+                pred = self._rest(self._user_side(users, block), item_part, buffers)
+            out[start : start + block.numel()] = pred.view(block.numel(), n_items, n_tasks)
+        return out
+
+    @torch.no_grad()
+    def score_pairs(self, users: Mapping[str, object], pair_users: torch.Tensor, pair_items: torch.Tensor) -> torch.Tensor:
+        """Predictions ``[P, T]`` of the pairs ``(pair_users[i], pair_items[i])`` (plain forward)."""
+        return self.model(*pair_rows(self.tables, users, pair_users, pair_items))
+
