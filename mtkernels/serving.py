@@ -169,10 +169,16 @@ class Ranker:
         tasks: its task specs (``.name``, ``.kind``).
         tables: :func:`serving_tables` of the training data.
         users_per_block: users scored per model forward (memory: block x N pairs).
+        fusion: a ``mtkernels.fusion.ScoreFusion`` to rank with instead of one model (then
+            ``model`` is None and ``tasks`` holds the one fused score); see :meth:`from_fusion`.
     """
 
-    def __init__(self, model: torch.nn.Module, tasks: Sequence, tables: Mapping[str, object], users_per_block: int = 256) -> None:
-        self.model = model.eval()
+    def __init__(self, model: Optional[torch.nn.Module], tasks: Sequence, tables: Mapping[str, object],
+                 users_per_block: int = 256, fusion=None) -> None:
+        if model is None and fusion is None:
+            raise ValueError("Ranker needs a model or a fusion")
+        self.model = model.eval() if model is not None else None
+        self.fusion = fusion
         self.tasks = list(tasks)
         self.tables = tables
         self.users_per_block = int(users_per_block)
@@ -183,8 +189,16 @@ class Ranker:
         self._item_position = {int(i): p for p, i in enumerate(self.item_ids.tolist())}
 
     @classmethod
+    def from_fusion(cls, fusion) -> "Ranker":
+        """A Ranker over a ``mtkernels.fusion.ScoreFusion`` (which must hold serving tables)."""
+        if fusion.tables is None:
+            raise ValueError("the fusion holds no serving tables (build it with tables=serving_tables(data))")
+        return cls(None, [_Task("fused", "score")], fusion.tables, fusion=fusion)
+
+    @classmethod
     def load(cls, checkpoint_path: str, users_per_block: int = 256) -> "Ranker":
-        """Load a checkpoint written by ``mtkernels.training.fit`` with serving tables.
+        """Load a checkpoint written by ``mtkernels.training.fit`` with serving tables, or a fused
+        checkpoint written by ``mtkernels.fusion.ScoreFusion.save`` (served the same way).
 
         Raises:
             FileNotFoundError: no file at ``checkpoint_path``.
@@ -194,6 +208,10 @@ class Ranker:
         checkpoint = load_checkpoint(checkpoint_path)
         if not checkpoint.get("serving"):
             raise ValueError(f"{checkpoint_path} holds no serving tables (the data set has no items to rank)")
+        if "fusion" in checkpoint:
+            from .fusion import ScoreFusion
+
+            return cls.from_fusion(ScoreFusion.from_checkpoint(checkpoint))
         tasks = [_Task(t["name"], t["kind"]) for t in checkpoint["tasks"]]
         return cls(build_model(checkpoint, best=True), tasks, checkpoint["serving"], users_per_block)
 
@@ -277,12 +295,16 @@ class Ranker:
             (``"popularity"``; ties by the smaller item id).
 
         Raises:
-            ValueError: k < 0, unknown task names, unknown feature names in ``side_features``.
+            ValueError: k < 0, unknown task names, unknown feature names in ``side_features``;
+                ``task_weights`` given to a fused ranker (it ranks by its learned weights).
         """
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         user_ids = [int(u) for u in user_ids]
-        task_weights = dict(task_weights or default_ranking(self.tasks))
+        if self.fusion is not None and task_weights:
+            raise ValueError("task_weights does not apply to a fused checkpoint: it ranks by its learned source weights")
+        if self.fusion is None:
+            task_weights = dict(task_weights or default_ranking(self.tasks))
         side_features = side_features or {}
         n_users = len(user_ids)
         n_known = int(self.tables["user_ids"].numel())
@@ -309,14 +331,17 @@ class Ranker:
 
         if positions and k > 0:
             rows_t = torch.tensor(rows, dtype=torch.long)
-            predictions = self.score(users, rows_t)
             exclude_offsets = exclude_indices = None
             if exclude_seen:
                 offsets, indices = self.tables["seen_offsets"], self.tables["seen_indices"]
                 parts = [indices[offsets[r] : offsets[r + 1]] if r < n_known else indices[:0] for r in rows]
                 exclude_indices = torch.cat(parts)
                 exclude_offsets = _lengths_to_offsets(torch.tensor([p.numel() for p in parts], dtype=torch.long))
-            top_scores, top_items = fused_topk(predictions, self.tasks, task_weights, k, exclude_offsets, exclude_indices)
+            if self.fusion is not None:
+                top_scores, top_items = self.fusion.topk(rows_t, k, exclude_offsets, exclude_indices, users=users)
+            else:
+                predictions = self.score(users, rows_t)
+                top_scores, top_items = fused_topk(predictions, self.tasks, task_weights, k, exclude_offsets, exclude_indices)
             at = torch.tensor(positions, dtype=torch.long)
             scores[at] = top_scores
             item_ids[at] = torch.where(top_items >= 0, self.item_ids[top_items.clamp_min(0)], top_items)
