@@ -1,7 +1,8 @@
-"""The ``mtkernels`` command line: ``demo``, ``train``, ``evaluate``, ``recommend``, ``info``.
+"""The ``mtkernels`` command line: ``demo``, ``train``, ``fuse``, ``evaluate``, ``recommend``, ``info``.
 
     mtkernels info
     mtkernels train --data ml100k --model mmoe --checkpoint runs/mmoe.pt [--epochs 20 --seed 0 ...]
+    mtkernels fuse --member runs/ple.pt --member runs/mmoe.pt --cf ease --out runs/fused.pt
     mtkernels evaluate --checkpoint runs/mmoe.pt [--split test_warm --split test_cold]
     mtkernels recommend --checkpoint runs/mmoe.pt --user 5 [--user 900] [--k 10]
     mtkernels demo --out outputs/demo
@@ -111,6 +112,37 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_fuse(args) -> int:
+    from .fusion import CFMember, ScoreFusion, model_member_from_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.member:
+        raise ValueError("fuse needs at least one --member CHECKPOINT")
+    members, first = [], None
+    for spec in args.member:
+        path, _, name = spec.partition("=")
+        member, checkpoint = model_member_from_checkpoint(path, name or None)
+        if any(m.name == member.name for m in members):
+            member.name = f"{member.name}-{len(members)}"
+        members.append(member)
+        first = first or checkpoint
+    data_spec = dict(first.get("data") or {"name": "ml100k"})
+    if args.data_dir:
+        data_spec["data_dir"] = args.data_dir
+    data = load_data(data_spec)
+    if args.cf != "none":
+        members.append(CFMember.fit(data, args.cf))
+    fusion = ScoreFusion(members, args.tasks, mode=args.mode, tables=first["serving"])
+    report = fusion.fit_weights(data, objective=args.objective, seed=args.seed)
+    fusion.save(args.out, extra={"data": data_spec})
+    print("weights: " + ", ".join(f"{k} {v:.3f}" for k, v in report["weights"].items()))
+    for split in args.evaluate or []:
+        print(f"{split}: " + " ".join(f"{k} {v:.4f}" for k, v in fusion.topk_metrics(data, split).items()))
+    print(f"fused checkpoint: {os.path.abspath(args.out)}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate
     from .training import build_model, load_checkpoint
@@ -120,6 +152,15 @@ def cmd_evaluate(args) -> int:
     if args.data_dir:
         spec["data_dir"] = args.data_dir
     data = load_data(spec)
+    if "fusion" in checkpoint:  # a fused checkpoint ranks: top-k metrics only
+        from .fusion import ScoreFusion
+
+        fusion = ScoreFusion.from_checkpoint(checkpoint)
+        splits = args.split or [s for s in ("test_warm", "test_cold") if s in data.splits]
+        results = {split: {"topk": fusion.topk_metrics(data, split, k=args.k)} for split in splits}
+        print(json.dumps(results, indent=2) if args.json else
+              "\n".join(f"{split}: {_format_metrics(r)}" for split, r in results.items()))
+        return 0
     model = build_model(checkpoint, best=True)
     splits = args.split or [s for s in ("test_warm", "test_cold", "test") if s in data.splits]
     results = {}
@@ -160,7 +201,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(out=args.out, data_dir=args.data_dir, models=args.models, seeds=args.seeds,
-             epochs=args.epochs, progress=not args.no_progress, threads=args.threads)
+             epochs=args.epochs, progress=not args.no_progress, threads=args.threads, fuse=not args.no_fusion)
     return 0
 
 
@@ -198,6 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("fuse", help="fuse trained models (and a collaborative-filtering model) into one ranker")
+    p.add_argument("--member", action="append", default=[], metavar="CHECKPOINT[=NAME]",
+                   help="a training checkpoint to fuse (repeatable)")
+    p.add_argument("--cf", default="ease", choices=["ease", "itemknn", "none"],
+                   help="collaborative-filtering member fitted on the same training split")
+    p.add_argument("--tasks", nargs="+", default=["click"], help="task scores each member contributes")
+    p.add_argument("--mode", default="weighted", choices=["weighted", "rrf"])
+    p.add_argument("--objective", default="ndcg@10", choices=["ndcg@10", "logloss"],
+                   help="what the weights are fitted for on the validation split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="fused checkpoint to write")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--evaluate", action="append", metavar="SPLIT", help="top-k metrics on SPLIT afterwards")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_fuse)
+
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on test splits")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-dir", default=None)
@@ -224,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-fusion", action="store_true", help="skip the fusion stage (models + EASE, fused)")
     p.set_defaults(func=cmd_demo)
     return parser
 

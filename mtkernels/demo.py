@@ -102,10 +102,52 @@ def plot_learning_curves(history: Dict[str, List[Dict[str, Any]]], path: str) ->
     plt.close(fig)
 
 
+def fusion_stage(data, report: Dict[str, Any], models: Sequence[str], out: str, print_fn=print) -> Dict[str, Any]:
+    """Fuse the demo's seed-0 models and an EASE member (fitted on train) with weights learned on
+    val (NDCG@10); print and return each member's and the fusion's test_warm / test_cold NDCG@10 and
+    Recall@10 and the weights; write the fused checkpoint to ``<out>/fused.pt``."""
+    from .fusion import CFMember, ScoreFusion, model_member_from_checkpoint
+
+    started = time.perf_counter()
+    members, tables = [], None
+    for backbone in models:
+        member, checkpoint = model_member_from_checkpoint(report["models"][backbone]["runs"][0]["checkpoint"],
+                                                          NAMES.get(backbone, backbone))
+        members.append(member)
+        tables = checkpoint["serving"]
+    cf = CFMember.fit(data, "ease", name="EASE")
+    fusion = ScoreFusion(members + [cf], ["click"], tables=tables)
+    fit = fusion.fit_weights(data, objective="ndcg@10", seed=0)
+    rows: Dict[str, Dict[str, float]] = {}
+    for backbone in models:
+        run = report["models"][backbone]["runs"][0]
+        rows[NAMES.get(backbone, backbone)] = {f"{split}_{m}": run[split][m] for split in ("test_warm", "test_cold")
+                                               for m in ("ndcg@10", "recall@10")}
+    for name, system in (("EASE", ScoreFusion([cf], ["click"], tables=tables)), ("fusion", fusion)):
+        rows[name] = {f"{split}_{m}": v for split in ("test_warm", "test_cold")
+                      for m, v in system.topk_metrics(data, split).items()}
+    checkpoint = os.path.join(out, "fused.pt")
+    fusion.save(checkpoint, extra={"data": {"name": "ml100k"}})
+    weights = {name.split("/")[0]: w for name, w in fit["weights"].items()}
+    print_fn("")
+    print_fn("fusion (seed-0 models + EASE, click scores; weights by coordinate search on val NDCG@10)")
+    header = f"{'member':<14}{'weight':>8}{'warm NDCG@10':>14}{'warm Recall@10':>16}{'cold NDCG@10':>14}{'cold Recall@10':>16}"
+    print_fn(header)
+    print_fn("-" * len(header))
+    for name, row in rows.items():
+        weight = f"{weights[name]:.3f}" if name in weights else "-"
+        print_fn(f"{name:<14}{weight:>8}{row['test_warm_ndcg@10']:>14.4f}{row['test_warm_recall@10']:>16.4f}"
+                 f"{row['test_cold_ndcg@10']:>14.4f}{row['test_cold_recall@10']:>16.4f}")
+    seconds = time.perf_counter() - started
+    print_fn(f"fused checkpoint: {os.path.abspath(checkpoint)} (stage: {seconds:.0f} s)")
+    return {"members": rows, "weights": weights, "val_ndcg@10": fit["val_fitted"], "checkpoint": checkpoint,
+            "seconds": seconds}
+
+
 def run_demo(out: str = "outputs/demo", data_dir: Optional[str] = None,
              models: Sequence[str] = ("shared_bottom", "mmoe", "ple"), seeds: int = 1,
              epochs: Optional[int] = None, progress: bool = True, threads: Optional[int] = None,
-             print_fn=print) -> Dict[str, Any]:
+             print_fn=print, fuse: bool = True) -> Dict[str, Any]:
     """Run the demo; returns the report (also written to ``<out>/report.json``).
 
     Args:
@@ -116,6 +158,7 @@ def run_demo(out: str = "outputs/demo", data_dir: Optional[str] = None,
         seeds: runs per model (0..seeds-1); tables show the mean (± sample std when > 1).
         epochs: cap on epochs (default: the preset, with early stopping on val).
         threads: ``torch.set_num_threads`` (default: torch's).
+        fuse: add the fusion stage (:func:`fusion_stage`): the seed-0 models and EASE, fused.
     """
     from . import evaluation
     from .data import load_ml100k_mtl_v1
@@ -172,6 +215,9 @@ def run_demo(out: str = "outputs/demo", data_dir: Optional[str] = None,
         print_fn("")
         print_fn(format_table(f"{split} (mean over {seeds} seed{'s' if seeds > 1 else ''}; ranking score: "
                               f"click probability; baselines from issue 3)", rows, seeds))
+
+    if fuse:
+        report["fusion"] = fusion_stage(data, report, models, out, print_fn)
 
     # Recommendations from the best model by validation (first seed), for one warm and one cold user.
     best = max(models, key=lambda b: report["models"][b]["runs"][0]["history"][report["models"][b]["runs"][0]["best_epoch"]]["monitor"])

@@ -293,6 +293,13 @@ class ScoreFusion:
             raise ValueError("this fusion has no serving tables: pass the user feature table (users=...)")
         return user_table(self.tables)
 
+    def _validation_users(self, data) -> Mapping:
+        if self.tables is not None:
+            return user_table(self.tables)
+        if hasattr(data, "user_feature_rows"):
+            return user_table_of(data)
+        return {}  # members that need no user features (collaborative filtering, fixed scores)
+
     def source_scores(self, users: Optional[Mapping], rows: torch.Tensor,
                       transforms: Optional[Sequence[str]] = None) -> Tuple[List[torch.Tensor], List[str]]:
         """The S source matrices ``[U, N]`` of user rows ``rows``, with the row-wise transforms
@@ -438,7 +445,7 @@ class ScoreFusion:
 
     def _fit_ndcg(self, data, seed: int, split: str, rounds: int, grid: Sequence[float]) -> Dict[str, object]:
         evaluation = data.topk_eval(split)
-        users = self._users(None) if self.tables is not None else user_table_of(data)
+        users = self._validation_users(data)
         matrices, native = self.source_scores(users, evaluation.users)
         stacked = torch.stack(matrices)  # [S, U, N]: the whole val set, transformed once
         del matrices
@@ -462,11 +469,14 @@ class ScoreFusion:
         for _ in range(max(0, int(rounds))):
             changed = False
             for s in rng.permutation(count).tolist():
-                rest = sum(weights) - weights[s]
+                base = list(weights)  # the line search of source s starts from the same point
+                rest = sum(base) - base[s]
+                if count == 1:
+                    break
+                # the others keep their proportions (equal shares when they are all 0)
+                others = [base[j] / rest if rest > 0 else 1.0 / (count - 1) for j in range(count)]
                 for share in grid:
-                    if rest <= 0 and share < 1.0:
-                        continue
-                    trial = [share if j == s else (1.0 - share) * weights[j] / rest for j in range(count)]
+                    trial = [share if j == s else (1.0 - share) * others[j] for j in range(count)]
                     value = score(trial)
                     if value > best + 1e-9:
                         best, weights, changed = value, trial, True
@@ -488,7 +498,7 @@ class ScoreFusion:
         labels = rows.labels[:, click]
         keep = ~torch.isnan(labels)
         pair_users, pair_items, labels = rows.user_row[keep], rows.item[keep] - 1, labels[keep]
-        users = self._users(None) if self.tables is not None else user_table_of(data)
+        users = self._validation_users(data)
         features, transforms = [], []
         cache: Dict[str, torch.Tensor] = {}
         for member_name, task in self.sources:
