@@ -16,11 +16,12 @@ without a bottom) fall back to the plain model forward over every pair (same out
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .nn.backbones import MultiTaskBackbone
 from .serving import pair_rows
 
 
@@ -105,9 +106,12 @@ class CatalogueScorer:
         return F.linear(x, self._layers["weight"])
 
     # --- the network after the first layer ----------------------------------------------------
-    def _rest(self, user_part: torch.Tensor, item_part: torch.Tensor, buffers: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Predictions ``[U*N, T]`` (user-major) of U users x N items from the first layer's user
-        part ``[U, H1]`` and item part ``[N, H1]`` (bias included).
+    def _rest(self, user_part: torch.Tensor, item_part: torch.Tensor, buffers: Dict[str, torch.Tensor],
+              selected: List[int]) -> torch.Tensor:
+        """Predictions ``[U*N, len(selected)]`` (user-major) of U users x N items for the tasks
+        ``selected`` from the first layer's user part ``[U, H1]`` and item part ``[N, H1]`` (bias
+        included). Unselected tasks' gates, mixtures and towers are skipped (the towers are most of
+        the work left after the factorised first layer).
 
         Laid out expert-major (``[E, P, w]``, gates ``[G, P]``) so every elementwise step runs over
         contiguous memory and the gate softmax over a leading dimension (vectorised across pairs);
@@ -118,7 +122,7 @@ class CatalogueScorer:
         experts, gates, mask = layers["experts"], layers["gates"], layers["gate_mask"]
         num_experts, width = len(experts), experts[0][0].out_features
         n_users, n_items = user_part.shape[0], item_part.shape[0]
-        num_pairs, num_tasks = n_users * n_items, len(gates)
+        num_pairs, num_tasks = n_users * n_items, len(selected)
         expert_cols = num_experts * width
         h = buffers["experts"][:, :num_pairs]  # [E, P, w]
         for e in range(num_experts):
@@ -139,19 +143,21 @@ class CatalogueScorer:
             logits = buffers["gates"][:num_logits, :num_pairs]  # [G, P]
             torch.add(user_part[:, expert_cols:].t()[:, :, None], item_part[:, expert_cols:].t()[:, None, :],
                       out=logits.view(num_logits, n_users, n_items))
-            per_task = buffers["tasks"][:, :num_pairs, : h.shape[-1]]
-            offset = 0
+            per_task = buffers["tasks"][:num_tasks, :num_pairs, : h.shape[-1]]
+            offsets, offset = [], 0
             for t, gate in enumerate(gates):
+                offsets.append(offset)
+                offset += 0 if gate is None else int(mask[t].sum())
+            for j, t in enumerate(selected):
                 allowed = mask[t].nonzero().flatten().tolist()
-                if gate is None:  # one allowed expert: weight 1
-                    per_task[t].copy_(h[allowed[0]])
+                if gates[t] is None:  # one allowed expert: weight 1
+                    per_task[j].copy_(h[allowed[0]])
                     continue
-                g = torch.softmax(logits[offset : offset + len(allowed)], dim=0)  # [n_t, P]
-                offset += len(allowed)
-                torch.mul(h[allowed[0]], g[0, :, None], out=per_task[t])
-                for j, e in enumerate(allowed[1:], start=1):
-                    per_task[t].addcmul_(h[e], g[j, :, None])
-        towers = [list(tower.linears) for tower in self.model.towers]
+                g = torch.softmax(logits[offsets[t] : offsets[t] + len(allowed)], dim=0)  # [n_t, P]
+                torch.mul(h[allowed[0]], g[0, :, None], out=per_task[j])
+                for i, e in enumerate(allowed[1:], start=1):
+                    per_task[j].addcmul_(h[e], g[i, :, None])
+        towers = [list(self.model.towers[t].linears) for t in selected]
         out = user_part.new_empty(num_pairs, num_tasks)
         if len({tuple(tuple(l.weight.shape) for l in tower) for tower in towers}) == 1:
             depth = len(towers[0])
@@ -177,10 +183,10 @@ class CatalogueScorer:
                         z = torch.relu(z)
                     z = F.linear(z, linear.weight, linear.bias)
                 out[:, t] = z.squeeze(-1)
-        for t, task in enumerate(self.tasks):
-            if task.kind == "binary":
-                out[:, t].sigmoid_()
-        return self.model.backbone.outputs(out)
+        for j, t in enumerate(selected):
+            if self.tasks[t].kind == "binary":
+                out[:, j].sigmoid_()
+        return out
 
     def _buffers(self, num_pairs: int) -> Dict[str, torch.Tensor]:
         layers = self._layers
@@ -196,12 +202,26 @@ class CatalogueScorer:
 
     # --- scoring -----------------------------------------------------------------------------
     @torch.no_grad()
-    def score(self, users: Mapping[str, object], rows: torch.Tensor) -> torch.Tensor:
-        """Predictions ``[U, N, T]`` for user rows ``rows`` (int64 ``[U]``) of ``users`` (the
-        serving user table, possibly with appended rows) against every item: probabilities for
-        binary tasks, raw values for regression tasks."""
+    def score(self, users: Mapping[str, object], rows: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Predictions ``[U, N, len(tasks)]`` for user rows ``rows`` (int64 ``[U]``) of ``users``
+        (the serving user table, possibly with appended rows) against every item: probabilities for
+        binary tasks, raw values for regression tasks; ``tasks`` names the columns (default all, in
+        model order).
+
+        Raises:
+            ValueError: an unknown task name.
+        """
         rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
-        n_users, n_items, n_tasks = rows.numel(), self.num_items, len(self.tasks)
+        names = [t.name for t in self.tasks]
+        tasks = list(names if tasks is None else tasks)
+        unknown = [t for t in tasks if t not in names]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; the model's tasks are {names}")
+        wanted = [names.index(t) for t in tasks]
+        # a backbone that maps tower outputs across tasks (ESMM: pCTCVR = pCTR x pCVR) needs them all
+        custom_outputs = type(self.model.backbone).outputs is not MultiTaskBackbone.outputs
+        selected = list(range(len(names))) if custom_outputs or self._layers is None else wanted
+        n_users, n_items, n_tasks = rows.numel(), self.num_items, len(selected)
         out = torch.empty(n_users, n_items, n_tasks)
         items = torch.arange(n_items)
         if self._layers is not None:
@@ -212,9 +232,11 @@ class CatalogueScorer:
             if self._layers is None:
                 pred = self.model(*pair_rows(self.tables, users, block.repeat_interleave(n_items), items.repeat(block.numel())))
             else:
-                pred = self._rest(self._user_side(users, block), item_part, buffers)
+                pred = self._rest(self._user_side(users, block), item_part, buffers, selected)
+                if custom_outputs:
+                    pred = self.model.backbone.outputs(pred)
             out[start : start + block.numel()] = pred.view(block.numel(), n_items, n_tasks)
-        return out
+        return out if selected == wanted else out[:, :, wanted]
 
     @torch.no_grad()
     def score_pairs(self, users: Mapping[str, object], pair_users: torch.Tensor, pair_items: torch.Tensor) -> torch.Tensor:

@@ -66,9 +66,10 @@ class ModelMember:
         self.task_names = tuple(t.name for t in model.tasks)
         self.task_kinds = tuple(t.kind for t in model.tasks)
 
-    def score(self, users: Mapping, rows: torch.Tensor) -> torch.Tensor:
-        """Predictions ``[U, N, T]`` (probabilities for binary tasks, raw values for regression)."""
-        return self.scorer.score(users, rows)
+    def score(self, users: Mapping, rows: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Predictions ``[U, N, len(tasks)]`` (probabilities for binary tasks, raw values for
+        regression; default all tasks): only the towers of ``tasks`` run."""
+        return self.scorer.score(users, rows, tasks)
 
     def score_pairs(self, users: Mapping, pair_users: torch.Tensor, pair_items: torch.Tensor) -> torch.Tensor:
         return self.scorer.score_pairs(users, pair_users, pair_items)
@@ -110,7 +111,7 @@ class CFMember:
         cf.fit(rows.user_row[positive], rows.item[positive] - 1, data.num_user_rows)
         return cls(name or method, cf)
 
-    def score(self, users: Mapping, rows: torch.Tensor) -> torch.Tensor:
+    def score(self, users: Mapping, rows: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> torch.Tensor:
         return self.cf.score(users, rows)
 
     def score_pairs(self, users: Mapping, pair_users: torch.Tensor, pair_items: torch.Tensor) -> torch.Tensor:
@@ -168,7 +169,8 @@ class ScoreFusion:
 
     Args:
         members: the members (`ModelMember`, `CFMember`, or any object with ``name``,
-            ``task_names``, ``score(users, rows) -> [U, N, T]``, ``score_pairs`` and ``state()``),
+            ``task_names``, ``score(users, rows, tasks) -> [U, N, len(tasks)]``, ``score_pairs``
+            and ``state()``),
             as a sequence or ``{name: member}``; names must be unique.
         tasks: which task scores each member contributes: a sequence of task names (every member
             contributes those of its tasks that are listed, in this order), or ``{member name:
@@ -314,9 +316,10 @@ class ScoreFusion:
         for member in self.members:
             if member.name not in wanted:
                 continue
-            scores = member.score(users, rows)  # [U, N, T_member]
+            tasks = list(dict.fromkeys(self.sources[s][1] for s in wanted[member.name]))
+            scores = member.score(users, rows, tasks)  # [U, N, len(tasks)]: only the tasks fused
             for s in wanted[member.name]:
-                matrices[s] = scores[:, :, member.task_names.index(self.sources[s][1])]
+                matrices[s] = scores[:, :, tasks.index(self.sources[s][1])]
             del scores
         native = []
         for s, name in enumerate(transforms):

@@ -8,6 +8,11 @@ items each user has seen (train + val positives), item titles and popularity.
 A request for B users scores all N items for each user with the model (``[B*N]`` pairs in one
 forward, fused scoring in eval mode), fuses the chosen tasks' scores and selects the top k with
 ``mtkernels.ops.ensemble_topk`` (one call per batch of users; seen items excluded inside the op).
+
+A fused checkpoint (``mtkernels.fusion.ScoreFusion.save``: several models and a collaborative-
+filtering member with weights learned on validation) is served the same way: ``Ranker.load``
+detects it and ranks each block of users with the fusion (every member's score matrices, one
+``ensemble_topk`` call).
 """
 
 from __future__ import annotations

@@ -55,6 +55,11 @@ def test_catalogue_scorer_equals_the_model_on_every_pair(data, tables, backbone,
     scorer = CatalogueScorer(model, tables, users_per_block=3)  # blocks of 3, 3 and 1 users
     got = scorer.score(user_table(tables), torch.tensor(rows))
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    # a subset of the tasks, in any order: only their towers run
+    some = scorer.score(user_table(tables), torch.tensor(rows), ["rating", "click"])
+    torch.testing.assert_close(some, expected[:, :, [2, 0]], atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        scorer.score(user_table(tables), torch.tensor(rows), ["ctr"])
     assert scorer.score(user_table(tables), torch.zeros(0, dtype=torch.long)).shape == (0, data.num_items, 3)
 
 
@@ -131,8 +136,9 @@ class _Fixed:
         self.name, self.scores, self.task_names = name, scores, tuple(task_names)
         self.task_kinds = tuple(task_kinds or ["score"] * len(task_names))
 
-    def score(self, users, rows):
-        return self.scores[torch.as_tensor(rows)]
+    def score(self, users, rows, tasks=None):
+        columns = [self.task_names.index(t) for t in (tasks or self.task_names)]
+        return self.scores[torch.as_tensor(rows)][:, :, columns]
 
     def score_pairs(self, users, pair_users, pair_items):
         return self.scores[pair_users, pair_items]
