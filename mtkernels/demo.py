@@ -123,9 +123,11 @@ def fusion_stage(data, report: Dict[str, Any], models: Sequence[str], out: str, 
         run = report["models"][backbone]["runs"][0]
         rows[NAMES.get(backbone, backbone)] = {f"{split}_{m}": run[split][m] for split in ("test_warm", "test_cold")
                                                for m in ("ndcg@10", "recall@10")}
-    for name, system in (("EASE", ScoreFusion([cf], ["click"], tables=tables)), ("fusion", fusion)):
-        rows[name] = {f"{split}_{m}": v for split in ("test_warm", "test_cold")
-                      for m, v in system.topk_metrics(data, split).items()}
+    # EASE alone has nothing to rank cold users with (no training history: every score is 0)
+    rows["EASE"] = {f"test_warm_{m}": v for m, v in ScoreFusion([cf], ["click"], tables=tables).topk_metrics(data, "test_warm").items()}
+    rows["EASE"].update({"test_cold_ndcg@10": math.nan, "test_cold_recall@10": math.nan})
+    rows["fusion"] = {f"{split}_{m}": v for split in ("test_warm", "test_cold")
+                      for m, v in fusion.topk_metrics(data, split).items()}
     checkpoint = os.path.join(out, "fused.pt")
     fusion.save(checkpoint, extra={"data": {"name": "ml100k"}})
     weights = {name.split("/")[0]: w for name, w in fit["weights"].items()}
@@ -136,10 +138,13 @@ def fusion_stage(data, report: Dict[str, Any], models: Sequence[str], out: str, 
     print_fn("-" * len(header))
     for name, row in rows.items():
         weight = f"{weights[name]:.3f}" if name in weights else "-"
-        print_fn(f"{name:<14}{weight:>8}{row['test_warm_ndcg@10']:>14.4f}{row['test_warm_recall@10']:>16.4f}"
-                 f"{row['test_cold_ndcg@10']:>14.4f}{row['test_cold_recall@10']:>16.4f}")
+        cells = [f"{row[key]:>{width}.4f}" if not math.isnan(row[key]) else f"{'-':>{width}}"
+                 for key, width in (("test_warm_ndcg@10", 14), ("test_warm_recall@10", 16),
+                                    ("test_cold_ndcg@10", 14), ("test_cold_recall@10", 16))]
+        print_fn(f"{name:<14}{weight:>8}" + "".join(cells))
     seconds = time.perf_counter() - started
-    print_fn(f"fused checkpoint: {os.path.abspath(checkpoint)} (stage: {seconds:.0f} s)")
+    print_fn(f"(EASE has no history for cold users: they are ranked by the models alone.) "
+             f"fused checkpoint: {os.path.abspath(checkpoint)} (stage: {seconds:.0f} s)")
     return {"members": rows, "weights": weights, "val_ndcg@10": fit["val_fitted"], "checkpoint": checkpoint,
             "seconds": seconds}
 
