@@ -1,7 +1,8 @@
 """Multi-model, multi-task score fusion: several models' task scores into one ranked list.
 
 `ScoreFusion` combines S *sources*, each one task score of one member (a trained
-`mtkernels.nn.MultiTaskModel`, or a collaborative-filtering model, `mtkernels.nn.EASE` or `mtkernels.nn.ItemKNN`):
+`mtkernels.nn.MultiTaskModel`, or a collaborative-filtering model, `mtkernels.nn.EASE` or
+`mtkernels.nn.ItemKNN`):
 
 - ``mode="weighted"``: ``fused(u, n) = sum_s w_s * transform_s(score_s(u, n))`` (linear score
   fusion, "CombSUM" with weights; Fox and Shaw, TREC-2 1994; weights learned on validation as in
@@ -13,14 +14,14 @@ Scores of different members live on different scales (probabilities, ratings, su
 weights), so the default transforms standardise each source per user over the catalogue (minus the
 user's mean, over the user's standard deviation), probabilities on the logit scale first; chosen
 on the validation split of ml100k-mtl-v1 (val NDCG@10 of the fitted fusion of SharedBottom, MMoE,
-PLE and EASE, seed 0: 0.1525 with logit then standardisation, 0.1508 standardised
-probabilities, 0.1506 reciprocal rank fusion).
+PLE and EASE, seed 0: 0.152 with logit then standardisation, 0.151 with standardised
+probabilities, 0.151 with reciprocal rank fusion).
 
 Serving computes, per block of users, every member's score matrices ``[U, N]`` and makes ONE
 `mtkernels.ops.ensemble_topk` call (transforms, weights, seen-item exclusion and top-k in one pass);
 only one block of score matrices is alive at a time. A fused checkpoint holds the members (model
-configs and weights, the collaborative-filtering state), the sources, weights and transforms, and the serving
-tables; `mtkernels.serving.Ranker.load` serves it like a single model.
+configs and weights, the collaborative-filtering state), the sources, weights and transforms,
+and the serving tables; `mtkernels.serving.Ranker.load` serves it like a single model.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from . import metrics as _metrics
 from . import ops
 from .catalogue import CatalogueScorer, user_table
 from .nn.cf import EASE, ItemItemCF, ItemKNN
-from .training.checkpoint import FORMAT, build_model, class_path, load_checkpoint, save_checkpoint
+from .training.checkpoint import build_model, class_path, load_checkpoint, save_checkpoint
 
 MODES = ("weighted", "rrf")
 OBJECTIVES = ("ndcg@10", "logloss")
@@ -603,6 +604,3 @@ def user_table_of(data) -> Dict[str, object]:
     rows = data.user_feature_rows(users=torch.arange(int(data.num_user_rows)))
     return {"sparse": rows.sparse, "multi": rows.multi, "dense": rows.dense}
 
-
-def is_fused_checkpoint(checkpoint: Mapping[str, object]) -> bool:
-    return isinstance(checkpoint, Mapping) and checkpoint.get("format") == FORMAT and "fusion" in checkpoint
