@@ -87,3 +87,30 @@ def test_fused_adam_supported_only_for_one_float_device():
                            [{"name": "click", "kind": "binary"}], backbone="mmoe", embedding_dim=4,
                            backbone_kwargs={"num_experts": 2, "expert_hidden": [4]})
     assert _fused_adam_supported([{"params": model.dense_parameters()}])
+
+
+def test_fused_scoring_sees_fused_adam_steps():
+    # torch's fused Adam updates in place without bumping version counters; the model's packed
+    # scoring parameters must still follow the steps (they once scored with stale weights).
+    torch.manual_seed(6)
+    model = MultiTaskModel([{"name": "item", "num_embeddings": 5, "multi_valued": False, "side": "item"}], 2,
+                           [{"name": "click", "kind": "binary"}, {"name": "rating", "kind": "regression"}],
+                           backbone="mmoe", embedding_dim=4, backbone_kwargs={"num_experts": 2, "expert_hidden": [4]})
+    from mtkernels import KeyedJaggedTensor
+
+    sparse = KeyedJaggedTensor(["item"], torch.tensor([0, 3, 4]), lengths=torch.ones(3, dtype=torch.long))
+    dense = torch.randn(3, 2)
+    optimizer = torch.optim.Adam(model.dense_parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        model.eval()
+        with torch.no_grad():
+            fused = model(sparse, dense)
+        model.use_fused_scoring = False
+        with torch.no_grad():
+            eager = model(sparse, dense)
+        model.use_fused_scoring = True
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+        model.train()
+        model(sparse, dense).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
