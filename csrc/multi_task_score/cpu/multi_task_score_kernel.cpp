@@ -187,6 +187,14 @@ void small_gemm(int64_t rows, const PackedLayer& l, int64_t group, const float* 
     int64_t r = 0;
     for (; r + kTileRows <= rows; r += kTileRows)
       tile_kernel<kTileRows>(k, a + r * lda, lda, panel, bp, relu, cp + r * ldc, ldc);
+    if (r < rows && rows >= kTileRows) {
+      // The remainder as one more full tile ending at the last row: it recomputes (and rewrites
+      // with the same values) up to 5 rows, where a 1- or 2-row tile would be bound by the FMA
+      // latency at a quarter of the rate. C never aliases A here.
+      r = rows - kTileRows;
+      tile_kernel<kTileRows>(k, a + r * lda, lda, panel, bp, relu, cp + r * ldc, ldc);
+      continue;
+    }
     switch (rows - r) {
       case 5: tile_kernel<5>(k, a + r * lda, lda, panel, bp, relu, cp + r * ldc, ldc); break;
       case 4: tile_kernel<4>(k, a + r * lda, lda, panel, bp, relu, cp + r * ldc, ldc); break;
