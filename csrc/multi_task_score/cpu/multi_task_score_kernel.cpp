@@ -40,7 +40,7 @@ constexpr int64_t kTileRows = 6;  // rows per micro-kernel tile: 12 accumulators
 // Rows per block: the block's input rows, one expert's hidden layer and all experts' last layer
 // (72 x (256 + 128 + 8*64) floats for the MMoE, about 260 KB) stay in a 512 KB L2.
 constexpr int64_t kBlockRows = 72;
-constexpr int64_t kOneBlockRows = 128;  // 128 x (256 + 128 + 512) floats: about 460 KB
+constexpr int64_t kOneBlockRows = 64;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -232,11 +232,14 @@ void score_packed(const float* x, const MultiTaskScoreDims& d, const PackedLayou
   const int64_t expert_out_ld = E * H_pad;
   const int64_t G_last = p.towers.empty() ? H : p.towers.back().n;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // A serving-sized call (up to kOneBlockRows rows per thread) is one block per thread: each
-  // block streams all the weights once, and fewer, larger blocks waste less on the last row
-  // tile. Larger calls: a multiple of `threads` blocks of about kBlockRows rows.
+  // A small call (up to kOneBlockRows rows per thread) is one block per thread. Larger calls: a
+  // multiple of `threads` blocks of about kBlockRows rows, at least two per thread, so that on a
+  // shared machine a descheduled thread's second block is taken by the others. (One block per
+  // thread would stream the weights once per thread instead of twice, but leaves nothing to
+  // take over: the thread that finished waits at the join for the descheduled one.)
   int64_t num_blocks = threads;
-  if (M > threads * kOneBlockRows) num_blocks = round_up((M + kBlockRows - 1) / kBlockRows, threads);
+  if (M > threads * kOneBlockRows)
+    num_blocks = round_up(std::max<int64_t>(2 * threads, (M + kBlockRows - 1) / kBlockRows), threads);
   const int64_t block = std::max<int64_t>(1, (M + num_blocks - 1) / num_blocks);
   num_blocks = (M + block - 1) / block;
   int64_t hidden_pad = 0;  // widest expert hidden layer (all but the last), padded
