@@ -71,8 +71,8 @@ def pack_multi_task_params(
 
     Returns:
         `MultiTaskScoreParams` in the dtype and device of ``experts[0][0].weight``. The expert
-        first layer and the gate weights share one buffer (``[E*H_1 + T*E, D]``), so the kernel
-        computes both with one matrix product.
+        first layer and the gate weights share one buffer (``[E*H_1 + T*E, D]``), so the CUDA
+        kernel computes both with one matrix product.
 
     Raises:
         ValueError: inconsistent layer sizes, gate sizes that do not match ``gate_mask``, a task
@@ -135,8 +135,9 @@ def pack_multi_task_params(
             _check_linear(layer, f"towers[{t}][{k}]", fan_in, tower_sizes[k], like)
             fan_in = tower_sizes[k]
 
-    # The expert first layer and the gates read the same x: one buffer lets the kernel compute
-    # both with a single [M, D] x [D, E*H_1 + T*E] product (the kernel checks the adjacency).
+    # The expert first layer and the gates read the same x: one buffer lets the CUDA kernel
+    # compute both with a single [M, D] x [D, E*H_1 + T*E] product (it checks the adjacency; the
+    # CPU kernel packs its own panel layout, see multi_task_score).
     hidden = sizes[0]
     kw = dict(dtype=like.dtype, device=like.device)
     first_weight = torch.zeros(num_experts * hidden + num_tasks * num_experts, width, **kw)
@@ -250,8 +251,9 @@ def multi_task_score(x: torch.Tensor, params: MultiTaskScoreParams) -> torch.Ten
 
     Args:
         x: ``[M, D]`` rows to score (e.g. user-candidate pairs), float32 or bfloat16 (float16
-            works too). The native kernel computes in float32: bfloat16/float16 inputs and
-            weights are widened to float32 once per call, every product accumulates in float32,
+            works too). The native kernel computes in float32: bfloat16/float16 weights are
+            widened to float32 when packed (once per params on CPU), x once per call, every
+            product accumulates in float32,
             and the scores are rounded to x's dtype at the end. float64 runs on the reference.
         params: `MultiTaskScoreParams` (from `pack_multi_task_params`, or built from stacked
             tensors directly), same dtype and device as x.
