@@ -240,7 +240,10 @@ void score_packed(const float* x, const MultiTaskScoreDims& d, const PackedLayou
   int64_t num_blocks = threads;
   if (M > threads * kOneBlockRows)
     num_blocks = round_up(std::max<int64_t>(2 * threads, (M + kBlockRows - 1) / kBlockRows), threads);
-  const int64_t block = std::max<int64_t>(1, (M + num_blocks - 1) / num_blocks);
+  // Whole 6-row tiles where the rows allow: the last tile of a block is computed in full over
+  // rows already done (see small_gemm), so an uneven block wastes up to 5 rows per panel.
+  const int64_t even = (M + num_blocks - 1) / num_blocks;
+  const int64_t block = even >= kTileRows ? round_up(even, kTileRows) : std::max<int64_t>(1, even);
   num_blocks = (M + block - 1) / block;
   int64_t hidden_pad = 0;  // widest expert hidden layer (all but the last), padded
   for (size_t l = 0; l + 1 < L; ++l) hidden_pad = std::max(hidden_pad, p.experts[l].n_pad);
