@@ -446,7 +446,8 @@ def test_cached_packing_follows_in_place_weight_changes():
 
 
 @packed_only
-def test_cached_packing_follows_optimizer_steps():
+@pytest.mark.parametrize("fused", [False, True])  # fused Adam does not bump version counters
+def test_cached_packing_follows_optimizer_steps(fused):
     model = make("ple_cgc", seed=5)
     params = model.pack()
     raw = MultiTaskScoreParams(*[tuple(t.clone().requires_grad_() for t in f) if isinstance(f, tuple) and
@@ -454,7 +455,7 @@ def test_cached_packing_follows_optimizer_steps():
                                  if isinstance(f, torch.Tensor) and f.is_floating_point() else f) for f in params])
     trainable = [t for f in raw for t in (f if isinstance(f, tuple) else (f,))
                  if isinstance(t, torch.Tensor) and t.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=0.05)
+    optimizer = torch.optim.Adam(trainable, lr=0.05, fused=fused)
     x = torch.randn(64, WIDTH)
     for _ in range(3):
         with torch.no_grad():

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .._extension import NATIVE, has_kernel
@@ -201,6 +202,31 @@ def _params_tensors(params: MultiTaskScoreParams) -> tuple:
     )
 
 
+# torch's fused optimizers (e.g. Adam(fused=True), which mtkernels.training.fit uses) update
+# parameters in place without bumping their version counters, so every torch.optim step also
+# advances this global count, and the packed-weight caches (here and in MultiTaskModel) key on it.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def weights_key(tensors) -> tuple:
+    """What a cache of packed weights must compare to know they are unchanged: each tensor's
+    identity, address, shape and version counter, and the count of torch.optim steps taken since
+    import (fused optimizers do not bump version counters). A write through ``tensor.data`` is not
+    seen: repack after one (``MultiTaskModel.train()`` drops its pack).
+
+    Raises:
+        AttributeError, RuntimeError: a non-tensor, or an inference tensor (no version counter).
+    """
+    return (_OPTIMIZER_STEPS[0],) + tuple((id(t), t.data_ptr(), t.shape, t._version) for t in tensors)
+
+
 # params.gate_weight -> (key, tensors, packed buffer). Weak keys: an entry lives as long as the
 # params' gate tensor, so the cache never keeps a dropped model's weights alive; the entry holds
 # the other tensors, so their ids and addresses cannot be reused by new tensors while it exists.
@@ -210,11 +236,11 @@ _HAS_PACKED_OP = NATIVE and hasattr(torch.ops.mtkernels, "multi_task_score_packe
 
 def _packed_buffer(params: MultiTaskScoreParams) -> Optional[torch.Tensor]:
     """The CPU kernel's packed weights for `params`, packed on first use and again whenever a
-    tensor of params changed: its identity, address, shape or version counter (in-place writes,
-    optimizer steps and ``load_state_dict`` bump it). None where no packing applies."""
+    tensor of params changed (``weights_key``: identity, address, shape, version counter, and the
+    count of torch.optim steps). None where no packing applies."""
     tensors = _params_tensors(params)
     try:
-        key = tuple((id(t), t.data_ptr(), t.shape, t._version) for t in tensors)
+        key = weights_key(tensors)
     except (AttributeError, RuntimeError):  # not tensors (the checks report it), or inference tensors
         return None
     entry = _PACKED.get(params.gate_weight)
@@ -242,8 +268,9 @@ def multi_task_score(x: torch.Tensor, params: MultiTaskScoreParams) -> torch.Ten
     register-tiled micro-kernel, so the first-layer activations and the ``[M, T, H]`` mixtures
     are never written out; it runs on ``torch.get_num_threads()`` threads. On CPU the weights
     are packed into the kernel's panel layout once per params object and reused while no tensor
-    of params changes (identity, address, shape and version counter are compared on each call;
-    a write through ``tensor.data`` bypasses version counters, so pack again after one).
+    of params changes (identity, address, shape and version counter are compared on each call,
+    and every torch.optim step invalidates the pack; a write through ``tensor.data`` bypasses
+    version counters, so pack again after one).
     Measured speed: benchmarks/table_mts.py.
 
     Inference only, no autograd: call it under `torch.no_grad()` / `torch.inference_mode()`
