@@ -338,6 +338,39 @@ def keep_label_fraction(data, tasks: Sequence[str], fraction: float, seed: int =
     return _with_labels(data, relabel, data.tasks), kept
 
 
+def drop_unlabelled_rows(data, split: str = "train"):
+    """A shallow copy of ``data`` whose ``split`` keeps only rows with at least one label.
+
+    A masked per-task loss ignores rows whose labels are all NaN, so dropping them changes nothing
+    but the batch composition and the time per epoch: after `select_tasks` to like + rating,
+    MovieLens' sampled-negative rows (click only) are all NaN, and after `keep_label_fraction`
+    most rows are. Top-k sets and other splits are untouched.
+    """
+    from .data.dataset import SplitRows, gather_jagged, lengths_to_offsets
+
+    if split not in data.splits:
+        raise ValueError(f"no split {split!r}; splits: {list(data.splits)}")
+    out = _with_labels(data, lambda name, labels: labels, data.tasks)
+    rows = out._split_rows[split]
+    keep = (~torch.isnan(rows.labels)).any(dim=1).nonzero().squeeze(1)
+
+    def take_multi(jagged):
+        values, lengths = gather_jagged(jagged[0], jagged[1], keep)
+        return values, lengths_to_offsets(lengths)
+
+    subset = SplitRows(
+        user_row=rows.user_row[keep], item_row=rows.item_row[keep], labels=rows.labels[keep],
+        context_sparse={k: v[keep] for k, v in rows.context_sparse.items()},
+        context_multi={k: take_multi(v) for k, v in rows.context_multi.items()},
+        context_dense=None if rows.context_dense is None else rows.context_dense[keep],
+        extra={k: v[keep] for k, v in rows.extra.items()},
+    )
+    out._split_rows[split] = subset
+    out.splits = dict(out.splits)
+    out.splits[split] = out._assemble(split, subset)
+    return out
+
+
 # --- cold start -------------------------------------------------------------------------------
 def as_cold_users(users, data, features: Sequence[str] = ("user_id",)):
     """A copy of `UserRows` with the id features set to the unknown id 0 and the user-side dense
