@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .towers import Expert
+from .towers import Expert, dropout as _dropout
 
 TASK_KINDS = ("binary", "regression")
 
@@ -53,7 +53,7 @@ def expert_outputs(experts: Sequence[Expert], x: torch.Tensor) -> torch.Tensor:
     first = [expert.linears[0] for expert in experts]
     h = torch.relu(F.linear(x, torch.cat([l.weight for l in first]), torch.cat([l.bias for l in first])))
     if dropout:
-        h = F.dropout(h, dropout, training)
+        h = _dropout(h, dropout, training)
     h = h.view(x.shape[0], len(experts), -1)
     for layer in range(1, len(experts[0].linears)):
         weight = torch.stack([expert.linears[layer].weight for expert in experts])  # [E, O, I]
@@ -61,7 +61,7 @@ def expert_outputs(experts: Sequence[Expert], x: torch.Tensor) -> torch.Tensor:
         h = torch.baddbmm(bias.unsqueeze(1), h.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
         h = torch.relu(h)
         if dropout:
-            h = F.dropout(h, dropout, training)
+            h = _dropout(h, dropout, training)
     return h
 
 

@@ -268,9 +268,17 @@ class MultiTaskModel(nn.Module):
     def _transforms(self) -> List[str]:
         return ["sigmoid" if t.kind == "binary" else "identity" for t in self._tasks]
 
+    def train(self, mode: bool = True) -> "MultiTaskModel":
+        # Entering training drops the packed scoring parameters: torch's fused Adam updates the
+        # parameters in place without bumping their version counters, so the key below cannot
+        # see its steps (a stale pack once scored validation with the first epoch's weights).
+        self._packed = None
+        return super().train(mode)
+
     def _fused_params(self):
-        """The packed `multi_task_score` parameters, rebuilt when any parameter changed (in-place
-        optimizer steps and ``load_state_dict`` bump the tensors' version counters)."""
+        """The packed `multi_task_score` parameters, rebuilt when any parameter changed: in-place
+        optimizer steps and ``load_state_dict`` bump the tensors' version counters, and `train`
+        drops the pack (fused optimizers update in place without bumping them)."""
         pieces = self.backbone._fused_scoring_params()
         if pieces is None:
             return None

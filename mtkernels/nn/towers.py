@@ -15,6 +15,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# Dropout's keep decision is drawn as a 16-bit integer against a threshold: torch's CPU
+# ``bernoulli_`` (what ``F.dropout`` uses) drew ~20% of an MMoE training step's time, a 16-bit
+# ``randint`` with one comparison costs about a third of it. The drop probability is ``p`` rounded to
+# a multiple of 1/65536 (0.1 -> 0.100006) and the kept values are scaled by 1 / (1 - that), so the
+# layer is still unbiased: E[dropout(x)] = x.
+_DROPOUT_LEVELS = 65536
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout (Srivastava et al., JMLR 2014) like ``F.dropout``, with a cheaper mask.
+
+    Each element is zeroed with probability ``round(p * 65536) / 65536`` and the others are
+    scaled by ``1 / (1 - that)``; the identity when ``p == 0`` or not ``training``. The mask comes
+    from torch's global generator (``torch.manual_seed`` makes it reproducible).
+
+    Shapes: any ``x``; returns a tensor of the same shape and dtype.
+    """
+    if not training or p == 0.0:
+        return x
+    dropped = min(max(round(p * _DROPOUT_LEVELS), 0), _DROPOUT_LEVELS - 1)
+    draw = torch.randint(-_DROPOUT_LEVELS // 2, _DROPOUT_LEVELS // 2, x.shape, dtype=torch.int16, device=x.device)
+    keep = (draw >= dropped - _DROPOUT_LEVELS // 2).to(x.dtype)
+    return x * keep.mul_(_DROPOUT_LEVELS / (_DROPOUT_LEVELS - dropped))
+
+
 def _check_dims(owner: str, input_dim: int, hidden: Sequence[int], dropout: float) -> List[int]:
     if int(input_dim) < 1:
         raise ValueError(f"{owner}: input_dim must be >= 1, got {input_dim}")
@@ -55,7 +80,7 @@ class Expert(nn.Module):
         for linear in self.linears:
             x = F.relu(linear(x))
             if self.dropout:
-                x = F.dropout(x, self.dropout, self.training)
+                x = dropout(x, self.dropout, self.training)
         return x
 
 
@@ -90,5 +115,5 @@ class TaskTower(nn.Module):
             if i < last:
                 x = F.relu(x)
                 if self.dropout:
-                    x = F.dropout(x, self.dropout, self.training)
+                    x = dropout(x, self.dropout, self.training)
         return x.squeeze(-1)

@@ -36,14 +36,12 @@
 #endif
 
 #include "common/checks.h"
+#include "ensemble_topk/ensemble_topk.h"
 #include "ensemble_topk/cpu/fast_math.h"
 #include "ensemble_topk/cpu/topk_selector.h"
 
 namespace mtkernels {
 namespace {
-
-// Transform codes of the schema's `int[] transforms` (mtkernels/ops/ensemble_topk.py).
-enum Transform : int64_t { kIdentity = 0, kSigmoid = 1, kLogSigmoid = 2 };
 
 constexpr int64_t kChunk = 2048;
 
@@ -426,29 +424,14 @@ void rrf_rows(const std::vector<Source>& sources, int64_t num_items, int64_t k, 
 
 // ---- checks and entry point -----------------------------------------------------------------------
 
-// The full checks of the CSR exclusions; returns them as contiguous int64.
+// The exclusions checked (ensemble_topk.h, then every index in [0, N)), as contiguous int64.
 std::pair<at::Tensor, at::Tensor> checked_exclusions(const at::Tensor& offsets_in,
                                                      const at::Tensor& indices_in,
                                                      int64_t batch_size, int64_t num_items) {
-  check_index_dtype(offsets_in, "exclude_offsets");
-  check_index_dtype(indices_in, "exclude_indices");
-  check_dim(offsets_in, 1, "exclude_offsets");
-  check_dim(indices_in, 1, "exclude_indices");
-  TORCH_CHECK_VALUE(offsets_in.device().is_cpu() && indices_in.device().is_cpu(),
-                    "exclude_offsets and exclude_indices must be on the device of scores (cpu), got ",
-                    offsets_in.device(), " and ", indices_in.device());
-  TORCH_CHECK_VALUE(offsets_in.numel() == batch_size + 1, "exclude_offsets must have B+1=",
-                    batch_size + 1, " entries, got ", offsets_in.numel());
-  at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+  at::Tensor offsets =
+      checked_exclusion_offsets(offsets_in, indices_in, at::Device(at::kCPU), batch_size);
   at::Tensor indices = indices_in.to(at::kLong).contiguous();
-  const int64_t* o = offsets.data_ptr<int64_t>();
   const int64_t nnz = indices.numel();
-  TORCH_CHECK_VALUE(o[0] == 0 && o[batch_size] == nnz,
-                    "exclude_offsets must start at 0 and end at len(exclude_indices)=", nnz,
-                    ", got ", o[0], " and ", o[batch_size]);
-  for (int64_t b = 0; b < batch_size; ++b) {
-    TORCH_CHECK_VALUE(o[b] <= o[b + 1], "exclude_offsets must be non-decreasing");
-  }
   const int64_t* x = indices.data_ptr<int64_t>();
   for (int64_t j = 0; j < nnz; ++j) {
     TORCH_CHECK_VALUE(x[j] >= 0 && x[j] < num_items, "exclude_indices must lie in [0, N=", num_items,
@@ -462,47 +445,11 @@ std::tuple<at::Tensor, at::Tensor> ensemble_topk_cpu(
     const std::optional<at::Tensor>& exclude_offsets,
     const std::optional<at::Tensor>& exclude_indices, c10::string_view mode, double rrf_c) {
   const std::string_view mode_name(mode.data(), mode.size());
-  TORCH_CHECK_VALUE(mode_name == "weighted" || mode_name == "rrf",
-                    "mode must be one of ('weighted', 'rrf'), got '", mode_name, "'");
-  TORCH_CHECK_VALUE(k >= 0, "k must be >= 0, got ", k);
+  check_ensemble_topk_args(scores, weights, k, transforms, exclude_offsets, exclude_indices,
+                           mode_name, rrf_c);
   const auto num_sources = static_cast<int64_t>(scores.size());
-  TORCH_CHECK_VALUE(num_sources >= 1, "scores must hold at least one source (S >= 1), got none");
   const at::Tensor& first = scores[0];
-  for (int64_t s = 0; s < num_sources; ++s) {
-    const at::Tensor& source = scores[s];
-    TORCH_CHECK_TYPE(source.scalar_type() == at::kFloat || source.scalar_type() == at::kHalf ||
-                         source.scalar_type() == at::kBFloat16 ||
-                         source.scalar_type() == at::kDouble,
-                     "scores[", s, "] must be float32, float16, bfloat16 or float64, got ",
-                     source.scalar_type());
-    TORCH_CHECK_TYPE(source.scalar_type() == first.scalar_type(),
-                     "all sources must have the same dtype: scores[0] is ", first.scalar_type(),
-                     ", scores[", s, "] is ", source.scalar_type());
-    TORCH_CHECK_VALUE(source.dim() == 2, "scores[", s, "] must be a [B, N] tensor, got shape ",
-                      source.sizes());
-    TORCH_CHECK_VALUE(source.sizes() == first.sizes(),
-                      "all sources must have the same shape [B, N]: scores[0] is ", first.sizes(),
-                      ", scores[", s, "] is ", source.sizes());
-    TORCH_CHECK_VALUE(source.device().is_cpu(), "scores[", s, "] must be a CPU tensor, got ",
-                      source.device());
-  }
-  TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == num_sources,
-                    "weights must have one entry per source (S=", num_sources, "), got ",
-                    weights.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(transforms.size()) == num_sources,
-                    "transforms must have one entry per source (S=", num_sources, "), got ",
-                    transforms.size());
-  for (int64_t s = 0; s < num_sources; ++s) {
-    TORCH_CHECK_VALUE(std::isfinite(weights[s]), "weights must be finite, got ", weights[s],
-                      " at position ", s);
-    TORCH_CHECK_VALUE(transforms[s] >= kIdentity && transforms[s] <= kLogSigmoid, "transforms[", s,
-                      "] must be a code 0 (identity), 1 (sigmoid) or 2 (log_sigmoid), got ",
-                      transforms[s]);
-  }
-  TORCH_CHECK_VALUE(std::isfinite(rrf_c) && rrf_c >= 0, "rrf_c must be a finite number >= 0, got ",
-                    rrf_c);
-  TORCH_CHECK_VALUE(exclude_offsets.has_value() == exclude_indices.has_value(),
-                    "exclude_offsets and exclude_indices must be given together (or neither)");
+  TORCH_CHECK_VALUE(first.device().is_cpu(), "scores must be CPU tensors here, got ", first.device());
 
   const int64_t batch_size = first.size(0);
   const int64_t num_items = first.size(1);

@@ -45,11 +45,10 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "ensemble_topk/ensemble_topk.h"
 
 namespace mtkernels {
 namespace {
-
-enum Transform : int32_t { kIdentity = 0, kSigmoid = 1, kLogSigmoid = 2 };
 
 constexpr int kThreads = 256;
 constexpr int kItemsPerThread = 4;
@@ -326,25 +325,8 @@ std::pair<at::Tensor, at::Tensor> checked_exclusions(const at::Tensor& offsets_i
                                                      const at::Tensor& indices_in,
                                                      const at::Device& device, int64_t batch_size,
                                                      int64_t num_items) {
-  check_index_dtype(offsets_in, "exclude_offsets");
-  check_index_dtype(indices_in, "exclude_indices");
-  check_dim(offsets_in, 1, "exclude_offsets");
-  check_dim(indices_in, 1, "exclude_indices");
-  TORCH_CHECK_VALUE(offsets_in.device() == device && indices_in.device() == device,
-                    "exclude_offsets and exclude_indices must be on the device of scores (", device,
-                    "), got ", offsets_in.device(), " and ", indices_in.device());
-  TORCH_CHECK_VALUE(offsets_in.numel() == batch_size + 1, "exclude_offsets must have B+1=",
-                    batch_size + 1, " entries, got ", offsets_in.numel());
-  // B + 1 offsets are few: check them on the host (one copy, which also synchronises).
-  const at::Tensor host_offsets = offsets_in.to(at::kLong).cpu().contiguous();
-  const int64_t* o = host_offsets.const_data_ptr<int64_t>();
+  const at::Tensor host_offsets = checked_exclusion_offsets(offsets_in, indices_in, device, batch_size);
   const int64_t nnz = indices_in.numel();
-  TORCH_CHECK_VALUE(o[0] == 0 && o[batch_size] == nnz,
-                    "exclude_offsets must start at 0 and end at len(exclude_indices)=", nnz,
-                    ", got ", o[0], " and ", o[batch_size]);
-  for (int64_t b = 0; b < batch_size; ++b) {
-    TORCH_CHECK_VALUE(o[b] <= o[b + 1], "exclude_offsets must be non-decreasing");
-  }
   at::Tensor items = indices_in.to(at::kLong).contiguous();
   if (nnz > 0) {
     const auto [low, high] = items.aminmax();
@@ -388,48 +370,10 @@ std::tuple<at::Tensor, at::Tensor> ensemble_topk_cuda(
     const std::optional<at::Tensor>& exclude_offsets,
     const std::optional<at::Tensor>& exclude_indices, c10::string_view mode, double rrf_c) {
   const std::string_view mode_name(mode.data(), mode.size());
-  TORCH_CHECK_VALUE(mode_name == "weighted" || mode_name == "rrf",
-                    "mode must be one of ('weighted', 'rrf'), got '", mode_name, "'");
-  TORCH_CHECK_VALUE(k >= 0, "k must be >= 0, got ", k);
+  check_ensemble_topk_args(scores, weights, k, transforms, exclude_offsets, exclude_indices,
+                           mode_name, rrf_c);
   const auto num_sources = static_cast<int64_t>(scores.size());
-  TORCH_CHECK_VALUE(num_sources >= 1, "scores must hold at least one source (S >= 1), got none");
   const at::Tensor& first = scores[0];
-  for (int64_t s = 0; s < num_sources; ++s) {
-    const at::Tensor& source = scores[s];
-    TORCH_CHECK_TYPE(source.scalar_type() == at::kFloat || source.scalar_type() == at::kHalf ||
-                         source.scalar_type() == at::kBFloat16 ||
-                         source.scalar_type() == at::kDouble,
-                     "scores[", s, "] must be float32, float16, bfloat16 or float64, got ",
-                     source.scalar_type());
-    TORCH_CHECK_TYPE(source.scalar_type() == first.scalar_type(),
-                     "all sources must have the same dtype: scores[0] is ", first.scalar_type(),
-                     ", scores[", s, "] is ", source.scalar_type());
-    TORCH_CHECK_VALUE(source.dim() == 2, "scores[", s, "] must be a [B, N] tensor, got shape ",
-                      source.sizes());
-    TORCH_CHECK_VALUE(source.sizes() == first.sizes(),
-                      "all sources must have the same shape [B, N]: scores[0] is ", first.sizes(),
-                      ", scores[", s, "] is ", source.sizes());
-    TORCH_CHECK_VALUE(source.device() == first.device(),
-                      "all sources must be on the same device: scores[0] is on ", first.device(),
-                      ", scores[", s, "] on ", source.device());
-  }
-  TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == num_sources,
-                    "weights must have one entry per source (S=", num_sources, "), got ",
-                    weights.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(transforms.size()) == num_sources,
-                    "transforms must have one entry per source (S=", num_sources, "), got ",
-                    transforms.size());
-  for (int64_t s = 0; s < num_sources; ++s) {
-    TORCH_CHECK_VALUE(std::isfinite(weights[s]), "weights must be finite, got ", weights[s],
-                      " at position ", s);
-    TORCH_CHECK_VALUE(transforms[s] >= kIdentity && transforms[s] <= kLogSigmoid, "transforms[", s,
-                      "] must be a code 0 (identity), 1 (sigmoid) or 2 (log_sigmoid), got ",
-                      transforms[s]);
-  }
-  TORCH_CHECK_VALUE(std::isfinite(rrf_c) && rrf_c >= 0, "rrf_c must be a finite number >= 0, got ",
-                    rrf_c);
-  TORCH_CHECK_VALUE(exclude_offsets.has_value() == exclude_indices.has_value(),
-                    "exclude_offsets and exclude_indices must be given together (or neither)");
 
   const c10::cuda::CUDAGuard device_guard(first.device());
   const at::Device device = first.device();
