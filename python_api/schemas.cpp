@@ -51,6 +51,16 @@ TORCH_LIBRARY(mtkernels, m) {
       "multi_task_score(Tensor x, Tensor[] expert_weights, Tensor[] expert_biases, Tensor gate_weight, "
       "Tensor gate_bias, Tensor gate_mask, Tensor[] tower_weights, Tensor[] tower_biases, "
       "str[] transforms) -> Tensor");
+  // CPU only: the weights packed once into the kernel's 16-column panels (a float32 buffer), and
+  // the same scoring reading them, so a serving loop does not repack per call.
+  m.def(
+      "multi_task_score_pack(Tensor[] expert_weights, Tensor[] expert_biases, Tensor gate_weight, "
+      "Tensor gate_bias, Tensor gate_mask, Tensor[] tower_weights, Tensor[] tower_biases, "
+      "str[] transforms) -> Tensor");
+  m.def(
+      "multi_task_score_packed(Tensor x, Tensor[] expert_weights, Tensor[] expert_biases, Tensor gate_weight, "
+      "Tensor gate_bias, Tensor gate_mask, Tensor[] tower_weights, Tensor[] tower_biases, "
+      "str[] transforms, Tensor packed) -> Tensor");
 
   // ---- end multi_task_score ----
 }

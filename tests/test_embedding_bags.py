@@ -578,3 +578,63 @@ def test_native_results_do_not_depend_on_thread_count(threads):
     assert torch.equal(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The specialised float32 loop (dims 8/16/32/64/128) and the table-major work split: large
+# batches give each feature several work items, claimed by 1 or 2 threads.
+# ---------------------------------------------------------------------------------------------
+def _with_threads(threads, fn):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@native_only
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("pooling,weighted", [("sum", False), ("mean", False), ("sum", True)])
+def test_specialised_dims_with_large_batches_match_reference(index_dtype, pooling, weighted):
+    weights, indices, offsets, feature_table, psw = make_problem(
+        (300, 50, 70, 20, 90, 40), (8, 16, 32, 64, 128, 24), [0, 1, 2, 3, 4, 5, 2, 4], 1100, 5,
+        index_dtype, torch.float32, weighted, seed=31,
+    )
+    expected = reference_embedding_bags(weights, indices.long(), offsets.long(), feature_table, pooling, psw)
+    for threads in (1, 2):
+        out = _with_threads(threads, lambda: embedding_bags(weights, indices, offsets, feature_table, pooling, psw))
+        torch.testing.assert_close(out, expected, **tolerance(torch.float32))
+
+
+@native_only
+def test_specialised_loop_on_strided_table_rows():
+    # rows of a table that is a column slice of a wider tensor: row stride 80, dim 64
+    base = torch.randn(100, 80)
+    weights = [base[:, 8:72], torch.randn(30, 16)]
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, 6, (2 * 300,), generator=gen)  # batch 300, features 0 and 1
+    split = int(lengths[:300].sum())
+    indices = torch.cat([torch.randint(0, 100, (split,), generator=gen),
+                         torch.randint(0, 30, (int(lengths.sum()) - split,), generator=gen)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+    expected = reference_embedding_bags(weights, indices, offsets, None, "sum", None)
+    out = _with_threads(2, lambda: embedding_bags(weights, indices, offsets))
+    torch.testing.assert_close(out, expected, **tolerance(torch.float32))
+
+
+@native_only
+@pytest.mark.parametrize("threads", [1, 2])
+def test_out_of_range_in_specialised_loop_reports_the_first_position(threads):
+    weights, indices, offsets, feature_table, _ = make_problem(
+        (40, 60, 50), (16, 32, 64), None, 900, 3, torch.int64, torch.float32, seed=32,
+    )
+    # two bad ids, the later one in an earlier-claimed chunk's feature: the first is reported
+    first = int(offsets[900 + 700]) if int(offsets[900 + 701]) > int(offsets[900 + 700]) else int(offsets[900 + 702])
+    later = int(offsets[2 * 900 + 10]) + 0 if int(offsets[2 * 900 + 11]) > int(offsets[2 * 900 + 10]) else int(offsets[2 * 900 + 12])
+    for bad in (60, -1, 2**32 + 1):
+        broken = indices.clone()
+        broken[first] = bad
+        broken[later] = 10**6
+        with pytest.raises(IndexError, match=rf"feature 1: index {bad} at position {first}\b"):
+            _with_threads(threads, lambda: embedding_bags(weights, broken, offsets, feature_table))

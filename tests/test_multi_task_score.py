@@ -374,3 +374,105 @@ def test_torch_compile_uses_the_fake_kernel():
     x = torch.randn(9, WIDTH)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+# ---- the packed CPU path: multi_task_score_pack / multi_task_score_packed and the wrapper's cache ----
+
+packed_only = pytest.mark.skipif(
+    not (NATIVE and hasattr(torch.ops.mtkernels, "multi_task_score_packed")),
+    reason="native multi_task_score_packed kernel not built",
+)
+
+
+def _pack(params):
+    return torch.ops.mtkernels.multi_task_score_pack.default(
+        params.expert_weights, params.expert_biases, params.gate_weight, params.gate_bias,
+        params.gate_mask, params.tower_weights, params.tower_biases, params.transforms,
+    )
+
+
+@packed_only
+@pytest.mark.parametrize("shape", SHAPES + [(1000, 256, 8, 3, [128, 64], [32, 1])], ids=str)
+def test_packed_op_matches_the_reference(shape):
+    rows, width, experts, tasks, expert_sizes, tower_sizes = shape
+    gen = torch.Generator().manual_seed(rows + 1)
+    params = random_params(gen, width, experts, tasks, expert_sizes, tower_sizes)
+    x = torch.randn(rows, width, generator=gen)
+    packed = _pack(params)
+    assert packed.dtype == torch.float32 and packed.dim() == 1
+    with torch.no_grad():
+        expected = reference.multi_task_score(x, params)
+        for threads in (1, 2):
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                got = torch.ops.mtkernels.multi_task_score_packed.default(x, *params, packed)
+            finally:
+                torch.set_num_threads(previous)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@packed_only
+def test_packed_buffer_of_other_params_is_rejected():
+    params = make("mmoe").pack()
+    other = make("ple_cgc").pack()
+    x = torch.randn(4, WIDTH)
+    with pytest.raises(ValueError, match="packed must be"):
+        torch.ops.mtkernels.multi_task_score_packed.default(x, *params, _pack(other))
+    with pytest.raises(TypeError, match="packed must be"):
+        torch.ops.mtkernels.multi_task_score_packed.default(x, *params, _pack(params).double())
+
+
+@packed_only
+def test_cached_packing_follows_in_place_weight_changes():
+    # The wrapper packs once per params object; every in-place change must repack, so a stale
+    # packed layout can never be used.
+    model = make("mmoe")
+    params = model.pack()
+    x = torch.randn(40, WIDTH)
+    with torch.no_grad():
+        before = multi_task_score(x, params)
+        torch.testing.assert_close(before, reference.multi_task_score(x, params), rtol=1e-5, atol=1e-6)
+        # (one gate column only: a softmax does not see a shift of all its logits)
+        for tensor in (params.expert_weights[1], params.gate_bias[:, 0], params.tower_biases[-1], params.expert_biases[0]):
+            tensor.add_(0.25)
+            after = multi_task_score(x, params)
+            torch.testing.assert_close(after, reference.multi_task_score(x, params), rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(after, before)
+            before = after
+        params.gate_mask[0, 1] = False  # the mask is read per call, and is part of the cache key too
+        torch.testing.assert_close(multi_task_score(x, params), reference.multi_task_score(x, params),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@packed_only
+@pytest.mark.parametrize("fused", [False, True])  # fused Adam does not bump version counters
+def test_cached_packing_follows_optimizer_steps(fused):
+    model = make("ple_cgc", seed=5)
+    params = model.pack()
+    raw = MultiTaskScoreParams(*[tuple(t.clone().requires_grad_() for t in f) if isinstance(f, tuple) and
+                                 isinstance(f[0], torch.Tensor) else (f.clone().requires_grad_()
+                                 if isinstance(f, torch.Tensor) and f.is_floating_point() else f) for f in params])
+    trainable = [t for f in raw for t in (f if isinstance(f, tuple) else (f,))
+                 if isinstance(t, torch.Tensor) and t.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=0.05, fused=fused)
+    x = torch.randn(64, WIDTH)
+    for _ in range(3):
+        with torch.no_grad():
+            scored = multi_task_score(x, raw)  # packs, then reuses the packing until the step
+            torch.testing.assert_close(multi_task_score(x, raw), scored)
+            torch.testing.assert_close(scored, reference.multi_task_score(x, raw), rtol=1e-5, atol=1e-6)
+        optimizer.zero_grad()
+        reference.multi_task_score(x, raw).square().sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            assert not torch.allclose(multi_task_score(x, raw), scored)
+
+
+@packed_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_packed_ops(dtype):
+    p = make("ple_one_own_expert").to(dtype).pack()
+    x = torch.randn(7, WIDTH, dtype=dtype)
+    torch.library.opcheck(torch.ops.mtkernels.multi_task_score_pack.default, tuple(p))
+    torch.library.opcheck(torch.ops.mtkernels.multi_task_score_packed.default, (x, *p, _pack(p)))

@@ -335,6 +335,46 @@ def test_fused_scoring_after_load_state_dict():
         assert not torch.allclose(before, model(sparse, dense))
 
 
+def test_fused_scoring_after_optimizer_steps():
+    # The model's packed params and the kernel's packed weights both follow the optimizer's
+    # in-place updates: eval scores always equal the eager forward of the current weights.
+    torch.manual_seed(11)
+    model = _model("mmoe")
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    sparse, dense = _batch(16, seed=11)
+    for _ in range(3):
+        model.eval()
+        with torch.no_grad():
+            fused = model(sparse, dense)
+            model.use_fused_scoring = False
+            torch.testing.assert_close(fused, model(sparse, dense), rtol=1e-5, atol=1e-5)
+            model.use_fused_scoring = True
+        model.train()
+        optimizer.zero_grad()
+        model(sparse, dense).square().sum().backward()
+        optimizer.step()
+
+
+def test_fused_scoring_after_fused_adam_steps_in_eval_mode():
+    # Fused Adam updates in place without bumping version counters, and a model kept in eval mode
+    # never drops its pack through train(): the torch.optim step count in the key catches it.
+    torch.manual_seed(12)
+    model = _model("mmoe").eval()
+    optimizer = torch.optim.Adam(model.dense_parameters(), lr=0.05, fused=True)
+    sparse, dense = _batch(16, seed=12)
+    for _ in range(3):
+        with torch.no_grad():
+            fused = model(sparse, dense)
+            model.use_fused_scoring = False
+            torch.testing.assert_close(fused, model(sparse, dense), rtol=1e-5, atol=1e-5)
+            model.use_fused_scoring = True
+        optimizer.zero_grad()
+        model(sparse, dense).square().sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            assert not torch.allclose(model(sparse, dense), fused)
+
+
 # --- fused embedding optimizer --------------------------------------------------------------------
 def test_model_with_fused_embedding_optimizer_trains_rows():
     torch.manual_seed(10)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.multi_task_score import weights_key
 from .backbones import ESMM, MMoE, PLE, TASK_KINDS, MultiTaskBackbone, SharedBottom
 from .embedding import EmbeddingBagCollection, EmbeddingBagConfig
 from .towers import TaskTower
@@ -269,21 +270,22 @@ class MultiTaskModel(nn.Module):
         return ["sigmoid" if t.kind == "binary" else "identity" for t in self._tasks]
 
     def train(self, mode: bool = True) -> "MultiTaskModel":
-        # Entering training drops the packed scoring parameters: torch's fused Adam updates the
-        # parameters in place without bumping their version counters, so the key below cannot
-        # see its steps (a stale pack once scored validation with the first epoch's weights).
+        # Switching modes drops the packed scoring parameters: a cheap reset for in-place writes the
+        # key below cannot see (through ``.data``). torch.optim steps, fused ones included (they do
+        # not bump version counters; a stale pack once scored validation with the first epoch's
+        # weights), are in the key.
         self._packed = None
         return super().train(mode)
 
     def _fused_params(self):
         """The packed `multi_task_score` parameters, rebuilt when any parameter changed: in-place
-        optimizer steps and ``load_state_dict`` bump the tensors' version counters, and `train`
-        drops the pack (fused optimizers update in place without bumping them)."""
+        writes and ``load_state_dict`` bump the tensors' version counters, every torch.optim step
+        (fused ones too) advances the key, and `train` / `eval` drop the pack."""
         pieces = self.backbone._fused_scoring_params()
         if pieces is None:
             return None
         tensors = list(self.backbone.parameters()) + list(self.towers.parameters())
-        key = tuple((id(p), p.data_ptr(), p._version) for p in tensors)
+        key = weights_key(tensors)
         if self._packed is None or self._packed[0] != key:
             params = ops.pack_multi_task_params(
                 pieces["experts"], pieces["gates"], pieces["gate_mask"],

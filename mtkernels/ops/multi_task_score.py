@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .._extension import NATIVE, has_kernel
 from ..reference.multi_task_score import (
@@ -70,8 +72,8 @@ def pack_multi_task_params(
 
     Returns:
         `MultiTaskScoreParams` in the dtype and device of ``experts[0][0].weight``. The expert
-        first layer and the gate weights share one buffer (``[E*H_1 + T*E, D]``), so the kernel
-        computes both with one matrix product.
+        first layer and the gate weights share one buffer (``[E*H_1 + T*E, D]``), so the CUDA
+        kernel computes both with one matrix product.
 
     Raises:
         ValueError: inconsistent layer sizes, gate sizes that do not match ``gate_mask``, a task
@@ -134,8 +136,9 @@ def pack_multi_task_params(
             _check_linear(layer, f"towers[{t}][{k}]", fan_in, tower_sizes[k], like)
             fan_in = tower_sizes[k]
 
-    # The expert first layer and the gates read the same x: one buffer lets the kernel compute
-    # both with a single [M, D] x [D, E*H_1 + T*E] product (the kernel checks the adjacency).
+    # The expert first layer and the gates read the same x: one buffer lets the CUDA kernel
+    # compute both with a single [M, D] x [D, E*H_1 + T*E] product (it checks the adjacency; the
+    # CPU kernel packs its own panel layout, see multi_task_score).
     hidden = sizes[0]
     kw = dict(dtype=like.dtype, device=like.device)
     first_weight = torch.zeros(num_experts * hidden + num_tasks * num_experts, width, **kw)
@@ -189,6 +192,71 @@ def _requires_grad(x: torch.Tensor, params: MultiTaskScoreParams) -> bool:
     )
 
 
+_PANEL = 16  # columns per packed weight panel: kPanel in csrc/multi_task_score/cpu
+
+
+def _params_tensors(params: MultiTaskScoreParams) -> tuple:
+    return (
+        params.gate_weight, params.gate_bias, params.gate_mask,
+        *params.expert_weights, *params.expert_biases, *params.tower_weights, *params.tower_biases,
+    )
+
+
+# torch's fused optimizers (e.g. Adam(fused=True), which mtkernels.training.fit uses) update
+# parameters in place without bumping their version counters, so every torch.optim step also
+# advances this global count, and the packed-weight caches (here and in MultiTaskModel) key on it.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def weights_key(tensors) -> tuple:
+    """What a cache of packed weights must compare to know they are unchanged: each tensor's
+    identity, address, shape and version counter, and the count of torch.optim steps taken since
+    import (fused optimizers do not bump version counters). A write through ``tensor.data`` is not
+    seen: repack after one (``MultiTaskModel.train()`` drops its pack).
+
+    Raises:
+        AttributeError, RuntimeError: a non-tensor, or an inference tensor (no version counter).
+    """
+    return (_OPTIMIZER_STEPS[0],) + tuple((id(t), t.data_ptr(), t.shape, t._version) for t in tensors)
+
+
+# params.gate_weight -> (key, tensors, packed buffer). Weak keys: an entry lives as long as the
+# params' gate tensor, so the cache never keeps a dropped model's weights alive; the entry holds
+# the other tensors, so their ids and addresses cannot be reused by new tensors while it exists.
+_PACKED = WeakIdKeyDictionary()  # keyed by identity: a tensor's == is elementwise
+_HAS_PACKED_OP = NATIVE and hasattr(torch.ops.mtkernels, "multi_task_score_packed")
+
+
+def _packed_buffer(params: MultiTaskScoreParams) -> Optional[torch.Tensor]:
+    """The CPU kernel's packed weights for `params`, packed on first use and again whenever a
+    tensor of params changed (``weights_key``: identity, address, shape, version counter, and the
+    count of torch.optim steps). None where no packing applies."""
+    tensors = _params_tensors(params)
+    try:
+        key = weights_key(tensors)
+    except (AttributeError, RuntimeError):  # not tensors (the checks report it), or inference tensors
+        return None
+    entry = _PACKED.get(params.gate_weight)
+    if entry is not None and entry[0] == key:
+        return entry[2]
+    try:
+        packed = torch.ops.mtkernels.multi_task_score_pack.default(
+            params.expert_weights, params.expert_biases, params.gate_weight, params.gate_bias,
+            params.gate_mask, params.tower_weights, params.tower_biases, params.transforms,
+        )
+    except (ValueError, TypeError):  # bad params: the unpacked op checks them against x and says why
+        return None
+    _PACKED[params.gate_weight] = (key, tensors[1:], packed)
+    return packed
+
+
 def multi_task_score(x: torch.Tensor, params: MultiTaskScoreParams) -> torch.Tensor:
     """Fused multi-task scoring: experts, per-task softmax gates, towers, output transforms.
 
@@ -196,18 +264,23 @@ def multi_task_score(x: torch.Tensor, params: MultiTaskScoreParams) -> torch.Ten
     ``g_t(x) = softmax(W_t x + b_t)`` over the experts ``params.gate_mask[t]`` allows: MMoE (Ma et
     al., KDD 2018), a single-level PLE/CGC layer (Tang et al., RecSys 2020), or Shared-Bottom
     (E = 1). Expert hidden sizes are uniform across experts, tower sizes uniform across towers.
-    The native CPU kernel computes the expert first layers and gate logits as one matrix product
-    and fuses the rest per block of rows, so the ``[M, T, H]`` mixtures are never written out;
-    it runs on ``torch.get_num_threads()`` threads (serving-sized calls, up to 256 rows per
-    thread, in a single parallel pass). Measured speed: benchmarks/table_mts.py.
+    The native CPU kernel runs the whole network per block of rows (about 72) on one
+    register-tiled micro-kernel, so the first-layer activations and the ``[M, T, H]`` mixtures
+    are never written out; it runs on ``torch.get_num_threads()`` threads. On CPU the weights
+    are packed into the kernel's panel layout once per params object and reused while no tensor
+    of params changes (identity, address, shape and version counter are compared on each call,
+    and every torch.optim step invalidates the pack; a write through ``tensor.data`` bypasses
+    version counters, so pack again after one).
+    Measured speed: benchmarks/table_mts.py.
 
     Inference only, no autograd: call it under `torch.no_grad()` / `torch.inference_mode()`
     (or with tensors that do not require grad); train with the model's eager forward.
 
     Args:
         x: ``[M, D]`` rows to score (e.g. user-candidate pairs), float32 or bfloat16 (float16
-            works too). The native kernel computes in float32: bfloat16/float16 inputs and
-            weights are widened to float32 once per call, every product accumulates in float32,
+            works too). The native kernel computes in float32: bfloat16/float16 weights are
+            widened to float32 when packed (once per params on CPU), x once per call, every
+            product accumulates in float32,
             and the scores are rounded to x's dtype at the end. float64 runs on the reference.
         params: `MultiTaskScoreParams` (from `pack_multi_task_params`, or built from stacked
             tensors directly), same dtype and device as x.
@@ -231,6 +304,16 @@ def multi_task_score(x: torch.Tensor, params: MultiTaskScoreParams) -> torch.Ten
         raise TypeError(f"params must be a MultiTaskScoreParams, got {type(params).__name__}")
     # float64 stays on the reference: the native kernel computes in float32.
     if isinstance(x, torch.Tensor) and x.dtype != torch.float64 and _native(x.device):
+        if (
+            _HAS_PACKED_OP and x.device.type == "cpu" and x.dtype == params.gate_weight.dtype
+            and not torch.compiler.is_compiling()
+        ):
+            packed = _packed_buffer(params)
+            if packed is not None:
+                return torch.ops.mtkernels.multi_task_score_packed.default(
+                    x, params.expert_weights, params.expert_biases, params.gate_weight, params.gate_bias,
+                    params.gate_mask, params.tower_weights, params.tower_biases, params.transforms, packed,
+                )
         return torch.ops.mtkernels.multi_task_score.default(
             x,
             params.expert_weights,
@@ -249,6 +332,34 @@ if NATIVE and hasattr(torch.ops.mtkernels, "multi_task_score"):
 
     @torch.library.register_fake("mtkernels::multi_task_score")
     def _(x, expert_weights, expert_biases, gate_weight, gate_bias, gate_mask, tower_weights, tower_biases, transforms):
+        torch._check(x.dim() == 2, lambda: f"x must be a 2-D tensor [M, D], got shape {tuple(x.shape)}")
+        torch._check(gate_mask.dim() == 2, lambda: "params.gate_mask must be a 2-D tensor [T, E]")
+        return x.new_empty((x.shape[0], gate_mask.shape[0]))
+
+if _HAS_PACKED_OP:
+
+    def _packed_size(expert_weights, gate_weight, tower_weights) -> int:
+        """Floats in the CPU kernel's packed buffer (PackedLayout in the kernel): per layer of G
+        groups, G * (ceil(N/16)*16 * K) panel floats plus G * ceil(N/16)*16 bias floats."""
+        def layer(groups, n, k):
+            n_pad = -(-n // _PANEL) * _PANEL
+            return groups * n_pad * (k + 1)
+
+        tasks, experts, width = gate_weight.shape
+        size = sum(layer(w.shape[0], w.shape[1], w.shape[2]) for w in expert_weights)
+        size += layer(1, tasks * experts, width)
+        size += sum(layer(w.shape[0], w.shape[1], w.shape[2]) for w in tower_weights[:-1])
+        last = tower_weights[-1]
+        return size + last.shape[0] * last.shape[2] + last.shape[0]
+
+    @torch.library.register_fake("mtkernels::multi_task_score_pack")
+    def _(expert_weights, expert_biases, gate_weight, gate_bias, gate_mask, tower_weights, tower_biases, transforms):
+        torch._check(gate_weight.dim() == 3, lambda: "params.gate_weight must have shape [T, E, D]")
+        return gate_weight.new_empty((_packed_size(expert_weights, gate_weight, tower_weights),), dtype=torch.float32)
+
+    @torch.library.register_fake("mtkernels::multi_task_score_packed")
+    def _(x, expert_weights, expert_biases, gate_weight, gate_bias, gate_mask, tower_weights, tower_biases,
+          transforms, packed):
         torch._check(x.dim() == 2, lambda: f"x must be a 2-D tensor [M, D], got shape {tuple(x.shape)}")
         torch._check(gate_mask.dim() == 2, lambda: "params.gate_mask must be a 2-D tensor [T, E]")
         return x.new_empty((x.shape[0], gate_mask.shape[0]))

@@ -1,11 +1,13 @@
 // CPU forward of mtkernels::embedding_bags, and the gradient of the per-sample weights.
 //
-// Bags are processed in feature-major order (the order of `offsets`): at::parallel_for hands each
-// thread one contiguous range of bags, so a thread walks its features one after the other and
-// gathers from one table at a time (the table-major order of FBGEMM's TBE CPU kernel and of a loop
-// of nn.EmbeddingBag, which keeps the working set of one table in cache). Rows are prefetched a
-// few indices ahead, as FBGEMM's EmbeddingSpMDM does, because the gathers are random and
-// latency-bound.
+// Table-major order: the work is (feature, chunk of its bags) items, claimed in feature order by
+// the threads from one atomic counter, so all threads gather from the same table at the same time
+// (the table's touched rows stay in the shared L3, as in a loop of nn.EmbeddingBag or FBGEMM's
+// TBE CPU kernel) and a thread that the shared machine descheduled leaves its items to the
+// others. Rows are prefetched a few indices ahead, as FBGEMM's EmbeddingSpMDM does, because the
+// gathers are random and latency-bound. float32 tables of dim 8/16/32/64/128 take a specialised
+// loop (compile-time width, AVX2 accumulators held in registers across a bag, the bounds check
+// folded into the gather); other dtypes and dims take the generic one.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,8 +15,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "embedding_bags/cpu/embedding_bags_cpu.h"
@@ -124,6 +128,73 @@ void pool_feature_any_dim(const BagTask<scalar_t, index_t>& bag, const index_t* 
   }
 }
 
+// 8 floats: GCC/Clang vector extension (AVX2 with -march=native); loads through the
+// 4-byte-aligned alias, since table rows need not be 32-byte aligned.
+typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4)));
+
+// float32 rows of kVecs * 8 columns: pools bags [bag_begin, bag_end) of one feature into dst.
+// Returns the first position whose id is out of range (the rest of the chunk is skipped: the
+// output is discarded and an IndexError raised), or -1. No per-bag branch on the dim, the
+// weighting or the index width: each is a template parameter.
+template <int kVecs, bool kWeighted, typename index_t>
+int64_t pool_feature_f32(const float* table, int64_t row_stride, uint64_t num_rows, const index_t* idx,
+                         const float* psw, const index_t* off, int64_t bag_begin, int64_t bag_end,
+                         int64_t prefetch_stop, bool mean, float* dst, int64_t dst_stride) {
+  constexpr int kLines = (kVecs * 32 + 63) / 64;
+  for (int64_t b = bag_begin; b < bag_end; ++b, dst += dst_stride) {
+    const int64_t start = off[b], stop = off[b + 1];
+    vec8 acc[kVecs];
+    for (int v = 0; v < kVecs; ++v) acc[v] = vec8{};
+    for (int64_t p = start; p < stop; ++p) {
+      if (p + kPrefetchDistance < prefetch_stop) {
+        // formed as an integer: the id ahead is not bounds-checked yet (a prefetch never faults)
+        const uintptr_t ahead = reinterpret_cast<uintptr_t>(table) +
+                                static_cast<uintptr_t>(static_cast<int64_t>(idx[p + kPrefetchDistance]) * row_stride) *
+                                    sizeof(float);
+        for (int l = 0; l < kLines; ++l) __builtin_prefetch(reinterpret_cast<const void*>(ahead + 64 * l), 0, 3);
+      }
+      const int64_t row = static_cast<int64_t>(idx[p]);
+      if (__builtin_expect(static_cast<uint64_t>(row) >= num_rows, 0)) return p;
+      const float* src = table + row * row_stride;
+      if (kWeighted) {
+        const float w = psw[p];
+        for (int v = 0; v < kVecs; ++v) acc[v] += w * *reinterpret_cast<const vec8_unaligned*>(src + 8 * v);
+      } else {
+        for (int v = 0; v < kVecs; ++v) acc[v] += *reinterpret_cast<const vec8_unaligned*>(src + 8 * v);
+      }
+    }
+    if (mean && stop > start) {
+      const float scale = 1.f / static_cast<float>(stop - start);
+      for (int v = 0; v < kVecs; ++v) acc[v] *= scale;
+    }
+    for (int v = 0; v < kVecs; ++v) *reinterpret_cast<vec8_unaligned*>(dst + 8 * v) = acc[v];
+  }
+  return -1;
+}
+
+template <bool kWeighted, typename index_t>
+using PoolF32 = int64_t (*)(const float*, int64_t, uint64_t, const index_t*, const float*, const index_t*, int64_t,
+                            int64_t, int64_t, bool, float*, int64_t);
+
+template <bool kWeighted, typename index_t>
+PoolF32<kWeighted, index_t> pool_f32_for_dim(int64_t dim) {
+  switch (dim) {
+    case 8: return &pool_feature_f32<1, kWeighted, index_t>;
+    case 16: return &pool_feature_f32<2, kWeighted, index_t>;
+    case 32: return &pool_feature_f32<4, kWeighted, index_t>;
+    case 64: return &pool_feature_f32<8, kWeighted, index_t>;
+    case 128: return &pool_feature_f32<16, kWeighted, index_t>;
+    default: return nullptr;
+  }
+}
+
+// Bags per work item: at least 256 (the claim is an atomic add), and about two items per thread
+// per feature so that a descheduled thread's share is picked up by the others.
+inline int64_t bags_per_item(int64_t batch, int64_t threads) {
+  return std::max<int64_t>(std::min<int64_t>(batch, 256), (batch + 2 * threads - 1) / (2 * threads));
+}
+
 template <typename scalar_t, typename index_t>
 void forward_kernel(const std::vector<at::Tensor>& weights, const at::Tensor& indices,
                     const at::Tensor& offsets, const c10::optional<at::Tensor>& per_sample_weights,
@@ -134,23 +205,55 @@ void forward_kernel(const std::vector<at::Tensor>& weights, const at::Tensor& in
   const scalar_t* psw = per_sample_weights.has_value() ? per_sample_weights->data_ptr<scalar_t>() : nullptr;
   scalar_t* out = output.data_ptr<scalar_t>();
   const int64_t batch = layout.batch_size;
-  const int64_t num_bags = layout.num_features * batch;
+  const int64_t num_features = layout.num_features;
   const bool mean = pooling == Pooling::kMean;
+  if (batch == 0 || num_features == 0) return;
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  auto record_bad = [&](int64_t p) {
+    int64_t seen = first_bad.load(std::memory_order_relaxed);
+    while (p < seen && !first_bad.compare_exchange_weak(seen, p)) {
+    }
+  };
 
-  at::parallel_for(0, num_bags, 64, [&](int64_t begin, int64_t end) {
-    // the chunk [begin, end) of bags, split at feature boundaries
-    for (int64_t bag_begin = begin; bag_begin < end;) {
-      const int64_t f = bag_begin / batch;
-      const int64_t bag_end = std::min(end, (f + 1) * batch);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = bags_per_item(batch, threads);
+  const int64_t items_per_feature = (batch + chunk - 1) / chunk;
+  const int64_t num_items = num_features * items_per_feature;
+  std::atomic<int64_t> next_item{0};
+
+  at::parallel_for(0, std::min(threads, num_items), 1, [&](int64_t, int64_t) {
+    for (int64_t item = next_item.fetch_add(1); item < num_items; item = next_item.fetch_add(1)) {
+      const int64_t f = item / items_per_feature;
+      const int64_t bag_begin = f * batch + (item - f * items_per_feature) * chunk;
+      const int64_t bag_end = std::min(bag_begin + chunk, (f + 1) * batch);
       const int64_t t = layout.feature_table[f];
       const at::Tensor& table = weights[t];
-      BagTask<scalar_t, index_t> bag{idx, psw, table.data_ptr<scalar_t>(), table.stride(0), layout.dim[t], 0, 0,
-                                     static_cast<int64_t>(off[(f + 1) * batch])};
-      scalar_t* dst = out + (bag_begin - f * batch) * layout.total_dim + layout.column[f];
-      // Bounds check every id of these bags in one sequential pass (branch-free OR, vectorised)
-      // before any row is read; only when it fails is the bad position searched for.
       const uint64_t num_rows = static_cast<uint64_t>(layout.num_rows[t]);
+      const int64_t prefetch_stop = static_cast<int64_t>(off[(f + 1) * batch]);
+      scalar_t* dst = out + (bag_begin - f * batch) * layout.total_dim + layout.column[f];
+
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        const int64_t dim = layout.dim[t];
+        if (psw != nullptr) {
+          if (auto pool = pool_f32_for_dim<true, index_t>(dim)) {
+            const int64_t bad = pool(table.data_ptr<float>(), table.stride(0), num_rows, idx, psw, off, bag_begin,
+                                     bag_end, prefetch_stop, mean, dst, layout.total_dim);
+            if (bad >= 0) record_bad(bad);
+            continue;
+          }
+        } else if (auto pool = pool_f32_for_dim<false, index_t>(dim)) {
+          const int64_t bad = pool(table.data_ptr<float>(), table.stride(0), num_rows, idx, nullptr, off, bag_begin,
+                                   bag_end, prefetch_stop, mean, dst, layout.total_dim);
+          if (bad >= 0) record_bad(bad);
+          continue;
+        }
+      }
+
+      // Generic dtype / dim: bounds check every id of these bags in one sequential pass
+      // (branch-free OR, vectorised) before any row is read; only when it fails is the bad
+      // position searched for.
+      BagTask<scalar_t, index_t> bag{idx, psw, table.data_ptr<scalar_t>(), table.stride(0), layout.dim[t], 0, 0,
+                                     prefetch_stop};
       const int64_t p_begin = off[bag_begin], p_end = off[bag_end];
       bool any_bad = false;
       for (int64_t p = p_begin; p < p_end; ++p) {
@@ -159,9 +262,7 @@ void forward_kernel(const std::vector<at::Tensor>& weights, const at::Tensor& in
       if (any_bad) {
         for (int64_t p = p_begin; p < p_end; ++p) {
           if (static_cast<uint64_t>(static_cast<int64_t>(idx[p])) >= num_rows) {
-            int64_t seen = first_bad.load(std::memory_order_relaxed);
-            while (p < seen && !first_bad.compare_exchange_weak(seen, p)) {
-            }
+            record_bad(p);
             break;
           }
         }
@@ -171,7 +272,6 @@ void forward_kernel(const std::vector<at::Tensor>& weights, const at::Tensor& in
       } else {
         pool_feature_any_dim<false, scalar_t, index_t, acc_t>(bag, off, bag_begin, bag_end, mean, dst, layout.total_dim);
       }
-      bag_begin = bag_end;
     }
   });
   const int64_t bad = first_bad.load();
