@@ -21,7 +21,9 @@ What moves (``parts``):
 
 How it trains afterwards (``mode``):
 
-- ``"freeze"``: the transferred parts get a learning-rate scale of 0 (``MultiTaskModel.lr_scales``):
+- ``"freeze"``: the transferred parts get a learning-rate scale of 0 (``MultiTaskModel.lr_scales``;
+  a frozen table's unmatched rows keep their fresh values for good, so freeze tables whose ids the
+  source covers and fine-tune the others, e.g. two calls with different ``parts``):
   they take no gradient and hold no optimizer state; frozen tables are looked up by their own
   ``embedding_bags`` call with no fused optimizer and keep no Adagrad ``momentum`` buffer, frozen
   dense parameters are in no Adam group. This is what TorchRec lacks (an lr of 0 there still
