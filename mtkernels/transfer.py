@@ -23,7 +23,8 @@ How it trains afterwards (``mode``):
 
 - ``"freeze"``: the transferred parts get a learning-rate scale of 0 (``MultiTaskModel.lr_scales``;
   a frozen table's unmatched rows keep their fresh values for good, so freeze tables whose ids the
-  source covers and fine-tune the others, e.g. two calls with different ``parts``):
+  source covers and unfreeze the others afterwards, e.g.
+  ``target.set_lr_scales({"embeddings.embedding_bags.user_id": 1.0})``):
   they take no gradient and hold no optimizer state; frozen tables are looked up by their own
   ``embedding_bags`` call with no fused optimizer and keep no Adagrad ``momentum`` buffer, frozen
   dense parameters are in no Adam group. This is what TorchRec lacks (an lr of 0 there still
