@@ -3,6 +3,7 @@
     mtkernels info
     mtkernels train --data ml100k --model mmoe --checkpoint runs/mmoe.pt [--epochs 20 --seed 0 ...]
     mtkernels fuse --member runs/ple.pt --member runs/mmoe.pt --cf ease --out runs/fused.pt
+    mtkernels train --tasks like,rating --init-from runs/click.pt --freeze embeddings,experts --checkpoint runs/like.pt
     mtkernels evaluate --checkpoint runs/mmoe.pt [--split test_warm --split test_cold]
     mtkernels recommend --checkpoint runs/mmoe.pt --user 5 [--user 900] [--k 10]
     mtkernels demo --out outputs/demo
@@ -44,6 +45,16 @@ def load_data(spec: Dict[str, Any]):
             raise ValueError(f"--data {name} is a file: give its columns with --schema (YAML file or JSON)")
         return data_module.load_interactions(name, _schema(spec["schema"]))
     raise ValueError(f"--data must be 'ml100k', 'census' or an existing CSV/Parquet file, got {name!r}")
+
+
+def _load_tasks(spec: Dict[str, Any]):
+    """`load_data`, then only the spec's ``tasks`` (label columns) when it names some (``train --tasks``)."""
+    data = load_data(spec)
+    if spec.get("tasks"):
+        from .transfer import select_tasks
+
+        data = select_tasks(data, list(spec["tasks"]))
+    return data
 
 
 def _schema(schema):
@@ -89,20 +100,26 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data_spec = {"name": args.data, "data_dir": args.data_dir, "schema": args.schema}
-    data = load_data(data_spec)
+    if args.tasks:
+        data_spec["tasks"] = [t for t in args.tasks.split(",") if t]
+    data = _load_tasks(data_spec)
     overrides = {"embedding_dim": args.embedding_dim, "use_fused_optimizer": args.embedding_optimizer != "none"}
     if args.embedding_optimizer != "none":
         overrides["embedding_optimizer"] = dict(presets.EMBEDDING_OPTIMIZER, kind=args.embedding_optimizer,
                                                 **({"lr": args.embedding_lr} if args.embedding_lr else {}))
     model = presets.build_model(data, args.model, **overrides)
+    _init_from(args, model, data)
     values = dict(presets.TRAIN_PRESET)
     for field in ("epochs", "batch_size", "lr", "weight_decay", "patience", "monitor", "loss_weighting", "seed"):
         value = getattr(args, field)
         if value is not None:
             values[field] = value
     values["progress"] = not args.no_progress
+    if args.id_dropout is not None:
+        values["id_dropout"] = args.id_dropout
     config = TrainConfig(**values)
-    extra = {"data": data_spec, "serving": serving_tables(data) if has_items(data) else None}
+    extra = {"data": data_spec, "serving": serving_tables(data) if has_items(data) else None,
+             "vocabularies": data.vocabularies}
     result = fit(model, data, config, checkpoint_path=args.checkpoint, resume=args.resume, checkpoint_extra=extra)
     print(f"trained {args.model}: best epoch {result.best_epoch}, {len(result.history)} epochs, "
           f"{result.seconds_per_epoch:.2f} s/epoch; checkpoint: {os.path.abspath(args.checkpoint)}")
@@ -143,6 +160,39 @@ def cmd_fuse(args) -> int:
     return 0
 
 
+def _parts(text: Optional[str], option: str) -> List[str]:
+    from .transfer import PARTS
+
+    parts = [p for p in (text or "").split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"{option}: unknown parts {unknown}; parts are {', '.join(PARTS)}")
+    return parts
+
+
+def _init_from(args, model, data) -> None:
+    """``--init-from CHECKPOINT``: copy the ``--transfer`` parts, freezing the ``--freeze`` ones and
+    fine-tuning the rest at ``--transfer-lr-scale`` (`mtkernels.transfer.transfer`)."""
+    from .training import load_checkpoint
+    from .transfer import transfer
+
+    frozen = _parts(args.freeze, "--freeze")
+    if not args.init_from:
+        if frozen:
+            raise ValueError("--freeze needs --init-from CHECKPOINT (the parts to freeze come from it)")
+        return
+    parts = _parts(args.transfer, "--transfer")
+    if not parts and not frozen:
+        raise ValueError("--transfer names no part to copy")
+    checkpoint = load_checkpoint(args.init_from)
+    tuned = [p for p in parts if p not in frozen]
+    for mode, chosen in (("freeze", frozen), ("finetune", tuned)):
+        if chosen:
+            report = transfer(checkpoint, model, parts=chosen, mode=mode, lr_scale=args.transfer_lr_scale,
+                              target_vocabularies=data.vocabularies)
+            print(report.summary())
+
+
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate
     from .training import build_model, load_checkpoint
@@ -151,7 +201,7 @@ def cmd_evaluate(args) -> int:
     spec = dict(checkpoint.get("data") or {"name": "ml100k"})
     if args.data_dir:
         spec["data_dir"] = args.data_dir
-    data = load_data(spec)
+    data = _load_tasks(spec)
     if "fusion" in checkpoint:  # a fused checkpoint ranks: top-k metrics only
         from .fusion import ScoreFusion
 
@@ -234,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sgd", "none"],
                    help="fused update of the tables inside the backward ('none': Adam with dense gradients)")
     p.add_argument("--embedding-lr", type=float)
+    p.add_argument("--tasks", default=None, metavar="T1,T2", help="train only these tasks (label columns)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from a trained checkpoint's shared parts (transfer learning)")
+    p.add_argument("--transfer", default="embeddings,experts", metavar="PARTS",
+                   help="parts copied by --init-from: embeddings, experts, gates, towers (default embeddings,experts)")
+    p.add_argument("--freeze", default=None, metavar="PARTS",
+                   help="parts copied by --init-from and frozen (no gradient, no optimizer state), e.g. embeddings,experts")
+    p.add_argument("--transfer-lr-scale", type=float, default=1.0,
+                   help="learning-rate multiplier of the copied parts that are not frozen")
+    p.add_argument("--id-dropout", type=float, default=None, metavar="P",
+                   help="cold start: replace a training row's user id by the unknown id with probability P")
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true")

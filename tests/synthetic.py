@@ -24,7 +24,9 @@ def _csr(groups, values, num_groups):
     return torch.from_numpy(offsets), torch.from_numpy(values[order].copy())
 
 
-def make_data(num_warm: int = 24, num_cold: int = 4, num_items: int = 30, positives: int = 6, seed: int = 0) -> MultiTaskData:
+def make_data(num_warm: int = 24, num_cold: int = 4, num_items: int = 30, positives: int = 6, seed: int = 0,
+              age_taste: bool = False) -> MultiTaskData:
+    """``age_taste=True``: a user's taste is mostly its age group's (so side features predict it)."""
     rng = np.random.default_rng(seed)
     num_users = num_warm + num_cold
     user_taste = rng.normal(size=(num_users + 1, 3))
@@ -33,6 +35,9 @@ def make_data(num_warm: int = 24, num_cold: int = 4, num_items: int = 30, positi
     user_ids = np.concatenate([[-1], 101 + np.arange(num_users)])
     user_id_feature = np.concatenate([[0], np.arange(1, num_warm + 1), np.zeros(num_cold, dtype=np.int64)])
     age = np.concatenate([[0], rng.integers(1, 4, size=num_users)])
+    if age_taste:  # no extra draws: the default data set stays the same
+        centres = np.array([[0.0, 0.0, 0.0], [2.5, 0.0, 0.0], [-2.5, 0.0, 0.0], [0.0, 2.5, 0.0]])
+        user_taste = centres[age] + 0.3 * user_taste
     users = EntityTable(
         {"user_id": torch.from_numpy(user_id_feature), "age": torch.from_numpy(age)},
         {},

@@ -112,11 +112,13 @@ def load_census_income(
     train_rows = parts["train"]
 
     codes = {}
+    vocabularies = {}
     features = []
     for column in CATEGORICAL:
         values = frame[column].str.strip()
         vocab = Vocabulary(values.iloc[train_rows])
         codes[feature_name(column)] = vocab.encode(values)
+        vocabularies[feature_name(column)] = vocab.row_keys()
         features.append(FeatureSpec(feature_name(column), vocab.num_embeddings, False, "context"))
     numbers = frame[CONTINUOUS].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
     mean = np.nanmean(numbers[train_rows], axis=0)
@@ -140,5 +142,6 @@ def load_census_income(
         split_rows=split_rows,
         context_dense_names=[feature_name(c) for c in CONTINUOUS],
         user_id_feature=None,
+        vocabularies=vocabularies,
         info={"path": str(file), "seed": seed, "rows": n},
     )

@@ -138,6 +138,7 @@ class MultiTaskData:
         info: Optional[dict] = None,
         negative_pools: Optional[Jagged] = None,
         user_encoder=None,
+        vocabularies: Optional[Dict[str, list]] = None,
     ) -> None:
         self.name = name
         self.tasks = list(tasks)
@@ -165,6 +166,7 @@ class MultiTaskData:
         self._negative_pools = negative_pools
         # raw side-feature records -> {user feature: int64 ids}, for users the data set never saw
         self._user_encoder = user_encoder
+        self._vocabularies = dict(vocabularies or {})
         self._split_rows = dict(split_rows)
         self.splits: Dict[str, Split] = {name_: self._assemble(name_, rows) for name_, rows in split_rows.items()}
 
@@ -220,7 +222,13 @@ class MultiTaskData:
 
     @property
     def user_dense_dim(self) -> int:
+        """Number of user-side dense columns (the first columns of every ``dense`` matrix)."""
         return len(self._user_dense_names)
+
+    @property
+    def item_dense_dim(self) -> int:
+        """Number of item-side dense columns (right after the user-side ones)."""
+        return len(self._item_dense_names)
 
     @property
     def num_tasks(self) -> int:
@@ -376,6 +384,33 @@ class MultiTaskData:
         rows after them and encoded index 0. int64 for integer ids, a list for string ids.
         """
         return self._user_ids
+
+    @property
+    def vocabularies(self) -> Dict[str, list]:
+        """The external key of every row of each feature's table: ``{feature: [key of id 0, key of
+        id 1, ...]}`` (id 0, the unknown row, has key None), for matching rows across data sets
+        (`mtkernels.transfer`). ``user_id`` and ``item_id`` come from `user_ids` / `item_ids`;
+        other features from the loader (category values, or bucket numbers for fixed buckets).
+        Features the loader gave no keys for are absent. Plain Python values (stored in
+        checkpoints)."""
+        keys = {name: list(values) for name, values in self._vocabularies.items()}
+        specs = {f.name: f for f in self.features}
+        user_spec = specs.get(self._user_id_feature) if self._user_id_feature else None
+        if user_spec is not None and self._user_ids is not None and self._user_id_feature not in keys:
+            ids = self._user_ids.tolist() if isinstance(self._user_ids, torch.Tensor) else list(self._user_ids)
+            column = [None] * user_spec.num_embeddings
+            for row, index in enumerate(self._users.sparse[self._user_id_feature].tolist()):
+                if index > 0:
+                    column[index] = ids[row]
+            keys[self._user_id_feature] = column
+        if "item_id" in specs and self._item_ids is not None and "item_id" not in keys:
+            ids = self._item_ids.tolist() if isinstance(self._item_ids, torch.Tensor) else list(self._item_ids)
+            column = [None] * specs["item_id"].num_embeddings
+            for row, index in enumerate(self._items.sparse["item_id"].tolist()):
+                if 0 < row <= len(ids) and index > 0:
+                    column[index] = ids[row - 1]
+            keys["item_id"] = column
+        return keys
 
     @property
     def num_user_rows(self) -> int:

@@ -317,6 +317,10 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         topk_sets=topk,
         negative_pools=(torch.from_numpy(pool_offsets), torch.from_numpy(pool_items.astype(np.int64))),
         user_encoder=encode_user_side,
+        # fixed buckets are their own keys; the other features' keys are their values
+        vocabularies={"age": list(range(len(AGE_EDGES) + 2)), "gender": gender_vocab.row_keys(),
+                      "occupation": occupation_vocab.row_keys(), "zip": zip_vocab.row_keys(),
+                      "release_year": list(range(len(YEAR_EDGES) + 2)), "genres": genre_vocab.row_keys()},
         info={"source": movielens.source, "path": str(movielens.path), "num_warm_users": len(warm),
               "num_cold_users": len(np.setdiff1d(np.unique(splits["test_cold"]["user_id"]), warm))
               if "test_cold" in splits else 0},

@@ -41,6 +41,10 @@ class Vocabulary:
         table = np.append(self._index.get_indexer(pd.Index(uniques)) + 1, 0).astype(np.int64)
         return table[codes]  # code -1 (missing) reads the trailing 0
 
+    def row_keys(self) -> list:
+        """The value of every id, id 0 (unknown) first as None: ``[None, *categories]``."""
+        return [None] + list(self.categories)
+
     def decode(self, ids: Sequence[int]) -> list:
         """Values for ids (None for 0)."""
         return [None if int(i) == 0 else self.categories[int(i) - 1] for i in ids]

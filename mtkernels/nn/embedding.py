@@ -103,6 +103,12 @@ class EmbeddingBagCollection(nn.Module):
             inside the backward by `mtkernels.ops.FusedEmbeddingOptimizer` (FBGEMM's
             EXACT_ROWWISE_ADAGRAD or SGD); the tables then do not require grad, never hold a
             ``.grad``, and must not be given to a ``torch.optim`` optimizer.
+        table_lr_scale: optional ``{table name: scale >= 0}`` (others 1). With a fused optimizer,
+            tables of one scale share one `FusedEmbeddingOptimizer` whose lr is ``lr * scale``;
+            scale 0 freezes a table outright: it is looked up by its own op call without any
+            optimizer, takes no gradient and holds no optimizer state (no ``momentum`` buffer).
+            Without a fused optimizer, a frozen table does not require grad and `lr_scale` gives
+            a ``torch.optim`` set-up the multiplier of the others (see `set_table_lr_scale`).
 
     Forward:
         features: `mtkernels.KeyedJaggedTensor` (or a torchrec one) holding at least every feature
@@ -114,8 +120,8 @@ class EmbeddingBagCollection(nn.Module):
 
     ``state_dict`` keys (a checkpoint format; stable): ``embedding_bags.<table name>.weight`` per
     table, plus ``embedding_bags.<table name>.momentum`` (float32 ``[num_embeddings]``, the
-    row-wise Adagrad accumulators) with the fused row-wise Adagrad optimizer, so training resumes
-    exactly.
+    row-wise Adagrad accumulators) with the fused row-wise Adagrad optimizer for every table that
+    ``table_lr_scale`` does not freeze, so training resumes exactly.
 
     Raises:
         ValueError: duplicate table or feature names, a bad optimizer config (constructor); a missing
@@ -124,7 +130,8 @@ class EmbeddingBagCollection(nn.Module):
         IndexError: an id outside its table (from the op, naming the feature and position).
     """
 
-    def __init__(self, tables: Sequence[EmbeddingBagConfig], optimizer: Optional[dict] = None) -> None:
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], optimizer: Optional[dict] = None,
+                 table_lr_scale: Optional[Dict[str, float]] = None) -> None:
         super().__init__()
         self.tables = list(tables)
         if not self.tables:
@@ -150,19 +157,30 @@ class EmbeddingBagCollection(nn.Module):
                 start += t.embedding_dim
         self.total_dim = start
 
-        # The op takes one pooling mode per call: one call per pooling mode present (one call in the
-        # usual case where every table pools the same way).
+        self.optimizer_config = None if optimizer is None else self._check_optimizer(optimizer)
+        self._fused_optimizers: List[object] = []
+        self._bound_groups: List[dict] = []
+        self._frozen = False
+        self._lr_scale: Dict[str, float] = {t.name: 1.0 for t in self.tables}
+        if self.optimizer_config is not None:
+            for table in self.embedding_bags.values():
+                table.weight.requires_grad_(False)
+        self.set_table_lr_scale(table_lr_scale or {})
+
+    def _build_groups(self) -> None:
+        """One op call per (pooling mode, learning-rate scale) present: the op takes one pooling
+        mode and one fused optimizer per call (one call in the usual case)."""
         self._groups = []
         for pooling in POOLINGS:
-            group_tables = [t for t in self.tables if t.pooling == pooling]
-            if not group_tables:
-                continue
-            features = [f for t in group_tables for f in t.feature_names]
-            feature_table = [i for i, t in enumerate(group_tables) for _ in t.feature_names]
-            self._groups.append(
-                {"pooling": pooling, "tables": [t.name for t in group_tables], "features": features,
-                 "feature_table": feature_table}
-            )
+            scales = sorted({self._lr_scale[t.name] for t in self.tables if t.pooling == pooling}, reverse=True)
+            for scale in scales:
+                group_tables = [t for t in self.tables if t.pooling == pooling and self._lr_scale[t.name] == scale]
+                features = [f for t in group_tables for f in t.feature_names]
+                feature_table = [i for i, t in enumerate(group_tables) for _ in t.feature_names]
+                self._groups.append(
+                    {"pooling": pooling, "lr_scale": scale, "tables": [t.name for t in group_tables],
+                     "features": features, "feature_table": feature_table}
+                )
         column_order = [c for g in self._groups for f in g["features"] for c in range(
             self._slices[f].start, self._slices[f].stop)]
         # position in the concatenated group outputs of each output column
@@ -172,13 +190,51 @@ class EmbeddingBagCollection(nn.Module):
         identity = inverse == list(range(self.total_dim))
         self._column_permutation = None if identity else torch.tensor(inverse)
 
-        self.optimizer_config = None if optimizer is None else self._check_optimizer(optimizer)
-        self._fused_optimizers: List[object] = []
-        self._frozen = False
-        if self.optimizer_config is not None:
-            for table in self.embedding_bags.values():
-                table.weight.requires_grad_(False)
+    # --- per-table training -----------------------------------------------------------------
+    def set_table_lr_scale(self, scales: Dict[str, float]) -> "EmbeddingBagCollection":
+        """Set the learning-rate multiplier of some tables (``{table name: scale >= 0}``; the
+        others keep theirs); 0 freezes a table (no gradient, no optimizer state).
+
+        With a fused optimizer the op calls are regrouped and the fused optimizers rebuilt: each
+        trained table keeps its Adagrad accumulator, a frozen table's is dropped, and a table
+        unfrozen again starts from a zero accumulator. Without one, ``requires_grad`` follows
+        ``scale > 0``; `lr_scale` gives the multiplier for a ``torch.optim`` parameter group.
+        Returns ``self``.
+
+        Raises:
+            ValueError: an unknown table or a negative scale.
+        """
+        for name, scale in dict(scales).items():
+            if name not in self._lr_scale:
+                raise ValueError(f"table_lr_scale names an unknown table {name!r}; tables are {list(self._lr_scale)}")
+            if not float(scale) >= 0.0:
+                raise ValueError(f"table_lr_scale[{name!r}] must be >= 0, got {scale}")
+            self._lr_scale[name] = float(scale)
+        self._build_groups()
+        if self.optimizer_config is None:
+            for name, table in self.embedding_bags.items():
+                table.weight.requires_grad_(not self._frozen and self._lr_scale[name] > 0)
+        else:
+            for name, table in self.embedding_bags.items():
+                if self._lr_scale[name] == 0.0 and "momentum" in table._buffers:
+                    del table._buffers["momentum"]
             self._bind_fused_optimizers()
+        return self
+
+    def lr_scale(self, table: str) -> float:
+        """The learning-rate multiplier of ``table`` (0: frozen).
+
+        Raises:
+            KeyError: an unknown table.
+        """
+        if table not in self._lr_scale:
+            raise KeyError(f"unknown table {table!r}; tables are {list(self._lr_scale)}")
+        return self._lr_scale[table]
+
+    @property
+    def frozen_tables(self) -> List[str]:
+        """Names of the tables that are not trained (scale 0, or all of them after `freeze`)."""
+        return [t.name for t in self.tables if self._frozen or self._lr_scale[t.name] == 0.0]
 
     # --- fused optimizer --------------------------------------------------------------------
     @staticmethod
@@ -199,16 +255,24 @@ class EmbeddingBagCollection(nn.Module):
         return config
 
     def _bind_fused_optimizers(self) -> None:
-        """(Re)build one FusedEmbeddingOptimizer per op call over the current table tensors, and expose
-        its accumulators as the tables' ``momentum`` buffers (their values carried over, so moving the
-        module to another device keeps the optimizer state)."""
+        """(Re)build one FusedEmbeddingOptimizer per trained op call (lr = base lr x the group's
+        scale) over the current table tensors, and expose its accumulators as the tables'
+        ``momentum`` buffers (their values carried over, so moving the module to another device
+        keeps the optimizer state). Frozen groups get no optimizer."""
         config = dict(self.optimizer_config)
-        if self._fused_optimizers:  # keep a learning rate changed since (a schedule)
-            config["lr"] = self._fused_optimizers[0].lr
+        bound = [(g, o) for g, o in zip(self._bound_groups, self._fused_optimizers) if o is not None]
+        if bound:  # keep a learning rate changed since (a schedule)
+            config["lr"] = bound[0][1].lr / bound[0][0]["lr_scale"]
         self._fused_optimizers = []
         for group in self._groups:
+            if group["lr_scale"] == 0.0:
+                self._fused_optimizers.append(None)
+                continue
             modules = [self.embedding_bags[name] for name in group["tables"]]
-            optimizer = ops.FusedEmbeddingOptimizer([m.weight for m in modules], **config)
+            group_config = dict(config)
+            if "lr" in group_config:
+                group_config["lr"] = float(group_config["lr"]) * group["lr_scale"]
+            optimizer = ops.FusedEmbeddingOptimizer([m.weight for m in modules], **group_config)
             if config["kind"] == "rowwise_adagrad":
                 for module, accumulator in zip(modules, optimizer.accumulators):
                     previous = module._buffers.get("momentum")
@@ -216,6 +280,7 @@ class EmbeddingBagCollection(nn.Module):
                         accumulator.copy_(previous)
                     module.register_buffer("momentum", accumulator)
             self._fused_optimizers.append(optimizer)
+        self._bound_groups = list(self._groups)
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda() replace the buffer tensors: rebind the optimizer to the new ones.
@@ -233,8 +298,8 @@ class EmbeddingBagCollection(nn.Module):
         """
         self._frozen = bool(frozen)
         if self.optimizer_config is None:
-            for table in self.embedding_bags.values():
-                table.weight.requires_grad_(not self._frozen)
+            for name, table in self.embedding_bags.items():
+                table.weight.requires_grad_(not self._frozen and self._lr_scale[name] > 0)
         return self
 
     @property
@@ -244,9 +309,10 @@ class EmbeddingBagCollection(nn.Module):
 
     @property
     def fused_optimizers(self) -> List[object]:
-        """The `mtkernels.ops.FusedEmbeddingOptimizer` s (one per op call; empty without a fused
-        optimizer); set ``.lr`` on each for a learning-rate schedule."""
-        return list(self._fused_optimizers)
+        """The `mtkernels.ops.FusedEmbeddingOptimizer` s (one per trained op call; empty without a
+        fused optimizer, none for frozen tables); set ``.lr`` on each for a learning-rate schedule
+        (each one's lr is the base lr times its tables' `lr_scale`)."""
+        return [o for o in self._fused_optimizers if o is not None]
 
     # --- layout -----------------------------------------------------------------------------
     def feature_slice(self, name: str) -> slice:
@@ -305,7 +371,7 @@ class EmbeddingBagCollection(nn.Module):
                 )
             tables = [self.embedding_bags[name].weight for name in group["tables"]]
             kwargs = {}
-            if self._fused_optimizers and not self._frozen:
+            if self._fused_optimizers and not self._frozen and self._fused_optimizers[i] is not None:
                 kwargs["fused_optimizer"] = self._fused_optimizers[i]
             pooled.append(
                 ops.embedding_bags(tables, values, offsets, group["feature_table"], group["pooling"],

@@ -64,6 +64,14 @@ class MultiTaskModel(nn.Module):
         embedding_optimizer: ``None`` or the fused optimizer of `EmbeddingBagCollection`
             (``{"kind": "rowwise_adagrad" | "sgd", "lr": ..., "eps": ...}``).
         use_fused_scoring: run ``eval()`` + ``no_grad`` forwards through `multi_task_score`.
+        lr_scales: optional ``{parameter-name prefix: scale >= 0}``: learning-rate multipliers of
+            parts of the model (e.g. ``{"embeddings": 0.0, "backbone.experts": 0.1}``; prefixes
+            match whole dot-separated components of ``named_parameters`` names, the longest
+            match wins, unmatched parameters have 1). Scale 0 freezes: the parameters do not
+            require grad and get no optimizer state (frozen tables: no fused optimizer, no
+            ``momentum`` buffer). `mtkernels.training.fit` gives Adam one parameter group per
+            scale (lr x scale); a table's fused optimizer runs at its lr x scale. Set by
+            `mtkernels.transfer.transfer`; kept in `config` so a checkpoint rebuilds the same.
 
     Forward:
         sparse: `mtkernels.KeyedJaggedTensor` (or torchrec's) with every feature, batch size B.
@@ -83,7 +91,8 @@ class MultiTaskModel(nn.Module):
     def __init__(self, features: Sequence, dense_dim: int, tasks: Sequence, backbone: str = "mmoe",
                  embedding_dim: int = 16, backbone_kwargs: Optional[dict] = None,
                  tower_hidden: Sequence[int] = (32,), dropout: float = 0.0,
-                 embedding_optimizer: Optional[dict] = None, use_fused_scoring: bool = True) -> None:
+                 embedding_optimizer: Optional[dict] = None, use_fused_scoring: bool = True,
+                 lr_scales: Optional[Mapping[str, float]] = None) -> None:
         super().__init__()
         self.features = [_spec(f, "FeatureSpec") for f in features]
         self._tasks = [_spec(t, "TaskSpec") for t in tasks]
@@ -140,6 +149,55 @@ class MultiTaskModel(nn.Module):
         self.towers = nn.ModuleList(TaskTower(d, tower_hidden, dropout) for d in self.backbone.task_dims)
         self.use_fused_scoring = bool(use_fused_scoring)
         self._packed = None  # (key, params) cache of the fused scoring parameters
+        self._lr_scales: Dict[str, float] = {}
+        if lr_scales:
+            self.set_lr_scales(lr_scales)
+
+    # --- learning-rate scales and freezing ---------------------------------------------------
+    def lr_scale_of(self, name: str) -> float:
+        """The learning-rate multiplier of parameter ``name`` (a ``named_parameters`` name): that of
+        the longest `lr_scales` prefix matching whole components of it, else 1."""
+        best, scale = -1, 1.0
+        for prefix, value in self._lr_scales.items():
+            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+                best, scale = len(prefix), value
+        return scale
+
+    @property
+    def lr_scales(self) -> Dict[str, float]:
+        """The ``{prefix: scale}`` set so far (see the constructor's ``lr_scales``)."""
+        return dict(self._lr_scales)
+
+    def set_lr_scales(self, scales: Mapping[str, float]) -> "MultiTaskModel":
+        """Add or change learning-rate multipliers (``{parameter-name prefix: scale >= 0}``, 0 =
+        frozen; see the constructor). Call before building the optimizer (``fit`` does so).
+
+        Raises:
+            ValueError: a negative scale or a prefix that matches no parameter.
+        """
+        names = [n for n, _ in self.named_parameters()]
+        for prefix, value in dict(scales).items():
+            if not float(value) >= 0.0:
+                raise ValueError(f"lr_scales[{prefix!r}] must be >= 0, got {value}")
+            if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                raise ValueError(f"lr_scales prefix {prefix!r} matches no parameter of the model")
+            self._lr_scales[str(prefix)] = float(value)
+        self._config["lr_scales"] = dict(self._lr_scales)
+        tables = {}
+        for name, parameter in self.named_parameters():
+            scale = self.lr_scale_of(name)
+            if name.startswith("embeddings.embedding_bags."):
+                tables[name.split(".")[2]] = scale
+            else:
+                parameter.requires_grad_(scale > 0)
+        self.embeddings.set_table_lr_scale(tables)
+        return self
+
+    def frozen_parameter_names(self) -> List[str]:
+        """Names of the parameters that are not trained (scale 0, or tables frozen otherwise)."""
+        frozen_tables = set(self.embeddings.frozen_tables)
+        return [n for n, _ in self.named_parameters()
+                if self.lr_scale_of(n) == 0.0 or (n.startswith("embeddings.embedding_bags.") and n.split(".")[2] in frozen_tables)]
 
     # --- description ------------------------------------------------------------------------
     @property

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import evaluation
 from .checkpoint import class_path, load_checkpoint, save_checkpoint
+from .id_dropout import drop_ids
 from .losses import masked_task_losses
 from .weighting import GradNorm, make_weighting
 
@@ -50,6 +51,12 @@ class TrainConfig:
         eval_batch_size: rows per step when predicting.
         progress: show a tqdm progress bar per epoch.
         validation_split: the split early stopping watches.
+        id_dropout: cold-start training (`mtkernels.training.id_dropout.drop_ids`): probability that
+            a training row's ``id_dropout_features`` of one side are replaced by the unknown id 0
+            (and, with ``id_dropout_dense``, that side's dense history columns by 0), so the unknown
+            row learns to stand for users (items) known only by their side features. 0: off.
+        id_dropout_features: the single-valued id features dropped (default ``["user_id"]``).
+        id_dropout_dense: also zero the dropped side's dense columns (what a cold user gets).
     """
 
     epochs: int = 30
@@ -65,8 +72,14 @@ class TrainConfig:
     eval_batch_size: int = 32768
     progress: bool = True
     validation_split: str = "val"
+    id_dropout: float = 0.0
+    id_dropout_features: List[str] = dataclasses.field(default_factory=lambda: ["user_id"])
+    id_dropout_dense: bool = True
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.id_dropout <= 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1], got {self.id_dropout}")
+        self.id_dropout_features = list(self.id_dropout_features)
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
@@ -122,20 +135,30 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _dense_optimizer_groups(model: torch.nn.Module, weighting: torch.nn.Module, weight_decay: float):
+def _dense_optimizer_groups(model: torch.nn.Module, weighting: torch.nn.Module, weight_decay: float,
+                            lr: Optional[float] = None):
     """Adam groups: the model's dense parameters (with weight decay), other trainable model
     parameters (embedding tables without a fused optimiser; no weight decay), the uncertainty
-    log-variances (no weight decay). GradNorm's weights have their own optimiser."""
+    log-variances (no weight decay). GradNorm's weights have their own optimiser. Parameters
+    with a learning-rate scale other than 1 (``model.lr_scale_of``, set by transfer learning) get
+    their own group at ``lr * scale``; frozen ones (scale 0) do not require grad and are in none."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if hasattr(model, "dense_parameters"):
         dense_ids = {id(p) for p in model.dense_parameters()}
     else:
         dense_ids = {id(p) for p in trainable}
-    dense = [p for p in trainable if id(p) in dense_ids]
-    other = [p for p in trainable if id(p) not in dense_ids]
-    groups = [{"params": dense, "weight_decay": weight_decay}]
-    if other:
-        groups.append({"params": other, "weight_decay": 0.0})
+    scale_of = {}
+    if hasattr(model, "lr_scale_of") and lr is not None:
+        scale_of = {id(p): model.lr_scale_of(n) for n, p in model.named_parameters()}
+    groups = []
+    for in_dense, decay in ((True, weight_decay), (False, 0.0)):
+        members = [p for p in trainable if (id(p) in dense_ids) == in_dense]
+        scales = sorted({scale_of.get(id(p), 1.0) for p in members}, reverse=True) or [1.0]
+        for scale in scales:
+            group = {"params": [p for p in members if scale_of.get(id(p), 1.0) == scale], "weight_decay": decay}
+            if scale != 1.0:
+                group["lr"] = lr * scale
+            groups.append(group)
     if not isinstance(weighting, GradNorm):
         extra = [p for p in weighting.parameters() if p.requires_grad]
         if extra:
@@ -245,7 +268,7 @@ def fit(
     tasks = data.tasks
     seed_everything(config.seed)
     weighting = make_weighting(config.loss_weighting, tasks, config.task_weights, config.gradnorm_alpha)
-    groups = _dense_optimizer_groups(model, weighting, config.weight_decay)
+    groups = _dense_optimizer_groups(model, weighting, config.weight_decay, config.lr)
     optimizer = torch.optim.Adam(groups, lr=config.lr, fused=_fused_adam_supported(groups))
     shared = shared_parameters(model) if isinstance(weighting, GradNorm) else []
     if isinstance(weighting, GradNorm) and not shared:
@@ -323,7 +346,12 @@ def fit(
         task_sums = torch.zeros(len(tasks), dtype=torch.float64)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not config.progress, leave=False)
         started = time.perf_counter()
+        # its own generator, seeded per epoch: a resumed run drops the same rows as an uninterrupted one
+        dropout_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch + 7919)
         for batch in data.batches("train", config.batch_size, shuffle=True, seed=config.seed * 1_000_003 + epoch):
+            if config.id_dropout > 0:
+                batch = drop_ids(batch, data, config.id_dropout, config.id_dropout_features,
+                                 config.id_dropout_dense, dropout_rng)
             predictions = model(batch.sparse, batch.dense)
             losses = masked_task_losses(predictions, _targets(model, batch.labels), tasks)
             objective = weighting.combine(losses)

@@ -84,3 +84,10 @@ def build_model(data, backbone: str, **overrides):
 
     kwargs = model_kwargs(backbone, **overrides)
     return MultiTaskModel(data.features, data.dense_dim, data.tasks, **kwargs)
+
+# Cold start (issue 7): TrainConfig(id_dropout=...) trains the unknown user row and the side-feature
+# path on purpose. 0.5 is what the transfer experiments use (chosen on validation users scored as
+# cold: `mtkernels.transfer.cold_topk_metrics(model, data, "val")`); 1.0 (every row cold: a
+# side-features-only model) ranks cold users a little better but costs warm users (README, "Transfer
+# learning and cold start"). The presets above keep 0: the warm-user numbers of the main job.
+COLD_START_ID_DROPOUT = 0.5

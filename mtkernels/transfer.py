@@ -1,0 +1,471 @@
+"""Transfer learning and cold start: carry what a multi-task model learned to new tasks, new
+label budgets and new users.
+
+Recipe (pretrain -> transfer -> fine-tune)::
+
+    source = presets.build_model(click_only, "mmoe"); fit(source, click_only, config)
+    target = presets.build_model(like_and_rating, "mmoe")            # other tasks, new towers
+    report = transfer(source, target, parts=("embeddings", "experts"), mode="freeze",
+                      source_vocabularies=click_only.vocabularies,
+                      target_vocabularies=like_and_rating.vocabularies)
+    fit(target, like_and_rating, config)                              # trains gates and towers
+
+What moves (``parts``):
+
+- ``"embeddings"``: tables matched by name; rows matched by external id (the data sets'
+  ``vocabularies``: ``{feature: [key of row 0, key of row 1, ...]}``, row 0 the unknown id, which is
+  always carried over). Ids the source never saw keep the target's fresh initialisation.
+- ``"experts"``: the shared expert networks (MMoE experts, PLE shared experts, the SharedBottom /
+  ESMM bottom), and PLE task experts of tasks present in both models (matched by task name).
+- ``"gates"``, ``"towers"``: per-task gates and towers of tasks present in both (by name).
+
+How it trains afterwards (``mode``):
+
+- ``"freeze"``: the transferred parts get a learning-rate scale of 0 (``MultiTaskModel.lr_scales``;
+  a frozen table's unmatched rows keep their fresh values for good, so freeze tables whose ids the
+  source covers and unfreeze the others afterwards, e.g.
+  ``target.set_lr_scales({"embeddings.embedding_bags.user_id": 1.0})``):
+  they take no gradient and hold no optimizer state; frozen tables are looked up by their own
+  ``embedding_bags`` call with no fused optimizer and keep no Adagrad ``momentum`` buffer, frozen
+  dense parameters are in no Adam group. This is what TorchRec lacks (an lr of 0 there still
+  spends the optimizer memory and the backward).
+- ``"finetune"``: they train at ``lr_scale`` x the base learning rate: a table's fused optimizer
+  runs at ``embedding lr x lr_scale`` (tables of one scale share one fused optimizer; the Adagrad
+  accumulators of matched rows are copied too, so pretrained rows keep their small effective
+  steps), and ``mtkernels.training.fit`` gives the transferred dense parameters their own Adam
+  group at ``lr x lr_scale`` (the new parts train at the base rates).
+
+Cold start: users never seen in training are scored from their side features through the shared
+parts, with the unknown ``user_id`` row 0 and mean (0) history features. `TrainConfig.id_dropout`
+trains row 0 on purpose (`mtkernels.training.id_dropout`); `cold_topk_metrics` scores warm users
+*as if* cold (on val: a selection signal that never touches test), and `popularity_topk_metrics`
+computes the popularity baselines of PROTOCOL.md (overall, or within groups of user features).
+
+Transfer learning of shared bottoms/experts follows the usual fine-tuning practice (Yosinski et
+al., "How transferable are features in deep neural networks?", NeurIPS 2014: freeze or fine-tune
+lower layers, train new heads); row matching by id follows TorchRec's practice of warm-starting
+tables from a checkpoint keyed by feature name.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import metrics as _metrics
+from . import ops
+from .evaluation import default_ranking, fused_topk
+
+PARTS = ("embeddings", "experts", "gates", "towers")
+MODES = ("freeze", "finetune")
+_TABLE_PREFIX = "embeddings.embedding_bags."
+
+# (part, pattern over state_dict keys, regex group holding a task index or None). The match's
+# end is the module prefix the learning-rate scale is set on.
+_PATTERNS: List[Tuple[str, "re.Pattern", Optional[int]]] = [
+    ("experts", re.compile(r"^backbone\.experts\.\d+(?=\.)"), None),                      # MMoE
+    ("experts", re.compile(r"^backbone\.bottom(?=\.)"), None),                            # SharedBottom, ESMM
+    ("experts", re.compile(r"^backbone\.levels\.\d+\.shared_experts\.\d+(?=\.)"), None),  # PLE
+    ("experts", re.compile(r"^backbone\.levels\.\d+\.task_experts\.(\d+)\.\d+(?=\.)"), 1),
+    ("gates", re.compile(r"^backbone\.gates\.(\d+)(?=\.)"), 1),
+    ("gates", re.compile(r"^backbone\.levels\.\d+\.task_gates\.(\d+)(?=\.)"), 1),
+    ("gates", re.compile(r"^backbone\.levels\.\d+\.shared_gate(?=\.)"), None),
+    ("towers", re.compile(r"^towers\.(\d+)(?=\.)"), 1),
+]
+
+
+@dataclasses.dataclass
+class TransferReport:
+    """What `transfer` did.
+
+    Attributes:
+        mode: ``"freeze"`` or ``"finetune"``; lr_scale: the scale of the transferred parts
+            (0 when frozen).
+        tables: ``{table: {"rows", "matched", "fresh", "by"}}``: target rows, rows copied from the
+            source (row 0 included), rows left at their fresh initialisation, and how rows were
+            matched (``"external id"`` or ``"position"``).
+        skipped_tables: target tables the source does not have (left fresh and trained).
+        parameters: target ``state_dict`` keys copied from the source (dense parts).
+        prefixes: the ``{parameter-name prefix: scale}`` set on the target (``lr_scales``).
+    """
+
+    mode: str
+    lr_scale: float
+    tables: Dict[str, Dict[str, object]]
+    skipped_tables: List[str]
+    parameters: List[str]
+    prefixes: Dict[str, float]
+
+    def summary(self) -> str:
+        """One line per table and one for the dense parts."""
+        lines = [f"transfer ({self.mode}, lr scale {self.lr_scale:g}):"]
+        for name, t in self.tables.items():
+            lines.append(f"  table {name}: {t['matched']}/{t['rows']} rows matched by {t['by']}, {t['fresh']} fresh")
+        if self.skipped_tables:
+            lines.append(f"  tables not in the source (fresh): {', '.join(self.skipped_tables)}")
+        lines.append(f"  dense tensors copied: {len(self.parameters)}")
+        return "\n".join(lines)
+
+
+def _source_model(source):
+    """(model, vocabularies or None) of a model, a checkpoint dict or a checkpoint path."""
+    if isinstance(source, torch.nn.Module):
+        return source, None
+    from .training.checkpoint import build_model, load_checkpoint
+
+    checkpoint = load_checkpoint(source) if isinstance(source, str) else source
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
+        raise TypeError(f"source must be a model, a checkpoint dict or a checkpoint path, got {type(source).__name__}")
+    return build_model(checkpoint, best=True), checkpoint.get("vocabularies")
+
+
+def _row_map(name: str, source_rows: int, target_rows: int, source_keys, target_keys) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """(target rows, source rows) to copy for one table; row 0 (unknown) always maps to row 0."""
+    if source_keys is not None and target_keys is not None:
+        if len(source_keys) != source_rows or len(target_keys) != target_rows:
+            raise ValueError(
+                f"table {name!r}: vocabularies have {len(source_keys)} (source) / {len(target_keys)} (target) "
+                f"keys for {source_rows} / {target_rows} rows"
+            )
+        where = {key: row for row, key in enumerate(source_keys) if row > 0 and key is not None}
+        pairs = [(0, 0)] + [(row, where[key]) for row, key in enumerate(target_keys)
+                            if row > 0 and key is not None and key in where]
+        by = "external id"
+    elif source_rows == target_rows:
+        pairs = [(row, row) for row in range(target_rows)]
+        by = "position"
+    else:
+        raise ValueError(
+            f"table {name!r} has {source_rows} rows in the source and {target_rows} in the target: give "
+            "source_vocabularies and target_vocabularies (e.g. data.vocabularies) to match rows by external id"
+        )
+    index = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    return index[:, 0], index[:, 1], by
+
+
+def _task_index_maps(source, target) -> Dict[int, int]:
+    source_names = [t.name for t in source.tasks]
+    target_names = [t.name for t in target.tasks]
+    return {i: target_names.index(n) for i, n in enumerate(source_names) if n in target_names}
+
+
+@torch.no_grad()
+def transfer(
+    source,
+    target: torch.nn.Module,
+    parts: Sequence[str] = ("embeddings", "experts"),
+    mode: str = "freeze",
+    lr_scale: float = 1.0,
+    source_vocabularies: Optional[Mapping[str, Sequence]] = None,
+    target_vocabularies: Optional[Mapping[str, Sequence]] = None,
+) -> TransferReport:
+    """Copy the shared parts of a trained model into a new model and set how they train.
+
+    Args:
+        source: the trained `mtkernels.nn.MultiTaskModel`, or a checkpoint (path or dict from
+            ``mtkernels.training``) whose ``vocabularies`` entry, when present, is the default
+            ``source_vocabularies``.
+        target: a `MultiTaskModel` (changed in place), possibly with other tasks and towers; the
+            transferred tensors must have the source's shapes (same embedding_dim, backbone sizes
+            and, for experts, the same input width: the same features and dense columns).
+        parts: any of `PARTS` (see the module docstring).
+        mode: ``"freeze"`` (transferred parts get lr scale 0: no gradient, no optimizer state) or
+            ``"finetune"`` (they train at ``lr_scale`` x the base learning rates).
+        lr_scale: learning-rate multiplier of the transferred parts in ``"finetune"`` mode (>= 0).
+        source_vocabularies, target_vocabularies: ``{feature: [external key of each row]}`` of the
+            data sets the models were (will be) trained on (``MultiTaskData.vocabularies``). A table
+            whose keys both sides give is matched row by row by key; otherwise rows are matched by
+            position, which needs equal row counts.
+
+    Returns:
+        `TransferReport` (rows matched per table, tensors copied, scales set).
+
+    Raises:
+        ValueError: unknown parts or mode, a negative lr_scale, different backbones (experts,
+            gates), tensors of different shapes, tables of different row counts without vocabularies.
+        TypeError: a source that is neither a model nor a checkpoint.
+    """
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {list(parts)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not float(lr_scale) >= 0:
+        raise ValueError(f"lr_scale must be >= 0, got {lr_scale}")
+    source, checkpoint_vocabularies = _source_model(source)
+    if source_vocabularies is None:
+        source_vocabularies = checkpoint_vocabularies
+    source_vocabularies = dict(source_vocabularies or {})
+    target_vocabularies = dict(target_vocabularies or {})
+    scale = 0.0 if mode == "freeze" else float(lr_scale)
+    prefixes: Dict[str, float] = {}
+    tables_report: Dict[str, Dict[str, object]] = {}
+    skipped: List[str] = []
+    copied: List[str] = []
+
+    if "embeddings" in parts:
+        source_tables = source.embeddings.embedding_bags
+        for name, table in target.embeddings.embedding_bags.items():
+            if name not in source_tables._modules:
+                skipped.append(name)
+                continue
+            source_table = source_tables[name]
+            if source_table.weight.shape[1] != table.weight.shape[1]:
+                raise ValueError(f"table {name!r}: embedding_dim {source_table.weight.shape[1]} in the source, "
+                                 f"{table.weight.shape[1]} in the target")
+            rows, from_rows, by = _row_map(name, source_table.weight.shape[0], table.weight.shape[0],
+                                           source_vocabularies.get(name), target_vocabularies.get(name))
+            table.weight[rows] = source_table.weight[from_rows].to(table.weight.dtype)
+            source_momentum = source_table._buffers.get("momentum")
+            target_momentum = table._buffers.get("momentum")
+            if mode == "finetune" and source_momentum is not None and target_momentum is not None:
+                target_momentum[rows] = source_momentum[from_rows]
+            tables_report[name] = {"rows": int(table.weight.shape[0]), "matched": int(rows.numel()),
+                                   "fresh": int(table.weight.shape[0] - rows.numel()), "by": by}
+            prefixes[_TABLE_PREFIX + name] = scale
+
+    dense_parts = [p for p in parts if p != "embeddings"]
+    if dense_parts:
+        source_backbone = source.config["backbone"]
+        if source_backbone != target.config["backbone"]:
+            raise ValueError(f"cannot transfer {dense_parts} from a {source_backbone!r} backbone into a "
+                             f"{target.config['backbone']!r} one")
+        tasks = _task_index_maps(source, target)
+        target_state = target.state_dict()
+        for key, value in source.state_dict().items():
+            for part, pattern, task_group in _PATTERNS:
+                match = pattern.match(key)
+                if part not in dense_parts or match is None:
+                    continue
+                target_key, prefix = key, match.group(0)
+                if task_group is not None:
+                    task = int(match.group(task_group))
+                    if task not in tasks:
+                        break
+                    start, end = match.span(task_group)
+                    target_key = key[:start] + str(tasks[task]) + key[end:]
+                    prefix = prefix[:start] + str(tasks[task]) + prefix[end:]
+                if target_key not in target_state:
+                    break
+                if target_state[target_key].shape != value.shape:
+                    raise ValueError(
+                        f"{key} is {tuple(value.shape)} in the source but {target_key} is "
+                        f"{tuple(target_state[target_key].shape)} in the target (same features, dense columns "
+                        "and backbone sizes are needed)"
+                    )
+                target_state[target_key].copy_(value)
+                copied.append(target_key)
+                prefixes[prefix] = scale
+                break
+
+    if prefixes and (scale != 1.0):
+        target.set_lr_scales(prefixes)
+    target._packed = None  # the fused scoring parameters are repacked from the copied weights
+    return TransferReport(mode, scale, tables_report, skipped, copied, prefixes)
+
+
+# --- data for transfer experiments -----------------------------------------------------------
+def select_tasks(data, tasks: Sequence[str]):
+    """A shallow copy of a `MultiTaskData` restricted to some tasks (label columns), e.g. to
+    pretrain on ``click`` only. Features, rows and top-k sets are shared with ``data``.
+
+    Raises:
+        ValueError: an unknown or repeated task name.
+    """
+    names = [t.name for t in data.tasks]
+    if not tasks or len(set(tasks)) != len(tasks) or any(t not in names for t in tasks):
+        raise ValueError(f"tasks must be distinct names of {names}, got {list(tasks)}")
+    columns = [names.index(t) for t in tasks]
+    return _with_labels(data, lambda split, labels: labels[:, columns], [data.tasks[c] for c in columns])
+
+
+def _with_labels(data, relabel, tasks):
+    out = copy.copy(data)
+    out.tasks = list(tasks)
+    out.splits = {name: dataclasses.replace(split, labels=relabel(name, split.labels)) for name, split in data.splits.items()}
+    # resample_negatives rebuilds a split from these rows: keep them consistent with the labels
+    out._split_rows = {name: dataclasses.replace(rows, labels=relabel(name, rows.labels))
+                       for name, rows in data._split_rows.items()}
+    out._split_single = dict(data._split_single)
+    return out
+
+
+def keep_label_fraction(data, tasks: Sequence[str], fraction: float, seed: int = 0, split: str = "train"):
+    """A shallow copy of ``data`` where only a seeded ``fraction`` of the ``split`` rows keep their
+    ``tasks`` labels (the others become NaN, which the masked loss drops).
+
+    With users (MovieLens), whole users are kept: ``round(fraction * U)`` of the split's U users,
+    drawn by ``numpy.random.default_rng(seed)``; without users (Census-Income), rows are drawn.
+    Other tasks and other splits are untouched.
+
+    Returns:
+        ``(data, kept)``: the copy and the kept user rows (or split rows), int64 sorted.
+
+    Raises:
+        ValueError: fraction outside (0, 1], unknown tasks or split.
+    """
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    names = [t.name for t in data.tasks]
+    if any(t not in names for t in tasks):
+        raise ValueError(f"tasks must be names of {names}, got {list(tasks)}")
+    if split not in data.splits:
+        raise ValueError(f"no split {split!r}; splits: {list(data.splits)}")
+    rows = data.splits[split]
+    rng = np.random.default_rng(seed)
+    users = torch.unique(rows.user_row)
+    if users.numel() > 1:
+        count = max(1, int(round(fraction * users.numel())))
+        kept = torch.from_numpy(np.sort(rng.choice(users.numpy(), size=count, replace=False)))
+        keep = torch.isin(rows.user_row, kept)
+    else:
+        count = max(1, int(round(fraction * rows.num_rows)))
+        kept = torch.from_numpy(np.sort(rng.choice(rows.num_rows, size=count, replace=False)))
+        keep = torch.zeros(rows.num_rows, dtype=torch.bool)
+        keep[kept] = True
+    columns = [names.index(t) for t in tasks]
+
+    def relabel(name, labels):
+        if name != split:
+            return labels
+        labels = labels.clone()
+        for c in columns:
+            labels[~keep, c] = float("nan")
+        return labels
+
+    return _with_labels(data, relabel, data.tasks), kept
+
+
+def drop_unlabelled_rows(data, split: str = "train"):
+    """A shallow copy of ``data`` whose ``split`` keeps only rows with at least one label.
+
+    A masked per-task loss ignores rows whose labels are all NaN, so dropping them changes nothing
+    but the batch composition and the time per epoch: after `select_tasks` to like + rating,
+    MovieLens' sampled-negative rows (click only) are all NaN, and after `keep_label_fraction`
+    most rows are. Top-k sets and other splits are untouched.
+    """
+    from .data.dataset import SplitRows, gather_jagged, lengths_to_offsets
+
+    if split not in data.splits:
+        raise ValueError(f"no split {split!r}; splits: {list(data.splits)}")
+    out = _with_labels(data, lambda name, labels: labels, data.tasks)
+    rows = out._split_rows[split]
+    keep = (~torch.isnan(rows.labels)).any(dim=1).nonzero().squeeze(1)
+
+    def take_multi(jagged):
+        values, lengths = gather_jagged(jagged[0], jagged[1], keep)
+        return values, lengths_to_offsets(lengths)
+
+    subset = SplitRows(
+        user_row=rows.user_row[keep], item_row=rows.item_row[keep], labels=rows.labels[keep],
+        context_sparse={k: v[keep] for k, v in rows.context_sparse.items()},
+        context_multi={k: take_multi(v) for k, v in rows.context_multi.items()},
+        context_dense=None if rows.context_dense is None else rows.context_dense[keep],
+        extra={k: v[keep] for k, v in rows.extra.items()},
+    )
+    out._split_rows[split] = subset
+    out.splits = dict(out.splits)
+    out.splits[split] = out._assemble(split, subset)
+    return out
+
+
+# --- cold start -------------------------------------------------------------------------------
+def as_cold_users(users, data, features: Sequence[str] = ("user_id",)):
+    """A copy of `UserRows` with the id features set to the unknown id 0 and the user-side dense
+    (history) features to their mean 0: the users as the model sees a user it never met."""
+    sparse = dict(users.sparse)
+    for name in features:
+        if name in sparse:
+            sparse[name] = torch.zeros_like(sparse[name])
+    return dataclasses.replace(users, sparse=sparse, dense=torch.zeros_like(users.dense))
+
+
+@torch.no_grad()
+def cold_topk_metrics(model, data, split: str, k: int = 10, task_weights: Optional[Mapping[str, float]] = None,
+                      users_per_block: int = 64) -> Dict[str, float]:
+    """NDCG@k and Recall@k of a split's top-k evaluation with every user scored as a cold user
+    (`as_cold_users`: unknown user id, mean history features, side features kept).
+
+    On ``val`` this measures cold-start ranking without touching test data (model selection for
+    id dropout); on ``test_cold`` it equals `mtkernels.evaluation.topk_metrics` (those users are
+    cold already).
+    """
+    model.eval()
+    tasks = list(getattr(model, "tasks", data.tasks))
+    task_weights = dict(task_weights or default_ranking(tasks))
+    evaluation = data.topk_eval(split)
+    items = torch.arange(data.num_items)
+    lists = []
+    for start in range(0, len(evaluation), users_per_block):
+        stop = min(start + users_per_block, len(evaluation))
+        users = as_cold_users(data.user_feature_rows(users=evaluation.users[start:stop]), data)
+        batch = data.pair_batch(users, items)
+        predictions = model(batch.sparse, batch.dense).reshape(stop - start, data.num_items, len(tasks))
+        lo, hi = int(evaluation.exclude_offsets[start]), int(evaluation.exclude_offsets[stop])
+        _, indices = fused_topk(predictions, tasks, task_weights, k,
+                                evaluation.exclude_offsets[start:stop + 1] - lo, evaluation.exclude_indices[lo:hi])
+        lists.append(indices)
+    indices = torch.cat(lists) if lists else torch.zeros(0, k, dtype=torch.long)
+    return {f"ndcg@{k}": float(_metrics.ndcg_at_k(indices, evaluation.relevant, k)),
+            f"recall@{k}": float(_metrics.recall_at_k(indices, evaluation.relevant, k))}
+
+
+def popularity_topk_metrics(data, split: str, k: int = 10, group_by: Sequence[str] = (),
+                            source_split: str = "train") -> Dict[str, float]:
+    """NDCG@k and Recall@k of popularity rankings (PROTOCOL.md §5 candidates and relevance).
+
+    Popularity = the number of positives (first binary task) of each item in ``source_split``;
+    with ``group_by`` (user-side single-valued features, e.g. ``("gender", "age")``), counted
+    only over the users that share the ranked user's values of those features. Ties go to the
+    smaller item id (the `ensemble_topk` rule).
+    """
+    evaluation = data.topk_eval(split)
+    source = data.splits[source_split]
+    first_binary = next((t for t, task in enumerate(data.tasks) if task.kind == "binary"), 0)
+    positive = source.labels[:, first_binary] > 0
+    items = source.item[positive] - 1
+    num_items = data.num_items
+    if group_by:
+        table = data.user_feature_rows(users=torch.arange(data.num_user_rows))
+        key = torch.zeros(data.num_user_rows, dtype=torch.long)
+        for name in group_by:
+            if name not in table.sparse:
+                raise ValueError(f"group_by: {name!r} is not a single-valued user feature; "
+                                 f"those are {sorted(table.sparse)}")
+            values = table.sparse[name]
+            key = key * (int(values.max()) + 1) + values
+        source_keys = key[source.user_row[positive]]
+        _, group = torch.unique(torch.cat([source_keys, key]), return_inverse=True)
+        num_groups = int(group.max()) + 1
+        counts = torch.zeros(num_groups, num_items)
+        counts.index_put_((group[: source_keys.numel()], items), torch.ones(items.numel()), accumulate=True)
+        scores = counts[group[source_keys.numel():][evaluation.users]]
+    else:
+        scores = torch.bincount(items, minlength=num_items)[:num_items].float().expand(len(evaluation), -1)
+    _, indices = ops.ensemble_topk(scores.unsqueeze(0).contiguous(), torch.ones(1), k,
+                                   exclude_offsets=evaluation.exclude_offsets, exclude_indices=evaluation.exclude_indices)
+    return {f"ndcg@{k}": float(_metrics.ndcg_at_k(indices, evaluation.relevant, k)),
+            f"recall@{k}": float(_metrics.recall_at_k(indices, evaluation.relevant, k))}
+
+
+def frozen_summary(model) -> Dict[str, object]:
+    """Trainable vs frozen parameter counts and optimizer-state bytes of a `MultiTaskModel` as it
+    would train now: Adam keeps 2 float32 moments per trained dense value; the fused row-wise
+    Adagrad one float32 per trained table row (SGD none)."""
+    frozen = set(model.frozen_parameter_names())
+    trained_dense = frozen_dense = table_rows = frozen_values = 0
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            frozen_values += parameter.numel()
+        elif name.startswith(_TABLE_PREFIX):
+            table_rows += parameter.shape[0]
+        else:
+            trained_dense += parameter.numel()
+    adagrad = (model.embeddings.optimizer_config or {}).get("kind") == "rowwise_adagrad"
+    return {"frozen_values": frozen_values, "trained_dense_values": trained_dense,
+            "optimizer_state_bytes": 8 * trained_dense + (4 * table_rows if adagrad else 0)}

@@ -1,0 +1,309 @@
+"""`mtkernels.transfer`: copying shared parts into new models, freezing (no gradient, no optimizer
+state), row matching by external id, id dropout for cold start, and the CLI's --init-from/--freeze."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from mtkernels import cli
+from mtkernels.nn import MultiTaskModel
+from mtkernels.serving import Ranker, serving_tables
+from mtkernels.training import TrainConfig, fit
+from mtkernels.training.id_dropout import drop_ids
+from mtkernels.training.loop import _dense_optimizer_groups
+from mtkernels.training.weighting import make_weighting
+from mtkernels.transfer import (cold_topk_metrics, drop_unlabelled_rows, frozen_summary, keep_label_fraction,
+                                popularity_topk_metrics, select_tasks, transfer)
+from synthetic import fused_embedding_optimizer, make_data, one_thread, tiny_model  # noqa: F401 (autouse fixture)
+
+QUICK = dict(epochs=2, batch_size=64, progress=False, patience=0)
+
+
+def _model(data, backbone="mmoe", seed=0, optimizer="fused"):
+    kwargs = {"mmoe": {"num_experts": 2, "expert_hidden": [8]},
+              "ple": {"num_shared_experts": 1, "num_task_experts": 1, "expert_hidden": [8]},
+              "shared_bottom": {"hidden": [8]}}[backbone]
+    torch.manual_seed(seed)
+    return MultiTaskModel(data.features, data.dense_dim, data.tasks, backbone=backbone, embedding_dim=4,
+                          backbone_kwargs=kwargs, tower_hidden=[4],
+                          embedding_optimizer=fused_embedding_optimizer() if optimizer == "fused" else None)
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    """A click-only MMoE trained on the synthetic data (the source of every transfer)."""
+    data = make_data()
+    click = select_tasks(data, ["click"])
+    source = _model(click)
+    fit(source, click, TrainConfig(**QUICK, id_dropout=0.3))
+    return data, click, source
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_select_tasks_and_label_fraction():
+    data = make_data()
+    like = select_tasks(data, ["like", "rating"])
+    assert [t.name for t in like.tasks] == ["like", "rating"]
+    assert torch.equal(like.splits["train"].labels, data.splits["train"].labels[:, 1:], ) or torch.allclose(
+        like.splits["train"].labels, data.splits["train"].labels[:, 1:], equal_nan=True)
+    assert data.splits["train"].labels.shape[1] == 3  # the source data set is untouched
+    part, kept = keep_label_fraction(like, ["like", "rating"], 0.25, seed=3)
+    labels, users = part.splits["train"].labels, part.splits["train"].user_row
+    assert kept.numel() == round(0.25 * torch.unique(data.splits["train"].user_row).numel())
+    assert torch.isnan(labels[~torch.isin(users, kept)]).all()
+    assert torch.allclose(labels[torch.isin(users, kept)], like.splits["train"].labels[torch.isin(users, kept)],
+                          equal_nan=True)
+    again, kept_again = keep_label_fraction(like, ["like", "rating"], 0.25, seed=3)
+    assert torch.equal(kept, kept_again)  # a seeded draw
+    dense = drop_unlabelled_rows(part)
+    assert dense.splits["train"].num_rows == int((~torch.isnan(labels)).any(1).sum())
+    assert not torch.isnan(dense.splits["train"].labels).all(1).any()
+    assert dense.splits["val"].num_rows == data.splits["val"].num_rows
+    with pytest.raises(ValueError, match="tasks"):
+        select_tasks(data, ["clicks"])
+    with pytest.raises(ValueError, match="fraction"):
+        keep_label_fraction(data, ["like"], 0.0)
+
+
+@pytest.mark.parametrize("backbone", ["mmoe", "ple"])
+def test_transfer_to_a_new_task_copies_weights_and_trains_the_new_tower(pretrained, backbone):
+    data, click, _ = pretrained
+    source = _model(click, backbone)
+    fit(source, click, TrainConfig(**QUICK))
+    target_data = select_tasks(data, ["click", "like"])
+    target = _model(target_data, backbone, seed=1)
+    report = transfer(source, target, parts=("embeddings", "experts", "towers"), mode="finetune", lr_scale=0.5,
+                      source_vocabularies=click.vocabularies, target_vocabularies=target_data.vocabularies)
+    source_state, target_state = source.state_dict(), target.state_dict()
+    copied = [k for k in target_state if k.endswith(".weight") and k.startswith("embeddings")] + report.parameters
+    assert any("experts" in k for k in report.parameters)
+    for key in copied:
+        assert torch.equal(target_state[key], source_state[key]), key
+    if backbone == "ple":  # the new task's own experts are not in the source: left fresh
+        assert not [k for k in report.parameters if "task_experts.1." in k]
+    assert torch.equal(target_state["towers.0.linears.0.weight"], source_state["towers.0.linears.0.weight"])
+    assert report.tables["user_id"]["matched"] == report.tables["user_id"]["rows"]
+    assert all(target.lr_scale_of(k) == 0.5 for k in report.parameters)
+    # the like tower is new: fresh, trained at the full rate, and it changes
+    new_tower = "towers.1.linears.0.weight"
+    assert new_tower not in report.parameters and target.lr_scale_of(new_tower) == 1.0
+    before = target_state[new_tower].clone()
+    fit(target, target_data, TrainConfig(**QUICK))
+    assert not torch.equal(target.state_dict()[new_tower], before)
+
+
+@pytest.mark.parametrize("optimizer", ["fused", "adam"])
+@pytest.mark.parametrize("backbone", ["mmoe", "ple", "shared_bottom"])
+def test_frozen_parts_are_bitwise_unchanged_after_training(pretrained, backbone, optimizer):
+    data, click, _ = pretrained
+    source = _model(click, backbone, optimizer=optimizer)
+    target_data = select_tasks(data, ["like", "rating"])
+    target = _model(target_data, backbone, seed=2, optimizer=optimizer)
+    report = transfer(source, target, parts=("embeddings", "experts"), mode="freeze")
+    frozen = set(target.frozen_parameter_names())
+    assert frozen and all(k.startswith("embeddings") or "experts" in k or "bottom" in k for k in frozen)
+    assert {f"embeddings.embedding_bags.{t}.weight" for t in report.tables} <= frozen
+    before = _state(target)
+    fit(target, target_data, TrainConfig(**QUICK))
+    after = target.state_dict()
+    for name in frozen:
+        assert torch.equal(after[name], before[name]), name
+    trained = [k for k in after if k.startswith("towers")]
+    assert any(not torch.equal(after[k], before[k]) for k in trained)
+
+
+def test_frozen_tables_hold_no_optimizer_state(pretrained):
+    data, click, source = pretrained
+    target_data = select_tasks(data, ["like"])
+    target = _model(target_data)
+    full = frozen_summary(target)
+    assert {k for k in target.state_dict() if k.endswith(".momentum")} == {
+        f"embeddings.embedding_bags.{f.name}.momentum" for f in data.features}
+    transfer(source, target, parts=("embeddings", "experts"), mode="freeze")
+    # no Adagrad accumulator buffer, no fused optimizer over the tables, nothing in Adam
+    assert not [k for k in target.state_dict() if k.endswith(".momentum")]
+    assert target.embeddings.fused_optimizers == []
+    assert all(not p.requires_grad for p in target.embeddings.parameters())
+    groups = _dense_optimizer_groups(target, make_weighting("fixed", target_data.tasks, None, 1.5), 0.0, 1e-3)
+    in_adam = {id(p) for g in groups for p in g["params"]}
+    frozen = dict(target.named_parameters())
+    for name in target.frozen_parameter_names():
+        assert id(frozen[name]) not in in_adam, name
+    assert frozen_summary(target)["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+    # a checkpoint of the frozen model rebuilds frozen (lr_scales live in the config)
+    rebuilt = MultiTaskModel.from_config(target.config)
+    rebuilt.load_state_dict(target.state_dict())
+    assert rebuilt.frozen_parameter_names() == target.frozen_parameter_names()
+
+
+def test_partially_frozen_tables_and_finetune_lr_scales(pretrained):
+    data, click, source = pretrained
+    target = _model(data)
+    base_lr = target.embeddings.fused_optimizers[0].lr
+    report = transfer(source, target, parts=("embeddings",), mode="finetune", lr_scale=0.1)
+    assert report.prefixes["embeddings.embedding_bags.user_id"] == 0.1
+    lrs = sorted(o.lr for o in target.embeddings.fused_optimizers)
+    assert lrs and all(abs(lr - 0.1 * base_lr) < 1e-12 for lr in lrs)
+    # Adagrad accumulators of matched rows travel with them when fine-tuning
+    assert torch.equal(target.state_dict()["embeddings.embedding_bags.item_id.momentum"],
+                       source.state_dict()["embeddings.embedding_bags.item_id.momentum"])
+    target.set_lr_scales({"embeddings.embedding_bags.age": 0.0, "backbone.experts": 0.2})
+    assert target.embeddings.frozen_tables == ["age"]
+    before = _state(target)
+    fit(target, data, TrainConfig(**QUICK))
+    after = target.state_dict()
+    assert torch.equal(after["embeddings.embedding_bags.age.weight"], before["embeddings.embedding_bags.age.weight"])
+    assert not torch.equal(after["embeddings.embedding_bags.item_id.weight"], before["embeddings.embedding_bags.item_id.weight"])
+    groups = _dense_optimizer_groups(target, make_weighting("fixed", data.tasks, None, 1.5), 0.0, 1e-3)
+    assert sorted(g.get("lr", 1e-3) for g in groups) == pytest.approx([2e-4, 1e-3])
+    with pytest.raises(ValueError, match="matches no parameter"):
+        target.set_lr_scales({"backbone.expert": 0.0})
+
+
+def test_rows_matched_by_external_id(pretrained):
+    data, click, source = pretrained
+    target = _model(data, seed=5)
+    fresh = _state(target)
+    source_keys = click.vocabularies
+    # the target's user_id table lists the same users in reverse order, plus two the source never saw
+    users = source_keys["user_id"]
+    target_keys = dict(source_keys)
+    target_keys["user_id"] = [None] + list(reversed(users[1:-2])) + ["new-a", "new-b"]
+    report = transfer(source, target, parts=("embeddings",), mode="freeze",
+                      source_vocabularies=source_keys, target_vocabularies=target_keys)
+    table = target.state_dict()["embeddings.embedding_bags.user_id.weight"]
+    source_table = source.state_dict()["embeddings.embedding_bags.user_id.weight"]
+    for row, key in enumerate(target_keys["user_id"]):
+        if key in ("new-a", "new-b"):
+            assert torch.equal(table[row], fresh["embeddings.embedding_bags.user_id.weight"][row])
+        else:
+            assert torch.equal(table[row], source_table[users.index(key) if row else 0]), row
+    assert report.tables["user_id"] == {"rows": len(users), "matched": len(users) - 2, "fresh": 2, "by": "external id"}
+    assert report.tables["age"]["by"] == "position"  # no keys for age here: same row count, matched in place
+    # different row counts and no keys: refused rather than guessed
+    small = make_data(num_warm=20)
+    with pytest.raises(ValueError, match="vocabularies"):
+        transfer(source, _model(small), parts=("embeddings",))
+
+
+def test_transfer_errors(pretrained):
+    data, click, source = pretrained
+    target = _model(data)
+    with pytest.raises(ValueError, match="parts"):
+        transfer(source, target, parts=("bottoms",))
+    with pytest.raises(ValueError, match="mode"):
+        transfer(source, target, mode="thaw")
+    with pytest.raises(ValueError, match="backbone"):
+        transfer(source, _model(data, "ple"), parts=("experts",))
+    wide = MultiTaskModel(data.features, data.dense_dim, data.tasks, backbone="mmoe", embedding_dim=4,
+                          backbone_kwargs={"num_experts": 2, "expert_hidden": [16]}, tower_hidden=[4])
+    with pytest.raises(ValueError, match="shape|backbone sizes"):
+        transfer(source, wide, parts=("experts",))
+    with pytest.raises(TypeError, match="source"):
+        transfer(42, target)
+
+
+def test_id_dropout_replaces_ids_and_history():
+    data = make_data()
+    batch = next(data.batches("train", 256, shuffle=False))
+    dropped = drop_ids(batch, data, 0.5, generator=torch.Generator().manual_seed(0))
+    user = dropped.sparse["user_id"]["values"]
+    original = batch.sparse["user_id"]["values"]
+    gone = (user == 0) & (original != 0)
+    assert 0.3 < gone.float().mean() < 0.7
+    assert torch.equal(user[~gone], original[~gone])
+    assert (dropped.dense[gone, : data.user_dense_dim] == 0).all()
+    assert torch.equal(dropped.dense[:, data.user_dense_dim:], batch.dense[:, data.user_dense_dim:])
+    assert torch.equal(dropped.sparse["item_id"]["values"], batch.sparse["item_id"]["values"])
+    assert torch.equal(batch.sparse["user_id"]["values"], original)  # the input batch is untouched
+    assert drop_ids(batch, data, 0.0) is batch
+    with pytest.raises(ValueError, match="multi-valued"):
+        drop_ids(batch, data, 0.5, features=("genres",))
+    with pytest.raises(ValueError):
+        TrainConfig(id_dropout=1.5)
+
+
+def test_id_dropout_trains_the_unknown_row():
+    data = make_data()
+    plain, dropped = _model(data), _model(data)
+    row0 = plain.state_dict()["embeddings.embedding_bags.user_id.weight"][0].clone()
+    fit(plain, data, TrainConfig(**QUICK))
+    fit(dropped, data, TrainConfig(**QUICK, id_dropout=0.3))
+    assert torch.equal(plain.state_dict()["embeddings.embedding_bags.user_id.weight"][0], row0)
+    assert not torch.equal(dropped.state_dict()["embeddings.embedding_bags.user_id.weight"][0], row0)
+
+
+def test_cold_user_ranking_depends_on_side_features(tmp_path):
+    # users' tastes follow their age group; click only (the ranking task)
+    data = select_tasks(make_data(num_warm=60, num_items=30, positives=8, age_taste=True), ["click"])
+    model = _model(data)
+    path = str(tmp_path / "cold.pt")
+    fit(model, data, TrainConfig(epochs=8, batch_size=64, progress=False, patience=0, id_dropout=0.5, lr=1e-2),
+        checkpoint_path=path, checkpoint_extra={"serving": serving_tables(data)})
+    ranker = Ranker.load(path)
+    result = ranker.recommend([9001, 9002, 9003], k=5, side_features={9001: {"age": 1}, 9002: {"age": 2}})
+    assert result.served_by == ["side_features", "side_features", "popularity"]
+    first, second, popular = (row.tolist() for row in result.item_ids)
+    assert first != second
+    assert first != popular or second != popular
+    # the same through evaluation: scored as cold users, the val lists beat nothing-known popularity
+    cold = cold_topk_metrics(model, data, "val", k=5)
+    assert 0.0 <= cold["ndcg@5"] <= 1.0
+    assert popularity_topk_metrics(data, "val", k=5, group_by=("age",))["ndcg@5"] >= 0.0
+
+
+def test_popularity_baselines_match_a_direct_count():
+    from mtkernels import metrics
+
+    data = make_data()
+    train = data.splits["train"]
+    positive = train.labels[:, 0] > 0
+    evaluation = data.topk_eval("test_cold")
+    age = data.user_feature_rows(users=torch.arange(data.num_user_rows)).sparse["age"]
+
+    def ranked(mask):
+        counts = torch.bincount(train.item[positive & mask] - 1, minlength=data.num_items)
+        return sorted(range(data.num_items), key=lambda i: (-int(counts[i]), i))[:5]
+
+    overall = torch.tensor([ranked(torch.ones_like(positive)) for _ in evaluation.users.tolist()])
+    by_age = torch.tensor([ranked(age[train.user_row] == age[u]) for u in evaluation.users.tolist()])
+    for group_by, lists in (((), overall), (("age",), by_age)):
+        expected = {"ndcg@5": metrics.ndcg_at_k(lists, evaluation.relevant, 5),
+                    "recall@5": metrics.recall_at_k(lists, evaluation.relevant, 5)}
+        assert popularity_topk_metrics(data, "test_cold", k=5, group_by=group_by) == pytest.approx(expected)
+    assert not torch.equal(overall, by_age)
+    with pytest.raises(ValueError, match="group_by"):
+        popularity_topk_metrics(data, "test_cold", group_by=("genres",))
+
+
+def test_cli_init_from_and_freeze(tmp_path, monkeypatch, capsys):
+    data = make_data()
+    monkeypatch.setattr(cli, "load_data", lambda spec: data)
+    source = str(tmp_path / "click.pt")
+    common = ["--data", "ml100k", "--model", "mmoe", "--epochs", "2", "--batch-size", "64", "--embedding-dim", "4",
+              "--no-progress"]
+    assert cli.main(["train", *common, "--tasks", "click", "--id-dropout", "0.3", "--checkpoint", source]) == 0
+    target = str(tmp_path / "like.pt")
+    assert cli.main(["train", *common, "--tasks", "like,rating", "--init-from", source,
+                     "--freeze", "embeddings,experts", "--checkpoint", target]) == 0
+    out = capsys.readouterr().out
+    assert "rows matched by external id" in out
+    from mtkernels.training import build_model, load_checkpoint
+    pre, post = build_model(load_checkpoint(source)), load_checkpoint(target)
+    assert [t["name"] for t in post["tasks"]] == ["like", "rating"]
+    state = post["model_state"]
+    for key, value in pre.state_dict().items():
+        if key.endswith(".weight") and (key.startswith("embeddings") or key.startswith("backbone.experts")):
+            assert torch.equal(state[key], value), key
+    assert not [k for k in state if k.endswith(".momentum")]
+    assert post["model_config"]["lr_scales"]["backbone.experts.0"] == 0.0
+    assert cli.main(["evaluate", "--checkpoint", target, "--split", "val", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["val"]) == {"like", "rating", "topk"}
+    assert cli.main(["train", *common, "--freeze", "experts", "--checkpoint", str(tmp_path / "x.pt")]) == 2
+    assert "--init-from" in capsys.readouterr().err
