@@ -335,12 +335,15 @@ def test_fused_scoring_after_load_state_dict():
         assert not torch.allclose(before, model(sparse, dense))
 
 
-def test_fused_scoring_after_optimizer_steps():
+@pytest.mark.parametrize("fused_adam, switch_modes", [(False, True), (True, False)])
+def test_fused_scoring_after_optimizer_steps(fused_adam, switch_modes):
     # The model's packed params and the kernel's packed weights both follow the optimizer's
-    # in-place updates: eval scores always equal the eager forward of the current weights.
+    # in-place updates: eval scores always equal the eager forward of the current weights. Fused
+    # Adam does not bump version counters, and a model kept in eval mode never drops its pack
+    # through train(): the count of torch.optim steps in the cache key catches it.
     torch.manual_seed(11)
-    model = _model("mmoe")
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    model = _model("mmoe").eval()
+    optimizer = torch.optim.Adam(model.dense_parameters(), lr=0.05, fused=fused_adam)
     sparse, dense = _batch(16, seed=11)
     for _ in range(3):
         model.eval()
@@ -349,28 +352,12 @@ def test_fused_scoring_after_optimizer_steps():
             model.use_fused_scoring = False
             torch.testing.assert_close(fused, model(sparse, dense), rtol=1e-5, atol=1e-5)
             model.use_fused_scoring = True
-        model.train()
+        if switch_modes:
+            model.train()
         optimizer.zero_grad()
         model(sparse, dense).square().sum().backward()
         optimizer.step()
-
-
-def test_fused_scoring_after_fused_adam_steps_in_eval_mode():
-    # Fused Adam updates in place without bumping version counters, and a model kept in eval mode
-    # never drops its pack through train(): the torch.optim step count in the key catches it.
-    torch.manual_seed(12)
-    model = _model("mmoe").eval()
-    optimizer = torch.optim.Adam(model.dense_parameters(), lr=0.05, fused=True)
-    sparse, dense = _batch(16, seed=12)
-    for _ in range(3):
-        with torch.no_grad():
-            fused = model(sparse, dense)
-            model.use_fused_scoring = False
-            torch.testing.assert_close(fused, model(sparse, dense), rtol=1e-5, atol=1e-5)
-            model.use_fused_scoring = True
-        optimizer.zero_grad()
-        model(sparse, dense).square().sum().backward()
-        optimizer.step()
+        model.eval()
         with torch.no_grad():
             assert not torch.allclose(model(sparse, dense), fused)
 
