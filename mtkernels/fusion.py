@@ -304,15 +304,21 @@ class ScoreFusion:
         return {}  # members that need no user features (collaborative filtering, fixed scores)
 
     def source_scores(self, users: Optional[Mapping], rows: torch.Tensor,
-                      transforms: Optional[Sequence[str]] = None) -> Tuple[List[torch.Tensor], List[str]]:
+                      transforms: Optional[Sequence[str]] = None,
+                      weights: Optional[Sequence[float]] = None) -> Tuple[List[torch.Tensor], List[str]]:
         """The S source matrices ``[U, N]`` of user rows ``rows``, with the row-wise transforms
-        applied, and the op-side transform of each (``"identity"`` where applied here)."""
+        applied, and the op-side transform of each (``"identity"`` where applied here). With
+        ``weights``, a source of weight 0 is not scored (``ensemble_topk`` skips it in both modes):
+        its matrix is zeros, so a member with no weighted source costs nothing."""
         transforms = self.transforms if transforms is None else transforms
         users = self._users(users)
         rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        if weights is not None and all(float(w) == 0.0 for w in weights):
+            weights = None  # nothing weighted: score everything, the op decides what that means
         wanted: Dict[str, List[int]] = {}
         for s, (member, task) in enumerate(self.sources):
-            wanted.setdefault(member, []).append(s)
+            if weights is None or float(weights[s]) != 0.0:
+                wanted.setdefault(member, []).append(s)
         matrices: List[Optional[torch.Tensor]] = [None] * len(self.sources)
         for member in self.members:
             if member.name not in wanted:
@@ -322,8 +328,13 @@ class ScoreFusion:
             for s in wanted[member.name]:
                 matrices[s] = scores[:, :, tasks.index(self.sources[s][1])]
             del scores
+        shape = next(m.shape for m in matrices if m is not None)
         native = []
         for s, name in enumerate(transforms):
+            if matrices[s] is None:  # weight 0: never read by the op
+                matrices[s] = torch.zeros(shape)
+                native.append("identity")
+                continue
             if self.mode == "rrf" or name in NATIVE_TRANSFORMS:
                 native.append(name if self.mode == "weighted" else "identity")
                 matrices[s] = matrices[s].contiguous()
@@ -374,7 +385,7 @@ class ScoreFusion:
         values, indices = [], []
         for start in range(0, rows.numel(), self.users_per_block):
             stop = min(start + self.users_per_block, rows.numel())
-            matrices, native = self.source_scores(users, rows[start:stop], transforms)
+            matrices, native = self.source_scores(users, rows[start:stop], transforms, weights)
             offsets = block_indices = None
             if exclude_offsets is not None:
                 lo, hi = int(exclude_offsets[start]), int(exclude_offsets[stop])

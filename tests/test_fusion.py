@@ -169,6 +169,23 @@ def test_one_member_with_weight_one_is_that_members_ranking(data, tables):
     assert torch.equal(again, indices[:, :3])
 
 
+@pytest.mark.parametrize("mode", ["weighted", "rrf"])
+def test_a_member_of_weight_zero_is_not_scored(mode):
+    torch.manual_seed(3)
+    kept, dropped = _Fixed("kept", torch.randn(4, 30, 1)), _Fixed("dropped", torch.randn(4, 30, 1))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a member whose every source has weight 0 was scored")
+
+    both = ScoreFusion([kept, dropped], ["click"], weights=[1.0, 0.0], transforms="identity", mode=mode)
+    alone = ScoreFusion([kept], ["click"], weights=[1.0], transforms="identity", mode=mode)
+    expected = alone.topk(torch.arange(4), 5, users={})
+    dropped.score = refuse
+    got = both.topk(torch.arange(4), 5, users={})
+    assert torch.equal(got[1], expected[1])
+    torch.testing.assert_close(got[0], expected[0])
+
+
 def test_rrf_equals_plain_python_reciprocal_rank_fusion():
     generator = torch.Generator().manual_seed(5)
     num_rows, num_items = 6, 13
