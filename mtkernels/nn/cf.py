@@ -18,13 +18,14 @@ diagonal, ``P = (X^T X + lambda I)^-1``, ``B = -P / diag(P)`` (column-wise), ``d
 
 from __future__ import annotations
 
+import abc
 from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 
-class ItemItemCF(nn.Module):
+class ItemItemCF(nn.Module, abc.ABC):
     """Base of the item-item models: the users' training histories (CSR buffers
     ``history_offsets [R+1]``, ``history_indices``) and scoring ``history @ B``. Subclasses
     set the item-item matrix in :meth:`_fit_matrix` and return it densely from :meth:`similarity`.
@@ -87,11 +88,13 @@ class ItemItemCF(nn.Module):
         self._dense = None
         return self
 
+    @abc.abstractmethod
     def _fit_matrix(self, gram: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Fit the item-item matrix from the float64 ``[N, N]`` co-occurrence counts ``X^T X``."""
 
+    @abc.abstractmethod
     def similarity(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The dense float32 ``[N, N]`` item-item matrix (scores = history x this)."""
 
     @torch.no_grad()
     def score(self, users: Optional[Mapping] = None, rows: Sequence[int] = ()) -> torch.Tensor:
