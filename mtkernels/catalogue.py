@@ -10,18 +10,24 @@ towers, output transforms). The widest matrix product of the model (``D x H1`` p
 disappear; this is the split that two-tower retrieval makes exact, and that production rankers
 use to cache user-side computation (e.g. "user-side precomputation" in DLRM-style serving).
 
+What follows the first layer runs in the native op `mtkernels.ops.catalogue_score` (CPU, float32),
+which adds the two parts per block of pairs in cache and never materialises the ``[U*N, H1]``
+activations; where that kernel is missing (or ``native=False``) it runs as blocked PyTorch ops.
 Backbones that are not one layer of experts and gates over x (PLE with several levels, ESMM
 without a bottom) fall back to the plain model forward over every pair (same outputs, slower).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ._extension import has_kernel
 from .nn.backbones import MultiTaskBackbone
+from .ops.catalogue_score import CatalogueScoreParams, catalogue_score, split_first_layer
+from .ops.multi_task_score import pack_multi_task_params
 from .serving import pair_rows
 
 
@@ -39,14 +45,19 @@ class CatalogueScorer:
     Args:
         model: a trained ``mtkernels.nn.MultiTaskModel`` (put in eval mode).
         tables: ``mtkernels.serving.serving_tables`` of its data (feature rows of users and items).
-        users_per_block: users per block of ``[block x N]`` pairs (memory: block x N x H1 floats).
+        users_per_block: users per block of ``[block x N]`` pairs on the PyTorch path (memory:
+            block x N x H1 floats); the native op takes every requested user in one call.
+        native: None (default) runs the rest of the network in the native `catalogue_score` op
+            where it is built; False keeps the blocked PyTorch path (the baseline it replaced).
 
     Raises:
         ValueError: the model's features differ from the tables' features.
     """
 
-    def __init__(self, model: torch.nn.Module, tables: Mapping[str, object], users_per_block: int = 16) -> None:
+    def __init__(self, model: torch.nn.Module, tables: Mapping[str, object], users_per_block: int = 16,
+                 native: Optional[bool] = None) -> None:
         self.model = model.eval()
+        self.native = native
         self.tables = tables
         self.users_per_block = max(1, int(users_per_block))
         self.num_items = int(tables["item_ids"].numel())
@@ -56,6 +67,8 @@ class CatalogueScorer:
             raise ValueError(f"the model's features {names} differ from the serving tables' {tables['feature_names']}")
         self._layers = self._first_layer()
         self._item_part: Optional[torch.Tensor] = None
+        # selected tasks -> (first-layer weight [C, D], CatalogueScoreParams, item part [N, C])
+        self._op_layers: Dict[Tuple[int, ...], Tuple[torch.Tensor, CatalogueScoreParams, torch.Tensor]] = {}
 
     # --- layout ------------------------------------------------------------------------------
     def _first_layer(self):
@@ -105,7 +118,35 @@ class CatalogueScorer:
         x = x.masked_fill(~self._user_columns(), 0.0)
         return F.linear(x, self._layers["weight"])
 
-    # --- the network after the first layer ----------------------------------------------------
+    # --- the native op ---------------------------------------------------------------------------
+    def _use_op(self) -> bool:
+        return self._layers is not None and self.native is not False and has_kernel("catalogue_score", "cpu")
+
+    def _op_layout(self, selected: List[int]) -> Tuple[torch.Tensor, CatalogueScoreParams, torch.Tensor]:
+        """The first layer in `catalogue_score`'s column layout for the tasks ``selected`` (their
+        gates only), the rest of the network, and the item part ``[N, C]`` (bias included)."""
+        key = tuple(selected)
+        if key not in self._op_layers:
+            layers = self._layers
+            towers = [list(self.model.towers[t].linears) for t in selected]
+            transforms = ["sigmoid" if self.tasks[t].kind == "binary" else "identity" for t in selected]
+            params = pack_multi_task_params(layers["experts"], [layers["gates"][t] for t in selected],
+                                            layers["gate_mask"][selected], towers, transforms)
+            weight, bias, rest = split_first_layer(params)
+            items = torch.arange(self.num_items)
+            x = self._inputs(user_table(self.tables), torch.zeros_like(items), items)
+            item_part = F.linear(x.masked_fill(self._user_columns(), 0.0), weight, bias)
+            self._op_layers[key] = (weight, rest, item_part)
+        return self._op_layers[key]
+
+    def _score_op(self, users: Mapping[str, object], rows: torch.Tensor, selected: List[int]) -> torch.Tensor:
+        """``[U, N, len(selected)]`` through the native op: one call for all the rows."""
+        weight, rest, item_part = self._op_layout(selected)
+        x = self._inputs(users, rows, torch.zeros_like(rows))
+        user_part = F.linear(x.masked_fill(~self._user_columns(), 0.0), weight)
+        return catalogue_score(user_part, item_part, rest)
+
+    # --- the network after the first layer (PyTorch path) ---------------------------------------
     def _rest(self, user_part: torch.Tensor, item_part: torch.Tensor, buffers: Dict[str, torch.Tensor],
               selected: List[int]) -> torch.Tensor:
         """Predictions ``[U*N, len(selected)]`` (user-major) of U users x N items for the tasks
@@ -222,6 +263,11 @@ class CatalogueScorer:
         custom_outputs = type(self.model.backbone).outputs is not MultiTaskBackbone.outputs
         selected = list(range(len(names))) if custom_outputs or self._layers is None else wanted
         n_users, n_items, n_tasks = rows.numel(), self.num_items, len(selected)
+        if self._use_op():
+            out = self._score_op(users, rows, selected)
+            if custom_outputs:
+                out = self.model.backbone.outputs(out.view(n_users * n_items, n_tasks)).view(n_users, n_items, n_tasks)
+            return out if selected == wanted else out[:, :, wanted]
         out = torch.empty(n_users, n_items, n_tasks)
         items = torch.arange(n_items)
         if self._layers is not None:

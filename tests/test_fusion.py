@@ -43,7 +43,8 @@ def _pair_predictions(data, model, rows):
     ("ple", {"num_levels": 2, "num_shared_experts": 1, "num_task_experts": 1, "expert_hidden": [8]}),  # fallback
     ("esmm", {"hidden": [8]}),
 ])
-def test_catalogue_scorer_equals_the_model_on_every_pair(data, tables, backbone, kwargs):
+@pytest.mark.parametrize("native", [None, False])  # the catalogue_score op (where built), the PyTorch path
+def test_catalogue_scorer_equals_the_model_on_every_pair(data, tables, backbone, kwargs, native):
     torch.manual_seed(3)
     model = MultiTaskModel(data.features, data.dense_dim, data.tasks, backbone=backbone, embedding_dim=4,
                            backbone_kwargs=kwargs, tower_hidden=[5, 3])
@@ -52,7 +53,7 @@ def test_catalogue_scorer_equals_the_model_on_every_pair(data, tables, backbone,
             p.add_(0.3 * torch.randn_like(p))
     rows = list(data.topk_eval("test_warm").users[:5].tolist()) + list(data.topk_eval("test_cold").users[:2].tolist())
     expected = _pair_predictions(data, model, rows)
-    scorer = CatalogueScorer(model, tables, users_per_block=3)  # blocks of 3, 3 and 1 users
+    scorer = CatalogueScorer(model, tables, users_per_block=3, native=native)  # PyTorch path: blocks of 3, 3, 1
     got = scorer.score(user_table(tables), torch.tensor(rows))
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     # a subset of the tasks, in any order: only their towers run

@@ -1,8 +1,9 @@
 """Pure-PyTorch specifications of every op: readable first, loops or plain torch, no tricks.
 They are the spec the native kernels are tested against and the fallback path."""
 
+from .catalogue_score import catalogue_score
 from .embedding_bags import embedding_bags
 from .ensemble_topk import ensemble_topk
 from .multi_task_score import multi_task_score
 
-__all__ = ["embedding_bags", "ensemble_topk", "multi_task_score"]
+__all__ = ["catalogue_score", "embedding_bags", "ensemble_topk", "multi_task_score"]
