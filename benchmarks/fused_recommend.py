@@ -1,6 +1,7 @@
 """Fused recommendation end to end: the native `catalogue_score` op against the PyTorch path.
 
     python -m benchmarks.fused_recommend [--checkpoints .cache/fusion-bench] [--runs 5] [--threads 1 2]
+        [--untrained]
 
 Loads (or trains, as `benchmarks.fusion_ml100k` does) the seed-0 SharedBottom, MMoE and PLE of
 ml100k-mtl-v1, fits EASE on train, saves their fusion with fixed weights 0.1 / 0.2 / 0.5 / 0.2 (every
@@ -8,7 +9,9 @@ member weighted, so every member is scored) and serves it with `Ranker.load`: `r
 warm users (external ids, k=10, seen items excluded) over all 1,682 items. Per thread count, the two
 paths of `mtkernels.catalogue.CatalogueScorer` alternate run by run (native op, then the blocked
 PyTorch path it replaced), so both see the same machine load; prints the median wall and CPU seconds
-of each and the share of users whose top-10 lists are identical under both paths.
+of each and the share of users whose top-10 lists are identical under both paths. ``--untrained``
+times freshly initialised models of the same presets instead (the same shapes, so the same work;
+no training needed, the lists differ from a trained fusion's).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import torch
 from benchmarks.fusion_ml100k import _checkpoint
 from mtkernels.data import load_ml100k_mtl_v1
 from mtkernels.demo import NAMES
-from mtkernels.fusion import CFMember, ScoreFusion, model_member_from_checkpoint
+from mtkernels.fusion import CFMember, ModelMember, ScoreFusion, model_member_from_checkpoint
 from mtkernels.serving import Ranker, serving_tables
+from mtkernels.training import presets
 
 MEMBERS = ("shared_bottom", "mmoe", "ple")
 WEIGHTS = (0.1, 0.2, 0.5, 0.2)  # SharedBottom, MMoE, PLE, EASE
@@ -41,16 +45,22 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoints", default=".cache/fusion-bench")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--untrained", action="store_true",
+                        help="time freshly initialised models of the same presets (same shapes and work, no training)")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
 
     data = load_ml100k_mtl_v1(args.data_dir)
     tables = serving_tables(data)
     os.makedirs(args.checkpoints, exist_ok=True)
-    members = [model_member_from_checkpoint(_checkpoint(data, tables, b, 0, args.checkpoints, 2, print),
-                                            NAMES.get(b, b))[0] for b in MEMBERS]
+    if args.untrained:
+        torch.manual_seed(0)
+        members = [ModelMember(NAMES.get(b, b), presets.build_model(data, b), tables) for b in MEMBERS]
+    else:
+        members = [model_member_from_checkpoint(_checkpoint(data, tables, b, 0, args.checkpoints, 2, print),
+                                                NAMES.get(b, b))[0] for b in MEMBERS]
     members.append(CFMember.fit(data, "ease", name="EASE"))
-    fused_path = os.path.join(args.checkpoints, "fused-all-weighted.pt")
+    fused_path = os.path.join(args.checkpoints, "fused-untrained.pt" if args.untrained else "fused-all-weighted.pt")
     ScoreFusion(members, ["click"], weights=list(WEIGHTS), tables=tables).save(fused_path)
     ranker = Ranker.load(fused_path)
     evaluation = data.topk_eval("test_warm")

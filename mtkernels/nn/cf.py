@@ -108,15 +108,17 @@ class ItemItemCF(nn.Module, abc.ABC):
         starts = torch.where(known, self.history_offsets[safe], torch.zeros_like(rows))
         ends = torch.where(known, self.history_offsets[(safe + 1).clamp_max(num_rows)], torch.zeros_like(rows))
         lengths = ends - starts
-        # history of the requested rows as a sparse 0/1 matrix [U, N], times the similarity [N, N]
+        # history of the requested rows as a dense 0/1 matrix [U, N], times the similarity [N, N]:
+        # one dense GEMM (multi-threaded, ~5 ms for 64 users x 1,682 items) where torch's COO
+        # sparse x dense product ran single-threaded at about 30x the time on ml100k
         row_index = torch.arange(rows.numel()).repeat_interleave(lengths)
         offsets = torch.zeros(rows.numel() + 1, dtype=torch.long)
         torch.cumsum(lengths, 0, out=offsets[1:])
         position = torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(lengths) + starts.repeat_interleave(lengths)
         columns = self.history_indices[position]
-        history = torch.sparse_coo_tensor(torch.stack([row_index, columns]), torch.ones(columns.numel()),
-                                          (rows.numel(), self.num_items), check_invariants=True)
-        return torch.sparse.mm(history, self.similarity()).unsqueeze(-1)
+        history = torch.zeros(rows.numel(), self.num_items)
+        history[row_index, columns] = 1.0
+        return (history @ self.similarity()).unsqueeze(-1)
 
     @torch.no_grad()
     def score_pairs(self, users: Optional[Mapping], pair_users: torch.Tensor, pair_items: torch.Tensor) -> torch.Tensor:
