@@ -44,6 +44,8 @@ def has_kernel(op: str, device: str = "cpu") -> bool:
 
 
 OPS = ("catalogue_score", "embedding_bags", "ensemble_topk", "multi_task_score")
+# Ops with no CUDA kernel by design (their reference runs on a GPU): the CUDA build check skips them.
+CPU_ONLY_OPS = ("catalogue_score",)
 
 
 def info() -> dict:
@@ -52,7 +54,8 @@ def info() -> dict:
     Returns:
         dict with keys ``version``, ``torch``, ``native`` (extension loaded), ``cuda_built``
         (CUDA kernels compiled in), ``cuda_available``, ``openmp``, ``threads``, and ``ops``
-        mapping each op to the devices it has a native kernel for (``[]``: reference fallback).
+        mapping each op to the devices it has a native kernel for (``[]``: reference fallback),
+        ``cpu_only_ops``: the ops that have no CUDA kernel by design.
     """
     return {
         "version": __version__,
@@ -65,4 +68,5 @@ def info() -> dict:
         "openmp": bool(NATIVE and _C.built_with_openmp()),
         "threads": torch.get_num_threads(),
         "ops": {op: [d for d in ("cpu", "cuda") if has_kernel(op, d)] for op in OPS},
+        "cpu_only_ops": list(CPU_ONLY_OPS),
     }
