@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mtkernels import cli
+from mtkernels._extension import has_kernel
 from mtkernels.catalogue import CatalogueScorer, user_table
 from mtkernels.data import TopKEval
 from mtkernels.fusion import CFMember, ModelMember, ScoreFusion
@@ -56,6 +57,8 @@ def test_catalogue_scorer_equals_the_model_on_every_pair(data, tables, backbone,
     scorer = CatalogueScorer(model, tables, users_per_block=3, native=native)  # PyTorch path: blocks of 3, 3, 1
     got = scorer.score(user_table(tables), torch.tensor(rows))
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    factorised = backbone != "ple" or kwargs.get("num_levels", 1) == 1
+    assert scorer._use_op() == (native is None and factorised and has_kernel("catalogue_score", "cpu"))
     # a subset of the tasks, in any order: only their towers run
     some = scorer.score(user_table(tables), torch.tensor(rows), ["rating", "click"])
     torch.testing.assert_close(some, expected[:, :, [2, 0]], atol=2e-5, rtol=1e-5)
