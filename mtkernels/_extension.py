@@ -43,7 +43,7 @@ def has_kernel(op: str, device: str = "cpu") -> bool:
         return False
 
 
-OPS = ("embedding_bags", "ensemble_topk", "multi_task_score")
+OPS = ("embedding_bags", "ensemble_topk", "multi_task_score", "relu_dropout", "gated_mixture")
 
 
 def info() -> dict:
