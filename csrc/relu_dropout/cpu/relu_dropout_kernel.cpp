@@ -32,6 +32,45 @@ at::Tensor as_rows(const at::Tensor& x) {
   return rows;
 }
 
+// No FP trap semantics here: with them GCC will not if-convert the compare-and-select below, and a
+// branch on a random keep decision mispredicts about every other element (~4 ms instead of ~0.3 ms
+// for 2048 x 256 floats).
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+
+// One row: branch-free selects over restrict pointers, so the compiler vectorises the hash and the
+// select (a branch on a random keep decision mispredicts about every other element).
+template <typename scalar_t>
+void relu_dropout_row(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t cols, uint64_t base,
+                      uint32_t threshold, uint32_t seed_lo, uint32_t seed_hi, scalar_t scale) {
+  if ((base >> 32) == ((base + static_cast<uint64_t>(cols) - 1) >> 32)) {  // no 2^32 boundary inside the row
+    const uint32_t lo = static_cast<uint32_t>(base), hi = static_cast<uint32_t>(base >> 32);
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint32_t h = dropout_hash(lo + static_cast<uint32_t>(c), hi, seed_lo, seed_hi);
+      const scalar_t v = in[c] * scale;  // computed unconditionally: a conditional FP op blocks if-conversion
+      out[c] = ((h >= threshold) & (in[c] > scalar_t(0))) ? v : scalar_t(0);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    const uint64_t i = base + static_cast<uint64_t>(c);
+    const uint32_t h = dropout_hash(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), seed_lo, seed_hi);
+    const scalar_t v = in[c] * scale;
+    out[c] = ((h >= threshold) & (in[c] > scalar_t(0))) ? v : scalar_t(0);
+  }
+}
+
+template <typename scalar_t>
+void relu_dropout_backward_block(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ result,
+                                 scalar_t* __restrict__ out, int64_t n, scalar_t scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t v = grad[i] * scale;
+    out[i] = result[i] > scalar_t(0) ? v : scalar_t(0);
+  }
+}
+
+#pragma GCC pop_options
+
 at::Tensor relu_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
   check_float(x, "x");
   check_p(p);
@@ -47,26 +86,10 @@ at::Tensor relu_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
     const scalar_t* src = rows.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
-    at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_rows, grain, [=](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* in = src + r * row_stride;
-        scalar_t* o = dst + r * cols;
-        const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(cols);
-        if ((base >> 32) == ((base + cols - 1) >> 32)) {  // the row does not cross a 2^32 boundary
-          const uint32_t lo = static_cast<uint32_t>(base), hi = static_cast<uint32_t>(base >> 32);
-          for (int64_t c = 0; c < cols; ++c) {
-            const uint32_t h = dropout_hash(lo + static_cast<uint32_t>(c), hi, seed_lo, seed_hi);
-            const scalar_t v = in[c] > scalar_t(0) ? in[c] * scale : scalar_t(0);
-            o[c] = h >= threshold ? v : scalar_t(0);
-          }
-        } else {
-          for (int64_t c = 0; c < cols; ++c) {
-            const uint64_t i = base + static_cast<uint64_t>(c);
-            const uint32_t h = dropout_hash(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), seed_lo, seed_hi);
-            const scalar_t v = in[c] > scalar_t(0) ? in[c] * scale : scalar_t(0);
-            o[c] = h >= threshold ? v : scalar_t(0);
-          }
-        }
+        relu_dropout_row(src + r * row_stride, dst + r * cols, cols, static_cast<uint64_t>(r) * static_cast<uint64_t>(cols),
+                         threshold, seed_lo, seed_hi, scale);
       }
     });
   });
@@ -89,8 +112,8 @@ at::Tensor relu_dropout_backward_cpu(const at::Tensor& grad_output, const at::Te
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const scalar_t* yv = y.const_data_ptr<scalar_t>();
     scalar_t* o = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) o[i] = yv[i] > scalar_t(0) ? g[i] * scale : scalar_t(0);
+    at::parallel_for(0, n, 16384, [=](int64_t begin, int64_t end) {
+      relu_dropout_backward_block(g + begin, yv + begin, o + begin, end - begin, scale);
     });
   });
   return grad_input;
