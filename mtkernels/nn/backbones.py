@@ -121,10 +121,13 @@ def experts_and_gates(experts: Sequence[Expert], gates: Sequence[nn.Module], row
     first = [expert.linears[0] for expert in experts]
     gate_weight, gate_bias = _gate_matrix(gates, rows, x.shape[1])
     z = F.linear(x, torch.cat([l.weight for l in first] + [gate_weight]), torch.cat([l.bias for l in first] + [gate_bias]))
+    # split, not two slices: its backward is one cat of the two gradients instead of two zero-filled
+    # [B, E*H + G*E] tensors added together
     width = sum(l.out_features for l in first)
-    h = relu_dropout(z[:, :width], experts[0].dropout, experts[0].training)
+    z_experts, z_gates = z.split([width, z.shape[1] - width], dim=1)
+    h = relu_dropout(z_experts, experts[0].dropout, experts[0].training)
     outputs = _deeper_layers(experts, h.view(x.shape[0], len(experts), -1))
-    return outputs, z[:, width:].view(x.shape[0], len(gates), len(experts))
+    return outputs, z_gates.view(x.shape[0], len(gates), len(experts))
 
 
 def _gate_weights(gate: nn.Module, gate_input: torch.Tensor) -> torch.Tensor:
