@@ -147,3 +147,11 @@ def test_batched_training_forward_equals_towers_one_by_one(backbone, kwargs, bat
     want_grads = torch.autograd.grad((want * upstream).sum(), dense_params, allow_unused=True)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
+
+
+def test_tower_outputs_needs_one_representation_per_tower():
+    from mtkernels.nn.towers import tower_outputs
+
+    towers = [TaskTower(4, (3,)) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"representations must be \[B, 2, H\]"):
+        tower_outputs(towers, torch.randn(5, 3, 4))

@@ -486,6 +486,10 @@ class ESMM(MultiTaskBackbone):
         shared = self.bottom(x) if self.bottom is not None else x
         return [shared] * self.num_tasks
 
+    def stacked(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.bottom(x) if self.bottom is not None else x
+        return shared.unsqueeze(1).expand(-1, self.num_tasks, -1)
+
     def outputs(self, predictions: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` (pCTR, pCVR_t, ...) -> ``[B, T]`` (pCTR, pCTCVR_t = pCTR * pCVR_t, ...)."""
         ctr = predictions[:, self.ctr_task]
