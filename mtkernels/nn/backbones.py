@@ -15,6 +15,11 @@ experts it may use, followed by a softmax, so the eval network is exactly what
 `mtkernels.ops.pack_multi_task_params` / `multi_task_score` compute (`_fused_scoring_params`).
 Expert order is global (PLE: shared experts first, then task 0's, task 1's, ...); a gate's logits
 follow the ascending order of the experts it may use.
+
+Training path (the same network): experts and gates that read the same input run as one GEMM over
+their concatenated weights (`experts_and_gates`), a gate's logit of an expert it may not use is
+-inf, ReLU + dropout is `mtkernels.ops.relu_dropout` and the softmax and mixture of all gates is one
+`mtkernels.ops.gated_mixture`; `stacked` returns the task representations as one ``[B, T, H]``.
 """
 
 from __future__ import annotations
