@@ -1,83 +1,125 @@
 """Seconds per training epoch on ml100k-mtl-v1 (issue 3: < 2.5 s over the 357,525 training rows).
 
-    python -m benchmarks.train_speed [--models mmoe ple] [--threads 1 2] [--epochs 3] [--batch-size 2048]
-        [--cpu-time]
+    python -m benchmarks.train_speed [--models mmoe ple] [--threads 1 2] [--epochs 3] [--repeats 2]
+        [--batch-size 2048] [--baseline /path/to/another/checkout]
 
 For each model and thread count, trains with the presets through `mtkernels.training.fit` and
 reports what ``FitResult.seconds_per_epoch`` measures: the training pass only (shuffled batches
 gathered from the pre-encoded split, forward, masked losses, backward with the fused embedding
-update, Adam step), never the validation scoring that follows each epoch. The first epoch is dropped
-as warm-up; the median of the rest is printed. Beside it, in the same run, the same training with
-the two pieces this project replaced put back (``F.dropout``, whose ``bernoulli_`` mask drew ~20% of
-a step, and torch's per-parameter Adam instead of the fused one), and the ratio of the two.
-On a machine that others share, ``--cpu-time`` times the same training pass in CPU seconds of this
-process (``time.process_time``) instead of wall seconds, which other jobs inflate unevenly.
+update, Adam step), never the validation scoring that follows each epoch. Each measurement runs in
+a fresh process; the first epoch is dropped as warm-up and the median of the other epochs (over
+all repeats) is printed, as wall seconds and as CPU seconds of the process (``time.process_time``:
+all threads together, so at 2 threads it is up to twice the wall time; on a machine that others
+share it is the steadier of the two).
+
+``--baseline DIR`` times the code of another checkout (``PYTHONPATH=DIR``, e.g. the main branch
+before a change) in the same run, interleaved with this one (ours, baseline, ours, baseline, ...),
+so that both see the same load; the last column is baseline / ours.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
+import os
 import statistics
-import time
+import subprocess
+import sys
 
-import torch
-import torch.nn.functional as F
-
-import mtkernels.nn.backbones as backbones
-import mtkernels.nn.towers as towers
-import mtkernels.training.loop as loop
-from mtkernels.data import load_ml100k_mtl_v1
-from mtkernels.training import TrainConfig, fit, presets
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@contextlib.contextmanager
-def _torch_dropout_and_adam():
-    """The baseline: torch's ``F.dropout`` and per-parameter Adam in place of the project's."""
-    saved = towers.dropout, backbones._dropout, loop._fused_adam_supported
-    towers.dropout = backbones._dropout = F.dropout
-    loop._fused_adam_supported = lambda groups: False
-    try:
-        yield
-    finally:
-        towers.dropout, backbones._dropout, loop._fused_adam_supported = saved
+def _worker(backbone: str, threads: int, epochs: int, batch_size: int, data_dir) -> dict:
+    """Train in this process and return the per-epoch wall and CPU seconds of fit's training pass."""
+    import time
 
+    import torch
 
-def seconds_per_epoch(data, backbone: str, epochs: int, batch_size: int) -> float:
+    torch.set_num_threads(threads)
+    import mtkernels
+    from mtkernels.data import load_ml100k_mtl_v1
+    from mtkernels.training import TrainConfig, fit, presets
+
+    data = load_ml100k_mtl_v1(data_dir)
     torch.manual_seed(0)
     model = presets.build_model(data, backbone)
     config = TrainConfig(**dict(presets.TRAIN_PRESET, epochs=epochs, batch_size=batch_size, patience=0,
                                 progress=False))
-    result = fit(model, data, config)
-    seconds = [h["seconds"] for h in result.history][1:] or [result.history[0]["seconds"]]
-    return statistics.median(seconds)
+    # fit reads time.perf_counter() exactly twice per epoch (start and end of the training pass)
+    marks = []
+    wall = time.perf_counter
+
+    def clock():
+        marks.append((wall(), time.process_time()))
+        return marks[-1][0]
+
+    time.perf_counter = clock
+    try:
+        fit(model, data, config)
+    finally:
+        time.perf_counter = wall
+    if len(marks) != 2 * epochs:
+        raise RuntimeError(f"expected {2 * epochs} clock reads from fit, got {len(marks)}")
+    return {
+        "code": os.path.dirname(os.path.dirname(os.path.abspath(mtkernels.__file__))),
+        "wall": [end[0] - start[0] for start, end in zip(marks[0::2], marks[1::2])],
+        "cpu": [end[1] - start[1] for start, end in zip(marks[0::2], marks[1::2])],
+    }
+
+
+def _measure(code: str, backbone: str, threads: int, args) -> dict:
+    env = dict(os.environ, PYTHONPATH=code, OMP_NUM_THREADS=str(threads))
+    command = [sys.executable, os.path.abspath(__file__), "--worker", backbone, str(threads), str(args.epochs),
+               str(args.batch_size)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    if os.path.realpath(result["code"]) != os.path.realpath(code):
+        raise RuntimeError(f"measured {result['code']}, expected the code in {code}")
+    return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mmoe", "ple"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement (the first is warm-up)")
-    parser.add_argument("--batch-size", type=int, default=presets.TRAIN_PRESET["batch_size"])
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per process (the first is warm-up)")
+    parser.add_argument("--repeats", type=int, default=1, help="processes per code, model and thread count")
+    parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--cpu-time", action="store_true", help="CPU seconds of the process instead of wall seconds")
+    parser.add_argument("--baseline", default=None, help="another checkout to time in the same run")
+    parser.add_argument("--worker", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.cpu_time:
-        # fit times its training pass with time.perf_counter; this process is all benchmark
-        time.perf_counter = time.process_time
-    data = load_ml100k_mtl_v1(args.data_dir)
-    rows = data.splits["train"].num_rows
-    unit = "CPU seconds" if args.cpu_time else "wall seconds"
-    print(f"training pass over {rows:,} rows, batch {args.batch_size}, {unit}, median of epochs 2..{args.epochs}")
-    print("| model | threads | s/epoch | with F.dropout + per-parameter Adam | speed-up |")
-    print("|---|---:|---:|---:|---:|")
+    if args.worker:
+        backbone, threads, epochs, batch_size = args.worker
+        print(json.dumps(_worker(backbone, int(threads), int(epochs), int(batch_size), args.data_dir)))
+        return 0
+    if args.epochs < 2:
+        parser.error("--epochs must be >= 2 (the first epoch is warm-up)")
+    codes = [HERE] + ([os.path.abspath(args.baseline)] if args.baseline else [])
+    print(f"training pass over ml100k-mtl-v1 train, batch {args.batch_size}, median of epochs 2..{args.epochs} "
+          f"over {args.repeats} process(es) each; load average at start {os.getloadavg()[0]:.1f}")
+    head = "| model | threads | wall s/epoch | CPU s/epoch |"
+    if args.baseline:
+        head += " baseline wall | baseline CPU | speed-up (wall, CPU) |"
+    print(head)
+    print("|---|---:|" + "---:|" * (head.count("|") - 3))
     for backbone in args.models:
         for threads in args.threads:
-            torch.set_num_threads(threads)
-            ours = seconds_per_epoch(data, backbone, args.epochs, args.batch_size)
-            with _torch_dropout_and_adam():
-                base = seconds_per_epoch(data, backbone, args.epochs, args.batch_size)
-            print(f"| {backbone} | {threads} | {ours:.2f} | {base:.2f} | {base / ours:.2f}x |", flush=True)
+            runs = {code: {"wall": [], "cpu": []} for code in codes}
+            for _ in range(args.repeats):
+                for code in codes:
+                    result = _measure(code, backbone, threads, args)
+                    for key in ("wall", "cpu"):
+                        runs[code][key] += result[key][1:]
+            medians = {code: {k: statistics.median(v) for k, v in r.items()} for code, r in runs.items()}
+            ours = medians[HERE]
+            row = f"| {backbone} | {threads} | {ours['wall']:.2f} | {ours['cpu']:.2f} |"
+            if args.baseline:
+                base = medians[codes[1]]
+                row += (f" {base['wall']:.2f} | {base['cpu']:.2f} | {base['wall'] / ours['wall']:.2f}x, "
+                        f"{base['cpu'] / ours['cpu']:.2f}x |")
+            print(row, flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -63,4 +63,24 @@ TORCH_LIBRARY(mtkernels, m) {
       "str[] transforms, Tensor packed) -> Tensor");
 
   // ---- end multi_task_score ----
+
+  // ---- relu_dropout: ReLU + inverted dropout, mask from a counter-based hash (training path) ----
+  // y = relu(x) * keep(i, seed) / (1 - p'), p' = round(p * 2^32) / 2^32; keep(i, seed) is the
+  // hash of csrc/relu_dropout/relu_dropout.h over x's row-major index i. The backward reads y only
+  // (dx = dy / (1 - p') where y > 0), so no mask is stored. float32 / float64.
+  m.def("relu_dropout(Tensor x, float p, int seed) -> Tensor");
+  m.def("relu_dropout_backward(Tensor grad_output, Tensor result, float p) -> Tensor");
+
+  // ---- end relu_dropout ----
+
+  // ---- gated_mixture: MMoE/PLE gates and expert mixture (training path) ----
+  // logits [B, T, E] (-inf: expert not allowed), expert_outputs [B, E, H] -> (mixed [B, T, H],
+  // weights [B, T, E] = softmax(logits, -1)); mixed[b, t] = sum_e weights[b, t, e] * expert_outputs[b, e].
+  m.def("gated_mixture(Tensor logits, Tensor expert_outputs) -> (Tensor mixed, Tensor weights)");
+  // (grad_logits [B, T, E], grad_expert_outputs [B, E, H]); grad_weights may be None.
+  m.def(
+      "gated_mixture_backward(Tensor grad_mixed, Tensor? grad_weights, Tensor weights, "
+      "Tensor expert_outputs) -> (Tensor, Tensor)");
+
+  // ---- end gated_mixture ----
 }

@@ -1,50 +1,13 @@
-"""The training step's faster pieces against what they replace: the cheap-mask dropout against the
-dropout definition, and the fused Adam that `fit` uses against torch's per-parameter Adam."""
+"""The training step's faster pieces against what they replace: modules drop out in training only
+(the `relu_dropout` op itself: tests/test_training_ops.py), the batched training forward against the
+modules one by one, and the fused Adam that `fit` uses against torch's per-parameter Adam."""
 
 import pytest
 import torch
 
 from mtkernels.nn import MMoE, MultiTaskModel, TaskTower
-from mtkernels.nn.towers import Expert, dropout
+from mtkernels.nn.towers import Expert
 from mtkernels.training.loop import _fused_adam_supported
-
-
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_dropout_drops_p_and_keeps_the_mean(p):
-    torch.manual_seed(0)
-    x = torch.full((400, 500), 2.0)
-    y = dropout(x, p, True)
-    dropped = (y == 0).double().mean().item()
-    # 200,000 draws: the fraction's standard error is below 0.0012
-    assert abs(dropped - p) < 0.006
-    kept = y[y != 0]
-    effective = round(p * 65536) / 65536
-    torch.testing.assert_close(kept, torch.full_like(kept, 2.0 / (1.0 - effective)))
-    assert abs(y.mean().item() - 2.0) < 0.03  # inverted dropout: unbiased
-
-
-def test_dropout_gradient_is_the_mask_times_the_scale():
-    torch.manual_seed(1)
-    x = torch.randn(64, 33, dtype=torch.float64, requires_grad=True)
-    y = dropout(x, 0.25, True)
-    upstream = torch.randn_like(y)
-    (grad,) = torch.autograd.grad((y * upstream).sum(), x)
-    scale = torch.where(x.detach() != 0, y.detach() / x.detach(), torch.zeros_like(x))
-    torch.testing.assert_close(grad, upstream * scale)
-    assert set(torch.unique(scale.round(decimals=6)).tolist()) <= {0.0, round(65536 / (65536 - 16384), 6)}
-
-
-def test_dropout_identity_off_training_or_at_zero_and_seeded():
-    x = torch.randn(10, 7)
-    assert dropout(x, 0.3, False) is x
-    assert dropout(x, 0.0, True) is x
-    torch.manual_seed(5)
-    a = dropout(x, 0.3, True)
-    torch.manual_seed(5)
-    b = dropout(x, 0.3, True)
-    assert torch.equal(a, b)
-    assert dropout(torch.zeros(0, 4), 0.3, True).shape == (0, 4)
-    assert dropout(x.double(), 0.3, True).dtype == torch.float64
 
 
 @pytest.mark.parametrize("module", ["expert", "tower", "mmoe"])
@@ -114,3 +77,81 @@ def test_fused_scoring_sees_fused_adam_steps():
         model(sparse, dense).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def _by_hand_cgc(cgc, x):
+    """One first-level CGC layer from its modules one by one: task t's softmax gate over the shared
+    experts and its own, then the shared gate (when there is one) over every expert."""
+    shared = [e(x) for e in cgc.shared_experts]
+    own = [[e(x) for e in task] for task in cgc.task_experts]
+    mixes = []
+    for t, gate in enumerate(cgc.task_gates):
+        stacked = torch.stack(shared + own[t], 1)
+        g = torch.ones(x.shape[0], 1) if isinstance(gate, torch.nn.Identity) else torch.softmax(gate(x), -1)
+        mixes.append((g.unsqueeze(-1) * stacked).sum(1))
+    if cgc.shared_gate is not None:
+        everything = torch.stack(shared + [o for task in own for o in task], 1)
+        mixes.append((torch.softmax(cgc.shared_gate(x), -1).unsqueeze(-1) * everything).sum(1))
+    return mixes
+
+
+@pytest.mark.parametrize("shared, own, levels", [(2, 1, 1), (0, 1, 1), (1, 0, 1), (1, 2, 2), (0, 2, 1)])
+def test_ple_one_gemm_path_equals_its_modules(shared, own, levels):
+    from mtkernels.nn import PLE
+
+    torch.manual_seed(7)
+    ple = PLE(9, num_tasks=3, num_levels=levels, num_shared_experts=shared, num_task_experts=own, expert_hidden=(5,))
+    x = torch.randn(21, 9, requires_grad=True)
+    got = ple.levels[0].mixed([x] * 3, x)
+    want = torch.stack(_by_hand_cgc(ple.levels[0], x), 1)
+    torch.testing.assert_close(got, want)
+    upstream = torch.randn_like(got)
+    params = [x] + [p for p in ple.levels[0].parameters()]
+    got_grads = torch.autograd.grad((got * upstream).sum(), params, allow_unused=True)
+    want_grads = torch.autograd.grad((want * upstream).sum(), params, allow_unused=True)
+    for g, w in zip(got_grads, want_grads):
+        if w is None:
+            assert g is None or bool((g == 0).all())
+        else:
+            torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backbone, kwargs", [
+    ("mmoe", {"num_experts": 3, "expert_hidden": [6]}),
+    ("mmoe", {"num_experts": 2, "expert_hidden": [6, 4]}),
+    ("mmoe", {"num_experts": 1, "expert_hidden": [6]}),
+    ("ple", {"num_levels": 2, "num_shared_experts": 1, "num_task_experts": 1, "expert_hidden": [6]}),
+    ("shared_bottom", {"hidden": [8, 6]}),
+    ("esmm", {"hidden": [6]}),
+])
+@pytest.mark.parametrize("batch", [1, 37])
+def test_batched_training_forward_equals_towers_one_by_one(backbone, kwargs, batch):
+    from mtkernels import KeyedJaggedTensor
+
+    torch.manual_seed(8)
+    tasks = [{"name": "click", "kind": "binary"}, {"name": "like", "kind": "binary"}, {"name": "rating", "kind": "regression"}]
+    model = MultiTaskModel([{"name": "item", "num_embeddings": 9, "multi_valued": False, "side": "item"}], 3, tasks,
+                           backbone=backbone, embedding_dim=4, backbone_kwargs=kwargs, tower_hidden=[5])
+    model.train()  # dropout 0: training computes the eval network, through the training path
+    sparse = KeyedJaggedTensor(["item"], torch.randint(0, 9, (batch,)), lengths=torch.ones(batch, dtype=torch.long))
+    dense = torch.randn(batch, 3)
+    got = model(sparse, dense)
+    x = model._inputs(sparse, dense)
+    values = [tower(r) for tower, r in zip(model.towers, model.backbone(x))]
+    columns = [torch.sigmoid(v) if t["kind"] == "binary" else v for t, v in zip(tasks, values)]
+    want = model.backbone.outputs(torch.stack(columns, 1))
+    torch.testing.assert_close(got, want)
+    dense_params = model.dense_parameters()
+    upstream = torch.randn_like(got)
+    got_grads = torch.autograd.grad((got * upstream).sum(), dense_params, allow_unused=True)
+    want_grads = torch.autograd.grad((want * upstream).sum(), dense_params, allow_unused=True)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_tower_outputs_needs_one_representation_per_tower():
+    from mtkernels.nn.towers import tower_outputs
+
+    towers = [TaskTower(4, (3,)) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"representations must be \[B, 2, H\]"):
+        tower_outputs(towers, torch.randn(5, 3, 4))

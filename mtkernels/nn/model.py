@@ -3,7 +3,9 @@ tower per task -> ``[B, T]`` predictions.
 
 In ``eval()`` under ``torch.no_grad()`` the experts, gates and towers run as one fused
 `mtkernels.ops.multi_task_score` call (SharedBottom, MMoE, single-level PLE, ESMM with a bottom);
-training and every other case run the same network as plain PyTorch layers.
+training and every other case run the same network as PyTorch layers and two training ops: the
+experts' first layers and the gates as one GEMM, ReLU + dropout as `mtkernels.ops.relu_dropout`,
+the gates' softmax and mixture as `mtkernels.ops.gated_mixture`, the towers of all tasks batched.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .. import ops
 from ..ops.multi_task_score import weights_key
 from .backbones import ESMM, MMoE, PLE, TASK_KINDS, MultiTaskBackbone, SharedBottom
 from .embedding import EmbeddingBagCollection, EmbeddingBagConfig
-from .towers import TaskTower
+from .towers import TaskTower, tower_outputs
 
 BACKBONES = ("shared_bottom", "mmoe", "ple", "esmm")
 _FEATURE_FIELDS = ("name", "num_embeddings", "multi_valued", "side")
@@ -300,9 +302,9 @@ class MultiTaskModel(nn.Module):
             params = self._fused_params()
             if params is not None:
                 return self.backbone.outputs(ops.multi_task_score(x, params))
-        representations = self.backbone(x)
-        columns = []
-        for task, tower, representation in zip(self._tasks, self.towers, representations):
-            value = tower(representation)
-            columns.append(torch.sigmoid(value) if task.kind == "binary" else value)
-        return self.backbone.outputs(torch.stack(columns, dim=1))
+        if len(set(self.backbone.task_dims)) == 1:  # every backbone here: all towers in one batched pass
+            values = tower_outputs(self.towers, self.backbone.stacked(x))
+        else:
+            values = torch.stack([tower(r) for tower, r in zip(self.towers, self.backbone(x))], dim=1)
+        binary = torch.tensor([t.kind == "binary" for t in self._tasks], device=values.device)
+        return self.backbone.outputs(torch.where(binary, torch.sigmoid(values), values))

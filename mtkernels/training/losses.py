@@ -53,13 +53,13 @@ def masked_task_losses(predictions: torch.Tensor, labels: torch.Tensor, tasks: S
     if len(kinds) != predictions.shape[1]:
         raise ValueError(f"got {len(kinds)} tasks for predictions with {predictions.shape[1]} columns")
     losses = []
-    for t, kind in enumerate(kinds):
+    # unbind, not one select per task: its backward stacks the T column gradients once
+    for t, (kind, p) in enumerate(zip(kinds, predictions.unbind(1))):
         y = labels[:, t]
         mask = ~torch.isnan(y)
         # Fill missing labels with a harmless value and zero their weight instead of indexing,
         # so an empty mask still yields a finite 0 with a zero gradient (never 0/0).
         y_filled = torch.where(mask, y, torch.zeros_like(y))
-        p = predictions[:, t]
         if kind == "binary":
             p = p.clamp(PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
             element = F.binary_cross_entropy(p, y_filled, reduction="none")

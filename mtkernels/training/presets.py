@@ -8,10 +8,10 @@ they reach are in the README's results table. Embedding tables are trained by th
 Adagrad of ``EmbeddingBagCollection`` (FBGEMM/TorchRec's default for tables), the rest by Adam.
 
 Second session (speed, issue 3): the settings are unchanged; what runs them got cheaper. Dropout
-stays at 0.1 (without it test RMSE was 0.004 worse for MMoE over 3 seeds, 0.9784 vs 0.9745) but
-draws its mask as 16-bit integers (`mtkernels.nn.towers.dropout`) instead of torch's ``bernoulli_``,
-and Adam runs fused. Batch 4096 saved only ~3% CPU per epoch once those were in, not worth
-re-tuning the learning rates, so the batch stays at 2048.
+stays at 0.1 (without it test RMSE was 0.004 worse for MMoE over 3 seeds, 0.9784 vs 0.9745); it
+runs fused with the ReLU (`mtkernels.ops.relu_dropout`, a hashed keep mask instead of torch's
+``bernoulli_``), and Adam runs fused. Batch 4096 saved only ~3% CPU per epoch once those were in, not
+worth re-tuning the learning rates, so the batch stays at 2048.
 """
 
 from __future__ import annotations

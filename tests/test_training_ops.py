@@ -1,0 +1,200 @@
+"""The training-path ops `relu_dropout` and `gated_mixture`: native kernels against the pure-PyTorch
+reference (shapes, dtypes, empty and strided inputs), their backward against autograd through the
+reference, gradcheck, opcheck, bad input, and the dropout's statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtkernels import ops, reference
+from mtkernels._extension import has_kernel
+from mtkernels.reference.relu_dropout import dropout_scale, dropout_threshold, keep_mask
+
+native_only = pytest.mark.skipif(not has_kernel("relu_dropout") or not has_kernel("gated_mixture"),
+                                 reason="native training ops not built")
+DTYPES = [torch.float32, torch.float64]
+
+
+# --- relu_dropout ------------------------------------------------------------------------------
+
+@native_only
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (37, 64), (3, 2048, 32), (7,)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_relu_dropout_native_equals_reference(shape, dtype, p):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype)
+    seed = 123456789123 if p != 0.5 else 2**62 + 5
+    got = torch.ops.mtkernels.relu_dropout.default(x, p, seed)
+    want = reference.relu_dropout(x, p, seed)
+    assert got.shape == x.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@native_only
+def test_relu_dropout_reads_a_strided_column_slice():
+    torch.manual_seed(1)
+    wide = torch.randn(50, 70)
+    part = wide[:, 5:45]
+    got = ops.relu_dropout(part, 0.3, True, seed=99)
+    torch.testing.assert_close(got, reference.relu_dropout(part.contiguous(), 0.3, 99), rtol=0, atol=0)
+    transposed = torch.randn(20, 30).t()
+    torch.testing.assert_close(ops.relu_dropout(transposed, 0.3, True, seed=7),
+                               reference.relu_dropout(transposed.contiguous(), 0.3, 7), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_relu_dropout_drops_p_and_keeps_the_mean(p):
+    x = torch.full((400, 500), 2.0)
+    y = ops.relu_dropout(x, p, True, seed=11)
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - p) < 0.006  # 200,000 draws: the fraction's standard error is below 0.0012
+    kept = y[y != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 2.0 * dropout_scale(p)))
+    assert abs(y.mean().item() - 2.0) < 0.03  # inverted dropout: unbiased
+    assert dropout_threshold(p) == round(p * 2**32)
+
+
+def test_relu_dropout_masks_are_independent_across_seeds_and_positions():
+    a = keep_mask((1000, 100), 1, 0.5)
+    b = keep_mask((1000, 100), 2, 0.5)
+    agree = (a == b).double().mean().item()
+    assert abs(agree - 0.5) < 0.01  # two seeds: independent masks
+    rows = a.double()
+    correlation = torch.corrcoef(torch.stack([rows[:, :-1].flatten(), rows[:, 1:].flatten()]))[0, 1].item()
+    assert abs(correlation) < 0.02  # neighbouring elements: uncorrelated
+
+
+def test_relu_dropout_off_training_or_at_zero_is_relu_and_is_seeded():
+    x = torch.randn(10, 7)
+    torch.testing.assert_close(ops.relu_dropout(x, 0.3, False), torch.relu(x))
+    torch.testing.assert_close(ops.relu_dropout(x, 0.0, True), torch.relu(x))
+    torch.manual_seed(5)
+    a = ops.relu_dropout(x, 0.3, True)
+    torch.manual_seed(5)
+    b = ops.relu_dropout(x, 0.3, True)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, ops.relu_dropout(x, 0.3, True))  # a fresh seed per call
+    with pytest.raises(ValueError, match="p must be in"):
+        ops.relu_dropout(x, 1.0, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_dropout_gradient_is_the_mask_times_the_scale(dtype):
+    torch.manual_seed(2)
+    x = torch.randn(64, 33, dtype=dtype, requires_grad=True)
+    y = ops.relu_dropout(x, 0.25, True, seed=3)
+    upstream = torch.randn_like(y)
+    (grad,) = torch.autograd.grad((y * upstream).sum(), x)
+    keep = keep_mask(x.shape, 3, 0.25) & (x.detach() > 0)
+    torch.testing.assert_close(grad, torch.where(keep, upstream * dropout_scale(0.25), torch.zeros_like(upstream)))
+
+
+@native_only
+def test_relu_dropout_gradcheck_and_opcheck():
+    torch.manual_seed(4)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    x = torch.where(x.abs() < 0.05, torch.full_like(x, 0.5), x).requires_grad_()  # away from ReLU's kink
+    assert torch.autograd.gradcheck(lambda v: ops.relu_dropout(v, 0.4, True, seed=8), (x,))
+    for args in [(torch.randn(5, 4), 0.2, 1), (torch.randn(5, 4, requires_grad=True), 0.2, 1), (torch.randn(0, 3), 0.5, 2)]:
+        torch.library.opcheck(torch.ops.mtkernels.relu_dropout.default, args)
+    y = torch.relu(torch.randn(6, 3))
+    torch.library.opcheck(torch.ops.mtkernels.relu_dropout_backward.default, (torch.randn(6, 3), y, 0.2))
+
+
+@native_only
+def test_relu_dropout_bad_input():
+    with pytest.raises(TypeError, match="x must be a float32 or float64"):
+        torch.ops.mtkernels.relu_dropout.default(torch.ones(3, dtype=torch.int32), 0.1, 0)
+    with pytest.raises(ValueError, match="p must be in"):
+        torch.ops.mtkernels.relu_dropout.default(torch.ones(3), -0.1, 0)
+    with pytest.raises(ValueError, match="grad_output must have the shape of result"):
+        torch.ops.mtkernels.relu_dropout_backward.default(torch.ones(3), torch.ones(4), 0.1)
+
+
+# --- gated_mixture -----------------------------------------------------------------------------
+
+def _logits(batch, tasks, experts, dtype, blocked=()):
+    logits = torch.randn(batch, tasks, experts, dtype=dtype) * 2
+    for t, e in blocked:  # PLE: an expert the gate may not use
+        logits[:, t, e] = -torch.inf
+    return logits
+
+
+CASES = [(0, 3, 4, 8, ()), (1, 1, 1, 5, ()), (37, 3, 4, 64, ()), (64, 4, 5, 16, ((0, 3), (0, 4), (1, 2), (1, 4))),
+         (200, 2, 3, 7, ((1, 0),))]
+
+
+@native_only
+@pytest.mark.parametrize("batch, tasks, experts, width, blocked", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_mixture_native_equals_reference_forward_and_backward(batch, tasks, experts, width, blocked, dtype):
+    torch.manual_seed(batch + width)
+    logits = _logits(batch, tasks, experts, dtype, blocked).requires_grad_()
+    outputs = torch.randn(batch, experts, width, dtype=dtype, requires_grad=True)
+    mixed, weights = ops.gated_mixture(logits, outputs)
+    want_mixed, want_weights = reference.gated_mixture(logits, outputs)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(mixed, want_mixed, **tol)
+    torch.testing.assert_close(weights, want_weights, **tol)
+    for (t, e) in blocked:
+        assert bool((weights[:, t, e] == 0).all())
+    up_mixed, up_weights = torch.randn_like(mixed), torch.randn_like(weights)
+    for use_weights in (False, True):
+        loss = (mixed * up_mixed).sum() + ((weights * up_weights).sum() if use_weights else 0)
+        want = (want_mixed * up_mixed).sum() + ((want_weights * up_weights).sum() if use_weights else 0)
+        got_grads = torch.autograd.grad(loss, (logits, outputs), retain_graph=True)
+        want_grads = torch.autograd.grad(want, (logits, outputs), retain_graph=True)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, torch.nan_to_num(w), **tol)
+            assert bool(torch.isfinite(g).all())
+
+
+@native_only
+def test_gated_mixture_reads_strided_logits_from_a_wider_gemm_output():
+    torch.manual_seed(3)
+    z = torch.randn(33, 4 * 6 + 3 * 4)
+    outputs = z[:, :24].relu().reshape(33, 4, 6)
+    logits = z[:, 24:].view(33, 3, 4)
+    assert not logits.is_contiguous()
+    mixed, weights = ops.gated_mixture(logits, outputs)
+    want_mixed, want_weights = reference.gated_mixture(logits.contiguous(), outputs)
+    torch.testing.assert_close(mixed, want_mixed)
+    torch.testing.assert_close(weights, want_weights)
+
+
+@native_only
+def test_gated_mixture_gradcheck_and_opcheck():
+    torch.manual_seed(6)
+    logits = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    outputs = torch.randn(5, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.gated_mixture(a, b), (logits, outputs))
+    assert torch.autograd.gradcheck(lambda a, b: ops.gated_mixture(a, b)[1], (logits, outputs))
+    for requires_grad in (False, True):
+        args = (torch.randn(7, 2, 3, requires_grad=requires_grad), torch.randn(7, 3, 5, requires_grad=requires_grad))
+        torch.library.opcheck(torch.ops.mtkernels.gated_mixture.default, args)
+    torch.library.opcheck(torch.ops.mtkernels.gated_mixture.default, (torch.randn(0, 2, 3), torch.randn(0, 3, 5)))
+    weights = torch.softmax(torch.randn(7, 2, 3), -1)
+    torch.library.opcheck(torch.ops.mtkernels.gated_mixture_backward.default,
+                          (torch.randn(7, 2, 5), None, weights, torch.randn(7, 3, 5)))
+
+
+def test_gated_mixture_bad_input():
+    with pytest.raises(ValueError, match="must agree on B and E"):
+        ops.gated_mixture(torch.randn(4, 2, 3), torch.randn(4, 2, 5))
+    with pytest.raises(ValueError, match=r"logits must be \[B, T, E\]"):
+        ops.gated_mixture(torch.randn(4, 3), torch.randn(4, 3, 5))
+    with pytest.raises(TypeError, match="one float dtype"):
+        ops.gated_mixture(torch.randn(4, 2, 3), torch.randn(4, 3, 5, dtype=torch.float64))
+
+
+@native_only
+def test_gated_mixture_native_bad_input():
+    with pytest.raises(ValueError, match="must agree on B and E"):
+        torch.ops.mtkernels.gated_mixture.default(torch.randn(4, 2, 3), torch.randn(5, 3, 5))
+    with pytest.raises(TypeError, match="logits must be a float32 or float64"):
+        torch.ops.mtkernels.gated_mixture.default(torch.ones(4, 2, 3, dtype=torch.int64), torch.randn(4, 3, 5))
+    with pytest.raises(ValueError, match="grad_mixed must be"):
+        torch.ops.mtkernels.gated_mixture_backward.default(torch.randn(4, 2, 4), None, torch.randn(4, 2, 3),
+                                                           torch.randn(4, 3, 5))
