@@ -6,22 +6,28 @@
 1. ``task`` — ml100k-mtl-v1: pretrain an MMoE on the click task (with id dropout), then train like +
    rating with the like/rating labels of only 10% of the training users (a seeded draw per seed;
    the other users' labels are NaN and their rows are dropped, which the masked loss would ignore
-   anyway). Transferred (embeddings + experts frozen, or fine-tuned at a lower learning rate) vs
-   the same model from scratch on the same 10%, vs from scratch on 100%. test_warm like AUC and
-   rating RMSE; plus the cost of training with frozen vs fine-tuned shared parts (seconds per
-   epoch on the 100% like/rating rows, trained values, gradient + optimizer-state bytes).
-2. ``cold`` — test_cold (94 users never seen in training): the click-pretrained models of (1) rank
+   anyway). Transferred (embeddings + experts frozen, fine-tuned at one lower learning rate, or
+   at per-part rates: embeddings x 0.1, experts x 1; and the last with click kept as an auxiliary
+   task on every row, its gate and tower carried over) vs the same model from scratch on the same
+   10% (with and without the auxiliary click labels), vs from scratch on 100%. Every arm stops
+   early on val like AUC. test_warm like AUC and rating RMSE; plus the cost of training with
+   frozen vs fine-tuned shared parts (seconds per epoch on the 100% like/rating rows, trained
+   values, gradient + optimizer-state bytes).
+2. ``cold`` — test_cold (94 users never seen in training): click models (the source of (1) and the
+   same pretraining with id dropout 0 and 1) rank
    the whole catalogue for each cold user from side features (unknown user id row trained by id
    dropout, history features at their mean), against popularity and popularity within
    gender x age groups, both computed here (`mtkernels.transfer.popularity_topk_metrics`). The same
    models' test_warm numbers show what id dropout costs warm users, against the same pretraining
    without id dropout.
 3. ``census`` — Census-Income (KDD): pretrain on never-married (all training labels), transfer to
-   income with 5% of the training rows' income labels, vs from scratch on the same 5%; test AUC.
+   income with 5% of the training rows' income labels (the same arms, without auxiliary ones), vs
+   from scratch on the same 5%; test AUC.
 
 Choices were made on validation splits (the id dropout p on validation users scored as cold, the
-transfer arm by its "val" column); test splits are only scored. ``--quick`` is a smoke run (1 seed,
-2 epochs). On the shared 2-core machine, 3 seeds took 36 min (ml100k) and 14 min (census) at 1 thread.
+per-part rates on seed 0's val, the transfer arm by its "val" column); test splits are only
+scored. ``--quick`` is a smoke run (1 seed, 2 epochs). Census-Income is found through
+``$MTKERNELS_SHARED_DATA`` or ``../shared/data``.
 """
 
 from __future__ import annotations
@@ -40,16 +46,14 @@ from mtkernels import evaluation
 from mtkernels.data import load_census_income, load_ml100k_mtl_v1
 from mtkernels.training import TrainConfig, fit, presets
 from mtkernels.training.checkpoint import atomic_write
-from mtkernels.transfer import (drop_unlabelled_rows, frozen_summary, keep_label_fraction, popularity_topk_metrics,
-                                select_tasks, transfer)
+from mtkernels.transfer import (RECOMMENDED_LR_SCALES, drop_unlabelled_rows, frozen_summary, keep_label_fraction,
+                                popularity_topk_metrics, select_tasks, transfer)
 
 # Chosen on validation (see the README section): id dropout of the user id and history features,
 # and fine-tuning of transferred parts at a tenth of the base learning rates.
 ID_DROPOUT = 0.5
 COLD_ID_DROPOUTS = (0.0, ID_DROPOUT, 1.0)
 FINETUNE_LR_SCALES = (1.0, 0.3, 0.1)
-# The recipe chosen on validation (seed 0's val, README): pretrained rows move slowly, experts adapt.
-PART_LR_SCALES = {"embeddings": 0.1, "experts": 1.0}
 BACKBONE = "mmoe"
 # A label budget of a few thousand rows is 2-4 steps per epoch at the preset batch of 2048: the
 # budget arms (transferred and from scratch alike) train with smaller batches.
@@ -112,10 +116,10 @@ def _arms(share: str, budget, full, aux=None, aux_task: str = "") -> Dict[str, A
     arms = {"transfer, embeddings + experts frozen": Arm("freeze", 0.0, budget)}
     for scale in FINETUNE_LR_SCALES:
         arms[f"transfer, embeddings + experts fine-tuned (lr x {scale:g})"] = Arm("finetune", scale, budget)
-    arms["transfer, embeddings fine-tuned (lr x 0.1), experts (lr x 1)"] = Arm("finetune", PART_LR_SCALES, budget)
+    arms["transfer, embeddings fine-tuned (lr x 0.1), experts (lr x 1)"] = Arm("finetune", RECOMMENDED_LR_SCALES, budget)
     if aux is not None:
         arms[f"transfer + auxiliary {aux_task} task on all rows (embeddings lr x 0.1, experts lr x 1)"] = Arm(
-            "finetune", PART_LR_SCALES, aux, ("embeddings", "experts", "gates", "towers"))
+            "finetune", RECOMMENDED_LR_SCALES, aux, ("embeddings", "experts", "gates", "towers"))
     arms[f"from scratch, same {share}"] = Arm(None, 1.0, budget)
     if aux is not None:
         arms[f"from scratch, same {share} + auxiliary {aux_task} labels on all rows"] = Arm(None, 1.0, aux)

@@ -15,8 +15,8 @@ from mtkernels.training import TrainConfig, fit
 from mtkernels.training.id_dropout import drop_ids
 from mtkernels.training.loop import _dense_optimizer_groups
 from mtkernels.training.weighting import make_weighting
-from mtkernels.transfer import (cold_topk_metrics, drop_unlabelled_rows, frozen_summary, keep_label_fraction,
-                                popularity_topk_metrics, select_tasks, transfer)
+from mtkernels.transfer import (RECOMMENDED_LR_SCALES, cold_topk_metrics, drop_unlabelled_rows, frozen_summary,
+                                keep_label_fraction, popularity_topk_metrics, select_tasks, transfer)
 from synthetic import fused_embedding_optimizer, make_data, one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 QUICK = dict(epochs=2, batch_size=64, progress=False, patience=0)
@@ -170,9 +170,8 @@ def test_per_part_lr_scales_and_unfreezing_by_a_second_transfer(pretrained):
     data, click, source = pretrained
     target = _model(data)
     base_lr = target.embeddings.fused_optimizers[0].lr
-    report = transfer(source, target, parts=("embeddings", "experts"), mode="finetune",
-                      lr_scale={"embeddings": 0.1, "experts": 1.0})
-    assert report.part_scales == {"embeddings": 0.1, "experts": 1.0}
+    report = transfer(source, target, parts=("embeddings", "experts"), mode="finetune", lr_scale=RECOMMENDED_LR_SCALES)
+    assert report.part_scales == {"embeddings": 0.1, "experts": 1.0} == RECOMMENDED_LR_SCALES
     assert "embeddings 0.1, experts 1" in report.summary()
     assert target.lr_scale_of("embeddings.embedding_bags.user_id.weight") == 0.1
     expert = next(k for k in report.parameters if k.startswith("backbone.experts"))
