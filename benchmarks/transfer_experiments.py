@@ -6,22 +6,28 @@
 1. ``task`` — ml100k-mtl-v1: pretrain an MMoE on the click task (with id dropout), then train like +
    rating with the like/rating labels of only 10% of the training users (a seeded draw per seed;
    the other users' labels are NaN and their rows are dropped, which the masked loss would ignore
-   anyway). Transferred (embeddings + experts frozen, or fine-tuned at a lower learning rate) vs
-   the same model from scratch on the same 10%, vs from scratch on 100%. test_warm like AUC and
-   rating RMSE; plus the cost of training with frozen vs fine-tuned shared parts (seconds per
-   epoch on the 100% like/rating rows, trained values, gradient + optimizer-state bytes).
-2. ``cold`` — test_cold (94 users never seen in training): the click-pretrained models of (1) rank
+   anyway). Transferred (embeddings + experts frozen, fine-tuned at one lower learning rate, or
+   at per-part rates: embeddings x 0.1, experts x 1; and the last with click kept as an auxiliary
+   task on every row, its gate and tower carried over) vs the same model from scratch on the same
+   10% (with and without the auxiliary click labels), vs from scratch on 100%. Every arm stops
+   early on val like AUC. test_warm like AUC and rating RMSE; plus the cost of training with
+   frozen vs fine-tuned shared parts (seconds per epoch on the 100% like/rating rows, trained
+   values, gradient + optimizer-state bytes).
+2. ``cold`` — test_cold (94 users never seen in training): click models (the source of (1) and the
+   same pretraining with id dropout 0 and 1) rank
    the whole catalogue for each cold user from side features (unknown user id row trained by id
    dropout, history features at their mean), against popularity and popularity within
    gender x age groups, both computed here (`mtkernels.transfer.popularity_topk_metrics`). The same
    models' test_warm numbers show what id dropout costs warm users, against the same pretraining
    without id dropout.
 3. ``census`` — Census-Income (KDD): pretrain on never-married (all training labels), transfer to
-   income with 5% of the training rows' income labels, vs from scratch on the same 5%; test AUC.
+   income with 5% of the training rows' income labels (the same arms, without auxiliary ones), vs
+   from scratch on the same 5%; test AUC.
 
 Choices were made on validation splits (the id dropout p on validation users scored as cold, the
-transfer arm by its "val" column); test splits are only scored. ``--quick`` is a smoke run (1 seed,
-2 epochs). On the shared 2-core machine, 3 seeds took 36 min (ml100k) and 14 min (census) at 1 thread.
+per-part rates on seed 0's val, the transfer arm by its "val" column); test splits are only
+scored. ``--quick`` is a smoke run (1 seed, 2 epochs). Census-Income is found through
+``$MTKERNELS_SHARED_DATA`` or ``../shared/data``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -40,8 +46,8 @@ from mtkernels import evaluation
 from mtkernels.data import load_census_income, load_ml100k_mtl_v1
 from mtkernels.training import TrainConfig, fit, presets
 from mtkernels.training.checkpoint import atomic_write
-from mtkernels.transfer import (drop_unlabelled_rows, frozen_summary, keep_label_fraction, popularity_topk_metrics,
-                                select_tasks, transfer)
+from mtkernels.transfer import (RECOMMENDED_LR_SCALES, drop_unlabelled_rows, frozen_summary, keep_label_fraction,
+                                popularity_topk_metrics, select_tasks, transfer)
 
 # Chosen on validation (see the README section): id dropout of the user id and history features,
 # and fine-tuning of transferred parts at a tenth of the base learning rates.
@@ -94,59 +100,67 @@ def _append(store: Dict[str, Dict[str, List[float]]], name: str, values: Dict[st
 
 
 # --- 1 and 2: ml100k ---------------------------------------------------------------------------
-def _arms(share: str, budget, full) -> Dict[str, tuple]:
-    """(mode, lr scale, training data) of each compared model."""
-    arms = {"transfer, embeddings + experts frozen": ("freeze", 0.0, budget)}
+class Arm(NamedTuple):
+    """One compared model: how it starts (``mode`` None = from scratch, else `transfer`'s mode with
+    ``scale`` and ``parts``) and what it trains on (``data``)."""
+
+    mode: Optional[str]
+    scale: object
+    data: object
+    parts: Tuple[str, ...] = ("embeddings", "experts")
+
+
+def _arms(share: str, budget, full, aux=None, aux_task: str = "") -> Dict[str, Arm]:
+    """The compared models. ``aux``: the budget data with the source task's labels kept on every
+    row (the source task trained on as an auxiliary task, its gate and tower carried over)."""
+    arms = {"transfer, embeddings + experts frozen": Arm("freeze", 0.0, budget)}
     for scale in FINETUNE_LR_SCALES:
-        arms[f"transfer, embeddings + experts fine-tuned (lr x {scale:g})"] = ("finetune", scale, budget)
-    arms[f"from scratch, same {share}"] = (None, 1.0, budget)
-    arms["from scratch, 100% of the labels"] = (None, 1.0, full)
+        arms[f"transfer, embeddings + experts fine-tuned (lr x {scale:g})"] = Arm("finetune", scale, budget)
+    arms["transfer, embeddings fine-tuned (lr x 0.1), experts (lr x 1)"] = Arm("finetune", RECOMMENDED_LR_SCALES, budget)
+    if aux is not None:
+        arms[f"transfer + auxiliary {aux_task} task on all rows (embeddings lr x 0.1, experts lr x 1)"] = Arm(
+            "finetune", RECOMMENDED_LR_SCALES, aux, ("embeddings", "experts", "gates", "towers"))
+    arms[f"from scratch, same {share}"] = Arm(None, 1.0, budget)
+    if aux is not None:
+        arms[f"from scratch, same {share} + auxiliary {aux_task} labels on all rows"] = Arm(None, 1.0, aux)
+    arms["from scratch, 100% of the labels"] = Arm(None, 1.0, full)
     return arms
 
 
-def ml100k_experiments(seeds: List[int], quick: bool, log: Callable[[str], None]) -> List[str]:
+def _train_arm(arm: Arm, source, seed: int, quick: bool, budget_data, monitor_tasks: List[str]):
+    """Build, transfer into (unless from scratch) and fit one arm's model; (model, FitResult)."""
+    model = _model(arm.data, seed)
+    if arm.mode is not None:
+        transfer(source, model, parts=arm.parts, mode=arm.mode, lr_scale=arm.scale)
+    # label-budget arms train with small batches; an auxiliary arm has every row, like the 100% one
+    batch = BUDGET_BATCH if arm.data is budget_data else presets.TRAIN_PRESET["batch_size"]
+    result = fit(model, arm.data, _config(seed, quick, batch_size=batch, monitor_tasks=monitor_tasks))
+    return model, result
+
+
+def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str], None]) -> List[str]:
+    """(1): click -> like + rating with 10% of the training users' like/rating labels."""
     data = load_ml100k_mtl_v1()
     click = select_tasks(data, ["click"])
     targets = select_tasks(data, ["like", "rating"])
     full = drop_unlabelled_rows(targets)
     task_rows: Dict[str, Dict[str, List[float]]] = {}
-    cold_rows: Dict[str, Dict[str, List[float]]] = {}
     cost_rows: Dict[str, Dict[str, List[float]]] = {}
 
-    def like_metrics(model, split="test_warm"):
-        m = evaluation.evaluate(model, targets, split, topk=False)
-        return {"like_auc": m["like"]["auc"], "rating_rmse": m["rating"]["rmse"]}
-
     for seed in seeds:
-        # pretraining on click, with and without id dropout (the second only to show the warm cost)
-        sources = {}
-        for p in COLD_ID_DROPOUTS:
-            source = _model(click, seed)
-            result = fit(source, click, _config(seed, quick, id_dropout=p))
-            sources[p] = source
-            warm = evaluation.evaluate(source, click, "test_warm")
-            cold = evaluation.evaluate(source, click, "test_cold")
-            name = f"MMoE click, id dropout {p:g}" + (" (the source of task transfer)" if p == ID_DROPOUT else "")
-            _append(cold_rows, name, {"cold_auc": cold["click"]["auc"], "cold_ndcg": cold["topk"]["ndcg@10"],
-                                      "cold_recall": cold["topk"]["recall@10"], "warm_auc": warm["click"]["auc"],
-                                      "warm_ndcg": warm["topk"]["ndcg@10"], "warm_recall": warm["topk"]["recall@10"],
-                                      "epochs": len(result.history)})
-            log(f"seed {seed} click p={p}: cold NDCG@10 {cold['topk']['ndcg@10']:.4f} Recall@10 "
-                f"{cold['topk']['recall@10']:.4f} | warm NDCG@10 {warm['topk']['ndcg@10']:.4f} "
-                f"click AUC {warm['click']['auc']:.4f} ({len(result.history)} epochs)")
-        source = sources[ID_DROPOUT]
-
+        source = _model(click, seed)
+        fit(source, click, _config(seed, quick, id_dropout=ID_DROPOUT))
         budget, _ = keep_label_fraction(targets, ["like", "rating"], 0.10, seed=seed)
         budget = drop_unlabelled_rows(budget)
-        for name, (mode, scale, train_data) in _arms("10%", budget, full).items():
-            model = _model(train_data, seed)
-            if mode is not None:
-                transfer(source, model, parts=("embeddings", "experts"), mode=mode, lr_scale=scale)
-            batch = BUDGET_BATCH if train_data is budget else presets.TRAIN_PRESET["batch_size"]
-            result = fit(model, train_data, _config(seed, quick, batch_size=batch))
-            values = like_metrics(model)
-            values["val_like_auc"] = like_metrics(model, "val")["like_auc"]
-            values["rows"] = train_data.splits["train"].num_rows
+        # the same users' like/rating labels (same draw), click labels on every row
+        aux, _ = keep_label_fraction(data, ["like", "rating"], 0.10, seed=seed)
+        for name, arm in _arms("10%", budget, full, aux, "click").items():
+            model, result = _train_arm(arm, source, seed, quick, budget, ["like"])
+            values = {}
+            for split, prefix in (("test_warm", ""), ("val", "val_")):
+                m = evaluation.evaluate(model, arm.data, split, topk=False)
+                values[prefix + "like_auc"], values[prefix + "rating_rmse"] = m["like"]["auc"], m["rating"]["rmse"]
+            values["rows"] = arm.data.splits["train"].num_rows
             values["epochs"] = len(result.history)
             _append(task_rows, name, values)
             log(f"seed {seed} {name}: like AUC {values['like_auc']:.4f} RMSE {values['rating_rmse']:.4f} "
@@ -164,6 +178,39 @@ def ml100k_experiments(seeds: List[int], quick: bool, log: Callable[[str], None]
                                       "frozen": summary["frozen_values"],
                                       "state_kib": (summary["optimizer_state_bytes"] + 4 * summary["trained_dense_values"]) / 1024})
 
+    n = len(seeds)
+    return [
+        _table(f"Task transfer, ml100k-mtl-v1 test_warm (like/rating labels of 10% of the training users; "
+               f"early stopping on val like AUC; mean ± std over {n} seeds)",
+               ["model", "val like AUC", "like AUC", "val rating RMSE", "rating RMSE", "training rows", "epochs"],
+               task_rows, ["val_like_auc", "like_auc", "val_rating_rmse", "rating_rmse", "rows", "epochs"]),
+        _table(f"Cost of the target's training with the source's shared parts frozen vs fine-tuned (all "
+               f"like/rating rows, {torch.get_num_threads()} thread(s), {n} seeds)",
+               ["target training", "s/epoch", "trained dense values", "frozen values", "grad + optimizer state KiB"],
+               cost_rows, ["seconds", "trained", "frozen", "state_kib"]),
+    ]
+
+
+def cold_start_experiments(seeds: List[int], quick: bool, log: Callable[[str], None]) -> List[str]:
+    """(2): click models with and without id dropout on test_cold, against popularity."""
+    data = load_ml100k_mtl_v1()
+    click = select_tasks(data, ["click"])
+    cold_rows: Dict[str, Dict[str, List[float]]] = {}
+    for seed in seeds:
+        for p in COLD_ID_DROPOUTS:
+            source = _model(click, seed)
+            result = fit(source, click, _config(seed, quick, id_dropout=p))
+            warm = evaluation.evaluate(source, click, "test_warm")
+            cold = evaluation.evaluate(source, click, "test_cold")
+            name = f"MMoE click, id dropout {p:g}" + (" (the source of task transfer)" if p == ID_DROPOUT else "")
+            _append(cold_rows, name, {"cold_auc": cold["click"]["auc"], "cold_ndcg": cold["topk"]["ndcg@10"],
+                                      "cold_recall": cold["topk"]["recall@10"], "warm_auc": warm["click"]["auc"],
+                                      "warm_ndcg": warm["topk"]["ndcg@10"], "warm_recall": warm["topk"]["recall@10"],
+                                      "epochs": len(result.history)})
+            log(f"seed {seed} click p={p}: cold NDCG@10 {cold['topk']['ndcg@10']:.4f} Recall@10 "
+                f"{cold['topk']['recall@10']:.4f} | warm NDCG@10 {warm['topk']['ndcg@10']:.4f} "
+                f"click AUC {warm['click']['auc']:.4f} ({len(result.history)} epochs)")
+
     popularity = popularity_topk_metrics(data, "test_cold")
     grouped = popularity_topk_metrics(data, "test_cold", group_by=("gender", "age"))
     _append(cold_rows, "popularity (train positives), this code", {"cold_ndcg": popularity["ndcg@10"],
@@ -171,23 +218,12 @@ def ml100k_experiments(seeds: List[int], quick: bool, log: Callable[[str], None]
     _append(cold_rows, "popularity within gender x age, this code", {"cold_ndcg": grouped["ndcg@10"],
                                                                     "cold_recall": grouped["recall@10"]})
     _append(cold_rows, "issue 7 target", {"cold_ndcg": 0.57, "cold_recall": 0.080})
-
-    n = len(seeds)
-    tables = [
-        _table(f"Task transfer, ml100k-mtl-v1 test_warm (like/rating labels of 10% of the training users; "
-               f"mean ± std over {n} seeds)",
-               ["model", "val like AUC", "like AUC", "rating RMSE", "training rows", "epochs"], task_rows,
-               ["val_like_auc", "like_auc", "rating_rmse", "rows", "epochs"]),
-        _table(f"Cost of the target's training with the source's shared parts frozen vs fine-tuned (all "
-               f"like/rating rows, {torch.get_num_threads()} thread(s), {n} seeds)",
-               ["target training", "s/epoch", "trained dense values", "frozen values", "grad + optimizer state KiB"],
-               cost_rows, ["seconds", "trained", "frozen", "state_kib"]),
-        _table(f"Cold-start users, test_cold (94 users; mean ± std over {n} seeds), with the same models' test_warm",
+    return [
+        _table(f"Cold-start users, test_cold (94 users; mean ± std over {len(seeds)} seeds), with the same models' test_warm",
                ["model", "cold click AUC", "cold NDCG@10", "cold Recall@10", "warm click AUC", "warm NDCG@10",
                 "warm Recall@10", "epochs"], cold_rows,
                ["cold_auc", "cold_ndcg", "cold_recall", "warm_auc", "warm_ndcg", "warm_recall", "epochs"]),
     ]
-    return tables
 
 
 # --- 3: Census-Income -------------------------------------------------------------------------
@@ -201,12 +237,9 @@ def census_experiment(seeds: List[int], quick: bool, log: Callable[[str], None])
         fit(source, married, _config(seed, quick))
         budget, _ = keep_label_fraction(income, ["income"], 0.05, seed=seed)
         budget = drop_unlabelled_rows(budget)
-        for name, (mode, scale, train_data) in _arms("5%", budget, income).items():
-            model = _model(train_data, seed)
-            if mode is not None:
-                transfer(source, model, parts=("embeddings", "experts"), mode=mode, lr_scale=scale)
-            batch = BUDGET_BATCH if train_data is budget else presets.TRAIN_PRESET["batch_size"]
-            result = fit(model, train_data, _config(seed, quick, batch_size=batch))
+        for name, arm in _arms("5%", budget, income).items():
+            model, result = _train_arm(arm, source, seed, quick, budget, ["income"])
+            train_data = arm.data
             metrics = evaluation.evaluate(model, income, "test", topk=False)
             values = {"val_auc": evaluation.evaluate(model, income, "val", topk=False)["income"]["auc"],
                       "auc": metrics["income"]["auc"], "logloss": metrics["income"]["logloss"],
@@ -224,8 +257,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 epochs")
-    parser.add_argument("--experiments", nargs="+", default=["ml100k", "census"], choices=["ml100k", "census"],
-                        help="ml100k: task transfer and cold start; census: Census-Income transfer")
+    parser.add_argument("--experiments", nargs="+", default=["task", "cold", "census"], choices=["task", "cold", "census"],
+                        help="task: ml100k task transfer; cold: ml100k cold start; census: Census-Income transfer")
     parser.add_argument("--out", default=None, help="also write the tables here (Markdown)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -233,8 +266,10 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     log = lambda line: print(line, flush=True)  # noqa: E731
     tables: List[str] = []
-    if "ml100k" in args.experiments:
-        tables += ml100k_experiments(seeds, args.quick, log)
+    if "task" in args.experiments:
+        tables += task_transfer_experiments(seeds, args.quick, log)
+    if "cold" in args.experiments:
+        tables += cold_start_experiments(seeds, args.quick, log)
     if "census" in args.experiments:
         tables += census_experiment(seeds, args.quick, log)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

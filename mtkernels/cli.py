@@ -117,6 +117,8 @@ def cmd_train(args) -> int:
     values["progress"] = not args.no_progress
     if args.id_dropout is not None:
         values["id_dropout"] = args.id_dropout
+    if args.monitor_tasks:
+        values["monitor_tasks"] = [t for t in args.monitor_tasks.split(",") if t]
     config = TrainConfig(**values)
     extra = {"data": data_spec, "serving": serving_tables(data) if has_items(data) else None,
              "vocabularies": data.vocabularies}
@@ -170,6 +172,24 @@ def _parts(text: Optional[str], option: str) -> List[str]:
     return parts
 
 
+def _lr_scale(text: str):
+    """``--transfer-lr-scale``: ``"0.3"`` -> 0.3; ``"embeddings=0.1,experts=1"`` -> {part: scale}."""
+    if "=" not in text:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--transfer-lr-scale: expected a number or PART=SCALE,..., got {text!r}") from None
+    scales = {}
+    for item in (i for i in text.split(",") if i):
+        part, _, value = item.partition("=")
+        try:
+            scales[part] = float(value)
+        except ValueError:
+            raise ValueError(f"--transfer-lr-scale: expected PART=SCALE, got {item!r}") from None
+    _parts(",".join(scales), "--transfer-lr-scale")
+    return scales
+
+
 def _init_from(args, model, data) -> None:
     """``--init-from CHECKPOINT``: copy the ``--transfer`` parts, freezing the ``--freeze`` ones and
     fine-tuning the rest at ``--transfer-lr-scale`` (`mtkernels.transfer.transfer`)."""
@@ -184,11 +204,16 @@ def _init_from(args, model, data) -> None:
     parts = _parts(args.transfer, "--transfer")
     if not parts and not frozen:
         raise ValueError("--transfer names no part to copy")
+    scale = _lr_scale(args.transfer_lr_scale)
     checkpoint = load_checkpoint(args.init_from)
     tuned = [p for p in parts if p not in frozen]
+    if isinstance(scale, dict):
+        unknown = [p for p in scale if p not in tuned]
+        if unknown:
+            raise ValueError(f"--transfer-lr-scale names {unknown}, which are not fine-tuned parts ({', '.join(tuned)})")
     for mode, chosen in (("freeze", frozen), ("finetune", tuned)):
         if chosen:
-            report = transfer(checkpoint, model, parts=chosen, mode=mode, lr_scale=args.transfer_lr_scale,
+            report = transfer(checkpoint, model, parts=chosen, mode=mode, lr_scale=scale if mode == "finetune" else 0.0,
                               target_vocabularies=data.vocabularies)
             print(report.summary())
 
@@ -278,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--patience", type=int)
     p.add_argument("--monitor", choices=["score", "loss", "ndcg"])
+    p.add_argument("--monitor-tasks", default=None, metavar="T1,T2",
+                   help="tasks the 'score' monitor sums over (default all), e.g. like when click is an auxiliary task")
     p.add_argument("--loss-weighting", choices=["fixed", "uncertainty", "gradnorm"])
     p.add_argument("--seed", type=int)
     p.add_argument("--embedding-dim", type=int)
@@ -291,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parts copied by --init-from: embeddings, experts, gates, towers (default embeddings,experts)")
     p.add_argument("--freeze", default=None, metavar="PARTS",
                    help="parts copied by --init-from and frozen (no gradient, no optimizer state), e.g. embeddings,experts")
-    p.add_argument("--transfer-lr-scale", type=float, default=1.0,
-                   help="learning-rate multiplier of the copied parts that are not frozen")
+    p.add_argument("--transfer-lr-scale", default="1", metavar="SCALE|PART=SCALE,...",
+                   help="learning-rate multiplier of the copied parts that are not frozen: one number, or one per "
+                        "part, e.g. embeddings=0.1,experts=1 (parts not named: 1)")
     p.add_argument("--id-dropout", type=float, default=None, metavar="P",
                    help="cold start: replace a training row's user id by the unknown id with probability P")
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")

@@ -29,7 +29,8 @@ How it trains afterwards (``mode``):
   ``embedding_bags`` call with no fused optimizer and keep no Adagrad ``momentum`` buffer, frozen
   dense parameters are in no Adam group. This is what TorchRec lacks (an lr of 0 there still
   spends the optimizer memory and the backward).
-- ``"finetune"``: they train at ``lr_scale`` x the base learning rate: a table's fused optimizer
+- ``"finetune"``: they train at ``lr_scale`` x the base learning rate (one scale, or one per part,
+  e.g. ``lr_scale={"embeddings": 0.1, "experts": 1.0}``): a table's fused optimizer
   runs at ``embedding lr x lr_scale`` (tables of one scale share one fused optimizer; the Adagrad
   accumulators of matched rows are copied too, so pretrained rows keep their small effective
   steps), and ``mtkernels.training.fit`` gives the transferred dense parameters their own Adam
@@ -63,6 +64,9 @@ from .evaluation import default_ranking, fused_topk
 
 PARTS = ("embeddings", "experts", "gates", "towers")
 MODES = ("freeze", "finetune")
+# The fine-tuning rates the README's label-budget results chose on validation (ml100k like with 10%
+# of the users' labels, Census income with 5%): pretrained rows move slowly, the experts adapt.
+RECOMMENDED_LR_SCALES = {"embeddings": 0.1, "experts": 1.0}
 _TABLE_PREFIX = "embeddings.embedding_bags."
 
 # (part, pattern over state_dict keys, regex group holding a task index or None). The match's
@@ -84,8 +88,8 @@ class TransferReport:
     """What `transfer` did.
 
     Attributes:
-        mode: ``"freeze"`` or ``"finetune"``; lr_scale: the scale of the transferred parts
-            (0 when frozen).
+        mode: ``"freeze"`` or ``"finetune"``; part_scales: ``{part: learning-rate scale}`` of the
+            transferred parts (0 when frozen).
         tables: ``{table: {"rows", "matched", "fresh", "by"}}``: target rows, rows copied from the
             source (row 0 included), rows left at their fresh initialisation, and how rows were
             matched (``"external id"`` or ``"position"``).
@@ -95,7 +99,7 @@ class TransferReport:
     """
 
     mode: str
-    lr_scale: float
+    part_scales: Dict[str, float]
     tables: Dict[str, Dict[str, object]]
     skipped_tables: List[str]
     parameters: List[str]
@@ -103,7 +107,8 @@ class TransferReport:
 
     def summary(self) -> str:
         """One line per table and one for the dense parts."""
-        lines = [f"transfer ({self.mode}, lr scale {self.lr_scale:g}):"]
+        scales = ", ".join(f"{part} {scale:g}" for part, scale in self.part_scales.items())
+        lines = [f"transfer ({self.mode}, lr scale {scales}):"]
         for name, t in self.tables.items():
             lines.append(f"  table {name}: {t['matched']}/{t['rows']} rows matched by {t['by']}, {t['fresh']} fresh")
         if self.skipped_tables:
@@ -160,7 +165,7 @@ def transfer(
     target: torch.nn.Module,
     parts: Sequence[str] = ("embeddings", "experts"),
     mode: str = "freeze",
-    lr_scale: float = 1.0,
+    lr_scale: Union[float, Mapping[str, float]] = 1.0,
     source_vocabularies: Optional[Mapping[str, Sequence]] = None,
     target_vocabularies: Optional[Mapping[str, Sequence]] = None,
 ) -> TransferReport:
@@ -176,7 +181,11 @@ def transfer(
         parts: any of `PARTS` (see the module docstring).
         mode: ``"freeze"`` (transferred parts get lr scale 0: no gradient, no optimizer state) or
             ``"finetune"`` (they train at ``lr_scale`` x the base learning rates).
-        lr_scale: learning-rate multiplier of the transferred parts in ``"finetune"`` mode (>= 0).
+        lr_scale: learning-rate multiplier of the transferred parts in ``"finetune"`` mode (>= 0), or
+            ``{part: multiplier}`` (parts not named train at 1), e.g. ``{"embeddings": 0.1,
+            "experts": 1.0}``: pretrained rows move slowly while the experts adapt (what the README's
+            transfer results chose on validation). Calling `transfer` again on the same target
+            (e.g. ``"finetune"`` after ``"freeze"``) sets the new scales.
         source_vocabularies, target_vocabularies: ``{feature: [external key of each row]}`` of the
             data sets the models were (will be) trained on (``MultiTaskData.vocabularies``). A table
             whose keys both sides give is matched row by row by key; otherwise rows are matched by
@@ -186,7 +195,8 @@ def transfer(
         `TransferReport` (rows matched per table, tensors copied, scales set).
 
     Raises:
-        ValueError: unknown parts or mode, a negative lr_scale, different backbones (experts,
+        ValueError: unknown parts or mode, a negative lr_scale or one for a part not in ``parts``,
+            different backbones (experts,
             gates), tensors of different shapes, tables of different row counts without vocabularies.
         TypeError: a source that is neither a model nor a checkpoint.
     """
@@ -195,14 +205,22 @@ def transfer(
         raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {list(parts)}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not float(lr_scale) >= 0:
-        raise ValueError(f"lr_scale must be >= 0, got {lr_scale}")
+    if isinstance(lr_scale, Mapping):
+        extra = [p for p in lr_scale if p not in parts]
+        if extra:
+            raise ValueError(f"lr_scale names parts {extra} that are not transferred (parts: {list(parts)})")
+        requested = {p: lr_scale.get(p, 1.0) for p in parts}
+    else:
+        requested = {p: lr_scale for p in parts}
+    for part, value in requested.items():
+        if not float(value) >= 0:
+            raise ValueError(f"lr_scale of {part!r} must be >= 0, got {value}")
     source, checkpoint_vocabularies = _source_model(source)
     if source_vocabularies is None:
         source_vocabularies = checkpoint_vocabularies
     source_vocabularies = dict(source_vocabularies or {})
     target_vocabularies = dict(target_vocabularies or {})
-    scale = 0.0 if mode == "freeze" else float(lr_scale)
+    scales = {p: 0.0 if mode == "freeze" else float(v) for p, v in requested.items()}
     prefixes: Dict[str, float] = {}
     tables_report: Dict[str, Dict[str, object]] = {}
     skipped: List[str] = []
@@ -227,7 +245,7 @@ def transfer(
                 target_momentum[rows] = source_momentum[from_rows]
             tables_report[name] = {"rows": int(table.weight.shape[0]), "matched": int(rows.numel()),
                                    "fresh": int(table.weight.shape[0] - rows.numel()), "by": by}
-            prefixes[_TABLE_PREFIX + name] = scale
+            prefixes[_TABLE_PREFIX + name] = scales["embeddings"]
 
     dense_parts = [p for p in parts if p != "embeddings"]
     if dense_parts:
@@ -260,13 +278,15 @@ def transfer(
                     )
                 target_state[target_key].copy_(value)
                 copied.append(target_key)
-                prefixes[prefix] = scale
+                prefixes[prefix] = scales[part]
                 break
 
-    if prefixes and (scale != 1.0):
-        target.set_lr_scales(prefixes)
+    # only scales that change: a target trained at the default 1 keeps an lr_scales-free config
+    changed = {prefix: scale for prefix, scale in prefixes.items() if target.lr_scale_of(prefix) != scale}
+    if changed:
+        target.set_lr_scales(changed)
     target._packed = None  # the fused scoring parameters are repacked from the copied weights
-    return TransferReport(mode, scale, tables_report, skipped, copied, prefixes)
+    return TransferReport(mode, scales, tables_report, skipped, copied, prefixes)
 
 
 # --- data for transfer experiments -----------------------------------------------------------

@@ -2,6 +2,7 @@
 state), row matching by external id, id dropout for cold start, and the CLI's --init-from/--freeze."""
 
 import json
+import math
 import os
 
 import pytest
@@ -14,8 +15,8 @@ from mtkernels.training import TrainConfig, fit
 from mtkernels.training.id_dropout import drop_ids
 from mtkernels.training.loop import _dense_optimizer_groups
 from mtkernels.training.weighting import make_weighting
-from mtkernels.transfer import (cold_topk_metrics, drop_unlabelled_rows, frozen_summary, keep_label_fraction,
-                                popularity_topk_metrics, select_tasks, transfer)
+from mtkernels.transfer import (RECOMMENDED_LR_SCALES, cold_topk_metrics, drop_unlabelled_rows, frozen_summary,
+                                keep_label_fraction, popularity_topk_metrics, select_tasks, transfer)
 from synthetic import fused_embedding_optimizer, make_data, one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 QUICK = dict(epochs=2, batch_size=64, progress=False, patience=0)
@@ -165,6 +166,60 @@ def test_partially_frozen_tables_and_finetune_lr_scales(pretrained):
         target.set_lr_scales({"backbone.expert": 0.0})
 
 
+def test_per_part_lr_scales_and_unfreezing_by_a_second_transfer(pretrained):
+    data, click, source = pretrained
+    target = _model(data)
+    base_lr = target.embeddings.fused_optimizers[0].lr
+    report = transfer(source, target, parts=("embeddings", "experts"), mode="finetune", lr_scale=RECOMMENDED_LR_SCALES)
+    assert report.part_scales == {"embeddings": 0.1, "experts": 1.0} == RECOMMENDED_LR_SCALES
+    assert "embeddings 0.1, experts 1" in report.summary()
+    assert target.lr_scale_of("embeddings.embedding_bags.user_id.weight") == 0.1
+    expert = next(k for k in report.parameters if k.startswith("backbone.experts"))
+    assert target.lr_scale_of(expert) == 1.0
+    assert "backbone.experts.0" not in target.lr_scales  # the default scale is not written into the config
+    assert all(abs(o.lr - 0.1 * base_lr) < 1e-12 for o in target.embeddings.fused_optimizers)
+    groups = _dense_optimizer_groups(target, make_weighting("fixed", data.tasks, None, 1.5), 0.0, 1e-3)
+    assert [g.get("lr", 1e-3) for g in groups] == [1e-3]  # every dense parameter at the base rate
+    # a part not named trains at 1; freezing first and fine-tuning again unfreezes
+    frozen = _model(data, seed=2)
+    transfer(source, frozen, parts=("embeddings", "experts"), mode="freeze")
+    assert frozen.frozen_parameter_names()
+    again = transfer(source, frozen, parts=("embeddings", "experts"), mode="finetune", lr_scale={"embeddings": 0.5})
+    assert again.part_scales == {"embeddings": 0.5, "experts": 1.0}
+    assert frozen.frozen_parameter_names() == [] and frozen.lr_scale_of(expert) == 1.0
+    assert frozen.embeddings.frozen_tables == []
+    before = _state(frozen)
+    fit(frozen, data, TrainConfig(**QUICK))
+    assert not torch.equal(frozen.state_dict()[expert], before[expert])
+    with pytest.raises(ValueError, match="not transferred"):
+        transfer(source, _model(data), parts=("experts",), mode="finetune", lr_scale={"embeddings": 0.1})
+    with pytest.raises(ValueError, match="'experts' must be >= 0"):
+        transfer(source, _model(data), parts=("experts",), mode="finetune", lr_scale={"experts": -1.0})
+
+
+def test_auxiliary_source_task_with_carried_gate_and_tower(pretrained):
+    """The source task kept as an auxiliary task: its gate and tower carried over, early stopping on
+    the target tasks only (`TrainConfig.monitor_tasks`)."""
+    data, click, source = pretrained
+    budget, kept = keep_label_fraction(data, ["like", "rating"], 0.25, seed=1)
+    target = _model(budget, seed=3)
+    report = transfer(source, target, parts=("embeddings", "experts", "gates", "towers"), mode="finetune",
+                      lr_scale={"embeddings": 0.1})
+    assert "backbone.gates.0.weight" in report.parameters and "towers.0.linears.0.weight" in report.parameters
+    assert not [k for k in report.parameters if k.startswith(("towers.1.", "towers.2.", "backbone.gates.1"))]
+    result = fit(target, budget, TrainConfig(**QUICK, monitor_tasks=["like", "rating"]))
+    for record in result.history:
+        val = record["val"]
+        # the score skips a NaN metric (a split with one like class); click AUC never counts
+        expected = sum(v for v in (val["like"]["auc"], -val["rating"]["rmse"]) if not math.isnan(v))
+        assert record["monitor"] == pytest.approx(expected) and val["score"] == pytest.approx(expected)
+        assert not math.isnan(val["click"]["auc"]) and record["monitor"] != pytest.approx(expected + val["click"]["auc"])
+    with pytest.raises(ValueError, match="monitor_tasks"):
+        fit(_model(budget), budget, TrainConfig(**QUICK, monitor_tasks=["purchase"]))
+    with pytest.raises(ValueError, match="monitor_tasks"):
+        TrainConfig(monitor_tasks=[])
+
+
 def test_rows_matched_by_external_id(pretrained):
     data, click, source = pretrained
     target = _model(data, seed=5)
@@ -307,3 +362,21 @@ def test_cli_init_from_and_freeze(tmp_path, monkeypatch, capsys):
     assert set(result["val"]) == {"like", "rating", "topk"}
     assert cli.main(["train", *common, "--freeze", "experts", "--checkpoint", str(tmp_path / "x.pt")]) == 2
     assert "--init-from" in capsys.readouterr().err
+    # per-part scales and early stopping on some tasks
+    tuned = str(tmp_path / "tuned.pt")
+    assert cli.main(["train", *common, "--tasks", "click,like,rating", "--init-from", source,
+                     "--transfer", "embeddings,experts,gates,towers", "--transfer-lr-scale", "embeddings=0.1,experts=1",
+                     "--monitor-tasks", "rating", "--checkpoint", tuned]) == 0
+    assert "lr scale embeddings 0.1, experts 1, gates 1, towers 1" in capsys.readouterr().out
+    post = load_checkpoint(tuned)
+    assert post["train_config"]["monitor_tasks"] == ["rating"]
+    assert post["model_config"]["lr_scales"] == {f"embeddings.embedding_bags.{t}": 0.1
+                                                  for t in build_model(post).embeddings.embedding_bags}
+    record = post["history"][0]
+    assert record["monitor"] == pytest.approx(-record["val"]["rating"]["rmse"])
+    assert cli.main(["train", *common, "--init-from", source, "--transfer-lr-scale", "embeddings=x",
+                     "--checkpoint", str(tmp_path / "y.pt")]) == 2
+    assert "--transfer-lr-scale" in capsys.readouterr().err
+    assert cli.main(["train", *common, "--init-from", source, "--freeze", "embeddings",
+                     "--transfer-lr-scale", "embeddings=0.1", "--checkpoint", str(tmp_path / "z.pt")]) == 2
+    assert "not fine-tuned" in capsys.readouterr().err

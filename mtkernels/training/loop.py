@@ -47,6 +47,8 @@ class TrainConfig:
             tasks of AUC for binary tasks and -RMSE for regression tasks; higher is better),
             ``"loss"`` (the unweighted sum of task losses; lower is better) or ``"ndcg"`` (top-k
             NDCG@10 on val plus ``"score"``; needs an item catalogue; slower).
+        monitor_tasks: the task names ``"score"`` sums over (default all tasks), e.g. only the
+            target tasks when a source task is kept as an auxiliary task in transfer learning.
         seed: seeds Python, NumPy and torch; epoch e shuffles with ``seed * 1_000_003 + e``.
         eval_batch_size: rows per step when predicting.
         progress: show a tqdm progress bar per epoch.
@@ -68,6 +70,7 @@ class TrainConfig:
     gradnorm_alpha: float = 1.5
     patience: int = 2
     monitor: str = "score"
+    monitor_tasks: Optional[List[str]] = None
     seed: int = 0
     eval_batch_size: int = 32768
     progress: bool = True
@@ -86,6 +89,10 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if self.monitor_tasks is not None:
+            self.monitor_tasks = list(self.monitor_tasks)
+            if not self.monitor_tasks:
+                raise ValueError("monitor_tasks must name at least one task (or be None: all tasks)")
         if self.monitor not in MONITORS:
             raise ValueError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
         if self.loss_weighting not in ("fixed", "uncertainty", "gradnorm"):
@@ -209,8 +216,14 @@ def validation_monitor(model, data, config: TrainConfig) -> Dict[str, Any]:
     predictions = evaluation.predict(model, data, split, config.eval_batch_size)
     labels = _targets(model, data.splits[split].labels)
     metrics: Dict[str, Any] = dict(evaluation.pointwise_metrics(data.tasks, labels, predictions))
+    names = [task.name for task in data.tasks]
+    unknown = [name for name in (config.monitor_tasks or []) if name not in names]
+    if unknown:
+        raise ValueError(f"monitor_tasks {unknown} are not tasks of the data ({names})")
     score = 0.0
     for task in data.tasks:
+        if config.monitor_tasks is not None and task.name not in config.monitor_tasks:
+            continue
         m = metrics[task.name]
         value = m["auc"] if task.kind == "binary" else -m["rmse"]
         score += 0.0 if math.isnan(value) else value
