@@ -1,7 +1,7 @@
 """Transfer learning and cold start experiments (issue 7), mean ± std over seeds, as Markdown.
 
     python -m benchmarks.transfer_experiments [--seeds 3] [--quick] [--threads 1]
-        [--experiments task cold census] [--out benchmarks/results/transfer-cpu.md]
+        [--experiments ml100k cold census] [--out benchmarks/results/transfer-cpu.md]
 
 1. ``task`` — ml100k-mtl-v1: pretrain an MMoE on the click task (with id dropout), then train like +
    rating with the like/rating labels of only 10% of the training users (a seeded draw per seed;
@@ -16,6 +16,12 @@
    gender x age groups, both computed here (`mtkernels.transfer.popularity_topk_metrics`). The same
    models' test_warm numbers show what id dropout costs warm users, against the same pretraining
    without id dropout.
+2b. ``cold`` — the cold-start recipe (`mtkernels.cold_start`): for unknown users, the MMoE click
+   score (id dropout 0.5) blended with a learned item prior ``log P(item | gender x age)`` (a
+   softmax over the catalogue trained on the training positives), `ColdStartModel`. The blend
+   weight is chosen on pseudo-cold users (`pseudo_cold_ml100k`: 10% of the warm users held out of
+   training and ranked against their whole training history, test_cold's shape from train rows
+   only); test_cold is only scored.
 3. ``census`` — Census-Income (KDD): pretrain on never-married (all training labels), transfer to
    income with 5% of the training rows' income labels, vs from scratch on the same 5%; test AUC.
 

@@ -25,6 +25,7 @@ whole training history over the whole catalogue, test_cold's shape built from tr
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -286,6 +287,26 @@ class ColdStartModel(nn.Module):
     def tasks(self):
         return list(self.model.tasks)
 
+    @property
+    def config(self) -> dict:
+        """Plain config; ``ColdStartModel.from_config(config)`` rebuilds it (fresh parameters: load
+        the ``state_dict``, keys ``model.*`` and ``prior.*``), so `mtkernels.training.checkpoint`
+        and ``Ranker.load`` serve it like any model (see `cold_start_checkpoint`)."""
+        from .training.checkpoint import class_path
+
+        return {"model_class": class_path(self.model), "model_config": self.model.config,
+                "prior": self.prior.config, "weight": self.weight, "task": self.task,
+                "user_id_feature": self.user_id_feature, "item_id_feature": self.item_id_feature}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ColdStartModel":
+        module_name, _, qualname = config["model_class"].partition(":")
+        model_cls = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            model_cls = getattr(model_cls, part)
+        return cls(model_cls.from_config(config["model_config"]), ItemPrior(**config["prior"]), config["weight"],
+                   config["task"], config["user_id_feature"], config["item_id_feature"])
+
     def forward(self, sparse, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = self.model(sparse, dense)
         if self.weight == 0.0:
@@ -301,3 +322,14 @@ class ColdStartModel(nn.Module):
         out = out.clone()
         out[cold, self.task_index] = torch.sigmoid(score).to(out.dtype)
         return out
+
+
+def cold_start_checkpoint(model: ColdStartModel, data) -> dict:
+    """A checkpoint dict of ``model`` that ``mtkernels.training.checkpoint.save_checkpoint`` writes
+    and ``mtkernels.serving.Ranker.load`` serves (with ``data``'s serving tables)."""
+    from .serving import serving_tables
+    from .training.checkpoint import class_path
+
+    return {"model_class": class_path(model), "model_config": model.config, "model_state": model.state_dict(),
+            "best_model_state": None, "tasks": [{"name": t.name, "kind": t.kind} for t in model.tasks],
+            "serving": serving_tables(data)}

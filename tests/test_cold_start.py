@@ -184,3 +184,21 @@ def test_pseudo_cold_holds_out_whole_training_users(tmp_path):
     assert set(other.user_ids[other.splits[PSEUDO_COLD_SPLIT].user_row].tolist()) != held_users
     with pytest.raises(ValueError, match="fraction"):
         pseudo_cold_ml100k(fraction=1.0, movielens=movielens)
+
+
+def test_cold_start_checkpoint_serves_through_ranker_load(trained, tmp_path):
+    from mtkernels.cold_start import cold_start_checkpoint
+    from mtkernels.training.checkpoint import save_checkpoint
+
+    data, model, prior = trained
+    blended = ColdStartModel(model, prior, 0.75)
+    path = str(tmp_path / "cold_start.pt")
+    save_checkpoint(path, cold_start_checkpoint(blended, data))
+    ranker = Ranker.load(path)
+    assert isinstance(ranker.model, ColdStartModel) and ranker.model.weight == 0.75
+    sides = {9001: {"age": 1}, 9002: {"age": 3}}
+    known = int(data.user_ids[data.topk_eval("val").users[0]])
+    loaded = ranker.recommend([9001, 9002, known], k=5, side_features=sides)
+    direct = Ranker(blended, data.tasks, serving_tables(data)).recommend([9001, 9002, known], k=5, side_features=sides)
+    assert loaded.served_by == ["side_features", "side_features", "model"]
+    assert torch.equal(loaded.item_ids, direct.item_ids)
