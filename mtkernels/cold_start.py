@@ -250,7 +250,7 @@ class ColdStartModel(nn.Module):
         ``sigmoid((1 - weight) * logit(p) + weight * (log P(item | side) + log N))``
 
     (``log N`` centres the prior: a uniform prior adds 0). ``weight`` 0 is the model alone, 1 the
-    prior alone. Other rows and tasks are returned unchanged, so warm users score exactly as with
+    prior alone. Other rows (known users, and the unknown item id 0) and tasks are returned unchanged, so warm users score exactly as with
     ``model``. The cold click output is then a ranking score more than a calibrated probability.
 
     Args:
@@ -311,11 +311,13 @@ class ColdStartModel(nn.Module):
         out = self.model(sparse, dense)
         if self.weight == 0.0:
             return out
-        cold = sparse[self.user_id_feature]["values"] == 0
+        item_ids = sparse[self.item_id_feature]["values"]
+        # an unknown item (id 0) has no prior: such rows keep the model's score
+        cold = (sparse[self.user_id_feature]["values"] == 0) & (item_ids > 0)
         if not bool(cold.any()):
             return out
         side = {name: sparse[name]["values"][cold] for group in self.prior.groups for name in group}
-        items = (sparse[self.item_id_feature]["values"][cold] - 1).clamp(min=0)
+        items = item_ids[cold] - 1
         prior = self.prior.log_prob(side, items) + math.log(self.prior.num_items)
         p = out[cold, self.task_index].double().clamp(1e-7, 1 - 1e-7)
         score = (1.0 - self.weight) * torch.log(p / (1 - p)) + self.weight * prior.double()
