@@ -328,13 +328,15 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
 
 
 def _topk_sets(splits: Dict[str, pd.DataFrame], user_row_of: pd.Series, position_of: pd.Series) -> Dict[str, TopKEval]:
-    """PROTOCOL.md 5: val excludes train positives; test_warm excludes train + val; test_cold excludes nothing."""
+    """PROTOCOL.md 5: val excludes train positives; test_warm excludes train + val; test_cold (and
+    pseudo_cold) excludes nothing."""
     def positives(name):
         frame = splits[name]
         frame = frame[frame["click"].to_numpy() == 1]
         return user_row_of.loc[frame["user_id"].to_numpy()].to_numpy(), position_of.loc[frame["item_id"].to_numpy()].to_numpy()
 
-    seen = {"val": ["train"], "test_warm": ["train", "val"], "test_cold": []}
+    # pseudo_cold: warm users held out of training for cold-start selection (mtkernels.cold_start)
+    seen = {"val": ["train"], "test_warm": ["train", "val"], "test_cold": [], "pseudo_cold": []}
     out = {}
     for name, excluded in seen.items():
         if name not in splits:
