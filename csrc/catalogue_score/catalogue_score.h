@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include "common/checks.h"
+#include "common/network_checks.h"
 
 namespace mtkernels {
 
@@ -62,51 +63,12 @@ inline CatalogueScoreDims check_catalogue_score_inputs(
                     "user_part and item_part must have E*H_1 + T*E columns (E=", d.experts, ", T=", d.tasks,
                     " from params.gate_mask, H_1 >= 1), got ", d.width);
   d.first = expert_columns / d.experts;
-  TORCH_CHECK_VALUE(expert_weights.size() == expert_biases.size(),
-                    "params.expert_biases must have one tensor per deeper expert layer (", expert_weights.size(),
-                    "), got ", expert_biases.size());
-  TORCH_CHECK_VALUE(!tower_weights.empty(), "params.tower_weights must be a non-empty sequence of tensors");
-  TORCH_CHECK_VALUE(tower_weights.size() == tower_biases.size(),
-                    "params.tower_biases must have one tensor per tower layer (", tower_weights.size(),
-                    "), got ", tower_biases.size());
+  const auto like = [&](const at::Tensor& t, const std::string& name) { check_like_user_part(t, user_part, name); };
   int64_t fan_in = d.first;
-  for (size_t l = 0; l < expert_weights.size(); ++l) {
-    const std::string name = "params.expert_weights[" + std::to_string(l) + "]";
-    const at::Tensor& w = expert_weights[l];
-    TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == d.experts && w.size(2) == fan_in, name,
-                      " must have shape [E=", d.experts, ", H_", l + 2, ", ", fan_in, "] (in_features = ",
-                      l == 0 ? "H_1 of the parts" : "the previous layer width", "), got ", w.sizes());
-    check_like_user_part(w, user_part, name);
-    const std::string bname = "params.expert_biases[" + std::to_string(l) + "]";
-    check_like_user_part(expert_biases[l], user_part, bname);
-    TORCH_CHECK_VALUE(expert_biases[l].sizes() == at::IntArrayRef({d.experts, w.size(1)}), bname,
-                      " must have shape [", d.experts, ", ", w.size(1), "], got ", expert_biases[l].sizes());
-    d.expert_sizes.push_back(w.size(1));
-    fan_in = w.size(1);
-  }
-  const size_t num_layers = tower_weights.size();
-  for (size_t k = 0; k < num_layers; ++k) {
-    const std::string name = "params.tower_weights[" + std::to_string(k) + "]";
-    const at::Tensor& w = tower_weights[k];
-    const bool last = k + 1 == num_layers;
-    TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == d.tasks && w.size(2) == fan_in && (!last || w.size(1) == 1),
-                      name, " must have shape [T=", d.tasks, ", G_", k + 1, ", ", fan_in, "]",
-                      last ? ", out_features 1 in the last layer" : "", ", got ", w.sizes());
-    check_like_user_part(w, user_part, name);
-    const std::string bname = "params.tower_biases[" + std::to_string(k) + "]";
-    check_like_user_part(tower_biases[k], user_part, bname);
-    TORCH_CHECK_VALUE(tower_biases[k].sizes() == at::IntArrayRef({d.tasks, w.size(1)}), bname,
-                      " must have shape [", d.tasks, ", ", w.size(1), "], got ", tower_biases[k].sizes());
-    d.tower_sizes.push_back(w.size(1));
-    fan_in = w.size(1);
-  }
-  TORCH_CHECK_VALUE(static_cast<int64_t>(transforms.size()) == d.tasks,
-                    "params.transforms must be a sequence of T=", d.tasks, " strings, got ", transforms.size());
-  for (size_t t = 0; t < transforms.size(); ++t) {
-    TORCH_CHECK_VALUE(transforms[t] == "sigmoid" || transforms[t] == "identity", "params.transforms[", t,
-                      "] must be 'sigmoid' or 'identity', got '", transforms[t], "'");
-    d.sigmoid.push_back(transforms[t] == "sigmoid");
-  }
+  d.expert_sizes =
+      check_expert_layers(expert_weights, expert_biases, d.experts, fan_in, /*first_index=*/2, "H_1 of the parts", like);
+  d.tower_sizes = check_tower_layers(tower_weights, tower_biases, d.tasks, fan_in, like);
+  d.sigmoid = check_transforms(transforms, d.tasks);
   return d;
 }
 

@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include "common/checks.h"
+#include "common/network_checks.h"
 
 namespace mtkernels {
 
@@ -54,62 +55,22 @@ inline MultiTaskScoreDims check_multi_task_score_inputs(
   d.experts = gate_mask.size(1);
   TORCH_CHECK_VALUE(!expert_weights.empty(), "params.expert_weights must be a non-empty sequence of tensors");
   TORCH_CHECK_VALUE(!expert_biases.empty(), "params.expert_biases must be a non-empty sequence of tensors");
-  TORCH_CHECK_VALUE(!tower_weights.empty(), "params.tower_weights must be a non-empty sequence of tensors");
-  TORCH_CHECK_VALUE(!tower_biases.empty(), "params.tower_biases must be a non-empty sequence of tensors");
-  TORCH_CHECK_VALUE(expert_weights.size() == expert_biases.size(),
-                    "params.expert_biases must have one tensor per expert layer (", expert_weights.size(),
-                    "), got ", expert_biases.size());
-  TORCH_CHECK_VALUE(tower_weights.size() == tower_biases.size(),
-                    "params.tower_biases must have one tensor per tower layer (", tower_weights.size(),
-                    "), got ", tower_biases.size());
   const at::Tensor& first = expert_weights[0];
   TORCH_CHECK_VALUE(first.dim() != 3 || first.size(0) == d.experts,
                     "params.gate_mask [T, E] and params.expert_weights[0] [E, H_1, D] must agree on the "
                     "number of experts E, got ", d.experts, " and ", first.size(0));
+  const auto like = [&](const at::Tensor& t, const std::string& name) { check_tensor_like_x(t, x, name); };
   int64_t fan_in = d.width;
-  for (size_t l = 0; l < expert_weights.size(); ++l) {
-    const std::string name = "params.expert_weights[" + std::to_string(l) + "]";
-    const at::Tensor& w = expert_weights[l];
-    TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == d.experts && w.size(2) == fan_in, name,
-                      " must have shape [E=", d.experts, ", H_", l + 1, ", ", fan_in, "] (in_features = ",
-                      l == 0 ? "D of x" : "the previous layer width", "), got ", w.sizes());
-    check_tensor_like_x(w, x, name);
-    const int64_t hidden = w.size(1);
-    const std::string bname = "params.expert_biases[" + std::to_string(l) + "]";
-    check_tensor_like_x(expert_biases[l], x, bname);
-    check_shape(expert_biases[l], {d.experts, hidden}, bname);
-    d.expert_sizes.push_back(hidden);
-    fan_in = hidden;
-  }
+  d.expert_sizes =
+      check_expert_layers(expert_weights, expert_biases, d.experts, fan_in, /*first_index=*/1, "D of x", like);
   check_tensor_like_x(gate_weight, x, "params.gate_weight");
   check_shape(gate_weight, {d.tasks, d.experts, d.width}, "params.gate_weight");
   check_tensor_like_x(gate_bias, x, "params.gate_bias");
   check_shape(gate_bias, {d.tasks, d.experts}, "params.gate_bias");
   TORCH_CHECK_VALUE(gate_mask.device() == x.device(), "params.gate_mask must be on x's device ", x.device(),
                     ", got ", gate_mask.device());
-  const size_t num_layers = tower_weights.size();
-  for (size_t k = 0; k < num_layers; ++k) {
-    const std::string name = "params.tower_weights[" + std::to_string(k) + "]";
-    const at::Tensor& w = tower_weights[k];
-    const bool last = k + 1 == num_layers;
-    TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == d.tasks && w.size(2) == fan_in && (!last || w.size(1) == 1),
-                      name, " must have shape [T=", d.tasks, ", G_", k + 1, ", ", fan_in, "]",
-                      last ? ", out_features 1 in the last layer" : "", ", got ", w.sizes());
-    check_tensor_like_x(w, x, name);
-    const int64_t hidden = w.size(1);
-    const std::string bname = "params.tower_biases[" + std::to_string(k) + "]";
-    check_tensor_like_x(tower_biases[k], x, bname);
-    check_shape(tower_biases[k], {d.tasks, hidden}, bname);
-    d.tower_sizes.push_back(hidden);
-    fan_in = hidden;
-  }
-  TORCH_CHECK_VALUE(static_cast<int64_t>(transforms.size()) == d.tasks,
-                    "params.transforms must be a sequence of T=", d.tasks, " strings, got ", transforms.size());
-  for (size_t t = 0; t < transforms.size(); ++t) {
-    TORCH_CHECK_VALUE(transforms[t] == "sigmoid" || transforms[t] == "identity", "params.transforms[", t,
-                      "] must be 'sigmoid' or 'identity', got '", transforms[t], "'");
-    d.sigmoid.push_back(transforms[t] == "sigmoid");
-  }
+  d.tower_sizes = check_tower_layers(tower_weights, tower_biases, d.tasks, fan_in, like);
+  d.sigmoid = check_transforms(transforms, d.tasks);
   return d;
 }
 

@@ -18,7 +18,7 @@ from typing import NamedTuple, Tuple
 
 import torch
 
-from .multi_task_score import TRANSFORMS
+from .multi_task_score import _shape_error, check_expert_layers, check_towers_and_transforms, like_checker, tower_score
 
 
 class CatalogueScoreParams(NamedTuple):
@@ -44,10 +44,6 @@ class CatalogueScoreParams(NamedTuple):
     tower_weights: Tuple[torch.Tensor, ...]
     tower_biases: Tuple[torch.Tensor, ...]
     transforms: Tuple[str, ...]
-
-
-def _shape_error(name: str, expected: str, tensor) -> ValueError:
-    return ValueError(f"{name} must have shape {expected}, got {tuple(getattr(tensor, 'shape', ()))}")
 
 
 def check_params(user_part: torch.Tensor, item_part: torch.Tensor, params: CatalogueScoreParams) -> int:
@@ -91,15 +87,7 @@ def check_params(user_part: torch.Tensor, item_part: torch.Tensor, params: Catal
             f"params.gate_mask, H_1 >= 1), got {width}"
         )
 
-    def check(t, name, shape):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dtype != user_part.dtype:
-            raise TypeError(f"{name} must have user_part's dtype {user_part.dtype}, got {t.dtype}")
-        if t.device != user_part.device:
-            raise ValueError(f"{name} must be on user_part's device {user_part.device}, got {t.device}")
-        if tuple(t.shape) != shape:
-            raise _shape_error(name, str(list(shape)), t)
+    check = like_checker(user_part, "user_part")
 
     for field in ("expert_weights", "expert_biases", "tower_weights", "tower_biases"):
         if not isinstance(getattr(params, field), (list, tuple)):
@@ -112,33 +100,12 @@ def check_params(user_part: torch.Tensor, item_part: torch.Tensor, params: Catal
     if len(params.tower_weights) != len(params.tower_biases):
         raise ValueError(f"params.tower_biases must have one tensor per tower layer "
                          f"({len(params.tower_weights)}), got {len(params.tower_biases)}")
-    first = fan_in = expert_columns // num_experts
-    for l, (w, b) in enumerate(zip(params.expert_weights, params.expert_biases)):
-        name = f"params.expert_weights[{l}]"
-        if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != num_experts or w.shape[2] != fan_in:
-            raise _shape_error(name, f"[E={num_experts}, H_{l + 2}, {fan_in}]", w)
-        check(w, name, (num_experts, w.shape[1], fan_in))
-        check(b, f"params.expert_biases[{l}]", (num_experts, w.shape[1]))
-        fan_in = w.shape[1]
+    first = expert_columns // num_experts
+    fan_in = check_expert_layers(params.expert_weights, params.expert_biases, num_experts, first, 2,
+                                 "H_1 of the parts", check)
     if not bool(mask.any(dim=1).all()):
         raise ValueError("params.gate_mask must allow at least one expert for every task")
-    num_layers = len(params.tower_weights)
-    for k, (w, b) in enumerate(zip(params.tower_weights, params.tower_biases)):
-        name = f"params.tower_weights[{k}]"
-        last = k == num_layers - 1
-        if (not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != num_tasks or w.shape[2] != fan_in
-                or (last and w.shape[1] != 1)):
-            raise _shape_error(name, f"[T={num_tasks}, G_{k + 1}, {fan_in}]"
-                               + (", out_features 1 in the last layer" if last else ""), w)
-        check(w, name, (num_tasks, w.shape[1], fan_in))
-        check(b, f"params.tower_biases[{k}]", (num_tasks, w.shape[1]))
-        fan_in = w.shape[1]
-    transforms = params.transforms
-    if isinstance(transforms, str) or len(transforms) != num_tasks:
-        raise ValueError(f"params.transforms must be a sequence of T={num_tasks} strings, got {transforms!r}")
-    for t, name in enumerate(transforms):
-        if name not in TRANSFORMS:
-            raise ValueError(f"params.transforms[{t}] must be 'sigmoid' or 'identity', got {name!r}")
+    check_towers_and_transforms(params, num_tasks, fan_in, check)
     return first
 
 
@@ -165,12 +132,6 @@ def catalogue_score(user_part: torch.Tensor, item_part: torch.Tensor, params: Ca
         logits = pre[:, start : start + num_experts].masked_fill(~params.gate_mask[t], float("-inf"))
         gate = torch.softmax(logits, dim=-1)  # [U*N, E], zero on experts the task may not use
         h = torch.einsum("pe,peh->ph", gate, experts)
-        for k, (weight, bias) in enumerate(zip(params.tower_weights, params.tower_biases)):
-            h = torch.nn.functional.linear(h, weight[t], bias[t])
-            if k < len(params.tower_weights) - 1:
-                h = torch.relu(h)
-        score = h[:, 0]
-        if params.transforms[t] == "sigmoid":
-            score = torch.sigmoid(score)
+        score = tower_score(h, params, t)
         scores.append(score)
     return torch.stack(scores, dim=1).reshape(users, items, num_tasks)

@@ -50,8 +50,73 @@ class MultiTaskScoreParams(NamedTuple):
     transforms: Tuple[str, ...]
 
 
-def _shape_error(name: str, expected: str, tensor: torch.Tensor) -> ValueError:
-    return ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
+def _shape_error(name: str, expected: str, tensor) -> ValueError:
+    return ValueError(f"{name} must have shape {expected}, got {tuple(getattr(tensor, 'shape', ()))}")
+
+
+def like_checker(ref: torch.Tensor, ref_name: str):
+    """``check(t, name, shape)``: t is a tensor of ref's dtype and device with that shape."""
+
+    def check(t, name, shape):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+        if tuple(t.shape) != shape:
+            raise _shape_error(name, str(list(shape)), t)
+
+    return check
+
+
+def check_expert_layers(weights, biases, num_experts: int, fan_in: int, first_index: int, first_fan_in: str,
+                        check) -> int:
+    """Expert layers ``weights[l] [E, H_l, fan_in_l]``, ``biases[l] [E, H_l]``; layer 0 reads
+    ``fan_in`` columns (``first_fan_in`` in messages) and is called ``H_{first_index}``. Returns the
+    last width. The same checks and messages as the native kernels (csrc/common/network_checks.h)."""
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        name = f"params.expert_weights[{l}]"
+        if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != num_experts or w.shape[2] != fan_in:
+            raise _shape_error(name, f"[E={num_experts}, H_{l + first_index}, {fan_in}] (in_features = "
+                               f"{first_fan_in if l == 0 else 'the previous layer width'})", w)
+        check(w, name, (num_experts, w.shape[1], fan_in))
+        check(b, f"params.expert_biases[{l}]", (num_experts, w.shape[1]))
+        fan_in = w.shape[1]
+    return fan_in
+
+
+def check_towers_and_transforms(params, num_tasks: int, fan_in: int, check) -> None:
+    """Task towers ``tower_weights[k] [T, G_k, G_{k-1}]`` (``G_0 = fan_in``, ``G_K = 1``) and one
+    transform per task, as the native kernels check them."""
+    num_layers = len(params.tower_weights)
+    for k, (w, b) in enumerate(zip(params.tower_weights, params.tower_biases)):
+        name = f"params.tower_weights[{k}]"
+        last = k == num_layers - 1
+        if (not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != num_tasks or w.shape[2] != fan_in
+                or (last and w.shape[1] != 1)):
+            raise _shape_error(name, f"[T={num_tasks}, G_{k + 1}, {fan_in}]"
+                               + (", out_features 1 in the last layer" if last else ""), w)
+        check(w, name, (num_tasks, w.shape[1], fan_in))
+        check(b, f"params.tower_biases[{k}]", (num_tasks, w.shape[1]))
+        fan_in = w.shape[1]
+    transforms = params.transforms
+    if isinstance(transforms, str) or len(transforms) != num_tasks:
+        raise ValueError(f"params.transforms must be a sequence of T={num_tasks} strings, got {transforms!r}")
+    for t, name in enumerate(transforms):
+        if name not in TRANSFORMS:
+            raise ValueError(f"params.transforms[{t}] must be 'sigmoid' or 'identity', got {name!r}")
+
+
+def tower_score(h: torch.Tensor, params, t: int) -> torch.Tensor:
+    """Task t's tower (ReLU between layers) and output transform on its mixture ``h [M, H_L]``: ``[M]``."""
+    num_layers = len(params.tower_weights)
+    for k, (weight, bias) in enumerate(zip(params.tower_weights, params.tower_biases)):
+        h = torch.nn.functional.linear(h, weight[t], bias[t])
+        if k < num_layers - 1:
+            h = torch.relu(h)
+    score = h[:, 0]
+    return torch.sigmoid(score) if params.transforms[t] == "sigmoid" else score
 
 
 def check_params(x: torch.Tensor, params: MultiTaskScoreParams) -> None:
@@ -80,15 +145,7 @@ def check_params(x: torch.Tensor, params: MultiTaskScoreParams) -> None:
         raise _shape_error("params.gate_mask", "[T, E] with T, E >= 1", mask)
     num_tasks, num_experts = mask.shape
 
-    def check(t, name, shape):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-        if tuple(t.shape) != shape:
-            raise _shape_error(name, str(list(shape)), t)
+    check = like_checker(x, "x")
 
     for field in ("expert_weights", "expert_biases", "tower_weights", "tower_biases"):
         if not isinstance(getattr(params, field), (list, tuple)) or len(getattr(params, field)) == 0:
@@ -109,50 +166,14 @@ def check_params(x: torch.Tensor, params: MultiTaskScoreParams) -> None:
             f"params.gate_mask [T, E] and params.expert_weights[0] [E, H_1, D] must agree on the "
             f"number of experts E, got {num_experts} and {first.shape[0]}"
         )
-    fan_in = width
-    for l, (w, b) in enumerate(zip(params.expert_weights, params.expert_biases)):
-        name = f"params.expert_weights[{l}]"
-        if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != num_experts or w.shape[2] != fan_in:
-            raise ValueError(
-                f"{name} must have shape [E={num_experts}, H_{l + 1}, {fan_in}] "
-                f"(in_features = {'D of x' if l == 0 else 'the previous layer width'}), "
-                f"got {tuple(getattr(w, 'shape', ()))}"
-            )
-        check(w, name, (num_experts, w.shape[1], fan_in))
-        check(b, f"params.expert_biases[{l}]", (num_experts, w.shape[1]))
-        fan_in = w.shape[1]
+    fan_in = check_expert_layers(params.expert_weights, params.expert_biases, num_experts, width, 1, "D of x", check)
     check(params.gate_weight, "params.gate_weight", (num_tasks, num_experts, width))
     check(params.gate_bias, "params.gate_bias", (num_tasks, num_experts))
     if mask.device != x.device:
         raise ValueError(f"params.gate_mask must be on x's device {x.device}, got {mask.device}")
     if not bool(mask.any(dim=1).all()):
         raise ValueError("params.gate_mask must allow at least one expert for every task")
-    num_layers = len(params.tower_weights)
-    for k, (w, b) in enumerate(zip(params.tower_weights, params.tower_biases)):
-        name = f"params.tower_weights[{k}]"
-        out = 1 if k == num_layers - 1 else None
-        if (
-            not isinstance(w, torch.Tensor)
-            or w.dim() != 3
-            or w.shape[0] != num_tasks
-            or w.shape[2] != fan_in
-            or (out is not None and w.shape[1] != out)
-        ):
-            last = ", out_features 1 in the last layer" if out is not None else ""
-            raise ValueError(
-                f"{name} must have shape [T={num_tasks}, G_{k + 1}, {fan_in}]{last}, "
-                f"got {tuple(getattr(w, 'shape', ()))}"
-            )
-        check(w, name, (num_tasks, w.shape[1], fan_in))
-        check(b, f"params.tower_biases[{k}]", (num_tasks, w.shape[1]))
-        fan_in = w.shape[1]
-    transforms = params.transforms
-    if isinstance(transforms, str) or len(transforms) != num_tasks:
-        raise ValueError(f"params.transforms must be a sequence of T={num_tasks} strings, got {transforms!r}")
-    for t, name in enumerate(transforms):
-        if name not in TRANSFORMS:
-            raise ValueError(f"params.transforms[{t}] must be 'sigmoid' or 'identity', got {name!r}")
-
+    check_towers_and_transforms(params, num_tasks, fan_in, check)
 
 def multi_task_score(x: torch.Tensor, params: MultiTaskScoreParams) -> torch.Tensor:
     """Score M rows for T tasks: ``transform_t(tower_t(sum_e softmax_t(x)_e * expert_e(x)))``.
@@ -185,13 +206,6 @@ def multi_task_score(x: torch.Tensor, params: MultiTaskScoreParams) -> torch.Ten
         logits = logits.masked_fill(~params.gate_mask[t], float("-inf"))
         gate = torch.softmax(logits, dim=-1)  # [M, E], zero on experts the task may not use
         h = torch.einsum("me,meh->mh", gate, experts)
-        num_layers = len(params.tower_weights)
-        for k, (weight, bias) in enumerate(zip(params.tower_weights, params.tower_biases)):
-            h = torch.nn.functional.linear(h, weight[t], bias[t])
-            if k < num_layers - 1:
-                h = torch.relu(h)
-        score = h[:, 0]
-        if params.transforms[t] == "sigmoid":
-            score = torch.sigmoid(score)
+        score = tower_score(h, params, t)
         scores.append(score)
     return torch.stack(scores, dim=1) if scores else x.new_zeros((x.shape[0], 0))

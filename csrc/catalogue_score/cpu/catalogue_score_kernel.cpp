@@ -34,58 +34,24 @@ constexpr int64_t kBlockPairs = 72;
 
 struct CatalogueLayout {
   std::vector<PackedLayer> experts;  // the deeper expert layers H_1 -> H_2 -> ... -> H_L, E groups
-  std::vector<PackedLayer> towers;   // the K-1 hidden tower layers, T groups
-  int64_t last_weight = 0;           // [T, G_{K-1}]: the 1-wide last tower layer, as dot products
-  int64_t last_bias = 0;             // [T]
+  PackedTowers towers;               // T groups
   int64_t size = 0;
 };
 
 CatalogueLayout catalogue_layout(const CatalogueScoreDims& d) {
   CatalogueLayout p;
-  int64_t offset = 0;
-  auto add = [&](int64_t groups, int64_t n, int64_t k) {
-    PackedLayer l;
-    l.groups = groups;
-    l.n = n;
-    l.k = k;
-    l.n_pad = round_up(n, kPanel);
-    l.panels = offset;
-    offset += groups * l.n_pad * k;
-    l.bias = offset;
-    offset += groups * l.n_pad;
-    return l;
-  };
+  LayoutBuilder b;
   int64_t fan_in = d.first;
-  for (int64_t h : d.expert_sizes) {
-    p.experts.push_back(add(d.experts, h, fan_in));
-    fan_in = h;
-  }
-  for (size_t k = 0; k + 1 < d.tower_sizes.size(); ++k) {
-    p.towers.push_back(add(d.tasks, d.tower_sizes[k], fan_in));
-    fan_in = d.tower_sizes[k];
-  }
-  p.last_weight = offset;
-  offset += d.tasks * fan_in;
-  p.last_bias = offset;
-  offset += d.tasks;
-  p.size = offset;
+  p.experts = b.add_stack(d.experts, d.expert_sizes, fan_in);
+  p.towers = add_towers(b, d.tasks, d.tower_sizes, fan_in);
+  p.size = b.offset;
   return p;
 }
 
 void pack_catalogue(const CatalogueLayout& p, at::TensorList expert_weights, at::TensorList expert_biases,
                     at::TensorList tower_weights, at::TensorList tower_biases, float* buffer) {
-  for (size_t l = 0; l < p.experts.size(); ++l) {
-    pack_layer(p.experts[l], expert_weights[l].contiguous().const_data_ptr<float>(),
-               expert_biases[l].contiguous().const_data_ptr<float>(), buffer);
-  }
-  for (size_t k = 0; k < p.towers.size(); ++k) {
-    pack_layer(p.towers[k], tower_weights[k].contiguous().const_data_ptr<float>(),
-               tower_biases[k].contiguous().const_data_ptr<float>(), buffer);
-  }
-  const at::Tensor last_w = tower_weights.back().contiguous();  // [T, 1, G]
-  const at::Tensor last_b = tower_biases.back().contiguous();   // [T, 1]
-  std::memcpy(buffer + p.last_weight, last_w.const_data_ptr<float>(), sizeof(float) * last_w.numel());
-  std::memcpy(buffer + p.last_bias, last_b.const_data_ptr<float>(), sizeof(float) * last_b.numel());
+  pack_stack(p.experts, expert_weights, expert_biases, buffer);
+  pack_towers(p.towers, tower_weights, tower_biases, buffer);
 }
 
 // out [U*N, T] (pair p = u*N + n) from user [U, C], item [N, C] and the packed deeper layers.
@@ -96,7 +62,7 @@ void score_pairs(const float* user, const float* item, const CatalogueScoreDims&
   const size_t L = p.experts.size();  // deeper layers
   const int64_t H = L == 0 ? d.first : p.experts.back().n;  // mixture width
   const int64_t H_pad = L == 0 ? d.first : p.experts.back().n_pad;
-  const int64_t G_last = p.towers.empty() ? H : p.towers.back().n;
+  const int64_t G_last = p.towers.hidden.empty() ? H : p.towers.hidden.back().n;
   // Where expert e's output row r starts: the first-layer buffer for one-layer experts, else the
   // deeper layers' output buffer.
   const int64_t expert_ld = L == 0 ? C : E * H_pad;
@@ -115,12 +81,8 @@ void score_pairs(const float* user, const float* item, const CatalogueScoreDims&
   const int64_t even = (M + num_blocks - 1) / num_blocks;
   const int64_t block = even >= kTileRows ? round_up(even, kTileRows) : std::max<int64_t>(1, even);
   num_blocks = (M + block - 1) / block;
-  int64_t hidden_pad = 0;  // widest deeper expert layer but the last, padded
-  for (size_t l = 0; l + 1 < L; ++l) hidden_pad = std::max(hidden_pad, p.experts[l].n_pad);
-  int64_t tower_pad = 0;
-  for (const PackedLayer& l : p.towers) tower_pad = std::max(tower_pad, l.n_pad);
-  const float* last_w = buffer + p.last_weight;
-  const float* last_b = buffer + p.last_bias;
+  const int64_t hidden_pad = widest_padded(p.experts, L == 0 ? 0 : L - 1);  // all deeper layers but the last
+  const int64_t tower_pad = widest_padded(p.towers.hidden, p.towers.hidden.size());
 
   std::atomic<int64_t> next_block{0};
   at::parallel_for(0, std::min(threads, num_blocks), 1, [&](int64_t, int64_t) {
@@ -147,18 +109,7 @@ void score_pairs(const float* user, const float* item, const CatalogueScoreDims&
       }
       const float* experts = first.data();
       if (L > 0) {
-        for (int64_t e = 0; e < E; ++e) {
-          const float* in = first.data() + e * d.first;
-          int64_t in_ld = C;
-          for (size_t l = 0; l < L; ++l) {
-            const bool last = l + 1 == L;
-            float* dst = last ? expert_out.data() + e * H_pad : hidden[l % 2].data();
-            const int64_t dst_ld = last ? expert_ld : p.experts[l].n_pad;
-            small_gemm(nb, p.experts[l], e, buffer, in, in_ld, /*relu=*/true, dst, dst_ld);
-            in = dst;
-            in_ld = dst_ld;
-          }
-        }
+        expert_layers(nb, p.experts, E, buffer, first.data(), C, d.first, hidden, expert_out.data(), expert_ld, H_pad);
         experts = expert_out.data();
       }
 
@@ -171,46 +122,15 @@ void score_pairs(const float* user, const float* item, const CatalogueScoreDims&
         } else {
           const uint8_t* allowed = mask.data() + t * E;
           for (int64_t r = 0; r < nb; ++r) {
-            const float* logits = first.data() + r * C + expert_columns + t * E;
             float* g = gate.data() + r * E;
-            float max_logit = -std::numeric_limits<float>::infinity();
-            for (int64_t e = 0; e < E; ++e)
-              if (allowed[e] && logits[e] > max_logit) max_logit = logits[e];
-            float sum = 0.f;
-            for (int64_t e = 0; e < E; ++e) {
-              g[e] = allowed[e] ? std::exp(logits[e] - max_logit) : 0.f;
-              sum += g[e];
-            }
-            const float inv = 1.f / sum;
-            const float* er = experts + r * expert_ld;
-            float* m = mix.data() + r * H_pad;
-            std::fill(m, m + H, 0.f);
-            for (int64_t e = 0; e < E; ++e) {
-              if (!allowed[e]) continue;
-              const float ge = g[e] * inv;
-              const float* src = er + e * expert_stride;
-              for (int64_t j = 0; j < H; ++j) m[j] += ge * src[j];
-            }
+            std::copy_n(first.data() + r * C + expert_columns + t * E, E, g);
+            masked_softmax(g, allowed, E);
+            mix_experts(mix.data() + r * H_pad, g, allowed, experts + r * expert_ld, E, expert_stride, H);
           }
           in = mix.data();
           in_ld = H_pad;
         }
-        for (size_t k = 0; k < p.towers.size(); ++k) {
-          float* dst = tower[k % 2].data();
-          small_gemm(nb, p.towers[k], t, buffer, in, in_ld, /*relu=*/true, dst, p.towers[k].n_pad);
-          in = dst;
-          in_ld = p.towers[k].n_pad;
-        }
-        const float* wl = last_w + t * G_last;
-        const float bl = last_b[t];
-        const bool sigmoid = d.sigmoid[t];
-        for (int64_t r = 0; r < nb; ++r) {
-          const float* row = in + r * in_ld;
-          float s = 0.f;
-          for (int64_t j = 0; j < G_last; ++j) s += row[j] * wl[j];
-          s += bl;
-          out[(r0 + r) * T + t] = sigmoid ? 1.f / (1.f + std::exp(-s)) : s;
-        }
+        tower_scores(nb, p.towers, t, G_last, d.sigmoid[t], buffer, in, in_ld, tower, out + r0 * T + t, T);
       }
     }
   });
@@ -223,17 +143,7 @@ at::Tensor catalogue_score_cpu(const at::Tensor& user_part, const at::Tensor& it
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inference only: no autograd inside
   const CatalogueScoreDims d = check_catalogue_score_inputs(user_part, item_part, expert_weights, expert_biases,
                                                             gate_mask, tower_weights, tower_biases, transforms);
-  const at::Tensor mask_t = gate_mask.contiguous();
-  const bool* mask_ptr = mask_t.const_data_ptr<bool>();
-  std::vector<uint8_t> mask(static_cast<size_t>(d.tasks * d.experts));
-  for (int64_t t = 0; t < d.tasks; ++t) {
-    bool any = false;
-    for (int64_t e = 0; e < d.experts; ++e) {
-      mask[t * d.experts + e] = mask_ptr[t * d.experts + e] ? 1 : 0;
-      any = any || mask_ptr[t * d.experts + e];
-    }
-    TORCH_CHECK_VALUE(any, "params.gate_mask must allow at least one expert for every task (row ", t, ")");
-  }
+  const std::vector<uint8_t> mask = gate_mask_bytes(gate_mask);
   at::Tensor out = at::empty({d.users, d.items, d.tasks}, user_part.options());
   if (out.numel() == 0) return out;
   const CatalogueLayout p = catalogue_layout(d);

@@ -41,77 +41,28 @@ constexpr int64_t kOneBlockRows = 64;
 struct PackedLayout {
   std::vector<PackedLayer> experts;  // L layers, E groups; layer 0 reads x (k = D)
   PackedLayer gates;                 // one group: the [T*E, D] gate logits
-  std::vector<PackedLayer> towers;   // the K-1 hidden tower layers, T groups
-  int64_t last_weight = 0;           // [T, G_{K-1}]: the 1-wide last tower layer, as dot products
-  int64_t last_bias = 0;             // [T]
+  PackedTowers towers;               // T groups
   int64_t size = 0;
 };
 
 PackedLayout packed_layout(const MultiTaskScoreDims& d) {
   PackedLayout p;
-  int64_t offset = 0;
-  auto add = [&](int64_t groups, int64_t n, int64_t k) {
-    PackedLayer l;
-    l.groups = groups;
-    l.n = n;
-    l.k = k;
-    l.n_pad = round_up(n, kPanel);
-    l.panels = offset;
-    offset += groups * l.n_pad * k;
-    l.bias = offset;
-    offset += groups * l.n_pad;
-    return l;
-  };
+  LayoutBuilder b;
   int64_t fan_in = d.width;
-  for (int64_t h : d.expert_sizes) {
-    p.experts.push_back(add(d.experts, h, fan_in));
-    fan_in = h;
-  }
-  p.gates = add(1, d.tasks * d.experts, d.width);
-  for (size_t k = 0; k + 1 < d.tower_sizes.size(); ++k) {
-    p.towers.push_back(add(d.tasks, d.tower_sizes[k], fan_in));
-    fan_in = d.tower_sizes[k];
-  }
-  p.last_weight = offset;
-  offset += d.tasks * fan_in;
-  p.last_bias = offset;
-  offset += d.tasks;
-  p.size = offset;
+  p.experts = b.add_stack(d.experts, d.expert_sizes, fan_in);
+  p.gates = b.add(1, d.tasks * d.experts, d.width);
+  p.towers = add_towers(b, d.tasks, d.tower_sizes, fan_in);
+  p.size = b.offset;
   return p;
 }
 
 void pack_into(const PackedLayout& p, at::TensorList expert_weights, at::TensorList expert_biases,
                const at::Tensor& gate_weight, const at::Tensor& gate_bias, at::TensorList tower_weights,
                at::TensorList tower_biases, float* buffer) {
-  for (size_t l = 0; l < p.experts.size(); ++l) {
-    pack_layer(p.experts[l], as_float(expert_weights[l]).const_data_ptr<float>(),
-               as_float(expert_biases[l]).const_data_ptr<float>(), buffer);
-  }
+  pack_stack(p.experts, expert_weights, expert_biases, buffer);
   pack_layer(p.gates, as_float(gate_weight).const_data_ptr<float>(), as_float(gate_bias).const_data_ptr<float>(),
              buffer);
-  for (size_t k = 0; k < p.towers.size(); ++k) {
-    pack_layer(p.towers[k], as_float(tower_weights[k]).const_data_ptr<float>(),
-               as_float(tower_biases[k]).const_data_ptr<float>(), buffer);
-  }
-  const at::Tensor last_w = as_float(tower_weights.back());  // [T, 1, G]
-  const at::Tensor last_b = as_float(tower_biases.back());   // [T, 1]
-  std::memcpy(buffer + p.last_weight, last_w.const_data_ptr<float>(), sizeof(float) * last_w.numel());
-  std::memcpy(buffer + p.last_bias, last_b.const_data_ptr<float>(), sizeof(float) * last_b.numel());
-}
-
-std::vector<uint8_t> gate_mask_bytes(const at::Tensor& gate_mask, const MultiTaskScoreDims& d) {
-  const at::Tensor mask_t = gate_mask.contiguous();
-  const bool* mask_ptr = mask_t.const_data_ptr<bool>();
-  std::vector<uint8_t> mask(static_cast<size_t>(d.tasks * d.experts));
-  for (int64_t t = 0; t < d.tasks; ++t) {
-    bool any = false;
-    for (int64_t e = 0; e < d.experts; ++e) {
-      mask[t * d.experts + e] = mask_ptr[t * d.experts + e] ? 1 : 0;
-      any = any || mask_ptr[t * d.experts + e];
-    }
-    TORCH_CHECK_VALUE(any, "params.gate_mask must allow at least one expert for every task");
-  }
-  return mask;
+  pack_towers(p.towers, tower_weights, tower_biases, buffer);
 }
 
 // The scoring pass: x [M, D] float32 contiguous, the packed buffer, out [M, T] float32.
@@ -122,7 +73,7 @@ void score_packed(const float* x, const MultiTaskScoreDims& d, const PackedLayou
   const int64_t H = d.expert_sizes.back();  // mixture width
   const int64_t H_pad = p.experts.back().n_pad;
   const int64_t expert_out_ld = E * H_pad;
-  const int64_t G_last = p.towers.empty() ? H : p.towers.back().n;
+  const int64_t G_last = p.towers.hidden.empty() ? H : p.towers.hidden.back().n;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // A small call (up to kOneBlockRows rows per thread) is one block per thread. Larger calls: a
   // multiple of `threads` blocks of about kBlockRows rows, at least two per thread, so that on a
@@ -137,12 +88,8 @@ void score_packed(const float* x, const MultiTaskScoreDims& d, const PackedLayou
   const int64_t even = (M + num_blocks - 1) / num_blocks;
   const int64_t block = even >= kTileRows ? round_up(even, kTileRows) : std::max<int64_t>(1, even);
   num_blocks = (M + block - 1) / block;
-  int64_t hidden_pad = 0;  // widest expert hidden layer (all but the last), padded
-  for (size_t l = 0; l + 1 < L; ++l) hidden_pad = std::max(hidden_pad, p.experts[l].n_pad);
-  int64_t tower_pad = 0;
-  for (const PackedLayer& l : p.towers) tower_pad = std::max(tower_pad, l.n_pad);
-  const float* last_w = buffer + p.last_weight;
-  const float* last_b = buffer + p.last_bias;
+  const int64_t hidden_pad = widest_padded(p.experts, L - 1);  // the expert hidden layers (all but the last)
+  const int64_t tower_pad = widest_padded(p.towers.hidden, p.towers.hidden.size());
 
   // Blocks are claimed dynamically: on a shared machine a thread that was descheduled finds the
   // work already taken by the others instead of making them wait at the join.
@@ -164,72 +111,22 @@ void score_packed(const float* x, const MultiTaskScoreDims& d, const PackedLayou
       const float* xb = x + r0 * D;
 
       // Each expert's layers, the last one into its columns of expert_out.
-      for (int64_t e = 0; e < E; ++e) {
-        const float* in = xb;
-        int64_t in_ld = D;
-        for (size_t l = 0; l < L; ++l) {
-          const bool last = l + 1 == L;
-          float* dst = last ? expert_out.data() + e * H_pad : hidden[l % 2].data();
-          const int64_t dst_ld = last ? expert_out_ld : p.experts[l].n_pad;
-          small_gemm(nb, p.experts[l], e, buffer, in, in_ld, /*relu=*/true, dst, dst_ld);
-          in = dst;
-          in_ld = dst_ld;
-        }
-      }
+      expert_layers(nb, p.experts, E, buffer, xb, D, 0, hidden, expert_out.data(), expert_out_ld, H_pad);
       // Gate logits and the masked softmax over each task's allowed experts, in place.
       const int64_t gate_ld = p.gates.n_pad;
       small_gemm(nb, p.gates, 0, buffer, xb, D, /*relu=*/false, gate.data(), gate_ld);
-      for (int64_t r = 0; r < nb; ++r) {
-        for (int64_t t = 0; t < T; ++t) {
-          const uint8_t* allowed = mask.data() + t * E;
-          float* g = gate.data() + r * gate_ld + t * E;
-          float max_logit = -std::numeric_limits<float>::infinity();
-          for (int64_t e = 0; e < E; ++e)
-            if (allowed[e] && g[e] > max_logit) max_logit = g[e];
-          float sum = 0.f;
-          for (int64_t e = 0; e < E; ++e) {
-            g[e] = allowed[e] ? std::exp(g[e] - max_logit) : 0.f;
-            sum += g[e];
-          }
-          const float inv = 1.f / sum;
-          for (int64_t e = 0; e < E; ++e) g[e] *= inv;
-        }
-      }
+      for (int64_t r = 0; r < nb; ++r)
+        for (int64_t t = 0; t < T; ++t) masked_softmax(gate.data() + r * gate_ld + t * E, mask.data() + t * E, E);
 
       for (int64_t t = 0; t < T; ++t) {
         const uint8_t* allowed = mask.data() + t * E;
         // mixture_t = sum over allowed experts of gate weight x expert output, per row.
         for (int64_t r = 0; r < nb; ++r) {
-          const float* g = gate.data() + r * gate_ld + t * E;
-          const float* er = expert_out.data() + r * expert_out_ld;
-          float* m = mix.data() + r * mix_ld;
-          std::fill(m, m + H, 0.f);
-          for (int64_t e = 0; e < E; ++e) {
-            if (!allowed[e]) continue;
-            const float ge = g[e];
-            const float* src = er + e * H_pad;
-            for (int64_t j = 0; j < H; ++j) m[j] += ge * src[j];
-          }
+          mix_experts(mix.data() + r * mix_ld, gate.data() + r * gate_ld + t * E, allowed,
+                      expert_out.data() + r * expert_out_ld, E, H_pad, H);
         }
         // tower: hidden layers on the micro-kernel, the 1-wide last layer as a dot product.
-        const float* in = mix.data();
-        int64_t in_ld = mix_ld;
-        for (size_t k = 0; k < p.towers.size(); ++k) {
-          float* dst = tower[k % 2].data();
-          small_gemm(nb, p.towers[k], t, buffer, in, in_ld, /*relu=*/true, dst, p.towers[k].n_pad);
-          in = dst;
-          in_ld = p.towers[k].n_pad;
-        }
-        const float* wl = last_w + t * G_last;
-        const float bl = last_b[t];
-        const bool sigmoid = d.sigmoid[t];
-        for (int64_t r = 0; r < nb; ++r) {
-          const float* row = in + r * in_ld;
-          float s = 0.f;
-          for (int64_t j = 0; j < G_last; ++j) s += row[j] * wl[j];
-          s += bl;
-          out[(r0 + r) * T + t] = sigmoid ? 1.f / (1.f + std::exp(-s)) : s;
-        }
+        tower_scores(nb, p.towers, t, G_last, d.sigmoid[t], buffer, mix.data(), mix_ld, tower, out + r0 * T + t, T);
       }
     }
   });
@@ -261,7 +158,7 @@ at::Tensor multi_task_score_cpu(const at::Tensor& x, at::TensorList expert_weigh
                                                              gate_bias, gate_mask, tower_weights, tower_biases,
                                                              transforms);
   check_native_dtype(x);
-  const std::vector<uint8_t> mask = gate_mask_bytes(gate_mask, d);
+  const std::vector<uint8_t> mask = gate_mask_bytes(gate_mask);
   if (d.rows == 0) return at::empty({0, d.tasks}, x.options());
   const PackedLayout p = packed_layout(d);
   at::Tensor buffer = at::empty({p.size}, x.options().dtype(at::kFloat));
@@ -300,7 +197,7 @@ at::Tensor multi_task_score_packed_cpu(const at::Tensor& x, at::TensorList exper
                                                              gate_bias, gate_mask, tower_weights, tower_biases,
                                                              transforms);
   check_native_dtype(x);
-  const std::vector<uint8_t> mask = gate_mask_bytes(gate_mask, d);
+  const std::vector<uint8_t> mask = gate_mask_bytes(gate_mask);
   const PackedLayout p = packed_layout(d);
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kFloat,
                    "packed must be the float32 tensor multi_task_score_pack returns, got ", packed.scalar_type());
