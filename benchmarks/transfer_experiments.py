@@ -6,7 +6,9 @@
 1. ``task`` — ml100k-mtl-v1: pretrain an MMoE on the click task (with id dropout), then train like +
    rating with the like/rating labels of only 10% of the training users (a seeded draw per seed;
    the other users' labels are NaN and their rows are dropped, which the masked loss would ignore
-   anyway). Transferred (embeddings + experts frozen, fine-tuned at one lower learning rate, or
+   anyway). The 8 dense statistics are recomputed for that 10% world
+   (`mtkernels.data.refit_dense_features`: mean rating and like rate from the budget users' labels
+   only, counts and popularity from clicks), and the click source is pretrained in it. Transferred (embeddings + experts frozen, fine-tuned at one lower learning rate, or
    at per-part rates: embeddings x 0.1, experts x 1; and the last with click kept as an auxiliary
    task on every row, its gate and tower carried over) vs the same model from scratch on the same
    10% (with and without the auxiliary click labels), vs from scratch on 100%. Every arm stops
@@ -51,7 +53,7 @@ import torch
 from mtkernels import evaluation
 from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, ColdStartModel, fit_item_prior, item_prior_for,
                                   pseudo_cold_ml100k)
-from mtkernels.data import load_census_income, load_ml100k_mtl_v1
+from mtkernels.data import load_census_income, load_ml100k_mtl_v1, refit_dense_features
 from mtkernels.data.movielens import read_movielens_100k
 from mtkernels.training import TrainConfig, fit, presets
 from mtkernels.training.checkpoint import atomic_write
@@ -150,19 +152,20 @@ def _train_arm(arm: Arm, source, seed: int, quick: bool, budget_data, monitor_ta
 def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str], None]) -> List[str]:
     """(1): click -> like + rating with 10% of the training users' like/rating labels."""
     data = load_ml100k_mtl_v1()
-    click = select_tasks(data, ["click"])
-    targets = select_tasks(data, ["like", "rating"])
-    full = drop_unlabelled_rows(targets)
+    full = drop_unlabelled_rows(select_tasks(data, ["like", "rating"]))
     task_rows: Dict[str, Dict[str, List[float]]] = {}
     cost_rows: Dict[str, Dict[str, List[float]]] = {}
 
     for seed in seeds:
+        # The 10% world: click labels on every row, like/rating labels of 10% of the training users,
+        # and the dense rating statistics recomputed from those users' labels only (the source is
+        # pretrained in this world too, so no input summarises a withheld label).
+        aux, _ = keep_label_fraction(data, ["like", "rating"], 0.10, seed=seed)
+        aux = refit_dense_features(aux)
+        click = select_tasks(aux, ["click"])
         source = _model(click, seed)
         fit(source, click, _config(seed, quick, id_dropout=ID_DROPOUT))
-        budget, _ = keep_label_fraction(targets, ["like", "rating"], 0.10, seed=seed)
-        budget = drop_unlabelled_rows(budget)
-        # the same users' like/rating labels (same draw), click labels on every row
-        aux, _ = keep_label_fraction(data, ["like", "rating"], 0.10, seed=seed)
+        budget = drop_unlabelled_rows(select_tasks(aux, ["like", "rating"]))
         for name, arm in _arms("10%", budget, full, aux, "click").items():
             model, result = _train_arm(arm, source, seed, quick, budget, ["like"])
             values = {}
