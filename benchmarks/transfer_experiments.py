@@ -50,7 +50,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from mtkernels import evaluation
+from mtkernels import evaluation, metrics
 from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, ColdStartModel, fit_item_prior, item_prior_for,
                                   pseudo_cold_ml100k)
 from mtkernels.data import load_census_income, load_ml100k_mtl_v1, refit_dense_features
@@ -149,6 +149,16 @@ def _train_arm(arm: Arm, source, seed: int, quick: bool, budget_data, monitor_ta
     return model, result
 
 
+def _like_auc_by_budget(model, data, kept: torch.Tensor) -> Dict[str, float]:
+    """test_warm like AUC on the rows of the budget users (``kept`` user rows) and of the others."""
+    split = data.splits["test_warm"]
+    like = [t.name for t in data.tasks].index("like")
+    scores = evaluation.predict(model, data, "test_warm")[:, like]
+    in_budget = torch.isin(split.user_row, kept)
+    return {name: metrics.auc(split.labels[mask, like], scores[mask])
+            for name, mask in (("budget_auc", in_budget), ("other_auc", ~in_budget))}
+
+
 def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str], None]) -> List[str]:
     """(1): click -> like + rating with 10% of the training users' like/rating labels."""
     data = load_ml100k_mtl_v1()
@@ -160,7 +170,7 @@ def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str]
         # The 10% world: click labels on every row, like/rating labels of 10% of the training users,
         # and the dense rating statistics recomputed from those users' labels only (the source is
         # pretrained in this world too, so no input summarises a withheld label).
-        aux, _ = keep_label_fraction(data, ["like", "rating"], 0.10, seed=seed)
+        aux, kept = keep_label_fraction(data, ["like", "rating"], 0.10, seed=seed)
         aux = refit_dense_features(aux)
         click = select_tasks(aux, ["click"])
         source = _model(click, seed)
@@ -172,6 +182,7 @@ def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str]
             for split, prefix in (("test_warm", ""), ("val", "val_")):
                 m = evaluation.evaluate(model, arm.data, split, topk=False)
                 values[prefix + "like_auc"], values[prefix + "rating_rmse"] = m["like"]["auc"], m["rating"]["rmse"]
+            values.update(_like_auc_by_budget(model, arm.data, kept))
             values["rows"] = arm.data.splits["train"].num_rows
             values["epochs"] = len(result.history)
             _append(task_rows, name, values)
@@ -194,8 +205,10 @@ def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str]
     return [
         _table(f"Task transfer, ml100k-mtl-v1 test_warm (like/rating labels of 10% of the training users; "
                f"early stopping on val like AUC; mean ± std over {n} seeds)",
-               ["model", "val like AUC", "like AUC", "val rating RMSE", "rating RMSE", "training rows", "epochs"],
-               task_rows, ["val_like_auc", "like_auc", "val_rating_rmse", "rating_rmse", "rows", "epochs"]),
+               ["model", "val like AUC", "like AUC", "like AUC, budget users", "like AUC, other users",
+                "val rating RMSE", "rating RMSE", "training rows", "epochs"],
+               task_rows, ["val_like_auc", "like_auc", "budget_auc", "other_auc", "val_rating_rmse", "rating_rmse",
+                           "rows", "epochs"]),
         _table(f"Cost of the target's training with the source's shared parts frozen vs fine-tuned (all "
                f"like/rating rows, {torch.get_num_threads()} thread(s), {n} seeds)",
                ["target training", "s/epoch", "trained dense values", "frozen values", "grad + optimizer state KiB"],
