@@ -1,7 +1,7 @@
 """Transfer learning and cold start experiments (issue 7), mean ± std over seeds, as Markdown.
 
     python -m benchmarks.transfer_experiments [--seeds 3] [--quick] [--threads 1]
-        [--experiments ml100k cold census] [--out benchmarks/results/transfer-cpu.md]
+        [--experiments task cold recipe census] [--out benchmarks/results/transfer-cpu.md]
 
 1. ``task`` — ml100k-mtl-v1: pretrain an MMoE on the click task (with id dropout), then train like +
    rating with the like/rating labels of only 10% of the training users (a seeded draw per seed;
