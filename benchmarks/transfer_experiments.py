@@ -1,12 +1,14 @@
 """Transfer learning and cold start experiments (issue 7), mean ± std over seeds, as Markdown.
 
     python -m benchmarks.transfer_experiments [--seeds 3] [--quick] [--threads 1]
-        [--experiments ml100k cold census] [--out benchmarks/results/transfer-cpu.md]
+        [--experiments task cold recipe census] [--out benchmarks/results/transfer-cpu.md]
 
 1. ``task`` — ml100k-mtl-v1: pretrain an MMoE on the click task (with id dropout), then train like +
    rating with the like/rating labels of only 10% of the training users (a seeded draw per seed;
    the other users' labels are NaN and their rows are dropped, which the masked loss would ignore
-   anyway). Transferred (embeddings + experts frozen, fine-tuned at one lower learning rate, or
+   anyway). The 8 dense statistics are recomputed for that 10% world
+   (`mtkernels.data.refit_dense_features`: mean rating and like rate from the budget users' labels
+   only, counts and popularity from clicks), and the click source is pretrained in it. Transferred (embeddings + experts frozen, fine-tuned at one lower learning rate, or
    at per-part rates: embeddings x 0.1, experts x 1; and the last with click kept as an auxiliary
    task on every row, its gate and tower carried over) vs the same model from scratch on the same
    10% (with and without the auxiliary click labels), vs from scratch on 100%. Every arm stops
@@ -48,10 +50,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from mtkernels import evaluation
+from mtkernels import evaluation, metrics
 from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, ColdStartModel, fit_item_prior, item_prior_for,
                                   pseudo_cold_ml100k)
-from mtkernels.data import load_census_income, load_ml100k_mtl_v1
+from mtkernels.data import load_census_income, load_ml100k_mtl_v1, refit_dense_features
 from mtkernels.data.movielens import read_movielens_100k
 from mtkernels.training import TrainConfig, fit, presets
 from mtkernels.training.checkpoint import atomic_write
@@ -147,28 +149,40 @@ def _train_arm(arm: Arm, source, seed: int, quick: bool, budget_data, monitor_ta
     return model, result
 
 
+def _like_auc_by_budget(model, data, kept: torch.Tensor) -> Dict[str, float]:
+    """test_warm like AUC on the rows of the budget users (``kept`` user rows) and of the others."""
+    split = data.splits["test_warm"]
+    like = [t.name for t in data.tasks].index("like")
+    scores = evaluation.predict(model, data, "test_warm")[:, like]
+    in_budget = torch.isin(split.user_row, kept)
+    return {name: metrics.auc(split.labels[mask, like], scores[mask])
+            for name, mask in (("budget_auc", in_budget), ("other_auc", ~in_budget))}
+
+
 def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str], None]) -> List[str]:
     """(1): click -> like + rating with 10% of the training users' like/rating labels."""
     data = load_ml100k_mtl_v1()
-    click = select_tasks(data, ["click"])
-    targets = select_tasks(data, ["like", "rating"])
-    full = drop_unlabelled_rows(targets)
+    full = drop_unlabelled_rows(select_tasks(data, ["like", "rating"]))
     task_rows: Dict[str, Dict[str, List[float]]] = {}
     cost_rows: Dict[str, Dict[str, List[float]]] = {}
 
     for seed in seeds:
+        # The 10% world: click labels on every row, like/rating labels of 10% of the training users,
+        # and the dense rating statistics recomputed from those users' labels only (the source is
+        # pretrained in this world too, so no input summarises a withheld label).
+        aux, kept = keep_label_fraction(data, ["like", "rating"], 0.10, seed=seed)
+        aux = refit_dense_features(aux)
+        click = select_tasks(aux, ["click"])
         source = _model(click, seed)
         fit(source, click, _config(seed, quick, id_dropout=ID_DROPOUT))
-        budget, _ = keep_label_fraction(targets, ["like", "rating"], 0.10, seed=seed)
-        budget = drop_unlabelled_rows(budget)
-        # the same users' like/rating labels (same draw), click labels on every row
-        aux, _ = keep_label_fraction(data, ["like", "rating"], 0.10, seed=seed)
+        budget = drop_unlabelled_rows(select_tasks(aux, ["like", "rating"]))
         for name, arm in _arms("10%", budget, full, aux, "click").items():
             model, result = _train_arm(arm, source, seed, quick, budget, ["like"])
             values = {}
             for split, prefix in (("test_warm", ""), ("val", "val_")):
                 m = evaluation.evaluate(model, arm.data, split, topk=False)
                 values[prefix + "like_auc"], values[prefix + "rating_rmse"] = m["like"]["auc"], m["rating"]["rmse"]
+            values.update(_like_auc_by_budget(model, arm.data, kept))
             values["rows"] = arm.data.splits["train"].num_rows
             values["epochs"] = len(result.history)
             _append(task_rows, name, values)
@@ -191,8 +205,10 @@ def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str]
     return [
         _table(f"Task transfer, ml100k-mtl-v1 test_warm (like/rating labels of 10% of the training users; "
                f"early stopping on val like AUC; mean ± std over {n} seeds)",
-               ["model", "val like AUC", "like AUC", "val rating RMSE", "rating RMSE", "training rows", "epochs"],
-               task_rows, ["val_like_auc", "like_auc", "val_rating_rmse", "rating_rmse", "rows", "epochs"]),
+               ["model", "val like AUC", "like AUC", "like AUC, budget users", "like AUC, other users",
+                "val rating RMSE", "rating RMSE", "training rows", "epochs"],
+               task_rows, ["val_like_auc", "like_auc", "budget_auc", "other_auc", "val_rating_rmse", "rating_rmse",
+                           "rows", "epochs"]),
         _table(f"Cost of the target's training with the source's shared parts frozen vs fine-tuned (all "
                f"like/rating rows, {torch.get_num_threads()} thread(s), {n} seeds)",
                ["target training", "s/epoch", "trained dense values", "frozen values", "grad + optimizer state KiB"],

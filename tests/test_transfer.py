@@ -380,3 +380,55 @@ def test_cli_init_from_and_freeze(tmp_path, monkeypatch, capsys):
     assert cli.main(["train", *common, "--init-from", source, "--freeze", "embeddings",
                      "--transfer-lr-scale", "embeddings=0.1", "--checkpoint", str(tmp_path / "z.pt")]) == 2
     assert "not fine-tuned" in capsys.readouterr().err
+
+
+def test_refit_dense_features_sees_only_the_budget_labels():
+    """A label budget's dense statistics: changing a withheld rating changes no feature, changing a
+    kept one does; with every label kept the tables are `build_ml100k_mtl_v1`'s."""
+    import numpy as np
+
+    from mtkernels.data import protocol, refit_dense_features
+    from mtkernels.data.movielens import MovieLens, build_ml100k_mtl_v1
+
+    try:
+        from tests.data_fixtures import synthetic_movielens
+    except ImportError:  # tests/ on sys.path instead of the repo root
+        from data_fixtures import synthetic_movielens
+    ratings, users, items = synthetic_movielens(num_users=40, num_items=50, seed=2)
+    movielens = MovieLens(ratings, users, items, "synthetic", None)
+    splits = protocol.build_splits(ratings, np.arange(1, 51))
+    data = build_ml100k_mtl_v1(movielens, splits)
+    same = refit_dense_features(data)
+    for name in data.splits:
+        assert torch.equal(same.splits[name].dense, data.splits[name].dense)
+
+    def budget_dense(changed_user):
+        """Dense features of the 25% budget after changing ``changed_user``'s first training rating."""
+        altered = {k: v.copy() for k, v in splits.items()}
+        train = altered["train"]
+        row = train.index[(train["user_id"] == changed_user) & (train["click"] == 1)][0]
+        rating = 1.0 if train.loc[row, "rating"] >= protocol.LIKE_THRESHOLD else 5.0
+        train.loc[row, ["rating", "like"]] = [rating, float(rating >= protocol.LIKE_THRESHOLD)]
+        budget, kept = keep_label_fraction(build_ml100k_mtl_v1(movielens, altered), ["like", "rating"], 0.25, seed=1)
+        refit = refit_dense_features(budget)
+        return {name: refit.splits[name].dense for name in refit.splits}, kept
+
+    reference, kept = keep_label_fraction(data, ["like", "rating"], 0.25, seed=1)
+    reference = refit_dense_features(reference)
+    user_ids = data.user_ids[kept].tolist()
+    withheld = sorted(set(splits["train"]["user_id"]) - set(user_ids))[0]
+    changed, _ = budget_dense(withheld)
+    for name in data.splits:
+        assert torch.equal(changed[name], reference.splits[name].dense)
+    changed, _ = budget_dense(user_ids[0])
+    assert not torch.equal(changed["train"], reference.splits["train"].dense)
+    # the budget's rating statistics differ from the full labels' ones; popularity does not
+    column = data.dense_names.index
+    full, part = data.splits["train"].dense, reference.splits["train"].dense
+    assert not torch.equal(full[:, column("item_mean_rating")], part[:, column("item_mean_rating")])
+    for name in ("item_log_popularity", "user_log_activity", "user_recent_popularity"):
+        assert torch.equal(full[:, column(name)], part[:, column(name)])
+    with pytest.raises(ValueError, match="click and rating"):
+        refit_dense_features(select_tasks(data, ["like", "rating"]))
+    with pytest.raises(ValueError, match="dense columns"):
+        refit_dense_features(build_ml100k_mtl_v1(movielens, splits, dense_features=False))

@@ -14,12 +14,12 @@ from .census import load_census_income
 from .dataset import EntityTable, MultiTaskData, SplitRows, gather_jagged
 from .sources import default_data_dir, fetch_ml100k
 from .interactions import load_interactions
-from .movielens import MovieLens, load_ml100k_mtl_v1, read_movielens_100k
+from .movielens import MovieLens, load_ml100k_mtl_v1, read_movielens_100k, refit_dense_features
 from .types import Batch, FeatureSpec, Split, TaskSpec, TopKEval, UserRows
 
 __all__ = [
     "Batch", "EntityTable", "FeatureSpec", "MovieLens", "MultiTaskData", "Split", "SplitRows", "TaskSpec",
     "TopKEval", "UserRows", "default_data_dir", "fetch_ml100k", "gather_jagged", "load_census_income",
     "load_interactions", "load_ml100k_mtl_v1",
-    "read_movielens_100k",
+    "read_movielens_100k", "refit_dense_features",
 ]

@@ -7,7 +7,9 @@ Data: F. M. Harper and J. A. Konstan, "The MovieLens Datasets: History and Conte
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -195,6 +197,75 @@ def _standardise(table: np.ndarray, fit_rows: np.ndarray, fill_rows: np.ndarray)
     return out.astype(np.float32)
 
 
+def _dense_tables(user_rows: np.ndarray, item_rows: np.ndarray, ratings: np.ndarray, rated: np.ndarray,
+                  num_user_rows: int, num_item_rows: int, warm_rows: np.ndarray):
+    """The standardised ``USER_DENSE`` ``[num_user_rows, 5]`` and ``ITEM_DENSE`` ``[num_item_rows, 3]``
+    float32 tables from the training positives (``user_rows``, ``item_rows``, ``ratings``, in protocol
+    order: user, timestamp, item). Counts and popularity use every positive (clicks); the mean rating
+    and like rate only the positives with ``rated`` True (their priors too), so a label budget's
+    statistics summarise the budget's labels only. Rows without history get the mean (0)."""
+    rated = np.asarray(rated, dtype=bool)
+    known = ratings[rated]
+    prior_rating = float(known.mean()) if len(known) else 0.0
+    prior_like = float((known >= protocol.LIKE_THRESHOLD).mean()) if len(known) else 0.0
+
+    def side(keys: np.ndarray, num_keys: int) -> np.ndarray:
+        stats = _smoothed_stats(keys[rated], known, num_keys, prior_rating, prior_like)
+        stats[:, 0] = np.log1p(np.bincount(keys, minlength=num_keys))
+        return stats
+
+    user_dense, item_dense = side(user_rows, num_user_rows), side(item_rows, num_item_rows)
+    user_taste = _user_taste_stats(user_rows, item_dense[item_rows, 0], num_user_rows)
+    user_dense = np.concatenate([user_dense, user_taste], 1)
+    user_dense = _standardise(user_dense, warm_rows, np.setdiff1d(np.arange(num_user_rows), warm_rows))
+    item_dense = _standardise(item_dense, np.arange(1, num_item_rows), np.array([0]))
+    return user_dense, item_dense
+
+
+def refit_dense_features(data: MultiTaskData, split: str = "train") -> MultiTaskData:
+    """A copy of an ml100k-mtl-v1 `MultiTaskData` whose dense statistics (``USER_DENSE``,
+    ``ITEM_DENSE``) are recomputed from the labels ``data`` holds in ``split``.
+
+    For label-budget experiments (`mtkernels.transfer.keep_label_fraction`): activity, popularity
+    and history popularity come from the click labels (every positive), the mean ratings and like
+    rates only from positives whose ``rating`` label is present (not NaN), so users and items whose
+    rating labels are withheld get the budget's prior, and no feature summarises a withheld label.
+    With every label present the result equals `build_ml100k_mtl_v1`'s tables. Other dense columns
+    (if any) and everything else are shared with ``data``; every split is re-assembled.
+
+    Raises:
+        ValueError: ``data`` has no ``click`` or ``rating`` task, no ``split``, or lacks the
+            ``USER_DENSE``/``ITEM_DENSE`` columns (built with ``dense_features=False``).
+    """
+    names = [t.name for t in data.tasks]
+    if "click" not in names or "rating" not in names:
+        raise ValueError(f"data must have the click and rating tasks, got {names}")
+    if split not in data.splits:
+        raise ValueError(f"no split {split!r}; splits: {list(data.splits)}")
+    user_names, item_names = data._user_dense_names, data._item_dense_names
+    if any(n not in user_names for n in USER_DENSE) or any(n not in item_names for n in ITEM_DENSE):
+        raise ValueError(f"data must have the dense columns {USER_DENSE + ITEM_DENSE}, got {data.dense_names}")
+    rows = data._split_rows[split]
+    labels = rows.labels.double().numpy()
+    positive = labels[:, names.index("click")] == 1
+    user_rows, item_rows = rows.user_row.numpy()[positive], rows.item_row.numpy()[positive]
+    ratings = labels[positive, names.index("rating")]
+    order = np.lexsort((item_rows, rows.extra["timestamp"].numpy()[positive], user_rows))  # protocol order
+    user_rows, item_rows, ratings = user_rows[order], item_rows[order], ratings[order]
+    warm_rows = np.arange(1, int(data.info["num_warm_users"]) + 1)
+    user_new, item_new = _dense_tables(user_rows, item_rows, np.nan_to_num(ratings), ~np.isnan(ratings),
+                                       data._users.dense.shape[0], data._items.dense.shape[0], warm_rows)
+    user_dense, item_dense = data._users.dense.clone(), data._items.dense.clone()
+    user_dense[:, [user_names.index(n) for n in USER_DENSE]] = torch.from_numpy(user_new)
+    item_dense[:, [item_names.index(n) for n in ITEM_DENSE]] = torch.from_numpy(item_new)
+    out = copy.copy(data)
+    out._users = dataclasses.replace(data._users, dense=user_dense)
+    out._items = dataclasses.replace(data._items, dense=item_dense)
+    out._split_single = dict(data._split_single)
+    out.splits = {name: out._assemble(name, split_rows) for name, split_rows in data._split_rows.items()}
+    return out
+
+
 def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.DataFrame]] = None,
                         dense_features: bool = True) -> MultiTaskData:
     """Encode the protocol splits of ``movielens`` into a `MultiTaskData` (see `load_ml100k_mtl_v1`)."""
@@ -252,14 +323,8 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
     pos_user_rows = user_row_of.loc[train_pos["user_id"].to_numpy()].to_numpy()
     pos_item_rows = position_of.loc[train_pos["item_id"].to_numpy()].to_numpy() + 1
     pos_ratings = train_pos["rating"].to_numpy(dtype=float)
-    prior_rating = float(pos_ratings.mean()) if len(pos_ratings) else 0.0
-    prior_like = float((pos_ratings >= protocol.LIKE_THRESHOLD).mean()) if len(pos_ratings) else 0.0
-    user_dense = _smoothed_stats(pos_user_rows, pos_ratings, num_user_rows, prior_rating, prior_like)
-    item_dense = _smoothed_stats(pos_item_rows, pos_ratings, num_items + 1, prior_rating, prior_like)
-    item_log_count = item_dense[pos_item_rows, 0]
-    user_dense = np.concatenate([user_dense, _user_taste_stats(pos_user_rows, item_log_count, num_user_rows)], 1)
-    user_dense = _standardise(user_dense, warm_rows, np.setdiff1d(np.arange(num_user_rows), warm_rows))
-    item_dense = _standardise(item_dense, np.arange(1, num_items + 1), np.array([0]))
+    user_dense, item_dense = _dense_tables(pos_user_rows, pos_item_rows, pos_ratings, np.ones(len(pos_ratings), bool),
+                                           num_user_rows, num_items + 1, warm_rows)
 
     if not dense_features:
         user_dense, item_dense = user_dense[:, :0], item_dense[:, :0]
