@@ -1,7 +1,7 @@
 """Fused recommendation end to end: the native `catalogue_score` op against the PyTorch path.
 
     python -m benchmarks.fused_recommend [--checkpoints .cache/fusion-bench] [--runs 5] [--threads 1 2]
-        [--untrained]
+        [--untrained] [--sequential-rules]
 
 Loads (or trains, as `benchmarks.fusion_ml100k` does) the seed-0 SharedBottom, MMoE and PLE of
 ml100k-mtl-v1, fits EASE on train, saves their fusion with fixed weights 0.1 / 0.2 / 0.5 / 0.2 (every
@@ -11,7 +11,8 @@ paths of `mtkernels.catalogue.CatalogueScorer` alternate run by run (native op, 
 PyTorch path it replaced), so both see the same machine load; prints the median wall and CPU seconds
 of each and the share of users whose top-10 lists are identical under both paths. ``--untrained``
 times freshly initialised models of the same presets instead (the same shapes, so the same work;
-no training needed, the lists differ from a trained fusion's).
+no training needed, the lists differ from a trained fusion's). ``--sequential-rules`` adds a fifth
+member, `SequentialRules` (fitted on train), with weights 0.1 / 0.2 / 0.4 / 0.1 / 0.2.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mtkernels.training import presets
 
 MEMBERS = ("shared_bottom", "mmoe", "ple")
 WEIGHTS = (0.1, 0.2, 0.5, 0.2)  # SharedBottom, MMoE, PLE, EASE
+WEIGHTS_FIVE = (0.1, 0.2, 0.4, 0.1, 0.2)  # ... and SequentialRules
 
 
 def _set_native(ranker: Ranker, native) -> None:
@@ -47,6 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--untrained", action="store_true",
                         help="time freshly initialised models of the same presets (same shapes and work, no training)")
+    parser.add_argument("--sequential-rules", action="store_true", help="add SequentialRules as a fifth member")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
 
@@ -60,14 +63,19 @@ def main(argv=None) -> int:
         members = [model_member_from_checkpoint(_checkpoint(data, tables, b, 0, args.checkpoints, 2, print),
                                                 NAMES.get(b, b))[0] for b in MEMBERS]
     members.append(CFMember.fit(data, "ease", name="EASE"))
-    fused_path = os.path.join(args.checkpoints, "fused-untrained.pt" if args.untrained else "fused-all-weighted.pt")
-    ScoreFusion(members, ["click"], weights=list(WEIGHTS), tables=tables).save(fused_path)
+    weights = WEIGHTS
+    if args.sequential_rules:
+        members.append(CFMember.fit(data, "sr", name="SequentialRules"))
+        weights = WEIGHTS_FIVE
+    fused_path = os.path.join(args.checkpoints, ("fused-untrained" if args.untrained else "fused-all-weighted")
+                              + ("-sr" if args.sequential_rules else "") + ".pt")
+    ScoreFusion(members, ["click"], weights=list(weights), tables=tables).save(fused_path)
     ranker = Ranker.load(fused_path)
     evaluation = data.topk_eval("test_warm")
     warm_ids = [int(data.user_ids[r]) for r in evaluation.users.tolist()]
 
     print(f"fused recommendation: {len(warm_ids)} warm users x {data.num_items} items, "
-          f"{len(members)} members all weighted {WEIGHTS}, k=10; median of {args.runs} runs; "
+          f"{len(members)} members all weighted {weights}, k=10; median of {args.runs} runs; "
           f"load average at start {os.getloadavg()[0]:.1f}")
     print("| threads | native op s (wall) | PyTorch path s (wall) | wall ratio | native op CPU s | PyTorch path CPU s | CPU ratio | load average | same top-10 |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -1,13 +1,16 @@
 """Multi-model fusion on ml100k-mtl-v1 (issue 8 "Must reach"): quality over seeds and serving time.
 
-    python -m benchmarks.fusion_ml100k [--seeds 3] [--models shared_bottom mmoe ple] [--cf ease]
-        [--checkpoints .cache/fusion-bench] [--train-threads 2] [--timing-runs 5]
+    python -m benchmarks.fusion_ml100k [--seeds 3] [--models shared_bottom mmoe ple] [--cf ease sr]
+        [--full-val-history] [--checkpoints .cache/fusion-bench] [--train-threads 2] [--timing-runs 5]
         [--out benchmarks/results/fusion-cpu.md]
 
 Per seed: trains each model with the presets of `mtkernels.training.presets` (or loads
-``<checkpoints>/<model>-seed<s>.pt`` when it exists), fits the collaborative-filtering member on
-train, learns the fusion weights on val (NDCG@10, coordinate search, that seed), and evaluates
-every member alone (ranking by its click score) and the fusion on test_warm and test_cold.
+``<checkpoints>/<model>-seed<s>.pt`` when it exists), fits the collaborative-filtering members on
+train (EASE lambda 100; SequentialRules window 200, half-life 3), learns the fusion weights on val
+(NDCG@10, coordinate search, that seed; gap-matched: the collaborative-filtering members score val
+users without their last |val(u)| training items, see `ScoreFusion.fit_weights`, unless
+``--full-val-history``), and evaluates every member alone (ranking by its click score) and the
+fusion on test_warm and test_cold.
 Prints the Markdown table (mean ± sample std over seeds) and the learned weights.
 
 Timing: `Ranker.recommend` of all 849 warm users (external ids, k=10, seen items excluded) over
@@ -40,6 +43,7 @@ from mtkernels.training import TrainConfig, fit, presets
 from mtkernels.training.checkpoint import atomic_write
 
 SPLITS = ("test_warm", "test_cold")
+CF_NAMES = {"ease": "EASE", "itemknn": "ItemKNN", "sr": "SequentialRules"}
 METRICS = ("ndcg@10", "recall@10")
 
 
@@ -90,7 +94,10 @@ def _median_seconds(call, runs: int, cpu: bool = False):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["shared_bottom", "mmoe", "ple"])
-    parser.add_argument("--cf", default="ease", choices=["ease", "itemknn"])
+    parser.add_argument("--cf", nargs="+", default=["ease", "sr"], choices=["ease", "itemknn", "sr"],
+                        help="collaborative-filtering members")
+    parser.add_argument("--full-val-history", action="store_true",
+                        help="fit the weights with the whole training history on val (not gap-matched)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--checkpoints", default=".cache/fusion-bench", help="folder of the members' checkpoints")
     parser.add_argument("--train-threads", type=int, default=2)
@@ -109,23 +116,24 @@ def main(argv=None) -> int:
     os.makedirs(args.checkpoints, exist_ok=True)
     data = load_ml100k_mtl_v1(args.data_dir)
     tables = serving_tables(data)
-    cf_name = {"ease": "EASE", "itemknn": "ItemKNN"}[args.cf]
+    cf_names = [CF_NAMES[c] for c in args.cf]
+    gap_matched = not args.full_val_history
     rows: Dict[str, Dict[str, List[float]]] = {}
     weights: Dict[str, List[float]] = {}
     val: List[float] = []
     fusions = []
-    cf = None
+    cfs = None
     for seed in range(args.seeds):
         members = []
         for backbone in args.models:
             path = _checkpoint(data, tables, backbone, seed, args.checkpoints, args.train_threads, log)
             members.append(model_member_from_checkpoint(path, NAMES.get(backbone, backbone))[0])
         torch.set_num_threads(args.fit_threads)
-        if cf is None:  # deterministic: the same member for every seed
-            cf = CFMember.fit(data, args.cf, name=cf_name)
+        if cfs is None:  # deterministic: the same members for every seed
+            cfs = [CFMember.fit(data, c, name=n) for c, n in zip(args.cf, cf_names)]
         started = time.perf_counter()
-        fusion = ScoreFusion(members + [cf], ["click"], tables=tables)
-        report = fusion.fit_weights(data, objective="ndcg@10", seed=seed)
+        fusion = ScoreFusion(members + cfs, ["click"], tables=tables)
+        report = fusion.fit_weights(data, objective="ndcg@10", seed=seed, gap_matched=gap_matched)
         log(f"seed {seed}: weights {({k: round(v, 3) for k, v in report['weights'].items()})}, val NDCG@10 "
             f"{report['val_equal_weights']:.4f} (equal weights) -> {report['val_fitted']:.4f} "
             f"({time.perf_counter() - started:.0f} s)")
@@ -133,10 +141,10 @@ def main(argv=None) -> int:
         for name, w in report["weights"].items():
             weights.setdefault(name.split("/")[0], []).append(w)
         systems = [(m.name, ScoreFusion([m], ["click"], weights=[1.0], transforms="identity", tables=tables))
-                   for m in members + [cf]]
+                   for m in members + cfs]
         for name, system in systems + [("fusion", fusion)]:
             for key, value in _metrics(system, data).items():
-                if name == cf_name and key.startswith("test_cold"):
+                if name in cf_names and key.startswith("test_cold"):
                     value = math.nan  # no training history for cold users: every score is 0
                 rows.setdefault(name, {}).setdefault(key, []).append(value)
         log(f"seed {seed}: " + ", ".join(f"{name} {rows[name]['test_warm_ndcg@10'][-1]:.4f}" for name in rows))
@@ -148,8 +156,10 @@ def main(argv=None) -> int:
     lines.append(f"torch {torch.__version__}, {os.cpu_count()} cores; load average at the end of the quality runs: "
                  f"{load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}")
     lines.append("")
+    val_kind = "gap-matched val" if gap_matched else "val (whole training history)"
     lines.append(f"### ml100k-mtl-v1: members and their fusion (mean ± std over {args.seeds} seeds; models by click "
-                 f"probability; {cf_name} fitted on train; fusion weights by coordinate search on val NDCG@10)")
+                 f"probability; {', '.join(cf_names)} fitted on train; fusion weights by coordinate search on "
+                 f"{val_kind} NDCG@10)")
     lines.append("")
     lines.append("| system | weight | test_warm NDCG@10 | test_warm Recall@10 | test_cold NDCG@10 | test_cold Recall@10 |")
     lines.append("|---|---:|---:|---:|---:|---:|")
@@ -158,8 +168,8 @@ def main(argv=None) -> int:
         label = f"**{name}**" if name == "fusion" else name
         lines.append(f"| {label} | {weight} | " + " | ".join(_mean_std(values[f"{s}_{m}"]) for s in SPLITS for m in METRICS) + " |")
     lines.append("")
-    lines.append(f"{cf_name} has no training history for the cold users (every score 0): '-'; the fusion ranks them "
-                 f"by the models alone.")
+    lines.append(f"{', '.join(cf_names)}: no training history for the cold users (every score 0): '-'; the fusion "
+                 f"ranks them by the models alone.")
     lines.append(f"Fusion / best member ({best}) on test_warm NDCG@10: **{fused / best_value:.3f}x** "
                  f"({fused:.4f} vs {best_value:.4f}); val NDCG@10 of the fitted fusion {_mean_std(val)}.")
     print("\n".join(lines), flush=True)
@@ -195,7 +205,8 @@ def main(argv=None) -> int:
     except OSError:
         model = ""
     lines.append("")
-    lines.append(f"CPU: {model}. Command: `python -m benchmarks.fusion_ml100k --seeds {args.seeds} --cf {args.cf}`.")
+    lines.append(f"CPU: {model}. Command: `python -m benchmarks.fusion_ml100k --seeds {args.seeds} --cf {' '.join(args.cf)}"
+                 f"{' --full-val-history' if args.full_val_history else ''}`.")
     text = "\n".join(lines) + "\n"
     atomic_write(args.out, lambda f: f.write(text.encode()))
     print(f"written: {args.out}")

@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-fusion", action="store_true", help="skip the fusion stage (models + EASE, fused)")
+    p.add_argument("--no-fusion", action="store_true", help="skip the fusion stage (models + EASE + SequentialRules, fused)")
     p.set_defaults(func=cmd_demo)
     return parser
 

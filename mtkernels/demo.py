@@ -103,8 +103,8 @@ def plot_learning_curves(history: Dict[str, List[Dict[str, Any]]], path: str) ->
 
 
 def fusion_stage(data, report: Dict[str, Any], models: Sequence[str], out: str, print_fn=print) -> Dict[str, Any]:
-    """Fuse the demo's seed-0 models and an EASE member (fitted on train) with weights learned on
-    val (NDCG@10); print and return each member's and the fusion's test_warm / test_cold NDCG@10 and
+    """Fuse the demo's seed-0 models, EASE and SequentialRules (both fitted on train) with weights
+    learned on gap-matched val (NDCG@10; `ScoreFusion.fit_weights`); print and return each member's and the fusion's test_warm / test_cold NDCG@10 and
     Recall@10 and the weights; write the fused checkpoint to ``<out>/fused.pt``."""
     from .fusion import CFMember, ScoreFusion, model_member_from_checkpoint
 
@@ -115,25 +115,27 @@ def fusion_stage(data, report: Dict[str, Any], models: Sequence[str], out: str, 
                                                           NAMES.get(backbone, backbone))
         members.append(member)
         tables = checkpoint["serving"]
-    cf = CFMember.fit(data, "ease", name="EASE")
-    fusion = ScoreFusion(members + [cf], ["click"], tables=tables)
-    fit = fusion.fit_weights(data, objective="ndcg@10", seed=0)
+    cfs = [CFMember.fit(data, "ease", name="EASE"), CFMember.fit(data, "sr", name="SequentialRules")]
+    fusion = ScoreFusion(members + cfs, ["click"], tables=tables)
+    fit = fusion.fit_weights(data, objective="ndcg@10", seed=0, gap_matched=True)
     rows: Dict[str, Dict[str, float]] = {}
     for backbone in models:
         run = report["models"][backbone]["runs"][0]
         rows[NAMES.get(backbone, backbone)] = {f"{split}_{m}": run[split][m] for split in ("test_warm", "test_cold")
                                                for m in ("ndcg@10", "recall@10")}
-    # EASE alone has nothing to rank cold users with (no training history: every score is 0)
-    rows["EASE"] = {f"test_warm_{m}": v for m, v in ScoreFusion([cf], ["click"], tables=tables).topk_metrics(data, "test_warm").items()}
-    rows["EASE"].update({"test_cold_ndcg@10": math.nan, "test_cold_recall@10": math.nan})
+    # the collaborative-filtering members have nothing to rank cold users with (no training history)
+    for cf in cfs:
+        rows[cf.name] = {f"test_warm_{m}": v for m, v in ScoreFusion([cf], ["click"], tables=tables).topk_metrics(data, "test_warm").items()}
+        rows[cf.name].update({"test_cold_ndcg@10": math.nan, "test_cold_recall@10": math.nan})
     rows["fusion"] = {f"{split}_{m}": v for split in ("test_warm", "test_cold")
                       for m, v in fusion.topk_metrics(data, split).items()}
     checkpoint = os.path.join(out, "fused.pt")
     fusion.save(checkpoint, extra={"data": {"name": "ml100k"}})
     weights = {name.split("/")[0]: w for name, w in fit["weights"].items()}
     print_fn("")
-    print_fn("fusion (seed-0 models + EASE, click scores; weights by coordinate search on val NDCG@10)")
-    header = f"{'member':<14}{'weight':>8}{'warm NDCG@10':>14}{'warm Recall@10':>16}{'cold NDCG@10':>14}{'cold Recall@10':>16}"
+    print_fn("fusion (seed-0 models + EASE + SequentialRules, click scores; weights by coordinate search on "
+             "gap-matched val NDCG@10)")
+    header = f"{'member':<16}{'weight':>8}{'warm NDCG@10':>14}{'warm Recall@10':>16}{'cold NDCG@10':>14}{'cold Recall@10':>16}"
     print_fn(header)
     print_fn("-" * len(header))
     for name, row in rows.items():
@@ -141,9 +143,9 @@ def fusion_stage(data, report: Dict[str, Any], models: Sequence[str], out: str, 
         cells = [f"{row[key]:>{width}.4f}" if not math.isnan(row[key]) else f"{'-':>{width}}"
                  for key, width in (("test_warm_ndcg@10", 14), ("test_warm_recall@10", 16),
                                     ("test_cold_ndcg@10", 14), ("test_cold_recall@10", 16))]
-        print_fn(f"{name:<14}{weight:>8}" + "".join(cells))
+        print_fn(f"{name:<16}{weight:>8}" + "".join(cells))
     seconds = time.perf_counter() - started
-    print_fn(f"(EASE has no history for cold users: they are ranked by the models alone.) "
+    print_fn(f"(EASE and SequentialRules have no history for cold users: they are ranked by the models alone.) "
              f"fused checkpoint: {os.path.abspath(checkpoint)} (stage: {seconds:.0f} s)")
     return {"members": rows, "weights": weights, "val_ndcg@10": fit["val_fitted"], "checkpoint": checkpoint,
             "seconds": seconds}
@@ -163,7 +165,8 @@ def run_demo(out: str = "outputs/demo", data_dir: Optional[str] = None,
         seeds: runs per model (0..seeds-1); tables show the mean (± sample std when > 1).
         epochs: cap on epochs (default: the preset, with early stopping on val).
         threads: ``torch.set_num_threads`` (default: torch's).
-        fuse: add the fusion stage (:func:`fusion_stage`): the seed-0 models and EASE, fused.
+        fuse: add the fusion stage (:func:`fusion_stage`): the seed-0 models, EASE and
+            SequentialRules, fused.
     """
     from . import evaluation
     from .data import load_ml100k_mtl_v1

@@ -1,8 +1,8 @@
 """Multi-model, multi-task score fusion: several models' task scores into one ranked list.
 
 `ScoreFusion` combines S *sources*, each one task score of one member (a trained
-`mtkernels.nn.MultiTaskModel`, or a collaborative-filtering model, `mtkernels.nn.EASE` or
-`mtkernels.nn.ItemKNN`):
+`mtkernels.nn.MultiTaskModel`, or a collaborative-filtering model, `mtkernels.nn.EASE`,
+`mtkernels.nn.ItemKNN` or `mtkernels.nn.SequentialRules`):
 
 - ``mode="weighted"``: ``fused(u, n) = sum_s w_s * transform_s(score_s(u, n))`` (linear score
   fusion, "CombSUM" with weights; Fox and Shaw, TREC-2 1994; weights learned on validation as in
@@ -35,7 +35,7 @@ import torch
 from . import metrics as _metrics
 from . import ops
 from .catalogue import CatalogueScorer, user_table
-from .nn.cf import EASE, ItemItemCF, ItemKNN
+from .nn.cf import EASE, ItemItemCF, ItemKNN, SequentialRules
 from .training.checkpoint import build_model, class_path, load_checkpoint, save_checkpoint
 
 MODES = ("weighted", "rrf")
@@ -80,12 +80,13 @@ class ModelMember:
                 "model_config": self.model.config, "model_state": self.model.state_dict()}
 
 
-CF_METHODS = {"itemknn": ItemKNN, "ease": EASE}
+CF_METHODS = {"itemknn": ItemKNN, "ease": EASE, "sr": SequentialRules}
 
 
 class CFMember:
-    """A collaborative-filtering model (`ItemKNN` or `EASE`) as a fusion member: one task,
-    ``"click"`` (implicit feedback), scores 0 for users without training history (cold users)."""
+    """A collaborative-filtering model (`ItemKNN`, `EASE` or `SequentialRules`) as a fusion member:
+    one task, ``"click"`` (implicit feedback), scores 0 for users without training history (cold
+    users)."""
 
     kind = "cf"
     task_kinds = ("score",)
@@ -97,8 +98,10 @@ class CFMember:
 
     @classmethod
     def fit(cls, data, method: str = "ease", name: Optional[str] = None, split: str = "train", **config) -> "CFMember":
-        """Fit ``method`` (``"itemknn"`` or ``"ease"``, with its constructor arguments ``config``)
-        on the positives of the first binary task (click) of ``data.splits[split]``.
+        """Fit ``method`` (``"itemknn"``, ``"ease"`` or ``"sr"``, with its constructor arguments
+        ``config``) on the positives of the first binary task (click) of ``data.splits[split]``,
+        each user's history in time order (the split's ``timestamp`` column when it has one, else
+        row order).
 
         Raises:
             ValueError: an unknown method.
@@ -109,11 +112,15 @@ class CFMember:
         first_binary = next((t for t, task in enumerate(data.tasks) if task.kind == "binary"), 0)
         positive = rows.labels[:, first_binary] > 0
         cf = CF_METHODS[method](data.num_items, **config)
-        cf.fit(rows.user_row[positive], rows.item[positive] - 1, data.num_user_rows)
+        timestamps = (getattr(rows, "extra", None) or {}).get("timestamp")
+        cf.fit(rows.user_row[positive], rows.item[positive] - 1, data.num_user_rows,
+               order=None if timestamps is None else timestamps[positive])
         return cls(name or method, cf)
 
-    def score(self, users: Mapping, rows: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> torch.Tensor:
-        return self.cf.score(users, rows)
+    def score(self, users: Mapping, rows: torch.Tensor, tasks: Optional[Sequence[str]] = None,
+              skip_recent: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[U, N, 1]``; ``skip_recent``: see `mtkernels.nn.ItemItemCF.score`."""
+        return self.cf.score(users, rows, skip_recent=skip_recent)
 
     def score_pairs(self, users: Mapping, pair_users: torch.Tensor, pair_items: torch.Tensor) -> torch.Tensor:
         return self.cf.score_pairs(users, pair_users, pair_items)
@@ -305,11 +312,14 @@ class ScoreFusion:
 
     def source_scores(self, users: Optional[Mapping], rows: torch.Tensor,
                       transforms: Optional[Sequence[str]] = None,
-                      weights: Optional[Sequence[float]] = None) -> Tuple[List[torch.Tensor], List[str]]:
+                      weights: Optional[Sequence[float]] = None,
+                      skip_recent: Optional[torch.Tensor] = None) -> Tuple[List[torch.Tensor], List[str]]:
         """The S source matrices ``[U, N]`` of user rows ``rows``, with the row-wise transforms
         applied, and the op-side transform of each (``"identity"`` where applied here). With
         ``weights``, a source of weight 0 is not scored (``ensemble_topk`` skips it in both modes):
-        its matrix is zeros, so a member with no weighted source costs nothing."""
+        its matrix is zeros, so a member with no weighted source costs nothing. ``skip_recent``
+        (int ``[U]``) is passed to the collaborative-filtering members (their histories without
+        each row's last ``skip_recent[u]`` items); the models do not read histories."""
         transforms = self.transforms if transforms is None else transforms
         users = self._users(users)
         rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
@@ -324,7 +334,10 @@ class ScoreFusion:
             if member.name not in wanted:
                 continue
             tasks = list(dict.fromkeys(self.sources[s][1] for s in wanted[member.name]))
-            scores = member.score(users, rows, tasks)  # [U, N, len(tasks)]: only the tasks fused
+            if skip_recent is not None and member.kind == CFMember.kind:
+                scores = member.score(users, rows, tasks, skip_recent=skip_recent)
+            else:
+                scores = member.score(users, rows, tasks)  # [U, N, len(tasks)]: only the tasks fused
             for s in wanted[member.name]:
                 matrices[s] = scores[:, :, tasks.index(self.sources[s][1])]
             del scores
@@ -420,7 +433,7 @@ class ScoreFusion:
     # --- learning the weights ------------------------------------------------------------------
     def fit_weights(self, validation, objective: str = "ndcg@10", seed: int = 0, split: str = "val",
                     rounds: int = 4, grid: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-                    ) -> Dict[str, object]:
+                    gap_matched: bool = False) -> Dict[str, object]:
         """Learn the source weights on the validation split; deterministic for a seed.
 
         ``objective="ndcg@10"`` (ranking): coordinate search over the probability simplex. Start
@@ -430,6 +443,15 @@ class ScoreFusion:
         best val NDCG@10 (ties: the current weights). Stops after ``rounds`` rounds or a round
         without change. Each trial is one fused top-k of every val user; the source matrices are
         computed and transformed once. The fusion's transforms are kept (``"zscore"`` default).
+
+        ``gap_matched=True`` (temporal splits where the test period follows the validation
+        period, as ml100k-mtl-v1's per-user split): a test user's relevant items come
+        ``|val(u)|`` ratings after the end of the training history, a val user's directly after
+        it, so history-based members (recency, sequences) look far better on val than on test and
+        would get too much weight. With it, the collaborative-filtering members score each val
+        user from the training history WITHOUT its last ``g_u`` items, ``g_u`` = the user's number
+        of relevant val items (= |val(u)|), so val sees the test's gap; the models score as
+        always. Serving and :meth:`topk_metrics` use the whole history.
 
         ``objective="logloss"`` (a calibrated click probability): logistic stacking (Wolpert 1992;
         Breiman 1996): a logistic regression (scikit-learn, L2, lbfgs) of the val click labels
@@ -444,6 +466,8 @@ class ScoreFusion:
             seed: seed of the coordinate order (ndcg) or of the solver (logloss).
             split: the validation split.
             rounds, grid: the coordinate search's budget and candidate shares.
+            gap_matched: score the val users' collaborative-filtering sources with the test's gap
+                (ndcg objective only).
 
         Returns:
             ``{"objective", "weights": {source: w}, "val": value of the objective before/after, ...}``
@@ -455,13 +479,17 @@ class ScoreFusion:
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if objective == "logloss":
+            if gap_matched:
+                raise ValueError("gap_matched applies to the ndcg@10 objective only")
             return self._fit_logistic(validation, seed, split)
-        return self._fit_ndcg(validation, seed, split, rounds, grid)
+        return self._fit_ndcg(validation, seed, split, rounds, grid, bool(gap_matched))
 
-    def _fit_ndcg(self, data, seed: int, split: str, rounds: int, grid: Sequence[float]) -> Dict[str, object]:
+    def _fit_ndcg(self, data, seed: int, split: str, rounds: int, grid: Sequence[float],
+                  gap_matched: bool = False) -> Dict[str, object]:
         evaluation = data.topk_eval(split)
         users = self._validation_users(data)
-        matrices, native = self.source_scores(users, evaluation.users)
+        gap = evaluation.relevant_offsets[1:] - evaluation.relevant_offsets[:-1] if gap_matched else None
+        matrices, native = self.source_scores(users, evaluation.users, skip_recent=gap)
         stacked = torch.stack(matrices)  # [S, U, N]: the whole val set, transformed once
         del matrices
 
@@ -502,6 +530,7 @@ class ScoreFusion:
         self.intercept = 0.0
         self.fit_report = {"objective": "ndcg@10", "split": split, "seed": int(seed), "method": "coordinate search on the simplex",
                            "weights": dict(zip(self.source_names, weights)), "transforms": dict(zip(self.source_names, self.transforms)),
+                           "gap_matched": gap_matched,
                            "val_equal_weights": start_value, "val_fitted": best, "val_single_sources": singles}
         return self.fit_report
 

@@ -101,8 +101,8 @@ def test_demo_writes_report_and_learning_curves(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["report.json", "learning_curves.png", "mmoe-seed0.pt", "mmoe-seed1.pt", "ple-seed0.pt", "ple-seed1.pt",
          "fused.pt"])
-    # the fusion stage: both models and EASE, weights on the simplex, a row per member and the fusion
-    assert "fusion (seed-0 models + EASE" in text
-    assert set(report["fusion"]["weights"]) == {"MMoE", "PLE", "EASE"}
+    # the fusion stage: both models, EASE and SequentialRules, weights on the simplex, a row per member and the fusion
+    assert "fusion (seed-0 models + EASE + SequentialRules" in text
+    assert set(report["fusion"]["weights"]) == {"MMoE", "PLE", "EASE", "SequentialRules"}
     assert sum(report["fusion"]["weights"].values()) == pytest.approx(1.0)
-    assert set(report["fusion"]["members"]) == {"MMoE", "PLE", "EASE", "fusion"}
+    assert set(report["fusion"]["members"]) == {"MMoE", "PLE", "EASE", "SequentialRules", "fusion"}

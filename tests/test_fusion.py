@@ -1,5 +1,5 @@
 """`mtkernels.fusion.ScoreFusion`, its members (factorised catalogue scoring of multi-task models,
-ItemKNN, EASE), fused checkpoints served by `Ranker`, and the `mtkernels fuse` command."""
+ItemKNN, EASE, SequentialRules), fused checkpoints served by `Ranker`, and the `mtkernels fuse` command."""
 
 import math
 from types import SimpleNamespace
@@ -13,7 +13,7 @@ from mtkernels._extension import has_kernel
 from mtkernels.catalogue import CatalogueScorer, user_table
 from mtkernels.data import TopKEval
 from mtkernels.fusion import CFMember, ModelMember, ScoreFusion
-from mtkernels.nn import EASE, ItemKNN, MultiTaskModel
+from mtkernels.nn import EASE, ItemKNN, MultiTaskModel, SequentialRules
 from mtkernels.serving import Ranker, serving_tables
 from mtkernels.training import TrainConfig, fit
 from synthetic import make_data, one_thread, tiny_model  # noqa: F401 (autouse fixture)
@@ -115,6 +115,75 @@ def test_ease_columns_are_ridge_regressions_on_the_other_items(data):
         torch.testing.assert_close(weight[others, j], solution, atol=1e-5, rtol=1e-4)
 
 
+def _plain_sequential_rules(histories, num_items, window, half_life, skip=None):
+    """Plain-Python sequential rules: B from each time-ordered history, then recency-weighted scores."""
+    counts = [[0.0] * num_items for _ in range(num_items)]
+    for items in histories.values():
+        for p, a in enumerate(items):
+            for d in range(1, window + 1):
+                if p + d < len(items):
+                    counts[a][items[p + d]] += 1.0 / d
+    b = [[c / sum(row) if sum(row) > 0 else 0.0 for c in row] for row in counts]
+    scores = {}
+    for user, items in histories.items():
+        items = items[: len(items) - (skip or {}).get(user, 0)] if skip else items
+        scores[user] = [sum(0.5 ** (k / half_life) * b[i][n] for k, i in enumerate(reversed(items))) for n in range(num_items)]
+    return b, scores
+
+
+@pytest.mark.parametrize("window, half_life", [(1, 1.0), (2, 3.0), (10, 0.5)])
+def test_sequential_rules_equal_plain_python(window, half_life):
+    # user row -> items in time order (timestamps below), with a repeated item kept at its last occurrence
+    histories = {0: [3, 1, 4, 0], 1: [1, 4, 2], 2: [], 3: [4], 4: [0, 2, 1, 3, 5]}
+    num_items, num_rows = 6, 5
+    rows, items, times = [], [], []
+    for user, sequence in histories.items():
+        for t, item in enumerate(sequence):
+            rows.append(user), items.append(item), times.append(100 * user + 10 * t)
+    rows.append(1), items.append(4), times.append(5)  # an earlier duplicate of (1, 4): ignored
+    shuffle = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))  # input order must not matter
+    rows, items, times = (torch.tensor(v)[shuffle] for v in (rows, items, times))
+    sr = SequentialRules(num_items, window=window, half_life=half_life).fit(rows, items, num_rows, order=times)
+    b, scores = _plain_sequential_rules(histories, num_items, window, half_life)
+    torch.testing.assert_close(sr.similarity(), torch.tensor(b, dtype=torch.float32))
+    got = sr.score(None, torch.tensor([4, 0, 2, 1, 9]))[..., 0]  # 2: no history; 9: an appended row
+    expected = torch.tensor([scores[4], scores[0], scores[2], scores[1], [0.0] * num_items])
+    torch.testing.assert_close(got, expected)
+    # the history without each row's last skip_recent items (gap-matched validation)
+    skip = {4: 2, 0: 1, 2: 3, 1: 5}
+    _, truncated = _plain_sequential_rules(histories, num_items, window, half_life, skip)
+    got = sr.score(None, torch.tensor([4, 0, 2, 1]), skip_recent=torch.tensor([2, 1, 3, 5]))[..., 0]
+    torch.testing.assert_close(got, torch.tensor([truncated[4], truncated[0], truncated[2], [0.0] * num_items]))
+    torch.testing.assert_close(sr.score(None, torch.tensor([4, 0]), skip_recent=torch.zeros(2, dtype=torch.long)),
+                               sr.score(None, torch.tensor([4, 0])))
+    pairs = sr.score_pairs(None, torch.tensor([4, 0, 4]), torch.tensor([1, 5, 3]))[:, 0]
+    torch.testing.assert_close(pairs, torch.tensor([scores[4][1], scores[0][5], scores[4][3]]))
+    # a checkpoint round trip keeps the ordered histories
+    again = SequentialRules.from_config(sr.config)
+    again.load_state_dict(sr.state_dict())
+    torch.testing.assert_close(again.score(None, torch.tensor([4, 0])), sr.score(None, torch.tensor([4, 0])))
+    empty = SequentialRules(num_items).fit(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 3)
+    assert torch.all(empty.score(None, torch.tensor([0, 2])) == 0)
+
+
+def test_order_free_members_ignore_the_order_but_skip_the_most_recent(data):
+    rows, items, x = _interactions(data)
+    order = torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(1))
+    plain = EASE(data.num_items, l2=3.0).fit(rows, items, data.num_user_rows)
+    ordered = EASE(data.num_items, l2=3.0).fit(rows, items, data.num_user_rows, order=order)
+    users = torch.arange(data.num_user_rows)
+    torch.testing.assert_close(ordered.score(None, users), plain.score(None, users))
+    # skip_recent drops each row's latest items by `order`
+    user = int(rows[0])
+    mine = order[rows == user]
+    latest = items[rows == user][torch.argsort(mine)][-2:]
+    history = x[user].clone()
+    history[latest] = 0.0
+    expected = history.float() @ ordered.similarity()
+    got = ordered.score(None, torch.tensor([user]), skip_recent=torch.tensor([2]))[0, :, 0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_cf_bad_input():
     with pytest.raises(ValueError, match="num_items"):
         ItemKNN(0)
@@ -128,6 +197,17 @@ def test_cf_bad_input():
         EASE(5).fit(torch.tensor([3]), torch.tensor([1]), 2)
     with pytest.raises(ValueError, match="same length"):
         EASE(5).fit(torch.tensor([0, 1]), torch.tensor([1]), 2)
+    with pytest.raises(ValueError, match="window"):
+        SequentialRules(5, window=0)
+    with pytest.raises(ValueError, match="half_life"):
+        SequentialRules(5, half_life=0.0)
+    with pytest.raises(ValueError, match="order must have one value per pair"):
+        SequentialRules(5).fit(torch.tensor([0, 1]), torch.tensor([1, 2]), 2, order=torch.tensor([3]))
+    sr = SequentialRules(5).fit(torch.tensor([0, 0, 1]), torch.tensor([1, 2, 3]), 2)
+    with pytest.raises(ValueError, match="skip_recent must hold 2 counts"):
+        sr.score(None, torch.tensor([0, 1]), skip_recent=torch.tensor([1]))
+    with pytest.raises(ValueError, match="skip_recent must hold 2 counts"):
+        sr.score(None, torch.tensor([0, 1]), skip_recent=torch.tensor([1, -1]))
 
 
 # --- fusion on stub members ---------------------------------------------------------------------
@@ -318,10 +398,11 @@ def test_fused_checkpoint_round_trips_and_ranker_serves_it(data, tables, trained
 
     folder, paths = trained
     members = [model_member_from_checkpoint(p)[0] for p in paths.values()]
-    members += [CFMember.fit(data, "ease", l2=5.0), CFMember.fit(data, "itemknn", neighbours=5)]
+    members += [CFMember.fit(data, "ease", l2=5.0), CFMember.fit(data, "itemknn", neighbours=5),
+                CFMember.fit(data, "sr", window=3, half_life=2.0)]
     fusion = ScoreFusion(members, ["click", "rating"], tables=tables, users_per_block=5)
-    report = fusion.fit_weights(data, seed=0, rounds=2)
-    assert report["val_fitted"] >= report["val_equal_weights"]
+    report = fusion.fit_weights(data, seed=0, rounds=2, gap_matched=True)
+    assert report["val_fitted"] >= report["val_equal_weights"] and report["gap_matched"]
     assert sum(fusion.weights) == pytest.approx(1.0) and min(fusion.weights) >= 0
     path = str(folder / "fused.pt")
     fusion.save(path)
@@ -368,6 +449,35 @@ def test_logistic_stacking_gives_a_click_probability(data, tables, trained):
     singles = [logloss(val.labels[:, 0].double().numpy(), m.score_pairs(user_table(tables), val.user_row, val.item - 1)[:, 0].double().numpy())
                for m in members[:2]]
     assert report["val_logloss"] <= min(singles) + 1e-9
+
+
+def test_gap_matched_weights_score_val_without_the_last_val_count_items(data, tables):
+    from mtkernels import metrics, ops
+
+    sr = CFMember.fit(data, "sr", window=4, half_life=1.0)
+    ease = CFMember.fit(data, "ease", l2=5.0)
+    evaluation = data.topk_eval("val")
+    gap = evaluation.relevant_offsets[1:] - evaluation.relevant_offsets[:-1]
+    assert int(gap.max()) > 0
+
+    def val_ndcg(member, skip):
+        scores = member.score(None, evaluation.users, skip_recent=skip)[..., 0].contiguous()
+        _, indices = ops.ensemble_topk(scores[None], [1.0], 10, exclude_offsets=evaluation.exclude_offsets,
+                                       exclude_indices=evaluation.exclude_indices)
+        return metrics.ndcg_at_k(indices, evaluation.relevant, 10)
+
+    for gap_matched in (False, True):
+        fusion = ScoreFusion([sr, ease], ["click"], transforms="identity", tables=tables)
+        report = fusion.fit_weights(data, seed=0, rounds=1, gap_matched=gap_matched)
+        skip = gap if gap_matched else None
+        assert report["gap_matched"] is gap_matched
+        assert report["val_single_sources"]["sr/click"] == pytest.approx(val_ndcg(sr.cf, skip), abs=1e-12)
+        assert report["val_single_sources"]["ease/click"] == pytest.approx(val_ndcg(ease.cf, skip), abs=1e-12)
+    # serving and the test metrics use the whole history
+    alone = ScoreFusion([sr], ["click"], weights=[1.0], transforms="identity", tables=tables)
+    torch.testing.assert_close(alone.source_scores(None, evaluation.users)[0][0], sr.cf.score(None, evaluation.users)[..., 0])
+    with pytest.raises(ValueError, match="gap_matched applies to the ndcg@10 objective only"):
+        fusion.fit_weights(data, objective="logloss", gap_matched=True)
 
 
 def test_fuse_command_writes_a_checkpoint_that_recommend_and_evaluate_read(data, trained, monkeypatch, capsys):

@@ -5,11 +5,11 @@
 - Backbones `SharedBottom`, `MMoE` (Ma et al., KDD 2018), `PLE` (Tang et al., RecSys 2020),
   `ESMM` (Ma et al., SIGIR 2018); the MLP blocks `Expert` and `TaskTower`.
 - `MultiTaskModel`: features -> backbone -> towers -> ``[B, T]`` predictions, fused scoring in eval.
-- `ItemKNN`, `EASE`: item-item collaborative filtering (cosine kNN; Steck's closed-form
-  autoencoder), members of score fusion.
+- `ItemKNN`, `EASE`, `SequentialRules`: item-item collaborative filtering (cosine kNN; Steck's
+  closed-form autoencoder; sequential rules over time-ordered histories), members of score fusion.
 """
 
-from .cf import EASE, ItemItemCF, ItemKNN
+from .cf import EASE, ItemItemCF, ItemKNN, SequentialRules
 from .backbones import CGC, ESMM, MMoE, MultiTaskBackbone, PLE, SharedBottom
 from .embedding import EmbeddingBagCollection, EmbeddingBagConfig
 from .model import BACKBONES, MultiTaskModel
@@ -17,5 +17,5 @@ from .towers import Expert, TaskTower
 
 __all__ = [
     "EmbeddingBagConfig", "EmbeddingBagCollection", "Expert", "TaskTower", "MultiTaskBackbone",
-    "SharedBottom", "MMoE", "CGC", "PLE", "ESMM", "MultiTaskModel", "BACKBONES", "ItemKNN", "EASE", "ItemItemCF",
+    "SharedBottom", "MMoE", "CGC", "PLE", "ESMM", "MultiTaskModel", "BACKBONES", "ItemKNN", "EASE", "SequentialRules", "ItemItemCF",
 ]

@@ -1,7 +1,9 @@
-"""Collaborative-filtering members for score fusion: `ItemKNN` and `EASE`, two item-item models.
+"""Collaborative-filtering members for score fusion: `ItemKNN`, `EASE` and `SequentialRules`,
+three item-item models.
 
-Both score user u for item n as ``sum_{i in history(u)} B[i, n]`` over an item-item matrix B
-learned from the training positives; they differ in B.
+All score user u for item n as ``sum_{i in history(u)} h_u(i) B[i, n]`` over an item-item matrix B
+learned from the training positives; they differ in B and in the history weights h_u (1 for
+`ItemKNN` and `EASE`; decaying with recency for `SequentialRules`).
 
 `ItemKNN`: 
 Item-based k-nearest-neighbour collaborative filtering (Sarwar, Karypis, Konstan and Riedl,
@@ -14,6 +16,11 @@ similarities between n and the items of the user's history).
 `EASE`: Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019: B is the
 closed-form ridge regression of each item's column on all other items' columns with a zero
 diagonal, ``P = (X^T X + lambda I)^-1``, ``B = -P / diag(P)`` (column-wise), ``diag(B) = 0``.
+
+`SequentialRules`: the "sequential rules" of session-based recommendation (Ludewig and Jannach,
+"Evaluation of Session-based Recommendation Algorithms", UMUAI 2018; Kamehkhosh, Jannach and
+Ludewig 2017): B[i, j] counts j following i in a user's time-ordered history within ``window``
+steps, weighted 1/steps, and the user's history is weighted by recency (half-life in ratings).
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ from torch import nn
 
 class ItemItemCF(nn.Module, abc.ABC):
     """Base of the item-item models: the users' training histories (CSR buffers
-    ``history_offsets [R+1]``, ``history_indices``) and scoring ``history @ B``. Subclasses
-    set the item-item matrix in :meth:`_fit_matrix` and return it densely from :meth:`similarity`.
+    ``history_offsets [R+1]``, ``history_indices``, each row's items oldest first) and scoring
+    ``history @ B``. Subclasses set the item-item matrix in :meth:`_fit_matrix` (from the
+    co-occurrence counts, or from the ordered histories) and return it densely from
+    :meth:`similarity`; :meth:`history_weights` weights a row's items (1 here).
 
     ``task_names`` is ``("click",)``: the score ranks items by implicit feedback.
     """
@@ -58,10 +67,13 @@ class ItemItemCF(nn.Module, abc.ABC):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def fit(self, user_rows: torch.Tensor, items: torch.Tensor, num_user_rows: int) -> "ItemItemCF":
+    def fit(self, user_rows: torch.Tensor, items: torch.Tensor, num_user_rows: int,
+            order: Optional[torch.Tensor] = None) -> "ItemItemCF":
         """Fit on positive (user row, item position) pairs, e.g. the training split's clicks.
 
-        Duplicate pairs count once. User rows in ``[0, num_user_rows)``; a row with no pair has an
+        Each row's history is kept oldest first: by ``order`` (e.g. timestamps, ``[P]``, ties in
+        the given order), or in the given order when ``order`` is None. Duplicate pairs count once
+        (at their last occurrence). User rows in ``[0, num_user_rows)``; a row with no pair has an
         empty history (scores 0).
 
         Raises:
@@ -72,41 +84,76 @@ class ItemItemCF(nn.Module, abc.ABC):
         items = torch.as_tensor(items, dtype=torch.long).reshape(-1)
         if user_rows.numel() != items.numel():
             raise ValueError(f"user_rows and items must have the same length, got {user_rows.numel()} and {items.numel()}")
+        if order is not None:
+            order = torch.as_tensor(order).reshape(-1)
+            if order.numel() != items.numel():
+                raise ValueError(f"order must have one value per pair ({items.numel()}), got {order.numel()}")
         if items.numel() and (int(items.min()) < 0 or int(items.max()) >= self.num_items):
             raise ValueError(f"items: positions must be in [0, {self.num_items}), got {int(items.min())}..{int(items.max())}")
         if user_rows.numel() and (int(user_rows.min()) < 0 or int(user_rows.max()) >= num_user_rows):
             raise ValueError(f"user_rows must be in [0, {num_user_rows}), got {int(user_rows.min())}..{int(user_rows.max())}")
-        pairs = torch.unique(user_rows * self.num_items + items)
-        user_rows, items = pairs // self.num_items, pairs % self.num_items
-        interactions = torch.zeros(num_user_rows, self.num_items, dtype=torch.float64)
-        interactions[user_rows, items] = 1.0
-        self._fit_matrix(interactions.t() @ interactions)  # float64 co-occurrence counts X^T X
+        # oldest first within each row: stable sorts by order, then by row
+        sequence = torch.arange(items.numel())
+        if order is not None:
+            sequence = torch.sort(order, stable=True).indices
+        sequence = sequence[torch.sort(user_rows[sequence], stable=True).indices]
+        user_rows, items = user_rows[sequence], items[sequence]
+        # a duplicate (row, item) pair is kept at its last occurrence
+        key = user_rows * self.num_items + items
+        last = torch.full((int(key.max()) + 1 if key.numel() else 0,), -1, dtype=torch.long)
+        last.scatter_reduce_(0, key, torch.arange(key.numel()), reduce="amax")
+        keep = last[key] == torch.arange(key.numel())
+        user_rows, items = user_rows[keep], items[keep]
         counts = torch.bincount(user_rows, minlength=num_user_rows)
         self.history_offsets = torch.zeros(num_user_rows + 1, dtype=torch.long)
         torch.cumsum(counts, 0, out=self.history_offsets[1:])
-        self.history_indices = items  # pairs are sorted by (user row, item)
+        self.history_indices = items
+        interactions = torch.zeros(num_user_rows, self.num_items, dtype=torch.float64)
+        interactions[user_rows, items] = 1.0
+        self._fit_matrix(interactions.t() @ interactions)  # float64 co-occurrence counts X^T X
         self._dense = None
         return self
 
     @abc.abstractmethod
     def _fit_matrix(self, gram: torch.Tensor) -> None:
-        """Fit the item-item matrix from the float64 ``[N, N]`` co-occurrence counts ``X^T X``."""
+        """Fit the item-item matrix from the float64 ``[N, N]`` co-occurrence counts ``X^T X``
+        (the ordered histories are already in ``history_offsets`` / ``history_indices``)."""
+
+    def history_weights(self, steps_back: torch.Tensor) -> torch.Tensor:
+        """Weight of a history item ``steps_back`` items before the row's most recent one
+        (0 = the most recent), float32 like ``steps_back``: 1 (every item counts the same)."""
+        return torch.ones(steps_back.shape)
 
     @abc.abstractmethod
     def similarity(self) -> torch.Tensor:
         """The dense float32 ``[N, N]`` item-item matrix (scores = history x this)."""
 
     @torch.no_grad()
-    def score(self, users: Optional[Mapping] = None, rows: Sequence[int] = ()) -> torch.Tensor:
+    def score(self, users: Optional[Mapping] = None, rows: Sequence[int] = (),
+              skip_recent: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Scores ``[U, N, 1]`` of user rows ``rows`` against every item (the fusion member
         interface; ``users``, the feature table, is not used). Rows without a training history
-        (cold users, rows appended at serving time) score 0 everywhere."""
+        (cold users, rows appended at serving time) score 0 everywhere.
+
+        ``skip_recent`` (int ``[U]``, >= 0): score each row from its history without its last
+        ``skip_recent[u]`` items, as if the history had ended that many ratings earlier (the
+        gap-matched validation of `mtkernels.fusion.ScoreFusion.fit_weights`); B is unchanged.
+
+        Raises:
+            ValueError: ``skip_recent`` of the wrong length or negative.
+        """
         rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
         num_rows = self.history_offsets.numel() - 1
         known = (rows >= 0) & (rows < num_rows)
         safe = torch.where(known, rows, torch.zeros_like(rows))
         starts = torch.where(known, self.history_offsets[safe], torch.zeros_like(rows))
         ends = torch.where(known, self.history_offsets[(safe + 1).clamp_max(num_rows)], torch.zeros_like(rows))
+        if skip_recent is not None:
+            skip_recent = torch.as_tensor(skip_recent, dtype=torch.long).reshape(-1)
+            if skip_recent.numel() != rows.numel() or bool((skip_recent < 0).any()):
+                raise ValueError(f"skip_recent must hold {rows.numel()} counts >= 0 (one per row), got "
+                                 f"{skip_recent.tolist() if skip_recent.numel() < 10 else skip_recent.shape}")
+            ends = torch.maximum(ends - skip_recent, starts)
         lengths = ends - starts
         # history of the requested rows as a dense 0/1 matrix [U, N], times the similarity [N, N]:
         # one dense GEMM (multi-threaded, ~5 ms for 64 users x 1,682 items) where torch's COO
@@ -116,8 +163,9 @@ class ItemItemCF(nn.Module, abc.ABC):
         torch.cumsum(lengths, 0, out=offsets[1:])
         position = torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(lengths) + starts.repeat_interleave(lengths)
         columns = self.history_indices[position]
+        steps_back = (ends.repeat_interleave(lengths) - 1 - position).float()
         history = torch.zeros(rows.numel(), self.num_items)
-        history[row_index, columns] = 1.0
+        history[row_index, columns] = self.history_weights(steps_back)
         return (history @ self.similarity()).unsqueeze(-1)
 
     @torch.no_grad()
@@ -215,6 +263,65 @@ class EASE(ItemItemCF):
         weight = -inverse / inverse.diagonal()[None, :]
         weight.fill_diagonal_(0.0)
         self.weight = weight.float()
+
+    def similarity(self) -> torch.Tensor:
+        return self.weight
+
+
+class SequentialRules(ItemItemCF):
+    """Sequential rules (SR; Ludewig and Jannach, UMUAI 2018): which items users rate soon AFTER
+    an item, scored from a recency-weighted history. Complements the order-free `EASE` /
+    `ItemKNN` on a temporal split, where a user's next items follow their latest ones.
+
+    From each user row's training history in time order ``i_1, i_2, ...``:
+    ``C[a, b] = sum over pairs (i_p = a, i_{p+d} = b), 1 <= d <= window, of 1/d``;
+    ``B[a, b] = C[a, b] / sum_b C[a, b]`` (rows normalised; an item never followed has a zero row).
+    The score of user u for item n is ``sum_k 0.5^(k / half_life) * B[h_k, n]`` over the user's
+    history ``h_0`` (most recent), ``h_1``, ... (0 for users without history, e.g. cold users).
+
+    Args:
+        num_items: N. window: steps d counted (>= 1; 200 on ml100k-mtl-v1). half_life: in
+            ratings (> 0; 3 on ml100k-mtl-v1); both chosen on the gap-matched val split (README,
+            Fusion).
+
+    Fitted state: ``weight [N, N]`` float32 (B), the ordered histories (see `ItemItemCF`).
+
+    Raises:
+        ValueError: ``num_items < 1``, ``window < 1`` or ``half_life <= 0`` (constructor); see
+            :meth:`ItemItemCF.fit`.
+    """
+
+    _fitted_buffers = ("weight", "history_offsets", "history_indices")
+
+    def __init__(self, num_items: int, window: int = 200, half_life: float = 3.0) -> None:
+        super().__init__(num_items)
+        if int(window) < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if not float(half_life) > 0:
+            raise ValueError(f"half_life must be > 0 (ratings), got {half_life}")
+        self.window = int(window)
+        self.half_life = float(half_life)
+        self.register_buffer("weight", torch.zeros(self.num_items, self.num_items))
+
+    @property
+    def config(self) -> dict:
+        return {"num_items": self.num_items, "window": self.window, "half_life": self.half_life}
+
+    def _fit_matrix(self, gram: torch.Tensor) -> None:
+        rows = torch.repeat_interleave(torch.arange(self.history_offsets.numel() - 1),
+                                       self.history_offsets[1:] - self.history_offsets[:-1])
+        items = self.history_indices
+        counts = torch.zeros(self.num_items * self.num_items, dtype=torch.float64)
+        for d in range(1, min(self.window, max(items.numel() - 1, 0)) + 1):
+            same = rows[:-d] == rows[d:]  # i_p and i_{p+d} of the same user
+            counts.index_add_(0, items[:-d][same] * self.num_items + items[d:][same],
+                              torch.full((int(same.sum()),), 1.0 / d, dtype=torch.float64))
+        counts = counts.view(self.num_items, self.num_items)
+        self.weight = (counts / counts.sum(1, keepdim=True).clamp_min(1e-12)).float()
+
+    def history_weights(self, steps_back: torch.Tensor) -> torch.Tensor:
+        """``0.5 ** (steps_back / half_life)``."""
+        return torch.pow(0.5, steps_back / self.half_life)
 
     def similarity(self) -> torch.Tensor:
         return self.weight
