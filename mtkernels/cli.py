@@ -2,7 +2,7 @@
 
     mtkernels info
     mtkernels train --data ml100k --model mmoe --checkpoint runs/mmoe.pt [--epochs 20 --seed 0 ...]
-    mtkernels fuse --member runs/ple.pt --member runs/mmoe.pt --cf ease --out runs/fused.pt
+    mtkernels fuse --member runs/ple.pt --member runs/mmoe.pt --cf ease sr --out runs/fused.pt
     mtkernels train --tasks like,rating --init-from runs/click.pt --freeze embeddings,experts --checkpoint runs/like.pt
     mtkernels evaluate --checkpoint runs/mmoe.pt [--split test_warm --split test_cold]
     mtkernels recommend --checkpoint runs/mmoe.pt --user 5 [--user 900] [--k 10]
@@ -150,10 +150,11 @@ def cmd_fuse(args) -> int:
     if args.data_dir:
         data_spec["data_dir"] = args.data_dir
     data = load_data(data_spec)
-    if args.cf != "none":
-        members.append(CFMember.fit(data, args.cf))
+    cfs = [c for c in dict.fromkeys(args.cf) if c != "none"]
+    members.extend(CFMember.fit(data, c) for c in cfs)
     fusion = ScoreFusion(members, args.tasks, mode=args.mode, tables=first["serving"])
-    report = fusion.fit_weights(data, objective=args.objective, seed=args.seed)
+    gap_matched = args.objective == "ndcg@10" and not args.full_val_history
+    report = fusion.fit_weights(data, objective=args.objective, seed=args.seed, gap_matched=gap_matched)
     fusion.save(args.out, extra={"data": data_spec})
     print("weights: " + ", ".join(f"{k} {v:.3f}" for k, v in report["weights"].items()))
     for split in args.evaluate or []:
@@ -331,8 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fuse", help="fuse trained models (and a collaborative-filtering model) into one ranker")
     p.add_argument("--member", action="append", default=[], metavar="CHECKPOINT[=NAME]",
                    help="a training checkpoint to fuse (repeatable)")
-    p.add_argument("--cf", default="ease", choices=["ease", "itemknn", "none"],
-                   help="collaborative-filtering member fitted on the same training split")
+    p.add_argument("--cf", nargs="+", default=["ease", "sr"], choices=["ease", "itemknn", "sr", "none"],
+                   help="collaborative-filtering members fitted on the same training split (sr: SequentialRules)")
+    p.add_argument("--full-val-history", action="store_true",
+                   help="fit the ndcg@10 weights with the CF members scoring val users from their whole training "
+                        "history (default: gap-matched, see ScoreFusion.fit_weights)")
     p.add_argument("--tasks", nargs="+", default=["click"], help="task scores each member contributes")
     p.add_argument("--mode", default="weighted", choices=["weighted", "rrf"])
     p.add_argument("--objective", default="ndcg@10", choices=["ndcg@10", "logloss"],

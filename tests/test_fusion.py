@@ -486,10 +486,12 @@ def test_fuse_command_writes_a_checkpoint_that_recommend_and_evaluate_read(data,
     folder, paths = trained
     monkeypatch.setattr(mtkernels.data, "load_ml100k_mtl_v1", lambda data_dir=None: data)
     out = str(folder / "cli-fused.pt")
-    assert cli.main(["fuse", "--member", paths["mmoe"] + "=m", "--member", paths["shared_bottom"], "--cf", "itemknn",
+    assert cli.main(["fuse", "--member", paths["mmoe"] + "=m", "--member", paths["shared_bottom"], "--cf", "itemknn", "sr",
                      "--out", out, "--evaluate", "test_warm"]) == 0
     text = capsys.readouterr().out
-    assert "m/click" in text and "shared_bottom/click" in text and "itemknn/click" in text and "test_warm: ndcg@10" in text
+    assert "m/click" in text and "shared_bottom/click" in text and "itemknn/click" in text and "sr/click" in text
+    assert "test_warm: ndcg@10" in text
+    assert ScoreFusion.load(out).fit_report["gap_matched"] is True
     user = int(data.user_ids[int(data.topk_eval("test_warm").users[0])])
     assert cli.main(["recommend", "--checkpoint", out, "--user", str(user), "--k", "3"]) == 0
     assert "served by model" in capsys.readouterr().out
