@@ -1,7 +1,7 @@
 """Quality of the multi-task models on ml100k-mtl-v1 (issue 3 "Must reach"), 3 seeds per model.
 
     python -m benchmarks.quality_ml100k [--models mmoe ple] [--seeds 3] [--threads 2]
-        [--set embedding_dim=32 --set lr=0.003 ...] [--rating-estimate] [--json results.json]
+        [--set embedding_dim=32 --set lr=0.003 ...] [--rating-estimate offset|estimate] [--json results.json]
 
 Trains each model with the presets of `mtkernels.training.presets` (overridable with --set:
 embedding_dim, embedding_lr, lr, weight_decay, batch_size, epochs, patience, dropout, expert_hidden,
@@ -9,8 +9,9 @@ num_experts, tower_hidden), early stopping on val, and prints one table per test
 mean and sample standard deviation over seeds beside the issue's baselines, plus training seconds
 per epoch (the training loop only, at the given thread count). Each run also prints the val
 metrics of the kept (best) epoch, the numbers to screen variants on (PROTOCOL.md 4).
---rating-estimate loads the data with the item-kNN rating estimate column
-(``load_ml100k_mtl_v1(rating_estimate=True)``).
+--rating-estimate loads the data with an item-kNN column
+(``load_ml100k_mtl_v1(rating_estimate=...)``). Each run also reports the like AUC of the blend
+``logit(p_like) + w * rating`` with w chosen on val (`like_rating_blend`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from mtkernels import evaluation
+from mtkernels import evaluation, metrics
 from mtkernels.data import load_ml100k_mtl_v1
 from mtkernels.demo import BASELINES, NAMES, flatten_metrics, format_table, summarise
 from mtkernels.training import TrainConfig, fit, presets
@@ -43,6 +44,28 @@ def _value(text: str):
     return text
 
 
+BLEND_WEIGHTS = [0.25 * i for i in range(17)]
+
+
+def like_rating_blend(model, data) -> dict:
+    """Like AUC of ``logit(p_like) + w * rating`` with w from `BLEND_WEIGHTS` chosen on val's like
+    AUC (PROTOCOL.md 4: val selects), and that w's test_warm like AUC (w = 0: the like head alone)."""
+    tasks = [t.name for t in data.tasks]
+    like, rating = tasks.index("like"), tasks.index("rating")
+    scores = {}
+    for split in ("val", "test_warm"):
+        labels = data.splits[split].labels[:, like]
+        output = evaluation.predict(model, data, split).double()
+        rows = ~torch.isnan(labels)
+        logit = torch.logit(output[rows, like].clamp(1e-7, 1 - 1e-7))
+        scores[split] = (labels[rows].double().numpy(), logit, output[rows, rating])
+    val_auc = [float(metrics.auc(scores["val"][0], (scores["val"][1] + w * scores["val"][2]).numpy())) for w in BLEND_WEIGHTS]
+    best = max(range(len(BLEND_WEIGHTS)), key=val_auc.__getitem__)
+    y, logit, predicted = scores["test_warm"]
+    return {"weight": BLEND_WEIGHTS[best], "val_like_auc": val_auc[best],
+            "test_warm_like_auc": float(metrics.auc(y, (logit + BLEND_WEIGHTS[best] * predicted).numpy()))}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["shared_bottom", "mmoe", "ple"])
@@ -53,8 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset")
     parser.add_argument("--json", default=None, help="write all results here")
     parser.add_argument("--verbose", action="store_true", help="print one line per epoch")
-    parser.add_argument("--rating-estimate", action="store_true",
-                        help="add the out-of-fold item-kNN rating estimate as a dense feature")
+    parser.add_argument("--rating-estimate", choices=["offset", "estimate"], default=None,
+                        help="add an out-of-fold item-kNN column (load_ml100k_mtl_v1(rating_estimate=...))")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = dict(item.split("=", 1) for item in args.set)
@@ -88,13 +111,16 @@ def main(argv=None) -> int:
                 flat = flatten_metrics(evaluation.evaluate(model, data, split))
                 flat.update(seconds_per_epoch=result.seconds_per_epoch, epochs=float(len(result.history)))
                 run[split] = flat
+            run["like_rating_blend"] = like_rating_blend(model, data)
             runs.append(run)
             w, v = run["test_warm"], run["val"]
             print(f"{NAMES.get(backbone, backbone)} seed {seed}: {run['epochs']} epochs (best {run['best_epoch']}), "
                   f"{run['seconds_per_epoch']:.2f} s/epoch | warm click AUC {w['click_auc']:.4f} like AUC "
                   f"{w['like_auc']:.4f} RMSE {w['rating_rmse']:.4f} NDCG@10 {w['ndcg@10']:.4f} "
                   f"Recall@10 {w['recall@10']:.4f} | val click AUC {v['click_auc']:.4f} like AUC {v['like_auc']:.4f} "
-                  f"RMSE {v['rating_rmse']:.4f} NDCG@10 {v['ndcg@10']:.4f}", flush=True)
+                  f"RMSE {v['rating_rmse']:.4f} NDCG@10 {v['ndcg@10']:.4f} | blend w {run['like_rating_blend']['weight']} "
+                  f"val like AUC {run['like_rating_blend']['val_like_auc']:.4f} warm like AUC "
+                  f"{run['like_rating_blend']['test_warm_like_auc']:.4f}", flush=True)
         results["models"][backbone] = {"runs": runs, "test_warm": summarise([r["test_warm"] for r in runs]),
                                        "test_cold": summarise([r["test_cold"] for r in runs])}
     for split in ("test_warm", "test_cold"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtkernels.data import protocol
-from mtkernels.data.movielens import RATING_ESTIMATE, build_ml100k_mtl_v1, read_grouplens
+from mtkernels.data.movielens import RATING_ESTIMATES, build_ml100k_mtl_v1, read_grouplens
 from mtkernels.data.neighbourhood import ItemKNN, item_knn_estimates
 
 try:
@@ -51,28 +51,34 @@ def test_estimate_matches_loop(neighbours):
     got = model.estimate(query_users, query_items)
     want = [loop_estimate(model, u, i) for u, i in zip(query_users, query_items)]
     np.testing.assert_allclose(got, want, rtol=1e-10)
+    offset = model.neighbourhood(query_users, query_items)
+    np.testing.assert_allclose(offset, got - model.baseline(query_users, query_items), atol=1e-12)
+    assert offset[0] == 0.0 and np.abs(offset).max() > 0
     # the unknown user (no ratings) gets the item baseline
     assert got[0] == pytest.approx(model.mean + model.item_bias[3])
     assert model.estimate(np.zeros(0, np.int64), np.zeros(0, np.int64)).shape == (0,)
 
 
-def test_out_of_fold_values_never_see_their_own_rating():
+@pytest.mark.parametrize("with_baseline", [True, False])
+def test_out_of_fold_values_never_see_their_own_rating(with_baseline):
     users, items, ratings, num_users, num_items = random_ratings(seed=1)
-    table, oof = item_knn_estimates(users, items, ratings, num_users, num_items, folds=5, seed=0)
+    table, oof = item_knn_estimates(users, items, ratings, num_users, num_items, folds=5, seed=0, with_baseline=with_baseline)
     assert table.shape == (num_users, num_items) and oof.shape == ratings.shape
     assert np.isfinite(table).all() and np.isfinite(oof).all()
     fold = np.random.default_rng(0).integers(0, 5, len(ratings))
     for m in (0, 17, 200):
         changed = ratings.copy()
         changed[m] = 6 - ratings[m] if ratings[m] != 3 else 5
-        _, oof_changed = item_knn_estimates(users, items, changed, num_users, num_items, folds=5, seed=0)
+        _, oof_changed = item_knn_estimates(users, items, changed, num_users, num_items, folds=5, seed=0,
+                                            with_baseline=with_baseline)
         assert oof_changed[m] == oof[m]  # its own rating is in none of the models that score it
         others = fold != fold[m]
         assert not np.allclose(oof_changed[others], oof[others])  # it does feed the other folds
         assert np.allclose(oof_changed[(fold == fold[m])], oof[(fold == fold[m])])
     # the table uses every rating: it is the full model's estimate
     full = ItemKNN(users, items, ratings, num_users, num_items)
-    np.testing.assert_allclose(table[users[:20], items[:20]], full.estimate(users[:20], items[:20]))
+    score = full.estimate if with_baseline else full.neighbourhood
+    np.testing.assert_allclose(table[users[:20], items[:20]], score(users[:20], items[:20]))
 
 
 def test_bad_arguments():
@@ -83,16 +89,22 @@ def test_bad_arguments():
 
 
 @pytest.fixture(scope="module")
-def synthetic_data(tmp_path_factory):
+def synthetic_movielens_splits(tmp_path_factory):
     ratings, users, items = synthetic_movielens()
     movielens = read_grouplens(write_grouplens(tmp_path_factory.mktemp("ml") / "ml-100k", ratings, users, items))
-    splits = protocol.build_splits(movielens.ratings, np.arange(1, 61))
-    return movielens, splits, build_ml100k_mtl_v1(movielens, splits, rating_estimate=True), build_ml100k_mtl_v1(movielens, splits)
+    return movielens, protocol.build_splits(movielens.ratings, np.arange(1, 61))
+
+
+@pytest.fixture(scope="module", params=["offset", "estimate"])
+def synthetic_data(request, synthetic_movielens_splits):
+    movielens, splits = synthetic_movielens_splits
+    return (request.param, splits, build_ml100k_mtl_v1(movielens, splits, rating_estimate=request.param),
+            build_ml100k_mtl_v1(movielens, splits))
 
 
 def test_rating_estimate_column(synthetic_data):
-    movielens, splits, data, plain = synthetic_data
-    assert data.dense_dim == plain.dense_dim + 1 and data.dense_names[-1] == RATING_ESTIMATE
+    kind, splits, data, plain = synthetic_data
+    assert data.dense_dim == plain.dense_dim + 1 and data.dense_names[-1] == RATING_ESTIMATES[kind]
     assert data.has_pair_dense and not plain.has_pair_dense
     train = data.splits["train"]
     positive = train.labels[:, 0] == 1
@@ -101,7 +113,8 @@ def test_rating_estimate_column(synthetic_data):
         assert torch.equal(data.splits[name].dense[:, :-1], plain.splits[name].dense)
     # recompute: out-of-fold for train positives, full-train table for everything else, standardised
     users, items = train.user_row[positive].numpy(), train.item[positive].numpy()
-    table, oof = item_knn_estimates(users, items, train.labels[positive, 2].numpy(), data.num_user_rows, data.num_items + 1)
+    table, oof = item_knn_estimates(users, items, train.labels[positive, 2].numpy(), data.num_user_rows,
+                                    data.num_items + 1, with_baseline=kind == "estimate")
     raw = table[train.user_row.numpy(), train.item.numpy()]
     raw[positive.numpy()] = oof
     mean, std = raw.mean(), raw.std()
@@ -111,7 +124,7 @@ def test_rating_estimate_column(synthetic_data):
         split = data.splits[name]
         want = (table[split.user_row.numpy(), split.item.numpy()] - mean) / std
         np.testing.assert_allclose(split.dense[:, -1].numpy(), want, rtol=1e-5, atol=1e-5)
-    # cold users have no history: their estimate is the item baseline, whatever the user
+    # cold users have no history: their value is the item's (baseline; offset 0), whatever the user
     cold = data.splits["test_cold"]
     same_item = cold.item == cold.item[0]
     assert torch.allclose(cold.dense[same_item, -1], cold.dense[0, -1].expand(int(same_item.sum())))
@@ -140,6 +153,11 @@ def test_rating_estimate_in_pair_batch_and_resampled_negatives(synthetic_data):
     finally:
         restored = data.resample_negatives(seed=None)
     assert torch.equal(restored.dense, original)
+
+
+def test_bad_rating_estimate(synthetic_movielens_splits):
+    with pytest.raises(ValueError, match="rating_estimate must be None or one of"):
+        build_ml100k_mtl_v1(*synthetic_movielens_splits, rating_estimate="knn")
 
 
 def test_serving_tables_refuse_pair_dense(synthetic_data):

@@ -37,7 +37,8 @@ ZIP_PREFIX = 2
 SMOOTHING = 10.0
 USER_DENSE = ["user_log_activity", "user_mean_rating", "user_like_rate", "user_history_popularity", "user_recent_popularity"]
 ITEM_DENSE = ["item_log_popularity", "item_mean_rating", "item_like_rate"]
-RATING_ESTIMATE = "item_knn_rating"  # the per-(user, item) column of rating_estimate=True
+# rating_estimate -> the per-(user, item) column it adds
+RATING_ESTIMATES = {"offset": "item_knn_offset", "estimate": "item_knn_rating"}
 RECENT = 10  # ratings that make a user's "recent" history
 
 
@@ -198,7 +199,7 @@ def _standardise(table: np.ndarray, fit_rows: np.ndarray, fill_rows: np.ndarray)
 
 
 def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.DataFrame]] = None,
-                        dense_features: bool = True, rating_estimate: bool = False) -> MultiTaskData:
+                        dense_features: bool = True, rating_estimate: Optional[str] = None) -> MultiTaskData:
     """Encode the protocol splits of ``movielens`` into a `MultiTaskData` (see `load_ml100k_mtl_v1`)."""
     ratings, users_raw, items_raw = movielens.ratings, movielens.users, movielens.items
     catalogue = np.sort(np.union1d(items_raw["item_id"].to_numpy(), ratings["item_id"].unique()))
@@ -284,8 +285,11 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
     tasks = [TaskSpec("click", "binary"), TaskSpec("like", "binary"), TaskSpec("rating", "regression")]
 
     pair_dense = None
-    if rating_estimate:
-        table, out_of_fold = item_knn_estimates(pos_user_rows, pos_item_rows, pos_ratings, num_user_rows, num_items + 1)
+    if rating_estimate is not None and rating_estimate not in RATING_ESTIMATES:
+        raise ValueError(f"rating_estimate must be None or one of {sorted(RATING_ESTIMATES)}, got {rating_estimate!r}")
+    if rating_estimate is not None:
+        table, out_of_fold = item_knn_estimates(pos_user_rows, pos_item_rows, pos_ratings, num_user_rows, num_items + 1,
+                                                with_baseline=rating_estimate == "estimate")
         train_users = user_row_of.loc[train["user_id"].to_numpy()].to_numpy()
         train_items = position_of.loc[train["item_id"].to_numpy()].to_numpy() + 1
         train_values = table[train_users, train_items]
@@ -331,7 +335,7 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         items=items,
         user_dense_names=USER_DENSE if dense_features else [],
         item_dense_names=ITEM_DENSE if dense_features else [],
-        context_dense_names=[RATING_ESTIMATE] if rating_estimate else [],
+        context_dense_names=[RATING_ESTIMATES[rating_estimate]] if rating_estimate is not None else [],
         pair_dense=pair_dense,
         user_ids=torch.from_numpy(user_ids),
         item_ids=torch.from_numpy(catalogue.astype(np.int64)),
@@ -385,7 +389,7 @@ def _topk_sets(splits: Dict[str, pd.DataFrame], user_row_of: pd.Series, position
 
 
 def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bool = False,
-                       dense_features: bool = True, rating_estimate: bool = False) -> MultiTaskData:
+                       dense_features: bool = True, rating_estimate: Optional[str] = None) -> MultiTaskData:
     """MovieLens-100K under the `ml100k-mtl-v1` protocol (shared/data/PROTOCOL.md), encoded.
 
     The splits are rebuilt from the ratings (cold users, temporal split, 4 sampled negatives per
@@ -416,11 +420,13 @@ def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bo
             ``$MTKERNELS_DATA``, else ``./.cache/data``.
         download: fetch the RecBole files from PyPI (recbole==1.2.1 wheel) when they are missing.
         dense_features: False drops the dense features (``dense_dim`` 0), e.g. for an ablation.
-        rating_estimate: add one per-(user, item) dense column (``dense_dim`` + 1, last):
-            the standardised item-kNN rating estimate (baseline + item-item neighbourhood, Koren
-            KDD 2008; `mtkernels.data.neighbourhood`) from training positives only. Training
-            positives get 5-fold out-of-fold values (their own rating never enters them); every
-            other row, and ``pair_batch``, the estimate from all training positives. Off by default.
+        rating_estimate: None (default) or add one per-(user, item) dense column (``dense_dim``
+            + 1, last), standardised, from an item-kNN model of the training positives (Koren KDD
+            2008; `mtkernels.data.neighbourhood`): ``"offset"`` its neighbourhood term (the
+            user's residuals on the most similar items they rated; column ``item_knn_offset``),
+            ``"estimate"`` baseline + neighbourhood (``item_knn_rating``). Training positives get
+            5-fold out-of-fold values (their own rating never enters them); every other row, and
+            ``pair_batch``, the value from all training positives.
 
     Raises:
         FileNotFoundError: no ML-100K files found (the message says how to fetch them).

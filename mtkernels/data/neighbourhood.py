@@ -69,11 +69,17 @@ class ItemKNN:
         return self.mean + self.user_bias[user_row] + self.item_bias[item_row]
 
     def estimate(self, user_row: np.ndarray, item_row: np.ndarray) -> np.ndarray:
-        """Baseline + neighbourhood estimate of each pair's rating, float64 ``[n]`` (vectorised per user).
+        """Baseline + neighbourhood estimate of each pair's rating, float64 ``[n]``.
 
         A user without ratings (a cold user, the unknown row 0) gets ``mu + b_i``."""
+        return self.baseline(user_row, item_row) + self.neighbourhood(user_row, item_row)
+
+    def neighbourhood(self, user_row: np.ndarray, item_row: np.ndarray) -> np.ndarray:
+        """The neighbourhood term alone (estimate - baseline), float64 ``[n]``, vectorised per user:
+        the similarity-weighted mean of the user's residuals on the k most similar rated items
+        (0 for users without ratings)."""
         user_row, item_row = np.asarray(user_row, np.int64), np.asarray(item_row, np.int64)
-        out = self.baseline(user_row, item_row)
+        out = np.zeros(len(user_row))
         order = np.argsort(user_row, kind="stable")
         users, starts = np.unique(user_row[order], return_index=True)
         bounds = np.append(starts, len(order))
@@ -94,7 +100,8 @@ class ItemKNN:
 
 
 def item_knn_estimates(user_row: np.ndarray, item_row: np.ndarray, rating: np.ndarray, num_user_rows: int,
-                       num_item_rows: int, folds: int = FOLDS, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+                       num_item_rows: int, folds: int = FOLDS, seed: int = 0,
+                       with_baseline: bool = True) -> Tuple[np.ndarray, np.ndarray]:
     """Out-of-fold estimates for the training ratings and full-data estimates for every pair.
 
     Args:
@@ -102,6 +109,7 @@ def item_knn_estimates(user_row: np.ndarray, item_row: np.ndarray, rating: np.nd
         num_user_rows, num_item_rows: table sizes.
         folds: K of the K-fold split of the training positives (>= 2); fold of each rating drawn
             uniformly with ``numpy.random.default_rng(seed)``.
+        with_baseline: False returns the neighbourhood term alone (`ItemKNN.neighbourhood`).
 
     Returns:
         ``(table, out_of_fold)``: float64 ``[num_user_rows, num_item_rows]`` estimates from all
@@ -121,9 +129,11 @@ def item_knn_estimates(user_row: np.ndarray, item_row: np.ndarray, rating: np.nd
     for k in range(folds):
         held = fold == k
         model = ItemKNN(user_row[~held], item_row[~held], rating[~held], num_user_rows, num_item_rows)
-        out_of_fold[held] = model.estimate(user_row[held], item_row[held])
+        score = model.estimate if with_baseline else model.neighbourhood
+        out_of_fold[held] = score(user_row[held], item_row[held])
     full = ItemKNN(user_row, item_row, rating, num_user_rows, num_item_rows)
     all_users = np.repeat(np.arange(num_user_rows), num_item_rows)
     all_items = np.tile(np.arange(num_item_rows), num_user_rows)
-    table = full.estimate(all_users, all_items).reshape(num_user_rows, num_item_rows)
+    score = full.estimate if with_baseline else full.neighbourhood
+    table = score(all_users, all_items).reshape(num_user_rows, num_item_rows)
     return table, out_of_fold
