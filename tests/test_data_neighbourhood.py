@@ -60,30 +60,52 @@ def test_estimate_matches_loop(neighbours):
 
 
 @pytest.mark.parametrize("with_baseline", [True, False])
-def test_out_of_fold_values_never_see_their_own_rating(with_baseline):
+def test_out_of_fold_values_never_see_their_owner_rating(with_baseline):
     users, items, ratings, num_users, num_items = random_ratings(seed=1)
-    table, oof = item_knn_estimates(users, items, ratings, num_users, num_items, folds=5, seed=0, with_baseline=with_baseline)
-    assert table.shape == (num_users, num_items) and oof.shape == ratings.shape
-    assert np.isfinite(table).all() and np.isfinite(oof).all()
+    # every positive, then two "negatives" per positive (items the user did not rate), owned by it
+    rng = np.random.default_rng(5)
+    negative_items = rng.integers(0, num_items, size=(len(ratings), 2))
+    query_user = np.concatenate([users, np.repeat(users, 2)])
+    query_item = np.concatenate([items, negative_items.reshape(-1)])
+    owner = np.concatenate([np.arange(len(ratings)), np.repeat(np.arange(len(ratings)), 2)])
+
+    def run(values):
+        return item_knn_estimates(users, items, values, num_users, num_items, query_user, query_item, owner,
+                                  folds=5, seed=0, with_baseline=with_baseline)
+
+    table, got = run(ratings)
+    assert table.shape == (num_users, num_items) and got.shape == (len(query_user),)
+    assert np.isfinite(table).all() and np.isfinite(got).all()
     fold = np.random.default_rng(0).integers(0, 5, len(ratings))
     for m in (0, 17, 200):
         changed = ratings.copy()
         changed[m] = 6 - ratings[m] if ratings[m] != 3 else 5
-        _, oof_changed = item_knn_estimates(users, items, changed, num_users, num_items, folds=5, seed=0,
-                                            with_baseline=with_baseline)
-        assert oof_changed[m] == oof[m]  # its own rating is in none of the models that score it
-        others = fold != fold[m]
-        assert not np.allclose(oof_changed[others], oof[others])  # it does feed the other folds
-        assert np.allclose(oof_changed[(fold == fold[m])], oof[(fold == fold[m])])
-    # the table uses every rating: it is the full model's estimate
+        _, got_changed = run(changed)
+        same_fold = fold[owner] == fold[m]
+        assert got_changed[m] == got[m]  # its own rating is in no model that scores it ...
+        assert np.array_equal(got_changed[owner == m], got[owner == m])  # ... nor its negatives
+        assert np.array_equal(got_changed[same_fold], got[same_fold])
+        assert not np.allclose(got_changed[~same_fold], got[~same_fold])  # it does feed the other folds
+    # a positive and its negatives are scored by the same fold model
+    k = fold[3]
+    held = fold == k
+    model = ItemKNN(users[~held], items[~held], ratings[~held], num_users, num_items)
+    score = model.estimate if with_baseline else model.neighbourhood
+    np.testing.assert_allclose(got[owner == 3], score(query_user[owner == 3], query_item[owner == 3]))
+    # the table is the full model's
     full = ItemKNN(users, items, ratings, num_users, num_items)
     score = full.estimate if with_baseline else full.neighbourhood
     np.testing.assert_allclose(table[users[:20], items[:20]], score(users[:20], items[:20]))
 
 
 def test_bad_arguments():
+    one = np.array([1])
     with pytest.raises(ValueError, match="folds"):
-        item_knn_estimates(np.array([1]), np.array([1]), np.array([4.0]), 2, 2, folds=1)
+        item_knn_estimates(one, one, np.array([4.0]), 2, 2, one, one, np.array([0]), folds=1)
+    with pytest.raises(ValueError, match="query_owner"):
+        item_knn_estimates(one, one, np.array([4.0]), 2, 2, one, one, np.array([1]))
+    with pytest.raises(ValueError, match="query_user, query_item, query_owner"):
+        item_knn_estimates(one, one, np.array([4.0]), 2, 2, one, np.array([1, 0]), np.array([0]))
     with pytest.raises(ValueError, match="user_row, item_row, rating"):
         ItemKNN(np.array([1, 2]), np.array([1]), np.array([4.0]), 3, 3)
 
@@ -111,12 +133,14 @@ def test_rating_estimate_column(synthetic_data):
     # the other columns are unchanged
     for name in data.splits:
         assert torch.equal(data.splits[name].dense[:, :-1], plain.splits[name].dense)
-    # recompute: out-of-fold for train positives, full-train table for everything else, standardised
+    # recompute: train rows out-of-fold, each negative with the positive before it (its owner),
+    # the full-train table for everything else, standardised by the train rows
     users, items = train.user_row[positive].numpy(), train.item[positive].numpy()
-    table, oof = item_knn_estimates(users, items, train.labels[positive, 2].numpy(), data.num_user_rows,
-                                    data.num_items + 1, with_baseline=kind == "estimate")
-    raw = table[train.user_row.numpy(), train.item.numpy()]
-    raw[positive.numpy()] = oof
+    owner = np.repeat(np.arange(int(positive.sum())), 5)
+    assert np.array_equal(positive.numpy(), np.tile([True, False, False, False, False], len(users)))
+    table, raw = item_knn_estimates(users, items, train.labels[positive, 2].numpy(), data.num_user_rows,
+                                    data.num_items + 1, train.user_row.numpy(), train.item.numpy(), owner,
+                                    with_baseline=kind == "estimate")
     mean, std = raw.mean(), raw.std()
     np.testing.assert_allclose(train.dense[:, -1].numpy(), (raw - mean) / std, rtol=1e-5, atol=1e-5)
     assert abs(float(train.dense[:, -1].mean())) < 1e-4
@@ -147,6 +171,7 @@ def test_rating_estimate_in_pair_batch_and_resampled_negatives(synthetic_data):
         fresh = data.resample_negatives(seed=3)
         negative = fresh.labels[:, 0] == 0
         assert torch.equal(fresh.dense[~negative], original[~negative])  # positives keep out-of-fold values
+        # negatives drawn afresh get the full-train value (documented)
         recomputed = data.pair_batch(fresh.user_row[negative][:50], fresh.item[negative][:50] - 1)
         diagonal = torch.arange(50) * 50 + torch.arange(50)
         assert torch.equal(fresh.dense[negative][:50], recomputed.dense[diagonal])

@@ -288,15 +288,19 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
     if rating_estimate is not None and rating_estimate not in RATING_ESTIMATES:
         raise ValueError(f"rating_estimate must be None or one of {sorted(RATING_ESTIMATES)}, got {rating_estimate!r}")
     if rating_estimate is not None:
-        table, out_of_fold = item_knn_estimates(pos_user_rows, pos_item_rows, pos_ratings, num_user_rows, num_items + 1,
-                                                with_baseline=rating_estimate == "estimate")
         train_users = user_row_of.loc[train["user_id"].to_numpy()].to_numpy()
         train_items = position_of.loc[train["item_id"].to_numpy()].to_numpy() + 1
-        train_values = table[train_users, train_items]
-        train_values[train["click"].to_numpy() == 1] = out_of_fold
+        positive = train["click"].to_numpy() == 1
+        # a sampled negative belongs to the positive before it (PROTOCOL.md 3 row layout)
+        owner = np.maximum.accumulate(np.where(positive, np.cumsum(positive) - 1, -1))
+        if len(owner) and owner[0] < 0:
+            raise ValueError("rating_estimate: the train split must start with a positive row")
+        table, train_values = item_knn_estimates(pos_user_rows, pos_item_rows, pos_ratings, num_user_rows, num_items + 1,
+                                                 train_users, train_items, owner,
+                                                 with_baseline=rating_estimate == "estimate")
         mean, std = train_values.mean(), train_values.std()
         pair_dense = torch.from_numpy(((table - mean) / std).astype(np.float32)).unsqueeze(2)
-        out_of_fold = torch.from_numpy(((out_of_fold - mean) / std).astype(np.float32))
+        train_dense = torch.from_numpy(((train_values - mean) / std).astype(np.float32)).unsqueeze(1)
 
     split_rows = {}
     for name, frame in splits.items():
@@ -305,9 +309,8 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         item_row = torch.tensor(position_of.loc[frame["item_id"].to_numpy()].to_numpy() + 1)
         context_dense = None
         if pair_dense is not None:
-            context_dense = pair_dense[user_row, item_row].clone()
-            if name == "train":  # training positives: out-of-fold, their own rating never enters
-                context_dense[labels[:, 0] == 1, 0] = out_of_fold
+            # train rows: out-of-fold (their positive's rating never enters); others: all of train
+            context_dense = train_dense if name == "train" else pair_dense[user_row, item_row]
         split_rows[name] = SplitRows(
             user_row=user_row,
             item_row=item_row,
@@ -425,8 +428,10 @@ def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bo
             2008; `mtkernels.data.neighbourhood`): ``"offset"`` its neighbourhood term (the
             user's residuals on the most similar items they rated; column ``item_knn_offset``),
             ``"estimate"`` baseline + neighbourhood (``item_knn_rating``). Training positives get
-            5-fold out-of-fold values (their own rating never enters them); every other row, and
-            ``pair_batch``, the value from all training positives.
+            5-fold out-of-fold values (their own rating never enters them), and each sampled
+            negative the value from its positive's fold model; every other row (evaluation
+            splits, ``pair_batch``, negatives drawn by ``resample_negatives``) the value from all
+            training positives.
 
     Raises:
         FileNotFoundError: no ML-100K files found (the message says how to fetch them).

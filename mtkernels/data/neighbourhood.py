@@ -100,40 +100,56 @@ class ItemKNN:
 
 
 def item_knn_estimates(user_row: np.ndarray, item_row: np.ndarray, rating: np.ndarray, num_user_rows: int,
-                       num_item_rows: int, folds: int = FOLDS, seed: int = 0,
-                       with_baseline: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold estimates for the training ratings and full-data estimates for every pair.
+                       num_item_rows: int, query_user: np.ndarray, query_item: np.ndarray, query_owner: np.ndarray,
+                       folds: int = FOLDS, seed: int = 0, with_baseline: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold values for the training rows and full-data values for every (user, item) pair.
+
+    The training positives are split into K folds. A training row (a positive, or a sampled
+    negative) takes the fold of its *owner*, the positive it belongs to, and is scored by the model
+    fitted on the other folds: the owner's rating never enters the values of the owner or of its
+    negatives, and a positive and its negatives are scored by the same model (with the full model
+    for negatives, the feature would tell negatives from positives by how much data scored them).
 
     Args:
         user_row, item_row, rating: the training positives, ``[n]`` each.
         num_user_rows, num_item_rows: table sizes.
-        folds: K of the K-fold split of the training positives (>= 2); fold of each rating drawn
-            uniformly with ``numpy.random.default_rng(seed)``.
-        with_baseline: False returns the neighbourhood term alone (`ItemKNN.neighbourhood`).
+        query_user, query_item: int64 ``[q]``: the training rows to score.
+        query_owner: int64 ``[q]``: index (into the positives) of each row's owner.
+        folds: K of the K-fold split (>= 2); the fold of each positive drawn uniformly with
+            ``numpy.random.default_rng(seed)``.
+        with_baseline: True: baseline + neighbourhood (`ItemKNN.estimate`); False: the
+            neighbourhood term alone (`ItemKNN.neighbourhood`).
 
     Returns:
-        ``(table, out_of_fold)``: float64 ``[num_user_rows, num_item_rows]`` estimates from all
-        training positives (for negatives, evaluation rows and ranking: their ratings are not
-        in the training positives), and float64 ``[n]`` the estimate of training positive m by the
-        model fitted on the other folds (its own rating never enters its value).
+        ``(table, values)``: float64 ``[num_user_rows, num_item_rows]`` from all training
+        positives (for evaluation rows, resampled negatives and ranking, whose ratings are not in
+        the training positives), and float64 ``[q]`` the out-of-fold values of the queries.
 
     Raises:
-        ValueError: ``folds < 2`` or bad arrays (see `ItemKNN`).
+        ValueError: ``folds < 2``, query arrays of different lengths, an owner out of range, or
+            bad rating arrays (see `ItemKNN`).
     """
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
     user_row, item_row = np.asarray(user_row, np.int64), np.asarray(item_row, np.int64)
     rating = np.asarray(rating, np.float64)
+    query_user, query_item = np.asarray(query_user, np.int64), np.asarray(query_item, np.int64)
+    query_owner = np.asarray(query_owner, np.int64)
+    if not len(query_user) == len(query_item) == len(query_owner):
+        raise ValueError(f"query_user, query_item, query_owner: need equal lengths, got "
+                         f"{len(query_user)}, {len(query_item)}, {len(query_owner)}")
+    if len(query_owner) and (query_owner.min() < 0 or query_owner.max() >= len(rating)):
+        raise ValueError(f"query_owner: must index the {len(rating)} positives, got {query_owner.min()}..{query_owner.max()}")
     fold = np.random.default_rng(seed).integers(0, folds, len(rating))
-    out_of_fold = np.zeros(len(rating))
+    query_fold = fold[query_owner]
+    values = np.zeros(len(query_user))
     for k in range(folds):
-        held = fold == k
+        held, asked = fold == k, query_fold == k
         model = ItemKNN(user_row[~held], item_row[~held], rating[~held], num_user_rows, num_item_rows)
         score = model.estimate if with_baseline else model.neighbourhood
-        out_of_fold[held] = score(user_row[held], item_row[held])
+        values[asked] = score(query_user[asked], query_item[asked])
     full = ItemKNN(user_row, item_row, rating, num_user_rows, num_item_rows)
     all_users = np.repeat(np.arange(num_user_rows), num_item_rows)
     all_items = np.tile(np.arange(num_item_rows), num_user_rows)
     score = full.estimate if with_baseline else full.neighbourhood
-    table = score(all_users, all_items).reshape(num_user_rows, num_item_rows)
-    return table, out_of_fold
+    return score(all_users, all_items).reshape(num_user_rows, num_item_rows), values
