@@ -11,7 +11,7 @@ per epoch (the training loop only, at the given thread count). Each run also pri
 metrics of the kept (best) epoch, the numbers to screen variants on (PROTOCOL.md 4).
 --rating-estimate loads the data with an item-kNN column
 (``load_ml100k_mtl_v1(rating_estimate=...)``). Each run also reports the like AUC of the blend
-``logit(p_like) + w * rating`` with w chosen on val (`like_rating_blend`).
+``logit(p_like) + w * rating`` with w chosen on val (`evaluation.choose_like_rating_blend`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from mtkernels import evaluation, metrics
+from mtkernels import evaluation
 from mtkernels.data import load_ml100k_mtl_v1
 from mtkernels.demo import BASELINES, NAMES, flatten_metrics, format_table, summarise
 from mtkernels.training import TrainConfig, fit, presets
@@ -42,28 +42,6 @@ def _value(text: str):
         except ValueError:
             pass
     return text
-
-
-BLEND_WEIGHTS = [0.25 * i for i in range(17)]
-
-
-def like_rating_blend(model, data) -> dict:
-    """Like AUC of ``logit(p_like) + w * rating`` with w from `BLEND_WEIGHTS` chosen on val's like
-    AUC (PROTOCOL.md 4: val selects), and that w's test_warm like AUC (w = 0: the like head alone)."""
-    tasks = [t.name for t in data.tasks]
-    like, rating = tasks.index("like"), tasks.index("rating")
-    scores = {}
-    for split in ("val", "test_warm"):
-        labels = data.splits[split].labels[:, like]
-        output = evaluation.predict(model, data, split).double()
-        rows = ~torch.isnan(labels)
-        logit = torch.logit(output[rows, like].clamp(1e-7, 1 - 1e-7))
-        scores[split] = (labels[rows].double().numpy(), logit, output[rows, rating])
-    val_auc = [float(metrics.auc(scores["val"][0], (scores["val"][1] + w * scores["val"][2]).numpy())) for w in BLEND_WEIGHTS]
-    best = max(range(len(BLEND_WEIGHTS)), key=val_auc.__getitem__)
-    y, logit, predicted = scores["test_warm"]
-    return {"weight": BLEND_WEIGHTS[best], "val_like_auc": val_auc[best],
-            "test_warm_like_auc": float(metrics.auc(y, (logit + BLEND_WEIGHTS[best] * predicted).numpy()))}
 
 
 def main(argv=None) -> int:
@@ -111,7 +89,9 @@ def main(argv=None) -> int:
                 flat = flatten_metrics(evaluation.evaluate(model, data, split))
                 flat.update(seconds_per_epoch=result.seconds_per_epoch, epochs=float(len(result.history)))
                 run[split] = flat
-            run["like_rating_blend"] = like_rating_blend(model, data)
+            blend, val_aucs = evaluation.choose_like_rating_blend(model, data, "val")
+            run["like_rating_blend"] = {"weight": blend.weight, "val_like_auc": val_aucs[blend.weight],
+                                        "test_warm_like_auc": evaluation.evaluate(blend, data, "test_warm", topk=False)["like"]["auc"]}
             runs.append(run)
             w, v = run["test_warm"], run["val"]
             print(f"{NAMES.get(backbone, backbone)} seed {seed}: {run['epochs']} epochs (best {run['best_epoch']}), "
