@@ -1,13 +1,17 @@
 """Quality of the multi-task models on ml100k-mtl-v1 (issue 3 "Must reach"), 3 seeds per model.
 
     python -m benchmarks.quality_ml100k [--models mmoe ple] [--seeds 3] [--threads 2]
-        [--set embedding_dim=32 --set lr=0.003 ...] [--json results.json]
+        [--set embedding_dim=32 --set lr=0.003 ...] [--rating-estimate offset|estimate] [--json results.json]
 
 Trains each model with the presets of `mtkernels.training.presets` (overridable with --set:
 embedding_dim, embedding_lr, lr, weight_decay, batch_size, epochs, patience, dropout, expert_hidden,
 num_experts, tower_hidden), early stopping on val, and prints one table per test split with the
 mean and sample standard deviation over seeds beside the issue's baselines, plus training seconds
-per epoch (the training loop only, at the given thread count).
+per epoch (the training loop only, at the given thread count). Each run also prints the val
+metrics of the kept (best) epoch, the numbers to screen variants on (PROTOCOL.md 4).
+--rating-estimate loads the data with an item-kNN column
+(``load_ml100k_mtl_v1(rating_estimate=...)``). Each run also reports the like AUC of the blend
+``logit(p_like) + w * rating`` with w chosen on val (`evaluation.choose_like_rating_blend`).
 """
 
 from __future__ import annotations
@@ -50,13 +54,15 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset")
     parser.add_argument("--json", default=None, help="write all results here")
     parser.add_argument("--verbose", action="store_true", help="print one line per epoch")
+    parser.add_argument("--rating-estimate", choices=["offset", "estimate"], default=None,
+                        help="add an out-of-fold item-kNN column (load_ml100k_mtl_v1(rating_estimate=...))")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = dict(item.split("=", 1) for item in args.set)
     overrides = {k: _value(v) for k, v in overrides.items()}
 
-    data = load_ml100k_mtl_v1(args.data_dir)
-    results = {"threads": args.threads, "overrides": overrides, "models": {}}
+    data = load_ml100k_mtl_v1(args.data_dir, rating_estimate=args.rating_estimate)
+    results = {"threads": args.threads, "overrides": overrides, "rating_estimate": args.rating_estimate, "models": {}}
     for backbone in args.models:
         runs = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -79,16 +85,22 @@ def main(argv=None) -> int:
             run = {"seed": seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
                    "seconds_per_epoch": result.seconds_per_epoch, "seconds_total": time.perf_counter() - started,
                    "val_history": [{k: h[k] for k in ("epoch", "train_loss", "monitor", "seconds")} for h in result.history]}
-            for split in ("test_warm", "test_cold"):
+            for split in ("val", "test_warm", "test_cold"):
                 flat = flatten_metrics(evaluation.evaluate(model, data, split))
                 flat.update(seconds_per_epoch=result.seconds_per_epoch, epochs=float(len(result.history)))
                 run[split] = flat
+            blend, val_aucs = evaluation.choose_like_rating_blend(model, data, "val")
+            run["like_rating_blend"] = {"weight": blend.weight, "val_like_auc": val_aucs[blend.weight],
+                                        "test_warm_like_auc": evaluation.evaluate(blend, data, "test_warm", topk=False)["like"]["auc"]}
             runs.append(run)
-            w = run["test_warm"]
+            w, v = run["test_warm"], run["val"]
             print(f"{NAMES.get(backbone, backbone)} seed {seed}: {run['epochs']} epochs (best {run['best_epoch']}), "
                   f"{run['seconds_per_epoch']:.2f} s/epoch | warm click AUC {w['click_auc']:.4f} like AUC "
                   f"{w['like_auc']:.4f} RMSE {w['rating_rmse']:.4f} NDCG@10 {w['ndcg@10']:.4f} "
-                  f"Recall@10 {w['recall@10']:.4f}", flush=True)
+                  f"Recall@10 {w['recall@10']:.4f} | val click AUC {v['click_auc']:.4f} like AUC {v['like_auc']:.4f} "
+                  f"RMSE {v['rating_rmse']:.4f} NDCG@10 {v['ndcg@10']:.4f} | blend w {run['like_rating_blend']['weight']} "
+                  f"val like AUC {run['like_rating_blend']['val_like_auc']:.4f} warm like AUC "
+                  f"{run['like_rating_blend']['test_warm_like_auc']:.4f}", flush=True)
         results["models"][backbone] = {"runs": runs, "test_warm": summarise([r["test_warm"] for r in runs]),
                                        "test_cold": summarise([r["test_cold"] for r in runs])}
     for split in ("test_warm", "test_cold"):

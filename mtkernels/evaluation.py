@@ -188,3 +188,63 @@ def evaluate(
     if topk and has_items(data):
         result["topk"] = topk_metrics(model, data, split, k, task_weights)
     return result
+
+
+BLEND_WEIGHTS = tuple(0.25 * i for i in range(17))
+
+
+class LikeRatingBlend(torch.nn.Module):
+    """A multi-task model whose like probability also ranks by its own rating prediction:
+    ``p_like' = sigmoid(logit(p_like) + weight * rating)``; the other outputs are unchanged.
+
+    Like AUC is scored on the positives only, where it asks which of the user's ratings are >= 4,
+    so the rating head's score carries what the like head misses (README "What bounds like AUC").
+    One model (its own two heads), the weight chosen on validation (`choose_like_rating_blend`).
+
+    Args:
+        model: maps ``(sparse, dense)`` to ``[B, T]`` outputs (binary tasks as probabilities).
+        like_task, rating_task: the column of the binary like task and of the regression task.
+        weight: w >= 0 (0: the model's own like probability).
+
+    Raises:
+        ValueError: a negative weight or the same column twice.
+    """
+
+    def __init__(self, model: torch.nn.Module, like_task: int, rating_task: int, weight: float) -> None:
+        super().__init__()
+        if weight < 0 or like_task == rating_task:
+            raise ValueError(f"weight must be >= 0 and like_task != rating_task, got {weight}, {like_task}, {rating_task}")
+        self.model, self.like_task, self.rating_task, self.weight = model, int(like_task), int(rating_task), float(weight)
+
+    def forward(self, sparse, dense: torch.Tensor) -> torch.Tensor:
+        out = self.model(sparse, dense)
+        logit = torch.logit(out[:, self.like_task].clamp(1e-7, 1 - 1e-7)) + self.weight * out[:, self.rating_task]
+        return torch.cat([out[:, : self.like_task], torch.sigmoid(logit)[:, None], out[:, self.like_task + 1 :]], 1)
+
+
+@torch.no_grad()
+def choose_like_rating_blend(model: torch.nn.Module, data, split: str = "val", like: str = "like",
+                             rating: str = "rating", weights: Sequence[float] = BLEND_WEIGHTS) -> Tuple[LikeRatingBlend, Dict[float, float]]:
+    """The `LikeRatingBlend` of ``model`` whose weight gives the best like AUC on ``split``
+    (validation: PROTOCOL.md 4 reserves it for such choices; the first best weight wins ties).
+
+    Returns:
+        ``(blend, {weight: like AUC on split})``.
+
+    Raises:
+        KeyError: no task named ``like`` or ``rating``. ValueError: empty ``weights``.
+    """
+    names = [t.name for t in data.tasks]
+    if like not in names or rating not in names:
+        raise KeyError(f"tasks {like!r} and {rating!r} needed, tasks are {names}")
+    if not len(weights):
+        raise ValueError("weights: need at least one candidate")
+    like_task, rating_task = names.index(like), names.index(rating)
+    labels = data.splits[split].labels[:, like_task]
+    rows = ~torch.isnan(labels)
+    output = predict(model, data, split).double()[rows]
+    logit = torch.logit(output[:, like_task].clamp(1e-7, 1 - 1e-7))
+    y = labels[rows].double().numpy()
+    aucs = {float(w): float(_metrics.auc(y, (logit + w * output[:, rating_task]).numpy())) for w in weights}
+    best = max(aucs, key=aucs.get)
+    return LikeRatingBlend(model, like_task, rating_task, best), aucs

@@ -54,7 +54,14 @@ def serving_tables(data, user_id_feature: str = "user_id") -> Dict[str, object]:
         ``user_dense [R, du]``, ``item_ids [N]``, ``item_bags {name: (values, offsets [N+1])}``,
         ``item_dense [N, dense_dim - du]``, ``seen_offsets [R+1]``, ``seen_indices``,
         ``popularity [N]``, ``titles``.
+
+    Raises:
+        ValueError: the data set has per-(user, item) dense columns (``data.has_pair_dense``,
+            e.g. ML-100K's ``rating_estimate``), which these per-side tables cannot hold.
     """
+    if getattr(data, "has_pair_dense", False):
+        raise ValueError("serving_tables: data has per-(user, item) dense columns (has_pair_dense); "
+                         "the Ranker serves per-side features only (load the data without them)")
     names = [f.name for f in data.features]
     sides = {f.name: f.side for f in data.features}
     num_items = int(data.num_items)

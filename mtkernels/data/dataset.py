@@ -139,6 +139,7 @@ class MultiTaskData:
         negative_pools: Optional[Jagged] = None,
         user_encoder=None,
         vocabularies: Optional[Dict[str, list]] = None,
+        pair_dense: Optional[torch.Tensor] = None,
     ) -> None:
         self.name = name
         self.tasks = list(tasks)
@@ -167,6 +168,12 @@ class MultiTaskData:
         # raw side-feature records -> {user feature: int64 ids}, for users the data set never saw
         self._user_encoder = user_encoder
         self._vocabularies = dict(vocabularies or {})
+        # float32 [user rows, item rows, context dense]: the context dense columns of any (user, item)
+        # pair, for pair_batch and resampled negatives (None: context dense is 0 there)
+        if pair_dense is not None and (pair_dense.dim() != 3 or pair_dense.shape[2] != len(self._context_dense_names)):
+            raise ValueError(f"pair_dense: expected [user rows, item rows, {len(self._context_dense_names)}], "
+                             f"got {tuple(pair_dense.shape)}")
+        self._pair_dense = pair_dense
         self._split_rows = dict(split_rows)
         self.splits: Dict[str, Split] = {name_: self._assemble(name_, rows) for name_, rows in split_rows.items()}
 
@@ -229,6 +236,12 @@ class MultiTaskData:
     def item_dense_dim(self) -> int:
         """Number of item-side dense columns (right after the user-side ones)."""
         return len(self._item_dense_names)
+
+    @property
+    def has_pair_dense(self) -> bool:
+        """True when the context dense columns depend on the (user, item) pair (e.g. ML-100K's
+        ``rating_estimate``); ``pair_batch`` then fills them in, other consumers must too."""
+        return self._pair_dense is not None
 
     @property
     def num_tasks(self) -> int:
@@ -360,8 +373,12 @@ class MultiTaskData:
             pick = (torch.rand(users.numel(), generator=generator, dtype=torch.float64) * sizes).long().clamp_(max=sizes - 1)
             item_row = rows.item_row.clone()
             item_row[negative] = items[offsets[users] + pick]
+            context_dense = rows.context_dense
+            if self._pair_dense is not None:  # a negative's item is unrated: the full-history value
+                context_dense = context_dense.clone()
+                context_dense[negative] = self._pair_dense[users, item_row[negative]]
             rows = SplitRows(rows.user_row, item_row, rows.labels, rows.context_sparse, rows.context_multi,
-                             rows.context_dense, rows.extra)
+                             context_dense, rows.extra)
         self.splits[split] = self._assemble(split, rows)
         return self.splits[split]
 
@@ -514,7 +531,9 @@ class MultiTaskData:
         """Every (user, item) pair of U users x N items as one `Batch`, user-major.
 
         Row ``u * N + j`` pairs user u with item ``items[j]``. Context features are unknown (id 0,
-        empty bags, dense 0 = the standardised mean); labels are NaN.
+        empty bags, dense 0 = the standardised mean) unless the data set has per-pair dense
+        columns (``has_pair_dense``), which are filled in (new users, row -1, as the unknown user
+        row 0); labels are NaN.
 
         Args:
             users: a `UserRows` (from `user_feature_rows`), or user-table rows (int64 ``[U]``).
@@ -553,12 +572,19 @@ class MultiTaskData:
             [
                 users.dense.repeat_interleave(num_items, dim=0),
                 self._items.dense[item_rows],
-                torch.zeros(batch, len(self._context_dense_names)),
+                self._pair_context_dense(users.rows, item_rows, num_items),
             ],
             dim=1,
         )
         labels = torch.full((batch, self.num_tasks), float("nan"))
         return Batch(self._make_kjt(single, multi, batch), dense, labels, None)
+
+    def _pair_context_dense(self, user_rows: torch.Tensor, item_rows: torch.Tensor, num_items: int) -> torch.Tensor:
+        batch = user_rows.numel() * num_items
+        if self._pair_dense is None:
+            return torch.zeros(batch, len(self._context_dense_names))
+        users = user_rows.clamp(min=0).repeat_interleave(num_items)
+        return self._pair_dense[users, item_rows]
 
     # --- top-k evaluation -------------------------------------------------------------------
     def topk_eval(self, split: str) -> TopKEval:

@@ -20,6 +20,7 @@ import torch
 
 from . import protocol
 from .dataset import EntityTable, MultiTaskData, SplitRows, csr_from_pairs
+from .neighbourhood import item_knn_estimates
 from .sources import SUBDIR, default_data_dir, fetch_ml100k
 from .types import FeatureSpec, TaskSpec, TopKEval
 from .vocabulary import Vocabulary, encode_multi
@@ -38,6 +39,8 @@ ZIP_PREFIX = 2
 SMOOTHING = 10.0
 USER_DENSE = ["user_log_activity", "user_mean_rating", "user_like_rate", "user_history_popularity", "user_recent_popularity"]
 ITEM_DENSE = ["item_log_popularity", "item_mean_rating", "item_like_rate"]
+# rating_estimate -> the per-(user, item) column it adds
+RATING_ESTIMATES = {"offset": "item_knn_offset", "estimate": "item_knn_rating"}
 RECENT = 10  # ratings that make a user's "recent" history
 
 
@@ -267,7 +270,7 @@ def refit_dense_features(data: MultiTaskData, split: str = "train") -> MultiTask
 
 
 def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.DataFrame]] = None,
-                        dense_features: bool = True) -> MultiTaskData:
+                        dense_features: bool = True, rating_estimate: Optional[str] = None) -> MultiTaskData:
     """Encode the protocol splits of ``movielens`` into a `MultiTaskData` (see `load_ml100k_mtl_v1`)."""
     ratings, users_raw, items_raw = movielens.ratings, movielens.users, movielens.items
     catalogue = np.sort(np.union1d(items_raw["item_id"].to_numpy(), ratings["item_id"].unique()))
@@ -346,13 +349,38 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
     ]
     tasks = [TaskSpec("click", "binary"), TaskSpec("like", "binary"), TaskSpec("rating", "regression")]
 
+    pair_dense = None
+    if rating_estimate is not None and rating_estimate not in RATING_ESTIMATES:
+        raise ValueError(f"rating_estimate must be None or one of {sorted(RATING_ESTIMATES)}, got {rating_estimate!r}")
+    if rating_estimate is not None:
+        train_users = user_row_of.loc[train["user_id"].to_numpy()].to_numpy()
+        train_items = position_of.loc[train["item_id"].to_numpy()].to_numpy() + 1
+        positive = train["click"].to_numpy() == 1
+        # a sampled negative belongs to the positive before it (PROTOCOL.md 3 row layout)
+        owner = np.maximum.accumulate(np.where(positive, np.cumsum(positive) - 1, -1))
+        if len(owner) and owner[0] < 0:
+            raise ValueError("rating_estimate: the train split must start with a positive row")
+        table, train_values = item_knn_estimates(pos_user_rows, pos_item_rows, pos_ratings, num_user_rows, num_items + 1,
+                                                 train_users, train_items, owner,
+                                                 with_baseline=rating_estimate == "estimate")
+        mean, std = train_values.mean(), train_values.std()
+        pair_dense = torch.from_numpy(((table - mean) / std).astype(np.float32)).unsqueeze(2)
+        train_dense = torch.from_numpy(((train_values - mean) / std).astype(np.float32)).unsqueeze(1)
+
     split_rows = {}
     for name, frame in splits.items():
         labels = torch.from_numpy(frame[["click", "like", "rating"]].to_numpy(dtype=np.float32))
+        user_row = torch.tensor(user_row_of.loc[frame["user_id"].to_numpy()].to_numpy())
+        item_row = torch.tensor(position_of.loc[frame["item_id"].to_numpy()].to_numpy() + 1)
+        context_dense = None
+        if pair_dense is not None:
+            # train rows: out-of-fold (their positive's rating never enters); others: all of train
+            context_dense = train_dense if name == "train" else pair_dense[user_row, item_row]
         split_rows[name] = SplitRows(
-            user_row=torch.tensor(user_row_of.loc[frame["user_id"].to_numpy()].to_numpy()),
-            item_row=torch.tensor(position_of.loc[frame["item_id"].to_numpy()].to_numpy() + 1),
+            user_row=user_row,
+            item_row=item_row,
             labels=labels,
+            context_dense=context_dense,
             extra={"timestamp": torch.tensor(frame["timestamp"].to_numpy(dtype=np.int64))},
         )
 
@@ -375,6 +403,8 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         items=items,
         user_dense_names=USER_DENSE if dense_features else [],
         item_dense_names=ITEM_DENSE if dense_features else [],
+        context_dense_names=[RATING_ESTIMATES[rating_estimate]] if rating_estimate is not None else [],
+        pair_dense=pair_dense,
         user_ids=torch.from_numpy(user_ids),
         item_ids=torch.from_numpy(catalogue.astype(np.int64)),
         item_titles=titles,
@@ -427,7 +457,7 @@ def _topk_sets(splits: Dict[str, pd.DataFrame], user_row_of: pd.Series, position
 
 
 def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bool = False,
-                       dense_features: bool = True) -> MultiTaskData:
+                       dense_features: bool = True, rating_estimate: Optional[str] = None) -> MultiTaskData:
     """MovieLens-100K under the `ml100k-mtl-v1` protocol (shared/data/PROTOCOL.md), encoded.
 
     The splits are rebuilt from the ratings (cold users, temporal split, 4 sampled negatives per
@@ -458,8 +488,18 @@ def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bo
             ``$MTKERNELS_DATA``, else ``./.cache/data``.
         download: fetch the RecBole files from PyPI (recbole==1.2.1 wheel) when they are missing.
         dense_features: False drops the dense features (``dense_dim`` 0), e.g. for an ablation.
+        rating_estimate: None (default) or add one per-(user, item) dense column (``dense_dim``
+            + 1, last), standardised, from an item-kNN model of the training positives (Koren KDD
+            2008; `mtkernels.data.neighbourhood`): ``"offset"`` its neighbourhood term (the
+            user's residuals on the most similar items they rated; column ``item_knn_offset``),
+            ``"estimate"`` baseline + neighbourhood (``item_knn_rating``). Training positives get
+            5-fold out-of-fold values (their own rating never enters them), and each sampled
+            negative the value from its positive's fold model; every other row (evaluation
+            splits, ``pair_batch``, negatives drawn by ``resample_negatives``) the value from all
+            training positives.
 
     Raises:
         FileNotFoundError: no ML-100K files found (the message says how to fetch them).
     """
-    return build_ml100k_mtl_v1(read_movielens_100k(data_dir, download=download), dense_features=dense_features)
+    return build_ml100k_mtl_v1(read_movielens_100k(data_dir, download=download), dense_features=dense_features,
+                               rating_estimate=rating_estimate)

@@ -1,0 +1,69 @@
+"""evaluation.LikeRatingBlend / choose_like_rating_blend: the blended like score against its formula,
+the weight chosen on the validation split's like AUC, errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtkernels import evaluation, metrics
+from mtkernels.data import protocol
+from mtkernels.data.movielens import build_ml100k_mtl_v1, read_grouplens
+from mtkernels.training import presets
+
+try:
+    from tests.data_fixtures import synthetic_movielens, write_grouplens
+except ImportError:  # tests/ on sys.path instead of the repo root
+    from data_fixtures import synthetic_movielens, write_grouplens
+
+
+@pytest.fixture(scope="module")
+def data_and_model(tmp_path_factory):
+    ratings, users, items = synthetic_movielens()
+    movielens = read_grouplens(write_grouplens(tmp_path_factory.mktemp("ml") / "ml-100k", ratings, users, items))
+    data = build_ml100k_mtl_v1(movielens, protocol.build_splits(movielens.ratings, np.arange(1, 61)))
+    torch.manual_seed(0)
+    model = presets.build_model(data, "mmoe")
+    model.eval()
+    return data, model
+
+
+def test_blend_output_is_the_formula(data_and_model):
+    data, model = data_and_model
+    batch = next(data.batches("val", 64))
+    with torch.no_grad():
+        raw = model(batch.sparse, batch.dense)
+        for weight in (0.0, 1.5):
+            out = evaluation.LikeRatingBlend(model, 1, 2, weight)(batch.sparse, batch.dense)
+            want = torch.sigmoid(torch.logit(raw[:, 1].clamp(1e-7, 1 - 1e-7)) + weight * raw[:, 2])
+            torch.testing.assert_close(out[:, 1], want)
+            assert torch.equal(out[:, [0, 2]], raw[:, [0, 2]])
+
+
+def test_weight_chosen_on_validation(data_and_model):
+    data, model = data_and_model
+    blend, aucs = evaluation.choose_like_rating_blend(model, data, "val", weights=(0.0, 0.5, 2.0, 8.0))
+    assert set(aucs) == {0.0, 0.5, 2.0, 8.0} and blend.weight == max(aucs, key=aucs.get)
+    labels = data.splits["val"].labels
+    rows = ~torch.isnan(labels[:, 1])
+    output = evaluation.predict(model, data, "val")
+    for weight, auc in aucs.items():
+        score = torch.logit(output[rows, 1].double().clamp(1e-7, 1 - 1e-7)) + weight * output[rows, 2].double()
+        assert auc == pytest.approx(metrics.auc(labels[rows, 1].double().numpy(), score.numpy()), abs=1e-6)
+    assert aucs[0.0] == pytest.approx(evaluation.evaluate(model, data, "val", topk=False)["like"]["auc"], abs=1e-6)
+    got = evaluation.evaluate(blend, data, "val", topk=False)
+    assert got["like"]["auc"] == pytest.approx(aucs[blend.weight], abs=1e-5)
+    assert not math.isnan(got["rating"]["rmse"])
+
+
+def test_blend_errors(data_and_model):
+    data, model = data_and_model
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        evaluation.LikeRatingBlend(model, 1, 2, -1.0)
+    with pytest.raises(KeyError, match="'taste'"):
+        evaluation.choose_like_rating_blend(model, data, like="taste")
+    with pytest.raises(ValueError, match="weights"):
+        evaluation.choose_like_rating_blend(model, data, weights=())
