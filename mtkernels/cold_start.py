@@ -35,6 +35,10 @@ from torch import nn
 
 PSEUDO_COLD_SPLIT = "pseudo_cold"
 
+# The recipe chosen on pseudo-cold users (README, "Transfer learning and cold start"): the prior's
+# groups, its L2 and passes, and the blend weight; `mtkernels cold-start` uses these by default.
+RECOMMENDED = {"features": (("gender", "age"),), "l2": 1e-4, "epochs": 10, "weight": 1.0}
+
 
 # --- selection data ---------------------------------------------------------------------------
 def pseudo_cold_ml100k(fraction: float = 0.10, seed: int = 0, data_dir=None, movielens=None):
