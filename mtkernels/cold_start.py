@@ -41,7 +41,8 @@ RECOMMENDED = {"features": (("gender", "age"),), "l2": 1e-4, "epochs": 10, "weig
 
 
 # --- selection data ---------------------------------------------------------------------------
-def pseudo_cold_ml100k(fraction: float = 0.10, seed: int = 0, data_dir=None, movielens=None):
+def pseudo_cold_ml100k(fraction: float = 0.10, seed: int = 0, data_dir=None, movielens=None,
+                       folds: Optional[int] = None, fold: int = 0):
     """ml100k-mtl-v1 with a share of the warm training users held out as cold users (selection data).
 
     The held-out users (``round(fraction * 849)`` drawn by ``numpy.random.default_rng([7, seed])``
@@ -55,6 +56,7 @@ def pseudo_cold_ml100k(fraction: float = 0.10, seed: int = 0, data_dir=None, mov
     Args:
         fraction: share of the warm users to hold out, in (0, 1).
         seed: which draw.
+        folds, fold: K-fold mode (K >= 2, fold in [0, K)); None: one random share.
         data_dir: ML-100K folder (as `mtkernels.data.load_ml100k_mtl_v1`); ``movielens``: an
             already read `MovieLens` to reuse instead.
 
@@ -62,20 +64,25 @@ def pseudo_cold_ml100k(fraction: float = 0.10, seed: int = 0, data_dir=None, mov
         a `MultiTaskData` with splits ``train``, ``val``, ``pseudo_cold``.
 
     Raises:
-        ValueError: fraction outside (0, 1).
+        ValueError: fraction outside (0, 1); folds < 2 or fold outside [0, folds).
     """
     from .data import movielens as _movielens
     from .data import protocol
 
     if not 0.0 < float(fraction) < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if folds is not None and (int(folds) < 2 or not 0 <= int(fold) < int(folds)):
+        raise ValueError(f"need folds >= 2 and 0 <= fold < folds, got folds={folds}, fold={fold}")
     source = movielens if movielens is not None else _movielens.read_movielens_100k(data_dir)
     catalogue = np.sort(np.union1d(source.items["item_id"].to_numpy(), source.ratings["item_id"].unique()))
     splits = protocol.build_splits(source.ratings, catalogue)
     train = splits["train"]
     warm = np.unique(train["user_id"].to_numpy())
-    count = int(math.floor(fraction * len(warm) + 0.5))
-    held = np.sort(np.random.default_rng([7, seed]).permutation(warm)[:count])
+    order = np.random.default_rng([7, seed]).permutation(warm)
+    if folds is None:
+        held = np.sort(order[:int(math.floor(fraction * len(warm) + 0.5))])
+    else:
+        held = np.sort(order[np.arange(len(order)) % int(folds) == int(fold)])
     held_rows = train["user_id"].isin(held).to_numpy()
     val = splits["val"]
     selection = {"train": train[~held_rows], "val": val[~val["user_id"].isin(held).to_numpy()],

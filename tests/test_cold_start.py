@@ -184,6 +184,15 @@ def test_pseudo_cold_holds_out_whole_training_users(tmp_path):
     assert set(other.user_ids[other.splits[PSEUDO_COLD_SPLIT].user_row].tolist()) != held_users
     with pytest.raises(ValueError, match="fraction"):
         pseudo_cold_ml100k(fraction=1.0, movielens=movielens)
+    # K folds: disjoint held-out users that together are every warm user of the protocol split
+    folds = [pseudo_cold_ml100k(seed=1, movielens=movielens, folds=3, fold=f) for f in range(3)]
+    held_sets = [set(d.user_ids[d.splits[PSEUDO_COLD_SPLIT].user_row].tolist()) for d in folds]
+    assert sum(len(h) for h in held_sets) == len(set(train["user_id"])) == len(set().union(*held_sets))
+    assert all(len(h) in (len(train["user_id"].unique()) // 3, len(train["user_id"].unique()) // 3 + 1) for h in held_sets)
+    for d, h in zip(folds, held_sets):
+        assert not h & set(d.user_ids[d.splits["train"].user_row].tolist())
+    with pytest.raises(ValueError, match="folds"):
+        pseudo_cold_ml100k(movielens=movielens, folds=3, fold=3)
 
 
 def test_cold_start_checkpoint_serves_through_ranker_load(trained, tmp_path):
