@@ -246,7 +246,7 @@ COLD_FOLDS = 5
 
 
 def cold_start_recipe_experiment(seeds: List[int], quick: bool, log: Callable[[str], None],
-                                 folds: int = COLD_FOLDS) -> List[str]:
+                                 folds: int = COLD_FOLDS, features=PRIOR_FEATURES, l2=PRIOR_L2) -> List[str]:
     """Selection: for each of ``folds`` disjoint pseudo-cold folds (`pseudo_cold_ml100k(folds=K,
     fold=f)`: a fifth of the warm users held out of training, scored against their whole training
     history) train the MMoE click model (id dropout ``ID_DROPOUT``, seed f) and the item prior and
@@ -261,7 +261,7 @@ def cold_start_recipe_experiment(seeds: List[int], quick: bool, log: Callable[[s
     for role, seed, train_data, split in runs:
         model = _model(train_data, seed)
         fit(model, train_data, _config(seed, quick, id_dropout=ID_DROPOUT))
-        prior = fit_item_prior(item_prior_for(train_data, PRIOR_FEATURES), train_data, l2=PRIOR_L2,
+        prior = fit_item_prior(item_prior_for(train_data, features), train_data, l2=l2,
                                epochs=2 if quick else PRIOR_EPOCHS, seed=seed)
         for weight in COLD_WEIGHTS:
             ranked = evaluation.topk_metrics(ColdStartModel(model, prior, weight), train_data, split)
@@ -278,7 +278,7 @@ def cold_start_recipe_experiment(seeds: List[int], quick: bool, log: Callable[[s
                                                         "test_recall": [grouped["recall@10"]]}
     rows["issue 7 target"] = {"test_ndcg": [0.57], "test_recall": [0.080]}
     return [_table(f"Cold-start recipe: MMoE click (id dropout {ID_DROPOUT:g}) blended with the item prior "
-                   f"{PRIOR_FEATURES} (L2 {PRIOR_L2:g}) for unknown users; weight chosen on {folds} pseudo-cold "
+                   f"{features} (L2 {l2}) for unknown users; weight chosen on {folds} pseudo-cold "
                    f"folds (pseudo-cold: mean ± std over the folds; test_cold: over {len(seeds)} seeds)",
                    ["cold-user score", "pseudo-cold NDCG@10", "pseudo-cold Recall@10", "test_cold NDCG@10",
                     "test_cold Recall@10"], rows, ["pseudo_ndcg", "pseudo_recall", "test_ndcg", "test_recall"])]
@@ -321,6 +321,10 @@ def main(argv=None) -> int:
                              "cold-start recipe (item prior blend chosen on pseudo-cold users); census: Census-Income transfer")
     parser.add_argument("--cold-folds", type=int, default=COLD_FOLDS,
                         help="recipe: pseudo-cold folds the blend weight is chosen on (default %(default)s)")
+    parser.add_argument("--prior-features", default=None, metavar="F1*F2,F3",
+                        help="recipe: the prior's groups ('*' crosses; default RECOMMENDED: gender*age)")
+    parser.add_argument("--prior-l2", default=None, metavar="L2[,L2...]",
+                        help="recipe: the prior's L2, one value or one per group (default RECOMMENDED)")
     parser.add_argument("--out", default=None, help="also write the tables here (Markdown)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -333,7 +337,11 @@ def main(argv=None) -> int:
     if "cold" in args.experiments:
         tables += cold_start_experiments(seeds, args.quick, log)
     if "recipe" in args.experiments:
-        tables += cold_start_recipe_experiment(seeds, args.quick, log, args.cold_folds)
+        features = (PRIOR_FEATURES if args.prior_features is None else
+                    tuple(tuple(g.split("*")) for g in args.prior_features.split(",") if g))
+        l2 = PRIOR_L2 if args.prior_l2 is None else [float(v) for v in args.prior_l2.split(",")]
+        tables += cold_start_recipe_experiment(seeds, args.quick, log, args.cold_folds, features,
+                                               l2[0] if isinstance(l2, list) and len(l2) == 1 else l2)
     if "census" in args.experiments:
         tables += census_experiment(seeds, args.quick, log)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

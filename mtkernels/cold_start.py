@@ -209,22 +209,28 @@ def item_prior_for(data, features: Sequence[Union[str, Sequence[str]]] = (("gend
     return ItemPrior(data.num_items, {name: spec.num_embeddings for name, spec in specs.items()}, features)
 
 
-def fit_item_prior(prior: ItemPrior, data, l2: float = 1e-4, epochs: int = 20, lr: float = 0.05,
+def fit_item_prior(prior: ItemPrior, data, l2: Union[float, Sequence[float]] = 1e-4, epochs: int = 20, lr: float = 0.05,
                    batch_size: int = 4096, seed: int = 0, split: str = "train") -> ItemPrior:
     """Train ``prior`` on the positives (first binary task) of ``split`` by cross-entropy.
 
     Loss per step: mean ``-log P(item | user side)`` over the batch's positives plus
-    ``l2 * sum_g ||table_g||^2`` (the bias is not penalised: with large ``l2`` the prior is the
-    overall item popularity, with small ``l2`` each group's own popularity). Adam, ``epochs``
+    ``sum_g l2_g * ||table_g||^2`` (the bias is not penalised: with large ``l2`` the prior is the
+    overall item popularity, with small ``l2`` each group's own popularity). ``l2`` is one number
+    for every group or one per group (in ``prior.groups`` order), so a weak feature can be shrunk
+    harder than a strong one (hierarchical shrinkage). Adam, ``epochs``
     passes in a seeded order. The problem is convex, so a fixed number of passes is enough.
 
     Returns:
         ``prior`` (trained in place), in eval mode.
 
     Raises:
-        ValueError: l2 < 0, epochs < 1, batch_size < 1, or no positive rows in ``split``.
+        ValueError: an l2 < 0 or a list of l2 whose length is not the number of groups, epochs < 1,
+            batch_size < 1, or no positive rows in ``split``.
     """
-    if l2 < 0 or epochs < 1 or batch_size < 1:
+    l2s = [float(v) for v in l2] if isinstance(l2, (list, tuple)) else [float(l2)] * len(prior.groups)
+    if len(l2s) != len(prior.groups):
+        raise ValueError(f"l2: need one value or one per group ({len(prior.groups)}: {prior.groups}), got {l2}")
+    if any(v < 0 for v in l2s) or epochs < 1 or batch_size < 1:
         raise ValueError(f"need l2 >= 0, epochs >= 1, batch_size >= 1; got {l2}, {epochs}, {batch_size}")
     rows = data.splits[split]
     first_binary = next((t for t, task in enumerate(data.tasks) if task.kind == "binary"), 0)
@@ -245,8 +251,8 @@ def fit_item_prior(prior: ItemPrior, data, l2: float = 1e-4, epochs: int = 20, l
             penalty = 0.0
             for g, table in enumerate(prior.tables):
                 logits = logits + table[values[batch, g]]
-                penalty = penalty + table.pow(2).sum()
-            loss = torch.nn.functional.cross_entropy(logits, items[batch]) + l2 * penalty
+                penalty = penalty + l2s[g] * table.pow(2).sum()
+            loss = torch.nn.functional.cross_entropy(logits, items[batch]) + penalty
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -92,6 +92,19 @@ def test_fit_item_prior_learns_each_group_and_shrinks_to_popularity():
         ranked = flat({"age": torch.tensor([1])})[0]
     counts = torch.bincount(items, minlength=data.num_items)
     assert counts[ranked.argmax()] == counts.max()
+    # one L2 per group: the heavily penalised group is shrunk to 0, the other one learns
+    both = fit_item_prior(item_prior_for(data, ("age", ("age",))), data, l2=[1e-5, 10.0], epochs=60, lr=0.1,
+                          batch_size=128)
+    with torch.no_grad():
+        assert float(both.tables[1].abs().max()) < 1e-2 < float(both.tables[0].abs().max())
+    # one value is the same as that value for every group
+    single = fit_item_prior(item_prior_for(data, ("age",)), data, l2=1e-3, epochs=3, batch_size=128)
+    listed = fit_item_prior(item_prior_for(data, ("age",)), data, l2=[1e-3], epochs=3, batch_size=128)
+    assert torch.equal(single.tables[0], listed.tables[0]) and torch.equal(single.bias, listed.bias)
+    with pytest.raises(ValueError, match="one per group"):
+        fit_item_prior(item_prior_for(data, ("age",)), data, l2=[1e-3, 1e-3])
+    with pytest.raises(ValueError, match="l2"):
+        fit_item_prior(item_prior_for(data, ("age",)), data, l2=[-1.0])
 
 
 @pytest.fixture(scope="module")
