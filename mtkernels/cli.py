@@ -180,11 +180,16 @@ def cmd_cold_start(args) -> int:
         spec["data_dir"] = args.data_dir
     data = _load_tasks(spec)
     features = [tuple(part for part in group.split("*") if part) for group in args.features.split(",") if group]
-    prior = fit_item_prior(item_prior_for(data, features), data, l2=args.l2, epochs=args.epochs, seed=args.seed)
+    try:
+        l2 = [float(v) for v in args.l2.split(",") if v]
+    except ValueError:
+        raise ValueError(f"--l2 must be a number or comma-separated numbers, got {args.l2!r}") from None
+    prior = fit_item_prior(item_prior_for(data, features), data, l2=l2[0] if len(l2) == 1 else l2,
+                           epochs=args.epochs, seed=args.seed)
     model = ColdStartModel(build_model(checkpoint, best=True), prior, args.weight)
     save_checkpoint(args.out, dict(cold_start_checkpoint(model, data), data=spec,
                                    vocabularies=checkpoint.get("vocabularies", data.vocabularies)))
-    print(f"cold-start model (item prior {args.features}, L2 {args.l2:g}, weight {args.weight:g}): "
+    print(f"cold-start model (item prior {args.features}, L2 {args.l2}, weight {args.weight:g}): "
           f"{os.path.abspath(args.out)}")
     for split in args.evaluate or []:
         print(f"{split}: {_format_metrics(evaluate(model, data, split))}")
@@ -381,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cold-start checkpoint to write (Ranker.load / evaluate / recommend)")
     p.add_argument("--features", default=",".join("*".join(g) for g in RECOMMENDED["features"]), metavar="F1*F2,F3",
                    help="user side-feature groups of the prior, '*' crosses features (default: %(default)s)")
-    p.add_argument("--l2", type=float, default=RECOMMENDED["l2"], help="L2 of the prior (default: %(default)s)")
+    p.add_argument("--l2", default=",".join(f"{v:g}" for v in (RECOMMENDED["l2"] if isinstance(RECOMMENDED["l2"], (list, tuple)) else [RECOMMENDED["l2"]])), metavar="L2[,L2...]",
+                   help="L2 of the prior: one value, or one per group of --features (default: %(default)s)")
     p.add_argument("--weight", type=float, default=RECOMMENDED["weight"],
                    help="blend weight of the prior for unknown users, 0..1 (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=RECOMMENDED["epochs"], help="passes over the training positives")

@@ -141,3 +141,7 @@ def test_cold_start_writes_a_checkpoint_that_serves_cold_users_by_their_features
     assert "weight" in capsys.readouterr().err
     assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "genres"]) == 2
     assert "genres" in capsys.readouterr().err
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "age", "--l2", "x"]) == 2
+    assert "--l2" in capsys.readouterr().err
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "age", "--l2", "1,2"]) == 2
+    assert "one per group" in capsys.readouterr().err
