@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cold-start checkpoint to write (Ranker.load / evaluate / recommend)")
     p.add_argument("--features", default=",".join("*".join(g) for g in RECOMMENDED["features"]), metavar="F1*F2,F3",
                    help="user side-feature groups of the prior, '*' crosses features (default: %(default)s)")
-    p.add_argument("--l2", default=",".join(f"{v:g}" for v in (RECOMMENDED["l2"] if isinstance(RECOMMENDED["l2"], (list, tuple)) else [RECOMMENDED["l2"]])), metavar="L2[,L2...]",
+    p.add_argument("--l2", default=f"{RECOMMENDED['l2']:g}", metavar="L2[,L2...]",
                    help="L2 of the prior: one value, or one per group of --features (default: %(default)s)")
     p.add_argument("--weight", type=float, default=RECOMMENDED["weight"],
                    help="blend weight of the prior for unknown users, 0..1 (default: %(default)s)")
