@@ -25,9 +25,9 @@
 2b. ``recipe`` — the cold-start recipe (`mtkernels.cold_start`): for unknown users, the MMoE click
    score (id dropout 0.5) blended with a learned item prior ``log P(item | gender x age)`` (a
    softmax over the catalogue trained on the training positives), `ColdStartModel`. The blend
-   weight is chosen on pseudo-cold users (`pseudo_cold_ml100k`: 10% of the warm users held out of
-   training and ranked against their whole training history, test_cold's shape from train rows
-   only); test_cold is only scored.
+   weight is chosen on pseudo-cold users (`pseudo_cold_ml100k(folds=5, fold=f)`: each fifth of the
+   warm users in turn held out of training and ranked against their whole training history,
+   test_cold's shape from train rows only); test_cold is only scored.
 3. ``census`` — Census-Income (KDD): pretrain on never-married (all training labels), transfer to
    income with 5% of the training rows' income labels (the same arms, without auxiliary ones), vs
    from scratch on the same 5%; test AUC.
@@ -51,7 +51,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from mtkernels import evaluation, metrics
-from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, ColdStartModel, fit_item_prior, item_prior_for,
+from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, RECOMMENDED, ColdStartModel, fit_item_prior, item_prior_for,
                                   pseudo_cold_ml100k)
 from mtkernels.data import load_census_income, load_ml100k_mtl_v1, refit_dense_features
 from mtkernels.data.movielens import read_movielens_100k
@@ -252,35 +252,38 @@ def cold_start_experiments(seeds: List[int], quick: bool, log: Callable[[str], N
 
 
 # --- 2b: cold-start recipe (item prior blended into the click score, weight chosen on pseudo-cold) ---
-# The prior's groups and L2 were screened on pseudo-cold users (1 to 3 draws; README); the blend
-# weight is chosen here, per run, by the mean pseudo-cold NDCG@10 over the seeds.
-PRIOR_FEATURES = (("gender", "age"),)
-PRIOR_L2 = 1e-4
-PRIOR_EPOCHS = 10
-COLD_WEIGHTS = (0.0, 0.5, 0.75, 0.9, 1.0)
+# The prior's groups and L2 were screened on pseudo-cold users (README); the blend weight is chosen
+# here, per run, by the mean NDCG@10 over K disjoint pseudo-cold folds (every warm user held out once).
+PRIOR_FEATURES = RECOMMENDED["features"]
+PRIOR_L2 = RECOMMENDED["l2"]
+PRIOR_EPOCHS = RECOMMENDED["epochs"]
+COLD_WEIGHTS = (0.0, 0.5, 0.75, 0.85, 0.9, 0.95, 1.0)
+COLD_FOLDS = 5
 
 
-def cold_start_recipe_experiment(seeds: List[int], quick: bool, log: Callable[[str], None]) -> List[str]:
-    """Per seed: on `pseudo_cold_ml100k(seed=seed)` (10% of the warm users held out of training,
-    scored against their whole training history) train the MMoE click model (id dropout
-    ``ID_DROPOUT``) and the item prior, score every blend weight; then the same on the protocol's
-    train split, scored on test_cold. The weight with the best mean pseudo-cold NDCG@10 is chosen."""
+def cold_start_recipe_experiment(seeds: List[int], quick: bool, log: Callable[[str], None],
+                                 folds: int = COLD_FOLDS, features=PRIOR_FEATURES, l2=PRIOR_L2) -> List[str]:
+    """Selection: for each of ``folds`` disjoint pseudo-cold folds (`pseudo_cold_ml100k(folds=K,
+    fold=f)`: a fifth of the warm users held out of training, scored against their whole training
+    history) train the MMoE click model (id dropout ``ID_DROPOUT``, seed f) and the item prior and
+    score every blend weight; the weight with the best mean pseudo-cold NDCG@10 is chosen. Test:
+    per seed, the same trained on the protocol's train split, scored on test_cold."""
     movielens = read_movielens_100k()
     data = select_tasks(load_ml100k_mtl_v1(), ["click"])
     by_weight: Dict[float, Dict[str, List[float]]] = {w: {} for w in COLD_WEIGHTS}
-    for seed in seeds:
-        for role, train_data, split in (("pseudo", select_tasks(pseudo_cold_ml100k(seed=seed, movielens=movielens),
-                                                                ["click"]), PSEUDO_COLD_SPLIT),
-                                        ("test", data, "test_cold")):
-            model = _model(train_data, seed)
-            fit(model, train_data, _config(seed, quick, id_dropout=ID_DROPOUT))
-            prior = fit_item_prior(item_prior_for(train_data, PRIOR_FEATURES), train_data, l2=PRIOR_L2,
-                                   epochs=2 if quick else PRIOR_EPOCHS, seed=seed)
-            for weight in COLD_WEIGHTS:
-                ranked = evaluation.topk_metrics(ColdStartModel(model, prior, weight), train_data, split)
-                _append(by_weight, weight, {f"{role}_ndcg": ranked["ndcg@10"], f"{role}_recall": ranked["recall@10"]})
-                log(f"seed {seed} cold start weight {weight:g} on {split}: NDCG@10 {ranked['ndcg@10']:.4f} "
-                    f"Recall@10 {ranked['recall@10']:.4f}")
+    runs = [("pseudo", f, select_tasks(pseudo_cold_ml100k(movielens=movielens, folds=folds, fold=f), ["click"]),
+             PSEUDO_COLD_SPLIT) for f in range(1 if quick else folds)]
+    runs += [("test", seed, data, "test_cold") for seed in seeds]
+    for role, seed, train_data, split in runs:
+        model = _model(train_data, seed)
+        fit(model, train_data, _config(seed, quick, id_dropout=ID_DROPOUT))
+        prior = fit_item_prior(item_prior_for(train_data, features), train_data, l2=l2,
+                               epochs=2 if quick else PRIOR_EPOCHS, seed=seed)
+        for weight in COLD_WEIGHTS:
+            ranked = evaluation.topk_metrics(ColdStartModel(model, prior, weight), train_data, split)
+            _append(by_weight, weight, {f"{role}_ndcg": ranked["ndcg@10"], f"{role}_recall": ranked["recall@10"]})
+            log(f"{'fold' if role == 'pseudo' else 'seed'} {seed} cold start weight {weight:g} on {split}: "
+                f"NDCG@10 {ranked['ndcg@10']:.4f} Recall@10 {ranked['recall@10']:.4f}")
     chosen = max(COLD_WEIGHTS, key=lambda w: statistics.mean(by_weight[w]["pseudo_ndcg"]))
     rows = {}
     for weight in COLD_WEIGHTS:
@@ -291,8 +294,8 @@ def cold_start_recipe_experiment(seeds: List[int], quick: bool, log: Callable[[s
                                                         "test_recall": [grouped["recall@10"]]}
     rows["issue 7 target"] = {"test_ndcg": [0.57], "test_recall": [0.080]}
     return [_table(f"Cold-start recipe: MMoE click (id dropout {ID_DROPOUT:g}) blended with the item prior "
-                   f"{PRIOR_FEATURES} (L2 {PRIOR_L2:g}) for unknown users; weight chosen on pseudo-cold users "
-                   f"(mean ± std over {len(seeds)} seeds)",
+                   f"{features} (L2 {l2}) for unknown users; weight chosen on {folds} pseudo-cold "
+                   f"folds (pseudo-cold: mean ± std over the folds; test_cold: over {len(seeds)} seeds)",
                    ["cold-user score", "pseudo-cold NDCG@10", "pseudo-cold Recall@10", "test_cold NDCG@10",
                     "test_cold Recall@10"], rows, ["pseudo_ndcg", "pseudo_recall", "test_ndcg", "test_recall"])]
 
@@ -332,6 +335,12 @@ def main(argv=None) -> int:
                         choices=["task", "cold", "recipe", "census"],
                         help="task: ml100k task transfer; cold: ml100k cold start by id dropout; recipe: the "
                              "cold-start recipe (item prior blend chosen on pseudo-cold users); census: Census-Income transfer")
+    parser.add_argument("--cold-folds", type=int, default=COLD_FOLDS,
+                        help="recipe: pseudo-cold folds the blend weight is chosen on (default %(default)s)")
+    parser.add_argument("--prior-features", default=None, metavar="F1*F2,F3",
+                        help="recipe: the prior's groups ('*' crosses; default RECOMMENDED: gender*age)")
+    parser.add_argument("--prior-l2", default=None, metavar="L2[,L2...]",
+                        help="recipe: the prior's L2, one value or one per group (default RECOMMENDED)")
     parser.add_argument("--out", default=None, help="also write the tables here (Markdown)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -344,7 +353,11 @@ def main(argv=None) -> int:
     if "cold" in args.experiments:
         tables += cold_start_experiments(seeds, args.quick, log)
     if "recipe" in args.experiments:
-        tables += cold_start_recipe_experiment(seeds, args.quick, log)
+        features = (PRIOR_FEATURES if args.prior_features is None else
+                    tuple(tuple(g.split("*")) for g in args.prior_features.split(",") if g))
+        l2 = PRIOR_L2 if args.prior_l2 is None else [float(v) for v in args.prior_l2.split(",")]
+        tables += cold_start_recipe_experiment(seeds, args.quick, log, args.cold_folds, features,
+                                               l2[0] if isinstance(l2, list) and len(l2) == 1 else l2)
     if "census" in args.experiments:
         tables += census_experiment(seeds, args.quick, log)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

@@ -1,9 +1,10 @@
-"""The ``mtkernels`` command line: ``demo``, ``train``, ``fuse``, ``evaluate``, ``recommend``, ``info``.
+"""The ``mtkernels`` command line: ``demo``, ``train``, ``fuse``, ``cold-start``, ``evaluate``, ``recommend``, ``info``.
 
     mtkernels info
     mtkernels train --data ml100k --model mmoe --checkpoint runs/mmoe.pt [--epochs 20 --seed 0 ...]
     mtkernels fuse --member runs/ple.pt --member runs/mmoe.pt --cf ease sr --out runs/fused.pt
     mtkernels train --tasks like,rating --init-from runs/click.pt --freeze embeddings,experts --checkpoint runs/like.pt
+    mtkernels cold-start --checkpoint runs/click.pt --out runs/cold.pt [--weight 1 --evaluate test_cold]
     mtkernels evaluate --checkpoint runs/mmoe.pt [--split test_warm --split test_cold]
     mtkernels recommend --checkpoint runs/mmoe.pt --user 5 [--user 900] [--k 10]
     mtkernels demo --out outputs/demo
@@ -160,6 +161,39 @@ def cmd_fuse(args) -> int:
     for split in args.evaluate or []:
         print(f"{split}: " + " ".join(f"{k} {v:.4f}" for k, v in fusion.topk_metrics(data, split).items()))
     print(f"fused checkpoint: {os.path.abspath(args.out)}")
+    return 0
+
+
+def cmd_cold_start(args) -> int:
+    from .cold_start import ColdStartModel, cold_start_checkpoint, fit_item_prior, item_prior_for
+    from .evaluation import evaluate
+    from .training import build_model, load_checkpoint, save_checkpoint
+
+    if not 0.0 <= args.weight <= 1.0:
+        raise ValueError(f"--weight must be in [0, 1] (0: the model alone, 1: the prior alone), got {args.weight}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = load_checkpoint(args.checkpoint)
+    if "fusion" in checkpoint:
+        raise ValueError(f"--checkpoint {args.checkpoint} is a fused checkpoint; cold-start wraps a trained model")
+    spec = dict(checkpoint.get("data") or {"name": "ml100k"})
+    if args.data_dir:
+        spec["data_dir"] = args.data_dir
+    data = _load_tasks(spec)
+    features = [tuple(part for part in group.split("*") if part) for group in args.features.split(",") if group]
+    try:
+        l2 = [float(v) for v in args.l2.split(",") if v]
+    except ValueError:
+        raise ValueError(f"--l2 must be a number or comma-separated numbers, got {args.l2!r}") from None
+    prior = fit_item_prior(item_prior_for(data, features), data, l2=l2[0] if len(l2) == 1 else l2,
+                           epochs=args.epochs, seed=args.seed)
+    model = ColdStartModel(build_model(checkpoint, best=True), prior, args.weight)
+    save_checkpoint(args.out, dict(cold_start_checkpoint(model, data), data=spec,
+                                   vocabularies=checkpoint.get("vocabularies", data.vocabularies)))
+    print(f"cold-start model (item prior {args.features}, L2 {args.l2}, weight {args.weight:g}): "
+          f"{os.path.abspath(args.out)}")
+    for split in args.evaluate or []:
+        print(f"{split}: {_format_metrics(evaluate(model, data, split))}")
     return 0
 
 
@@ -347,6 +381,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="top-k metrics on SPLIT afterwards")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_fuse)
+
+    from .cold_start import RECOMMENDED
+
+    p = sub.add_parser("cold-start", help="wrap a trained model with an item prior for users never seen in "
+                                          "training (served from side features) and write a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of `mtkernels train` (its data set is reloaded)")
+    p.add_argument("--out", required=True, help="cold-start checkpoint to write (Ranker.load / evaluate / recommend)")
+    p.add_argument("--features", default=",".join("*".join(g) for g in RECOMMENDED["features"]), metavar="F1*F2,F3",
+                   help="user side-feature groups of the prior, '*' crosses features (default: %(default)s)")
+    p.add_argument("--l2", default=f"{RECOMMENDED['l2']:g}", metavar="L2[,L2...]",
+                   help="L2 of the prior: one value, or one per group of --features (default: %(default)s)")
+    p.add_argument("--weight", type=float, default=RECOMMENDED["weight"],
+                   help="blend weight of the prior for unknown users, 0..1 (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=RECOMMENDED["epochs"], help="passes over the training positives")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_cold_start)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on test splits")
     p.add_argument("--checkpoint", required=True)

@@ -92,6 +92,19 @@ def test_fit_item_prior_learns_each_group_and_shrinks_to_popularity():
         ranked = flat({"age": torch.tensor([1])})[0]
     counts = torch.bincount(items, minlength=data.num_items)
     assert counts[ranked.argmax()] == counts.max()
+    # one L2 per group: the heavily penalised group is shrunk to 0, the other one learns
+    both = fit_item_prior(item_prior_for(data, ("age", ("age",))), data, l2=[1e-5, 10.0], epochs=60, lr=0.1,
+                          batch_size=128)
+    with torch.no_grad():
+        assert float(both.tables[1].abs().max()) < 1e-2 < float(both.tables[0].abs().max())
+    # one value is the same as that value for every group
+    single = fit_item_prior(item_prior_for(data, ("age",)), data, l2=1e-3, epochs=3, batch_size=128)
+    listed = fit_item_prior(item_prior_for(data, ("age",)), data, l2=[1e-3], epochs=3, batch_size=128)
+    assert torch.equal(single.tables[0], listed.tables[0]) and torch.equal(single.bias, listed.bias)
+    with pytest.raises(ValueError, match="one per group"):
+        fit_item_prior(item_prior_for(data, ("age",)), data, l2=[1e-3, 1e-3])
+    with pytest.raises(ValueError, match="l2"):
+        fit_item_prior(item_prior_for(data, ("age",)), data, l2=[-1.0])
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +197,15 @@ def test_pseudo_cold_holds_out_whole_training_users(tmp_path):
     assert set(other.user_ids[other.splits[PSEUDO_COLD_SPLIT].user_row].tolist()) != held_users
     with pytest.raises(ValueError, match="fraction"):
         pseudo_cold_ml100k(fraction=1.0, movielens=movielens)
+    # K folds: disjoint held-out users that together are every warm user of the protocol split
+    folds = [pseudo_cold_ml100k(seed=1, movielens=movielens, folds=3, fold=f) for f in range(3)]
+    held_sets = [set(d.user_ids[d.splits[PSEUDO_COLD_SPLIT].user_row].tolist()) for d in folds]
+    assert sum(len(h) for h in held_sets) == len(set(train["user_id"])) == len(set().union(*held_sets))
+    assert all(len(h) in (len(train["user_id"].unique()) // 3, len(train["user_id"].unique()) // 3 + 1) for h in held_sets)
+    for d, h in zip(folds, held_sets):
+        assert not h & set(d.user_ids[d.splits["train"].user_row].tolist())
+    with pytest.raises(ValueError, match="folds"):
+        pseudo_cold_ml100k(movielens=movielens, folds=3, fold=3)
 
 
 def test_cold_start_checkpoint_serves_through_ranker_load(trained, tmp_path):
