@@ -98,8 +98,8 @@ def _mean_std(values: List[float], digits: int = 4) -> str:
 
 def _table(title: str, header: List[str], rows: Dict[str, Dict[str, List[float]]], columns: List[str]) -> str:
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, metrics in rows.items():
-        cells = [_mean_std(metrics.get(c, []), 0 if c in COUNTS else (2 if c in ("seconds", "state_kib") else 4))
+    for name, row in rows.items():
+        cells = [_mean_std(row.get(c, []), 0 if c in COUNTS else (2 if c in ("seconds", "state_kib") else 4))
                  for c in columns]
         lines.append("| " + name + " | " + " | ".join(cells) + " |")
     return "\n".join(lines)
