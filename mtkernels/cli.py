@@ -94,8 +94,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .evaluation import evaluate, has_items
-    from .serving import serving_tables
+    from .evaluation import evaluate
     from .training import TrainConfig, fit, presets
 
     if args.threads:
@@ -121,7 +120,7 @@ def cmd_train(args) -> int:
     if args.monitor_tasks:
         values["monitor_tasks"] = [t for t in args.monitor_tasks.split(",") if t]
     config = TrainConfig(**values)
-    extra = {"data": data_spec, "serving": serving_tables(data) if has_items(data) else None,
+    extra = {"data": data_spec, "serving": _serving_tables(data),
              "vocabularies": data.vocabularies}
     result = fit(model, data, config, checkpoint_path=args.checkpoint, resume=args.resume, checkpoint_extra=extra)
     print(f"trained {args.model}: best epoch {result.best_epoch}, {len(result.history)} epochs, "
@@ -286,12 +285,53 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _serving_tables(data):
+    """The checkpoint's serving tables, or None (with a note) where the Ranker cannot serve the data set."""
+    from .evaluation import has_items
+    from .serving import serving_tables
+
+    if not has_items(data):
+        return None
+    if not (isinstance(data.user_ids, torch.Tensor) and isinstance(data.item_ids, torch.Tensor)):
+        print("note: the user or item ids are not integers, so the checkpoint holds no serving tables "
+              "(`recommend` needs integer ids; `evaluate` works)", file=sys.stderr)
+        return None
+    return serving_tables(data)
+
+
+def _side_features(args) -> Dict[int, Dict[str, object]]:
+    """``--side-features USER=JSON`` (raw values, e.g. ``{"age": 31, "gender": "F"}``) -> encoded ids, with
+    the encoders of the checkpoint's data set (`MultiTaskData.new_user_rows`)."""
+    from .training import load_checkpoint
+
+    raw = {}
+    for text in args.side_features:
+        user, sep, value = text.partition("=")
+        try:
+            user_id, features = int(user), json.loads(value) if sep else None
+        except ValueError:
+            features = None
+        if not isinstance(features, dict):
+            raise ValueError(f"--side-features must be USER=JSON-object, e.g. 9999='{{\"age\": 31, \"gender\": \"F\"}}', "
+                             f"got {text!r}")
+        raw[user_id] = features
+    checkpoint = load_checkpoint(args.checkpoint)
+    spec = dict(checkpoint.get("data") or {"name": "ml100k"})
+    if args.data_dir:
+        spec["data_dir"] = args.data_dir
+    data = _load_tasks(spec)
+    rows = data.new_user_rows(list(raw.values()))
+    return {user: {name: int(ids[i]) for name, ids in rows.sparse.items()} for i, user in enumerate(raw)}
+
+
 def cmd_recommend(args) -> int:
     from .serving import Ranker
 
     ranker = Ranker.load(args.checkpoint)
-    result = ranker.recommend(args.user, k=args.k, exclude_seen=not args.include_seen,
-                              task_weights=_task_weights(args.task_weight))
+    side_features = _side_features(args) if args.side_features else None
+    users = list(dict.fromkeys(args.user + list(side_features or {})))
+    result = ranker.recommend(users, k=args.k, exclude_seen=not args.include_seen,
+                              task_weights=_task_weights(args.task_weight), side_features=side_features)
     if args.json:
         print(json.dumps([
             {"user_id": u, "served_by": how, "item_ids": ids.tolist(), "scores": scores.tolist(), "titles": titles}
@@ -416,6 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--include-seen", action="store_true", help="do not exclude the items a user has seen")
     p.add_argument("--task-weight", action="append", metavar="TASK=W", help="ranking score weights (repeatable)")
+    p.add_argument("--side-features", action="append", default=[], metavar="USER=JSON",
+                   help="raw side features of a user the checkpoint does not know, e.g. "
+                        "9999='{\"age\": 31, \"gender\": \"F\", \"occupation\": \"writer\", \"zip_code\": \"10025\"}' "
+                        "(repeatable; encoded with the checkpoint's data set)")
+    p.add_argument("--data-dir", default=None, help="raw data folder for --side-features (default: MTKERNELS_DATA)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recommend)
 

@@ -45,7 +45,8 @@ def serving_tables(data, user_id_feature: str = "user_id") -> Dict[str, object]:
       the unknown user; cold users keep their side features with the unknown ``user_id`` 0;
     - item table: every item's item-side feature bags and its dense columns as ``pair_batch``
       builds them (context features are unknown at serving time: id 0 / dense 0);
-    - seen items per user row: the ``test_warm`` exclusions (train + val positives, PROTOCOL.md §5);
+    - seen items per user row: the ``test_warm`` (or a generic log's ``test``) exclusions (train + val
+      positives, PROTOCOL.md §5);
     - popularity: positives per item of the first binary task in ``train``; titles; external ids.
 
     Returns:
@@ -56,9 +57,13 @@ def serving_tables(data, user_id_feature: str = "user_id") -> Dict[str, object]:
         ``popularity [N]``, ``titles``.
 
     Raises:
-        ValueError: the data set has per-(user, item) dense columns (``data.has_pair_dense``,
+        ValueError: user or item ids that are not integers (a log with string ids); the data set has
+            per-(user, item) dense columns (``data.has_pair_dense``,
             e.g. ML-100K's ``rating_estimate``), which these per-side tables cannot hold.
     """
+    if not (isinstance(data.user_ids, torch.Tensor) and isinstance(data.item_ids, torch.Tensor)):
+        raise ValueError("serving_tables: the Ranker serves integer user and item ids; this data set's ids are not "
+                         "integers (map them to integers in the log)")
     if getattr(data, "has_pair_dense", False):
         raise ValueError("serving_tables: data has per-(user, item) dense columns (has_pair_dense); "
                          "the Ranker serves per-side features only (load the data without them)")
@@ -81,7 +86,8 @@ def serving_tables(data, user_id_feature: str = "user_id") -> Dict[str, object]:
             item_bags[name] = (bag["values"].long().clone(), _lengths_to_offsets(bag["lengths"]))
     item_dense = items.dense[:, users.dense.shape[1]:].clone()
 
-    warm = data.topk_eval("test_warm")
+    # the test split's exclusions: ml100k-mtl-v1's test_warm, a generic log's test
+    warm = data.topk_eval("test_warm" if "test_warm" in data.topk_splits else "test")
     seen_lengths = torch.zeros(num_rows, dtype=torch.long)
     seen_lengths[warm.users] = warm.exclude_offsets[1:] - warm.exclude_offsets[:-1]
     seen_offsets = _lengths_to_offsets(seen_lengths)
@@ -215,11 +221,12 @@ class Ranker:
         Raises:
             FileNotFoundError: no file at ``checkpoint_path``.
             ValueError: not an mtkernels checkpoint, or one without serving tables (a data set
-                without an item catalogue).
+                without an item catalogue, or with non-integer user/item ids).
         """
         checkpoint = load_checkpoint(checkpoint_path)
         if not checkpoint.get("serving"):
-            raise ValueError(f"{checkpoint_path} holds no serving tables (the data set has no items to rank)")
+            raise ValueError(f"{checkpoint_path} holds no serving tables (the data set has no items to rank, or "
+                             "non-integer user/item ids)")
         if "fusion" in checkpoint:
             from .fusion import ScoreFusion
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -145,3 +147,44 @@ def test_cold_start_writes_a_checkpoint_that_serves_cold_users_by_their_features
     assert "--l2" in capsys.readouterr().err
     assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "age", "--l2", "1,2"]) == 2
     assert "one per group" in capsys.readouterr().err
+
+
+def test_recommend_encodes_raw_side_features_of_unknown_users(tmp_path, capsys):
+    from mtkernels.data import load_interactions
+    from mtkernels.serving import Ranker
+
+    rng = np.random.default_rng(0)
+    n = 400
+    log = pd.DataFrame({"uid": rng.integers(100, 130, n), "iid": rng.integers(1, 9, n),
+                        "click": rng.integers(0, 2, n), "ts": rng.permutation(n)})
+    log["age"] = log["uid"] % 4 * 10
+    path = tmp_path / "log.csv"
+    log.to_csv(path, index=False)
+    schema = json.dumps({"user": "uid", "item": "iid", "labels": {"click": "binary"}, "user_features": ["age"],
+                         "timestamp": "ts", "split": "temporal"})
+    checkpoint = str(tmp_path / "log.pt")
+    assert cli.main(["train", "--data", str(path), "--schema", schema, "--model", "mmoe", "--checkpoint", checkpoint,
+                     "--epochs", "1", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["recommend", "--checkpoint", checkpoint, "--k", "3", "--json",
+                     "--side-features", '9001={"age": 30}', "--side-features", '9002={"age": 77}']) == 0
+    served = json.loads(capsys.readouterr().out)
+    assert [u["user_id"] for u in served] == [9001, 9002]
+    assert [u["served_by"] for u in served] == ["side_features", "side_features"]
+    # the same as the Python API given the ids the data set's encoders give (age 77 is unseen: id 0)
+    data = load_interactions(path, json.loads(schema))
+    encoded = data.new_user_rows([{"age": 30}, {"age": 77}]).sparse["age"].tolist()
+    assert encoded[0] > 0 and encoded[1] == 0
+    direct = Ranker.load(checkpoint).recommend([9001, 9002], k=3, side_features={9001: {"age": encoded[0]},
+                                                                                  9002: {"age": encoded[1]}})
+    assert [u["item_ids"] for u in served] == direct.item_ids.tolist()
+    torch.testing.assert_close(torch.tensor([u["scores"] for u in served]), direct.scores)
+    assert cli.main(["recommend", "--checkpoint", checkpoint, "--side-features", "9001=age30"]) == 2
+    assert "--side-features must be USER=JSON-object" in capsys.readouterr().err
+    # string item ids: training works, the checkpoint says it cannot be served
+    log.assign(iid=log["iid"].map(lambda i: f"item-{i}")).to_csv(path, index=False)
+    assert cli.main(["train", "--data", str(path), "--schema", schema, "--model", "mmoe", "--checkpoint", checkpoint,
+                     "--epochs", "1", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]) == 0
+    assert "no serving tables" in capsys.readouterr().err
+    assert cli.main(["recommend", "--checkpoint", checkpoint, "--user", "100"]) == 2
+    assert "non-integer user/item ids" in capsys.readouterr().err

@@ -587,6 +587,11 @@ class MultiTaskData:
         return self._pair_dense[users, item_rows]
 
     # --- top-k evaluation -------------------------------------------------------------------
+    @property
+    def topk_splits(self) -> List[str]:
+        """The splits with top-k evaluation sets (e.g. ``["val", "test_warm", "test_cold"]``)."""
+        return list(self._topk)
+
     def topk_eval(self, split: str) -> TopKEval:
         """Users, excluded (already seen) and relevant items of a split, per PROTOCOL.md section 5.
 
