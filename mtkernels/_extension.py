@@ -43,9 +43,9 @@ def has_kernel(op: str, device: str = "cpu") -> bool:
         return False
 
 
-OPS = ("catalogue_score", "embedding_bags", "ensemble_topk", "gated_mixture", "multi_task_score", "relu_dropout")
+OPS = ("catalogue_score", "embedding_bags", "ensemble_topk", "expert_gate_mixture", "gated_mixture", "multi_task_score", "relu_dropout")
 # Ops with no CUDA kernel by design (their reference runs on a GPU): the CUDA build check skips them.
-CPU_ONLY_OPS = ("catalogue_score", "gated_mixture", "relu_dropout")
+CPU_ONLY_OPS = ("catalogue_score", "expert_gate_mixture", "gated_mixture", "relu_dropout")
 
 
 def info() -> dict:

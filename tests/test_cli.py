@@ -19,7 +19,7 @@ def test_info_subprocess():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert set(info["ops"]) == {"catalogue_score", "embedding_bags", "ensemble_topk", "gated_mixture", "multi_task_score", "relu_dropout"}
+    assert set(info["ops"]) == {"catalogue_score", "embedding_bags", "ensemble_topk", "expert_gate_mixture", "gated_mixture", "multi_task_score", "relu_dropout"}
     assert info["torch"] == torch.__version__
 
 

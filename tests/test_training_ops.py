@@ -1,4 +1,4 @@
-"""The training-path ops `relu_dropout` and `gated_mixture`: native kernels against the pure-PyTorch
+"""The training-path ops `relu_dropout`, `gated_mixture` and `expert_gate_mixture`: native kernels against the pure-PyTorch
 reference (shapes, dtypes, empty and strided inputs), their backward against autograd through the
 reference, gradcheck, opcheck, bad input, and the dropout's statistics."""
 
@@ -198,3 +198,127 @@ def test_gated_mixture_native_bad_input():
     with pytest.raises(ValueError, match="grad_mixed must be"):
         torch.ops.mtkernels.gated_mixture_backward.default(torch.randn(4, 2, 4), None, torch.randn(4, 2, 3),
                                                            torch.randn(4, 3, 5))
+
+
+# --- expert_gate_mixture -----------------------------------------------------------------------
+
+egm_native_only = pytest.mark.skipif(not has_kernel("expert_gate_mixture"), reason="native expert_gate_mixture not built")
+
+
+def _gemm_output(batch, experts, gates, width, dtype, blocked=(), pad=0):
+    """A [B, E*H + G*E] GEMM output (rows strided when ``pad`` > 0), blocked (gate, expert) logits -inf."""
+    z = torch.randn(batch, experts * width + gates * experts + pad, dtype=dtype) * 2
+    for g, e in blocked:
+        z[:, experts * width + g * experts + e] = -torch.inf
+    return z[:, : experts * width + gates * experts]
+
+
+# (batch, experts, gates, width, blocked): MMoE-like, PLE-like with blocked experts, E = 1, empty, ragged
+EGM_CASES = [(0, 4, 3, 8, ()), (1, 1, 1, 5, ()), (37, 4, 3, 64, ()), (65, 4, 3, 16, ((0, 2), (0, 3), (1, 1), (1, 3), (2, 1), (2, 2))),
+             (130, 3, 2, 7, ((1, 0),))]
+
+
+@egm_native_only
+@pytest.mark.parametrize("batch, experts, gates, width, blocked", EGM_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_expert_gate_mixture_native_equals_reference_forward_and_backward(batch, experts, gates, width, blocked,
+                                                                          dtype, p):
+    torch.manual_seed(batch + width + experts)
+    z = _gemm_output(batch, experts, gates, width, dtype, blocked, pad=3).requires_grad_()
+    got = ops.expert_gate_mixture(z, experts, gates, p, seed=11)
+    want = reference.expert_gate_mixture(z, experts, gates, p, 11)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+    weights = got[2]
+    for (g, e) in blocked:
+        assert bool((weights[:, g, e] == 0).all())
+    if batch * experts * width >= 100 and p > 0:  # some positive units dropped
+        relu = z[:, : experts * width].detach().relu().reshape(batch, experts, width)
+        assert bool(((got[1] == 0) & (relu > 0)).any())
+    ups = [torch.randn_like(t) for t in got]
+    for use in ((0,), (0, 1), (0, 2), (0, 1, 2)):  # the mixture, plus the hidden and weights outputs
+        loss = sum((got[i] * ups[i]).sum() for i in use)
+        ref_loss = sum((want[i] * ups[i]).sum() for i in use)
+        (g,) = torch.autograd.grad(loss, z, retain_graph=True)
+        (w,) = torch.autograd.grad(ref_loss, z, retain_graph=True)
+        torch.testing.assert_close(g, torch.nan_to_num(w), **tol)
+        assert bool(torch.isfinite(g).all())
+
+
+@egm_native_only
+def test_expert_gate_mixture_equals_relu_dropout_then_gated_mixture_bit_for_bit():
+    """What the MMoE / PLE training path computed before the fused op, same seed: identical bits."""
+    torch.manual_seed(8)
+    z = _gemm_output(256, 4, 3, 64, torch.float32).requires_grad_()
+    mixed, hidden, weights = ops.expert_gate_mixture(z, 4, 3, 0.1, seed=5)
+    z2 = z.detach().clone().requires_grad_()
+    experts, gates = z2.split([256, 12], dim=1)
+    hidden2 = ops.relu_dropout(experts, 0.1, seed=5).view(256, 4, 64)
+    mixed2, weights2 = ops.gated_mixture(gates.reshape(256, 3, 4), hidden2)
+    assert torch.equal(hidden, hidden2) and torch.equal(weights, weights2) and torch.equal(mixed, mixed2)
+    up = torch.randn_like(mixed)
+    (mixed * up).sum().backward()
+    (mixed2 * up).sum().backward()
+    assert torch.equal(z.grad, z2.grad)
+
+
+@egm_native_only
+def test_expert_gate_mixture_off_training_is_relu_and_draws_the_seed_like_relu_dropout():
+    z = _gemm_output(9, 2, 2, 5, torch.float32)
+    _, hidden, _ = ops.expert_gate_mixture(z, 2, 2, 0.5, training=False)
+    torch.testing.assert_close(hidden, z[:, :10].relu().reshape(9, 2, 5))
+    torch.manual_seed(4)
+    first = ops.expert_gate_mixture(z, 2, 2, 0.5)[1]
+    torch.manual_seed(4)
+    torch.testing.assert_close(first, ops.relu_dropout(z[:, :10], 0.5).reshape(9, 2, 5))
+
+
+@egm_native_only
+def test_expert_gate_mixture_gradcheck_and_opcheck():
+    torch.manual_seed(6)
+    z = _gemm_output(5, 3, 2, 4, torch.float64, blocked=((1, 0),)).requires_grad_()
+    for i in range(3):
+        assert torch.autograd.gradcheck(lambda a: ops.expert_gate_mixture(a, 3, 2, 0.25, seed=3)[i], (z,))
+    for requires_grad in (False, True):
+        args = (_gemm_output(7, 3, 2, 5, torch.float32).requires_grad_(requires_grad), 3, 2, 0.2, 9)
+        torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture.default, args)
+    torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture.default, (torch.randn(0, 21), 3, 2, 0.2, 9))
+    _, hidden, weights = torch.ops.mtkernels.expert_gate_mixture.default(torch.randn(7, 21), 3, 2, 0.2, 9)
+    torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture_backward.default,
+                          (torch.randn(7, 2, 5), None, None, hidden, weights, 0.2))
+    torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture_backward.default,
+                          (torch.randn(7, 2, 5), torch.randn(7, 3, 5), torch.randn(7, 2, 3), hidden, weights, 0.2))
+
+
+def test_expert_gate_mixture_bad_input():
+    with pytest.raises(ValueError, match=r"z must be \[B, E\*H \+ G\*E\]"):
+        ops.expert_gate_mixture(torch.randn(4, 22), 3, 2, 0.1)
+    with pytest.raises(ValueError, match=r"z must be \[B, E\*H \+ G\*E\]"):
+        ops.expert_gate_mixture(torch.randn(4, 6), 3, 2, 0.1)  # H = 0
+    with pytest.raises(ValueError, match="z must be a 2-D tensor"):
+        ops.expert_gate_mixture(torch.randn(4, 3, 7), 3, 2, 0.1)
+    with pytest.raises(ValueError, match="num_experts and num_gates must be >= 1"):
+        ops.expert_gate_mixture(torch.randn(4, 21), 0, 2, 0.1)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+        ops.expert_gate_mixture(torch.randn(4, 21), 3, 2, 1.0)
+    with pytest.raises(TypeError, match="z must be a float32 or float64"):
+        ops.expert_gate_mixture(torch.ones(4, 21, dtype=torch.int64), 3, 2, 0.1)
+
+
+@egm_native_only
+def test_expert_gate_mixture_native_bad_input():
+    op, backward = torch.ops.mtkernels.expert_gate_mixture.default, torch.ops.mtkernels.expert_gate_mixture_backward.default
+    with pytest.raises(ValueError, match=r"z must be \[B, E\*H \+ G\*E\]"):
+        op(torch.randn(4, 22), 3, 2, 0.1, 0)
+    with pytest.raises(TypeError, match="z must be a float32 or float64"):
+        op(torch.ones(4, 21, dtype=torch.int64), 3, 2, 0.1, 0)
+    with pytest.raises(ValueError, match="num_gates must be >= 1"):
+        op(torch.randn(4, 21), 3, 0, 0.1, 0)
+    with pytest.raises(ValueError, match="grad_mixed must be"):
+        backward(torch.randn(4, 2, 4), None, None, torch.randn(4, 3, 5), torch.randn(4, 2, 3), 0.1)
+    with pytest.raises(ValueError, match="weights must be"):
+        backward(torch.randn(4, 2, 5), None, None, torch.randn(4, 3, 5), torch.randn(4, 2, 4), 0.1)
+    with pytest.raises(ValueError, match="grad_hidden must be"):
+        backward(torch.randn(4, 2, 5), torch.randn(4, 3, 4), None, torch.randn(4, 3, 5), torch.randn(4, 2, 3), 0.1)

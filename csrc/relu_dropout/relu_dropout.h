@@ -41,4 +41,35 @@ inline double dropout_scale(uint32_t threshold) {
   return 4294967296.0 / (4294967296.0 - static_cast<double>(threshold));
 }
 
+// No FP trap semantics here: with them GCC will not if-convert the compare-and-select below, and a
+// branch on a random keep decision mispredicts about every other element (~4 ms instead of ~0.3 ms
+// for 2048 x 256 floats).
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+
+// One row of relu_dropout, elements base .. base + cols - 1 of the row-major index (shared by
+// relu_dropout and expert_gate_mixture): branch-free selects over restrict pointers, so the compiler
+// vectorises the hash and the select.
+template <typename scalar_t>
+inline void relu_dropout_row(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t cols, uint64_t base,
+                             uint32_t threshold, uint32_t seed_lo, uint32_t seed_hi, scalar_t scale) {
+  if ((base >> 32) == ((base + static_cast<uint64_t>(cols) - 1) >> 32)) {  // no 2^32 boundary inside the row
+    const uint32_t lo = static_cast<uint32_t>(base), hi = static_cast<uint32_t>(base >> 32);
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint32_t h = dropout_hash(lo + static_cast<uint32_t>(c), hi, seed_lo, seed_hi);
+      const scalar_t v = in[c] * scale;  // computed unconditionally: a conditional FP op blocks if-conversion
+      out[c] = ((h >= threshold) & (in[c] > scalar_t(0))) ? v : scalar_t(0);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    const uint64_t i = base + static_cast<uint64_t>(c);
+    const uint32_t h = dropout_hash(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), seed_lo, seed_hi);
+    const scalar_t v = in[c] * scale;
+    out[c] = ((h >= threshold) & (in[c] > scalar_t(0))) ? v : scalar_t(0);
+  }
+}
+
+#pragma GCC pop_options
+
 }  // namespace mtkernels

@@ -18,8 +18,10 @@ follow the ascending order of the experts it may use.
 
 Training path (the same network): experts and gates that read the same input run as one GEMM over
 their concatenated weights (`experts_and_gates`), a gate's logit of an expert it may not use is
--inf, ReLU + dropout is `mtkernels.ops.relu_dropout` and the softmax and mixture of all gates is one
-`mtkernels.ops.gated_mixture`; `stacked` returns the task representations as one ``[B, T, H]``.
+-inf; with one-layer experts (the presets) everything after that GEMM (ReLU + dropout, the gates'
+softmaxes and the mixture, forward and backward) is one `mtkernels.ops.expert_gate_mixture`, with
+deeper experts ReLU + dropout is `mtkernels.ops.relu_dropout` and the softmax and mixture of all gates
+one `mtkernels.ops.gated_mixture`; `stacked` returns the task representations as one ``[B, T, H]``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.expert_gate_mixture import expert_gate_mixture
 from ..ops.gated_mixture import gated_mixture
 from ..ops.relu_dropout import relu_dropout
 from .towers import Expert
@@ -114,6 +117,32 @@ def _gate_matrix(gates: Sequence[nn.Module], rows: Optional[torch.Tensor], input
     return weight.index_select(0, rows.to(weight.device)), bias.index_select(0, rows.to(weight.device))
 
 
+def _experts_and_gates_logits(experts: Sequence[Expert], gates: Sequence[nn.Module], rows: Optional[torch.Tensor],
+                              x: torch.Tensor):
+    """``(z [B, E*H_1 + G*E], E*H_1)``: the experts' first layers and all gates' logits over ``x`` as
+    one GEMM over their concatenated weights (the layout of `multi_task_score`)."""
+    first = [expert.linears[0] for expert in experts]
+    gate_weight, gate_bias = _gate_matrix(gates, rows, x.shape[1])
+    z = F.linear(x, torch.cat([l.weight for l in first] + [gate_weight]), torch.cat([l.bias for l in first] + [gate_bias]))
+    return z, sum(l.out_features for l in first)
+
+
+def mixed_experts(experts: Sequence[Expert], gates: Sequence[nn.Module], rows: Optional[torch.Tensor],
+                  x: torch.Tensor) -> torch.Tensor:
+    """``[B, G, H]``: every gate's softmax mixture of the experts, all reading ``x [B, D]``.
+
+    One GEMM for the experts' first layers and the gates' logits (`experts_and_gates`); with
+    one-layer experts (the presets) the rest (ReLU + dropout, softmaxes, mixture, and all of their
+    backward) is one `mtkernels.ops.expert_gate_mixture`, else `gated_mixture` over the deeper
+    layers' outputs.
+    """
+    if len(experts[0].linears) == 1:
+        z, _ = _experts_and_gates_logits(experts, gates, rows, x)
+        return expert_gate_mixture(z, len(experts), len(gates), experts[0].dropout, experts[0].training)[0]
+    outputs, logits = experts_and_gates(experts, gates, rows, x)
+    return gated_mixture(logits, outputs)[0]
+
+
 def experts_and_gates(experts: Sequence[Expert], gates: Sequence[nn.Module], rows: Optional[torch.Tensor],
                       x: torch.Tensor):
     """Experts and gates that all read ``x [B, D]``: the first layers of all E experts and every
@@ -123,12 +152,9 @@ def experts_and_gates(experts: Sequence[Expert], gates: Sequence[nn.Module], row
     Returns ``(expert outputs [B, E, H], gate logits [B, G, E])``, a logit -inf where a gate may not
     use an expert (``rows`` from `_gate_rows`), ready for `mtkernels.ops.gated_mixture`.
     """
-    first = [expert.linears[0] for expert in experts]
-    gate_weight, gate_bias = _gate_matrix(gates, rows, x.shape[1])
-    z = F.linear(x, torch.cat([l.weight for l in first] + [gate_weight]), torch.cat([l.bias for l in first] + [gate_bias]))
+    z, width = _experts_and_gates_logits(experts, gates, rows, x)
     # split, not two slices: its backward is one cat of the two gradients instead of two zero-filled
     # [B, E*H + G*E] tensors added together
-    width = sum(l.out_features for l in first)
     z_experts, z_gates = z.split([width, z.shape[1] - width], dim=1)
     h = relu_dropout(z_experts, experts[0].dropout, experts[0].training)
     outputs = _deeper_layers(experts, h.view(x.shape[0], len(experts), -1))
@@ -261,8 +287,7 @@ class MMoE(MultiTaskBackbone):
         softmax and the mixture in one `mtkernels.ops.gated_mixture`."""
         if self.num_experts == 1:
             return self.experts[0](x).unsqueeze(1).expand(-1, self.num_tasks, -1)
-        outputs, logits = experts_and_gates(self.experts, self.gates, None, x)
-        return gated_mixture(logits, outputs)[0]
+        return mixed_experts(self.experts, self.gates, None, x)
 
     def gate_weights(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Each task's softmax weights over the experts: T tensors ``[B, E]``, rows sum to 1."""
@@ -336,7 +361,7 @@ class CGC(nn.Module):
         with -inf logits for the experts a gate may not use."""
         if all(t is shared_input for t in task_inputs):  # first level: one GEMM for every expert and gate
             experts = list(self.shared_experts) + [e for task in self.task_experts for e in task]
-            outputs, logits = experts_and_gates(experts, self._gates, self._rows, shared_input)
+            return mixed_experts(experts, self._gates, self._rows, shared_input)
         else:
             outputs = self._expert_outputs(task_inputs, shared_input)
             weight, bias = _gate_matrix(self._gates, self._rows, shared_input.shape[1])

@@ -32,33 +32,9 @@ at::Tensor as_rows(const at::Tensor& x) {
   return rows;
 }
 
-// No FP trap semantics here: with them GCC will not if-convert the compare-and-select below, and a
-// branch on a random keep decision mispredicts about every other element (~4 ms instead of ~0.3 ms
-// for 2048 x 256 floats).
+// no-trapping-math: see relu_dropout_row in relu_dropout.h.
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
-
-// One row: branch-free selects over restrict pointers, so the compiler vectorises the hash and the
-// select (a branch on a random keep decision mispredicts about every other element).
-template <typename scalar_t>
-void relu_dropout_row(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t cols, uint64_t base,
-                      uint32_t threshold, uint32_t seed_lo, uint32_t seed_hi, scalar_t scale) {
-  if ((base >> 32) == ((base + static_cast<uint64_t>(cols) - 1) >> 32)) {  // no 2^32 boundary inside the row
-    const uint32_t lo = static_cast<uint32_t>(base), hi = static_cast<uint32_t>(base >> 32);
-    for (int64_t c = 0; c < cols; ++c) {
-      const uint32_t h = dropout_hash(lo + static_cast<uint32_t>(c), hi, seed_lo, seed_hi);
-      const scalar_t v = in[c] * scale;  // computed unconditionally: a conditional FP op blocks if-conversion
-      out[c] = ((h >= threshold) & (in[c] > scalar_t(0))) ? v : scalar_t(0);
-    }
-    return;
-  }
-  for (int64_t c = 0; c < cols; ++c) {
-    const uint64_t i = base + static_cast<uint64_t>(c);
-    const uint32_t h = dropout_hash(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), seed_lo, seed_hi);
-    const scalar_t v = in[c] * scale;
-    out[c] = ((h >= threshold) & (in[c] > scalar_t(0))) ? v : scalar_t(0);
-  }
-}
 
 template <typename scalar_t>
 void relu_dropout_backward_block(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ result,
