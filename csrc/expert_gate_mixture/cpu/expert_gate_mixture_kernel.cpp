@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/lane_dot.h"
 #include "relu_dropout/relu_dropout.h"
 
 // no-trapping-math for the whole file: the backward's select on hidden > 0 (random signs) and
@@ -37,7 +38,6 @@ namespace mtkernels {
 namespace {
 
 constexpr int64_t kRowGrain = 64;
-constexpr int64_t kLanes = 8;
 
 void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
@@ -54,18 +54,6 @@ int64_t hidden_width(const at::Tensor& z, int64_t num_experts, int64_t num_gates
   TORCH_CHECK_VALUE(rest >= num_experts && rest % num_experts == 0, "z must be [B, E*H + G*E] with E = ",
                     num_experts, ", G = ", num_gates, " and H >= 1, got ", z.sizes());
   return rest / num_experts;
-}
-
-template <typename scalar_t, typename acc_t>
-acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += static_cast<acc_t>(a[j + l]) * static_cast<acc_t>(b[j + l]);
-  acc_t total = 0;
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  for (; j < n; ++j) total += static_cast<acc_t>(a[j]) * static_cast<acc_t>(b[j]);
-  return total;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_gate_mixture_cpu(const at::Tensor& z_in, int64_t num_experts,
@@ -184,7 +172,7 @@ at::Tensor expert_gate_mixture_backward_cpu(const at::Tensor& grad_mixed_in, con
           const scalar_t* w = wt + (b * G + g) * E;
           acc_t weighted = 0;
           for (int64_t e = 0; e < E; ++e) {
-            acc_t d = dot<scalar_t, acc_t>(grad, h + e * H, H);
+            acc_t d = lane_dot<scalar_t, acc_t>(grad, h + e * H, H);
             if (gw) d += static_cast<acc_t>(gw[(b * G + g) * E + e]);
             dw[e] = d;
             weighted += static_cast<acc_t>(w[e]) * d;

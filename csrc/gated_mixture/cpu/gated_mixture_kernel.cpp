@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/lane_dot.h"
 
 namespace mtkernels {
 namespace {
@@ -48,22 +49,6 @@ void check_shapes(const at::Tensor& logits, const at::Tensor& experts) {
 }
 
 constexpr int64_t kRowGrain = 64;
-
-// <a, b> over n elements in kLanes independent partial sums, which the compiler vectorises (one
-// running sum would be a serial chain: float addition is not associative, so it may not reorder it).
-constexpr int64_t kLanes = 8;
-
-template <typename scalar_t, typename acc_t>
-acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += static_cast<acc_t>(a[j + l]) * static_cast<acc_t>(b[j + l]);
-  acc_t total = 0;
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  for (; j < n; ++j) total += static_cast<acc_t>(a[j]) * static_cast<acc_t>(b[j]);
-  return total;
-}
 
 std::tuple<at::Tensor, at::Tensor> gated_mixture_cpu(const at::Tensor& logits_in, const at::Tensor& experts_in) {
   check_shapes(logits_in, experts_in);
@@ -150,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> gated_mixture_backward_cpu(const at::Tensor& 
           acc_t weighted = 0;
           for (int64_t e = 0; e < E; ++e) {
             const scalar_t* h = ex + b * es0 + e * es1;
-            acc_t d = dot<scalar_t, acc_t>(g, h, H);
+            acc_t d = lane_dot<scalar_t, acc_t>(g, h, H);
             if (gw) d += static_cast<acc_t>(gw[(b * T + t) * E + e]);
             dw[e] = d;
             weighted += static_cast<acc_t>(w[e]) * d;
