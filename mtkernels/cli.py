@@ -58,6 +58,14 @@ def _load_tasks(spec: Dict[str, Any]):
     return data
 
 
+def _checkpoint_data(checkpoint: Dict[str, Any], data_dir: Optional[str]):
+    """The data spec a checkpoint was trained on (``data_dir`` overriding its folder) and that data set."""
+    spec = dict(checkpoint.get("data") or {"name": "ml100k"})
+    if data_dir:
+        spec["data_dir"] = data_dir
+    return spec, _load_tasks(spec)
+
+
 def _schema(schema):
     if isinstance(schema, dict):
         return schema
@@ -175,10 +183,7 @@ def cmd_cold_start(args) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     if "fusion" in checkpoint:
         raise ValueError(f"--checkpoint {args.checkpoint} is a fused checkpoint; cold-start wraps a trained model")
-    spec = dict(checkpoint.get("data") or {"name": "ml100k"})
-    if args.data_dir:
-        spec["data_dir"] = args.data_dir
-    data = _load_tasks(spec)
+    spec, data = _checkpoint_data(checkpoint, args.data_dir)
     features = [tuple(part for part in group.split("*") if part) for group in args.features.split(",") if group]
     try:
         l2 = [float(v) for v in args.l2.split(",") if v]
@@ -257,10 +262,7 @@ def cmd_evaluate(args) -> int:
     from .training import build_model, load_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
-    spec = dict(checkpoint.get("data") or {"name": "ml100k"})
-    if args.data_dir:
-        spec["data_dir"] = args.data_dir
-    data = _load_tasks(spec)
+    _, data = _checkpoint_data(checkpoint, args.data_dir)
     if "fusion" in checkpoint:  # a fused checkpoint ranks: top-k metrics only
         from .fusion import ScoreFusion
 
@@ -316,10 +318,7 @@ def _side_features(args) -> Dict[int, Dict[str, object]]:
                              f"got {text!r}")
         raw[user_id] = features
     checkpoint = load_checkpoint(args.checkpoint)
-    spec = dict(checkpoint.get("data") or {"name": "ml100k"})
-    if args.data_dir:
-        spec["data_dir"] = args.data_dir
-    data = _load_tasks(spec)
+    _, data = _checkpoint_data(checkpoint, args.data_dir)
     rows = data.new_user_rows(list(raw.values()))
     return {user: {name: int(ids[i]) for name, ids in rows.sparse.items()} for i, user in enumerate(raw)}
 
