@@ -199,7 +199,12 @@ def cmd_cold_start(args) -> int:
         raise ValueError(f"--l2 must be a number or comma-separated numbers, got {args.l2!r}") from None
     prior = fit_item_prior(item_prior_for(data, features), data, l2=l2[0] if len(l2) == 1 else l2,
                            epochs=args.epochs, seed=args.seed)
-    recent = recent_popularity_prior_for(data, args.half_life, args.mix) if args.recent_share > 0 else None
+    recent = None
+    if args.recent_share > 0:
+        if "timestamp" not in (data.splits["train"].extra or {}):
+            raise ValueError(f"--recent-share {args.recent_share:g}: {data.name} has no timestamp column for the "
+                             "time-aware prior; pass --recent-share 0 to use the side-feature prior alone")
+        recent = recent_popularity_prior_for(data, args.half_life, args.mix)
     model = ColdStartModel(build_model(checkpoint, best=True), prior, args.weight, recent=recent,
                            recent_share=args.recent_share)
     save_checkpoint(args.out, dict(cold_start_checkpoint(model, data), data=spec,

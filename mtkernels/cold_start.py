@@ -1,7 +1,7 @@
 """Cold-start users: a learned item prior from side features, and a selection set built from train.
 
 A user never seen in training is known only by side features (ml100k: age, gender, occupation,
-zip). Two pieces serve such users (issue 7):
+zip) and by *when* they arrive. Three pieces serve such users (issue 7):
 
 - `ItemPrior`: ``log P(item | user side features)``, a multinomial logistic regression over the
   whole item catalogue (one softmax over the N items, an item bias plus one row of N logits per
@@ -10,11 +10,17 @@ zip). Two pieces serve such users (issue 7):
   overall popularity). It is the catalogue-wide softmax of YouTube's candidate generator
   (Covington et al., "Deep Neural Networks for YouTube Recommendations", RecSys 2016) with
   demographic inputs only, the setting those authors name for new users.
+- `RecentPopularityPrior`: ``log P(item | request time t0)``, exponentially time-decayed counts
+  of the training positives rated at or before t0 (causal: nothing after t0 counts), mixed with
+  the all-time counts up to t0. A new user's ratings are concentrated in time and item popularity
+  moves, so the arrival time says what they will rate. A user's request time is the earliest
+  timestamp of their rows in the split being ranked (`request_times`); serving takes it as ``at``.
 - `ColdStartModel`: wraps a trained multi-task model; rows whose user id is the unknown id 0 get
-  a ranking score that blends the model's click logit with the prior's log-probability
-  (``weight`` 0: the model alone, 1: the prior alone), every other row is left exactly as the
-  model scores it (warm users are unchanged). `mtkernels.evaluation.evaluate` (test_cold) and
-  `mtkernels.serving.Ranker` (unknown ids with side features) use it as they use any model.
+  a ranking score that blends the model's click logit with the priors' log-probabilities
+  (``weight`` 0: the model alone, 1: the priors alone; ``recent_share``: the time-aware prior's
+  part of the prior term), every other row is left exactly as the model scores it (warm users are
+  unchanged). `mtkernels.evaluation.evaluate` (test_cold) and `mtkernels.serving.Ranker` (unknown
+  ids with side features, ``recommend(..., at=)``) use it as they use any model.
 
 Choosing the blend weight needs cold users that are not test users. `val` scored as cold measures
 a warm user's *next* items, while test_cold's relevant set is a cold user's *whole* history; so
@@ -36,11 +42,14 @@ from torch import nn
 PSEUDO_COLD_SPLIT = "pseudo_cold"
 
 # The recipe chosen on pseudo-cold users (README, "Transfer learning and cold start"): the prior's
-# groups, L2 and passes (screened on pseudo-cold draws and folds) and the blend weight with the MMoE
-# click model (best mean NDCG@10 over 5 disjoint pseudo-cold folds, all 849 warm users: 0.9 scored
-# 0.4999, the prior alone 0.4957, the click model alone 0.4507). `mtkernels cold-start` defaults.
-RECOMMENDED = {"features": (("gender", "age"),), "l2": 1e-4, "epochs": 10, "weight": 0.9,
-               "half_life_days": 10.0, "mix": 0.1, "recent_share": 0.0}
+# groups, L2 and passes (screened on pseudo-cold draws and folds); the time-aware prior's mix
+# (screened on the 5 folds, prior terms alone); its half-life (7, 10, 14 days), its share of the
+# prior term and the blend weight with the MMoE click model, the best mean NDCG@10 over 5 disjoint
+# pseudo-cold folds (all 849 warm users): half-life 10, share 0.5, weight 1 (the priors alone)
+# 0.5096; the gender x age prior blended 0.9 with the click model 0.4999, the click model alone
+# 0.4507. `mtkernels cold-start` defaults.
+RECOMMENDED = {"features": (("gender", "age"),), "l2": 1e-4, "epochs": 10, "weight": 1.0,
+               "half_life_days": 10.0, "mix": 0.1, "recent_share": 0.5}
 
 
 # --- selection data ---------------------------------------------------------------------------

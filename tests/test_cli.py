@@ -120,7 +120,10 @@ def test_cold_start_writes_a_checkpoint_that_serves_cold_users_by_their_features
                      "--embedding-dim", "4", "--no-progress", "--id-dropout", "0.5"]) == 0
     capsys.readouterr()
     cold = str(tmp_path / "cold.pt")
-    assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "age",
+    # this data set has no timestamps: the default time-aware share asks for --recent-share 0
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "age", "--epochs", "1"]) == 2
+    assert "--recent-share 0" in capsys.readouterr().err
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "age", "--recent-share", "0",
                      "--l2", "1e-4", "--weight", "1", "--epochs", "5", "--evaluate", "test_cold"]) == 0
     out = capsys.readouterr().out
     assert "cold-start model" in out and "test_cold: click: auc" in out

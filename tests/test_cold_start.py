@@ -192,6 +192,14 @@ def test_pseudo_cold_holds_out_whole_training_users(tmp_path):
     theirs = train[train["user_id"].isin(held_users).to_numpy() & (train["click"].to_numpy() == 1)]
     assert sorted(zip(ids[ev.users].repeat_interleave(ev.relevant_offsets.diff()).tolist(),
                       data.item_ids[ev.relevant_indices].tolist())) == sorted(zip(theirs["user_id"], theirs["item_id"]))
+    # the time-aware prior counts the other users' training positives only; a held-out user's
+    # request time is their first training timestamp
+    recent = recent_popularity_prior_for(data, 7.0)
+    kept = train[~train["user_id"].isin(held_users).to_numpy() & (train["click"].to_numpy() == 1)]
+    assert sorted(zip(data.item_ids[recent.items].tolist(), recent.timestamps.tolist())) == sorted(
+        zip(kept["item_id"], kept["timestamp"]))
+    first = request_times(data, PSEUDO_COLD_SPLIT)[ev.users]
+    assert first.tolist() == [float(theirs["timestamp"][theirs["user_id"] == u].min()) for u in ids[ev.users].tolist()]
     other = pseudo_cold_ml100k(fraction=0.2, seed=2, movielens=movielens)
     assert other.topk_eval(PSEUDO_COLD_SPLIT).users.numel() == ev.users.numel()
     assert set(other.user_ids[other.splits[PSEUDO_COLD_SPLIT].user_row].tolist()) != held_users
