@@ -24,9 +24,11 @@
    without id dropout.
 2b. ``recipe`` — the cold-start recipe (`mtkernels.cold_start`): for unknown users, the MMoE click
    score (id dropout 0.5) blended with a learned item prior ``log P(item | gender x age)`` (a
-   softmax over the catalogue trained on the training positives), `ColdStartModel`. The blend
-   weight is chosen on pseudo-cold users (`pseudo_cold_ml100k(folds=5, fold=f)`: each fifth of the
-   warm users in turn held out of training and ranked against their whole training history,
+   softmax over the catalogue trained on the training positives) and the time-aware popularity
+   prior ``log P(item | request time)`` (`RecentPopularityPrior`), `ColdStartModel`. The
+   half-life, the time-aware prior's share and the blend weight are chosen on pseudo-cold users
+   (`pseudo_cold_ml100k(folds=5, fold=f)`: each fifth of the warm users in turn held out of
+   training and ranked against their whole training history from their first training timestamp,
    test_cold's shape from train rows only); test_cold is only scored.
 3. ``census`` — Census-Income (KDD): pretrain on never-married (all training labels), transfer to
    income with 5% of the training rows' income labels (the same arms, without auxiliary ones), vs
