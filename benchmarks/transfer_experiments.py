@@ -24,9 +24,11 @@
    without id dropout.
 2b. ``recipe`` — the cold-start recipe (`mtkernels.cold_start`): for unknown users, the MMoE click
    score (id dropout 0.5) blended with a learned item prior ``log P(item | gender x age)`` (a
-   softmax over the catalogue trained on the training positives), `ColdStartModel`. The blend
-   weight is chosen on pseudo-cold users (`pseudo_cold_ml100k(folds=5, fold=f)`: each fifth of the
-   warm users in turn held out of training and ranked against their whole training history,
+   softmax over the catalogue trained on the training positives) and the time-aware popularity
+   prior ``log P(item | request time)`` (`RecentPopularityPrior`), `ColdStartModel`. The
+   half-life, the time-aware prior's share and the blend weight are chosen on pseudo-cold users
+   (`pseudo_cold_ml100k(folds=5, fold=f)`: each fifth of the warm users in turn held out of
+   training and ranked against their whole training history from their first training timestamp,
    test_cold's shape from train rows only); test_cold is only scored.
 3. ``census`` — Census-Income (KDD): pretrain on never-married (all training labels), transfer to
    income with 5% of the training rows' income labels (the same arms, without auxiliary ones), vs
@@ -50,9 +52,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from mtkernels import evaluation, metrics
+from mtkernels import evaluation, metrics, ops
 from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, RECOMMENDED, ColdStartModel, fit_item_prior, item_prior_for,
-                                  pseudo_cold_ml100k)
+                                  pseudo_cold_ml100k, recent_popularity_prior_for, request_times)
 from mtkernels.data import load_census_income, load_ml100k_mtl_v1, refit_dense_features
 from mtkernels.data.movielens import read_movielens_100k
 from mtkernels.training import TrainConfig, fit, presets
@@ -252,50 +254,127 @@ def cold_start_experiments(seeds: List[int], quick: bool, log: Callable[[str], N
 
 
 # --- 2b: cold-start recipe (item prior blended into the click score, weight chosen on pseudo-cold) ---
-# The prior's groups and L2 were screened on pseudo-cold users (README); the blend weight is chosen
-# here, per run, by the mean NDCG@10 over K disjoint pseudo-cold folds (every warm user held out once).
+# The prior's groups and L2 were screened on pseudo-cold users (README); the half-life of the
+# time-aware prior, its share of the prior term and the blend weight are chosen here, per run, by
+# the mean NDCG@10 over K disjoint pseudo-cold folds (every warm user held out once).
 PRIOR_FEATURES = RECOMMENDED["features"]
 PRIOR_L2 = RECOMMENDED["l2"]
 PRIOR_EPOCHS = RECOMMENDED["epochs"]
 COLD_WEIGHTS = (0.0, 0.5, 0.75, 0.85, 0.9, 0.95, 1.0)
+HALF_LIVES = (7.0, 10.0, 14.0)
+RECENT_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 COLD_FOLDS = 5
+
+
+def _cold_parts(model, prior, recent_priors, data, split):
+    """Per user of ``split`` x item: the click probability (float32, as the model outputs it), the
+    item prior's and each time-aware prior's log-probability + log N (float32, as `ColdStartModel`
+    computes them), each user's request time taken as `evaluation` takes it (`request_times`)."""
+    ev = data.topk_eval(split)
+    items = torch.arange(data.num_items)
+    with torch.no_grad():
+        batch = data.pair_batch(ev.users, items)
+        click = model.eval()(batch.sparse, batch.dense)[:, 0].reshape(len(ev), data.num_items)
+        item_prior = prior(data.user_feature_rows(users=ev.users).sparse) + math.log(data.num_items)
+        at = request_times(data, split)[ev.users]
+        recent = {h: r(at) + math.log(data.num_items) for h, r in recent_priors.items()}
+    return ev, click, item_prior, recent
+
+
+def _blend_metrics(ev, click, item_prior, recent, weight, share):
+    """`ColdStartModel`'s cold-row score on whole matrices, then PROTOCOL §5 top-10 metrics."""
+    p = click.double().clamp(1e-7, 1 - 1e-7)
+    log_prior = item_prior if recent is None else (1.0 - share) * item_prior + share * recent
+    score = torch.sigmoid((1.0 - weight) * torch.log(p / (1 - p)) + weight * log_prior.double()).float()
+    _, indices = ops.ensemble_topk(score.unsqueeze(0).contiguous(), torch.ones(1), 10,
+                                   exclude_offsets=ev.exclude_offsets, exclude_indices=ev.exclude_indices)
+    return {"ndcg": float(metrics.ndcg_at_k(indices, ev.relevant, 10)),
+            "recall": float(metrics.recall_at_k(indices, ev.relevant, 10))}
+
+
+def _recipe_name(weight: float, share: float, half_life: Optional[float]) -> str:
+    recent = "" if half_life is None else f"time-aware prior (half-life {half_life:g} d)"
+    if weight == 0.0:
+        return "MMoE click alone (weight 0)"
+    if share == 0.0:
+        prior = "gender x age prior"
+    elif share == 1.0:
+        prior = recent
+    else:
+        prior = f"{1 - share:g} gender x age prior + {share:g} {recent}"
+    return f"{prior} alone" if weight == 1.0 else f"blend {weight:g}: {prior}"
 
 
 def cold_start_recipe_experiment(seeds: List[int], quick: bool, log: Callable[[str], None],
                                  folds: int = COLD_FOLDS, features=PRIOR_FEATURES, l2=PRIOR_L2) -> List[str]:
     """Selection: for each of ``folds`` disjoint pseudo-cold folds (`pseudo_cold_ml100k(folds=K,
     fold=f)`: a fifth of the warm users held out of training, scored against their whole training
-    history) train the MMoE click model (id dropout ``ID_DROPOUT``, seed f) and the item prior and
-    score every blend weight; the weight with the best mean pseudo-cold NDCG@10 is chosen. Test:
-    per seed, the same trained on the protocol's train split, scored on test_cold."""
+    history; their request time = their first training timestamp, their own ratings are not in
+    the training rows the priors count) train the MMoE click model (id dropout ``ID_DROPOUT``,
+    seed f), the item prior and the time-aware priors (``HALF_LIVES``) and score every (half-life,
+    recent share, blend weight); the one with the best mean pseudo-cold NDCG@10 is chosen. Test:
+    per seed, the same trained on the protocol's train split, scored on test_cold (request time =
+    the cold user's first test_cold timestamp); the chosen recipe is also scored through
+    `ColdStartModel` and `evaluation.topk_metrics`, the served path."""
     movielens = read_movielens_100k()
     data = select_tasks(load_ml100k_mtl_v1(), ["click"])
-    by_weight: Dict[float, Dict[str, List[float]]] = {w: {} for w in COLD_WEIGHTS}
+    grid = [(0.0, 0.0, None)] + [(w, 0.0, None) for w in COLD_WEIGHTS if w > 0]
+    grid += [(w, s, h) for h in HALF_LIVES for s in RECENT_SHARES if s > 0 for w in COLD_WEIGHTS if w > 0]
+    results: Dict[tuple, Dict[str, List[float]]] = {g: {} for g in grid}
     runs = [("pseudo", f, select_tasks(pseudo_cold_ml100k(movielens=movielens, folds=folds, fold=f), ["click"]),
              PSEUDO_COLD_SPLIT) for f in range(1 if quick else folds)]
     runs += [("test", seed, data, "test_cold") for seed in seeds]
+    trained = {}
     for role, seed, train_data, split in runs:
         model = _model(train_data, seed)
         fit(model, train_data, _config(seed, quick, id_dropout=ID_DROPOUT))
         prior = fit_item_prior(item_prior_for(train_data, features), train_data, l2=l2,
                                epochs=2 if quick else PRIOR_EPOCHS, seed=seed)
-        for weight in COLD_WEIGHTS:
-            ranked = evaluation.topk_metrics(ColdStartModel(model, prior, weight), train_data, split)
-            _append(by_weight, weight, {f"{role}_ndcg": ranked["ndcg@10"], f"{role}_recall": ranked["recall@10"]})
-            log(f"{'fold' if role == 'pseudo' else 'seed'} {seed} cold start weight {weight:g} on {split}: "
-                f"NDCG@10 {ranked['ndcg@10']:.4f} Recall@10 {ranked['recall@10']:.4f}")
-    chosen = max(COLD_WEIGHTS, key=lambda w: statistics.mean(by_weight[w]["pseudo_ndcg"]))
+        recent_priors = {h: recent_popularity_prior_for(train_data, h, RECOMMENDED["mix"]) for h in HALF_LIVES}
+        ev, click, item_prior, recent = _cold_parts(model, prior, recent_priors, train_data, split)
+        for weight, share, half_life in grid:
+            ranked = _blend_metrics(ev, click, item_prior, None if half_life is None else recent[half_life], weight, share)
+            _append(results, (weight, share, half_life), {f"{role}_ndcg": ranked["ndcg"], f"{role}_recall": ranked["recall"]})
+        if role == "test":
+            trained[seed] = (model, prior, recent_priors)
+        best = max(grid, key=lambda g: results[g][f"{role}_ndcg"][-1])
+        log(f"{'fold' if role == 'pseudo' else 'seed'} {seed} on {split}: best NDCG@10 {results[best][role + '_ndcg'][-1]:.4f} "
+            f"at {_recipe_name(*best)}; gender x age prior blend 0.9: {results[(0.9, 0.0, None)][role + '_ndcg'][-1]:.4f}")
+    chosen = max(grid, key=lambda g: statistics.mean(results[g]["pseudo_ndcg"]))
+    weight, share, half_life = chosen
+    served: Dict[str, List[float]] = {}
+    for seed, (model, prior, recent_priors) in trained.items():
+        cold = ColdStartModel(model, prior, weight, recent=None if half_life is None else recent_priors[half_life],
+                              recent_share=share)
+        ranked = evaluation.topk_metrics(cold, data, "test_cold")
+        served.setdefault("test_ndcg", []).append(ranked["ndcg@10"])
+        served.setdefault("test_recall", []).append(ranked["recall@10"])
+        log(f"seed {seed} chosen recipe through ColdStartModel on test_cold: NDCG@10 {ranked['ndcg@10']:.4f} "
+            f"Recall@10 {ranked['recall@10']:.4f} (on the score matrices: "
+            f"{results[chosen]['test_ndcg'][len(served['test_ndcg']) - 1]:.4f} / "
+            f"{results[chosen]['test_recall'][len(served['test_ndcg']) - 1]:.4f})")
+    # rows: the chosen recipe, the previous recipe (gender x age prior, every weight), and for each
+    # half-life its best share and weight and the time-aware prior alone
+    shown = [g for g in grid if g[2] is None]
+    for h in HALF_LIVES:
+        best_h = max((g for g in grid if g[2] == h), key=lambda g: statistics.mean(results[g]["pseudo_ndcg"]))
+        shown += [best_h, (1.0, 1.0, h)]
+    for s in RECENT_SHARES[1:]:
+        best_s = max((g for g in grid if g[1] == s and g[2] == chosen[2]), key=lambda g: statistics.mean(results[g]["pseudo_ndcg"]))
+        shown.append(best_s)
     rows = {}
-    for weight in COLD_WEIGHTS:
-        name = {0.0: "MMoE click alone (weight 0)", 1.0: "item prior alone (weight 1)"}.get(weight, f"blend, weight {weight:g}")
-        rows[name + (" (chosen on pseudo-cold)" if weight == chosen else "")] = by_weight[weight]
+    for g in dict.fromkeys(shown):
+        rows[_recipe_name(*g) + (" (chosen on pseudo-cold)" if g == chosen else "")] = results[g]
+    rows["chosen recipe through ColdStartModel + evaluate (served path)"] = served
+    popularity = popularity_topk_metrics(data, "test_cold")
     grouped = popularity_topk_metrics(data, "test_cold", group_by=("gender", "age"))
-    rows["popularity within gender x age, this code"] = {"test_ndcg": [grouped["ndcg@10"]],
-                                                        "test_recall": [grouped["recall@10"]]}
+    rows["popularity (train positives)"] = {"test_ndcg": [popularity["ndcg@10"]], "test_recall": [popularity["recall@10"]]}
+    rows["popularity within gender x age"] = {"test_ndcg": [grouped["ndcg@10"]], "test_recall": [grouped["recall@10"]]}
     rows["issue 7 target"] = {"test_ndcg": [0.57], "test_recall": [0.080]}
     return [_table(f"Cold-start recipe: MMoE click (id dropout {ID_DROPOUT:g}) blended with the item prior "
-                   f"{features} (L2 {l2}) for unknown users; weight chosen on {folds} pseudo-cold "
-                   f"folds (pseudo-cold: mean ± std over the folds; test_cold: over {len(seeds)} seeds)",
+                   f"{features} (L2 {l2}) and the time-aware popularity prior (mix {RECOMMENDED['mix']:g}) for unknown "
+                   f"users; half-life {HALF_LIVES}, recent share {RECENT_SHARES} and weight {COLD_WEIGHTS} chosen on "
+                   f"{folds} pseudo-cold folds (pseudo-cold: mean ± std over the folds; test_cold: over {len(seeds)} seeds)",
                    ["cold-user score", "pseudo-cold NDCG@10", "pseudo-cold Recall@10", "test_cold NDCG@10",
                     "test_cold Recall@10"], rows, ["pseudo_ndcg", "pseudo_recall", "test_ndcg", "test_recall"])]
 

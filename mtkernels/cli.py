@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -172,12 +173,19 @@ def cmd_fuse(args) -> int:
 
 
 def cmd_cold_start(args) -> int:
-    from .cold_start import ColdStartModel, cold_start_checkpoint, fit_item_prior, item_prior_for
+    from .cold_start import (ColdStartModel, cold_start_checkpoint, fit_item_prior, item_prior_for,
+                             recent_popularity_prior_for)
     from .evaluation import evaluate
     from .training import build_model, load_checkpoint, save_checkpoint
 
     if not 0.0 <= args.weight <= 1.0:
         raise ValueError(f"--weight must be in [0, 1] (0: the model alone, 1: the prior alone), got {args.weight}")
+    if not 0.0 <= args.recent_share <= 1.0:
+        raise ValueError(f"--recent-share must be in [0, 1] (0: no time-aware prior), got {args.recent_share}")
+    if not (math.isfinite(args.half_life) and args.half_life > 0):
+        raise ValueError(f"--half-life must be a positive number of days, got {args.half_life}")
+    if not 0.0 < args.mix <= 1.0:
+        raise ValueError(f"--mix must be in (0, 1], got {args.mix}")
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint)
@@ -191,10 +199,19 @@ def cmd_cold_start(args) -> int:
         raise ValueError(f"--l2 must be a number or comma-separated numbers, got {args.l2!r}") from None
     prior = fit_item_prior(item_prior_for(data, features), data, l2=l2[0] if len(l2) == 1 else l2,
                            epochs=args.epochs, seed=args.seed)
-    model = ColdStartModel(build_model(checkpoint, best=True), prior, args.weight)
+    recent = None
+    if args.recent_share > 0:
+        if "timestamp" not in (data.splits["train"].extra or {}):
+            raise ValueError(f"--recent-share {args.recent_share:g}: {data.name} has no timestamp column for the "
+                             "time-aware prior; pass --recent-share 0 to use the side-feature prior alone")
+        recent = recent_popularity_prior_for(data, args.half_life, args.mix)
+    model = ColdStartModel(build_model(checkpoint, best=True), prior, args.weight, recent=recent,
+                           recent_share=args.recent_share)
     save_checkpoint(args.out, dict(cold_start_checkpoint(model, data), data=spec,
                                    vocabularies=checkpoint.get("vocabularies", data.vocabularies)))
-    print(f"cold-start model (item prior {args.features}, L2 {args.l2}, weight {args.weight:g}): "
+    timed = (f", time-aware prior share {args.recent_share:g} (half-life {args.half_life:g} days, mix {args.mix:g})"
+             if recent is not None else "")
+    print(f"cold-start model (item prior {args.features}, L2 {args.l2}{timed}, weight {args.weight:g}): "
           f"{os.path.abspath(args.out)}")
     for split in args.evaluate or []:
         print(f"{split}: {_format_metrics(evaluate(model, data, split))}")
@@ -330,7 +347,7 @@ def cmd_recommend(args) -> int:
     side_features = _side_features(args) if args.side_features else None
     users = list(dict.fromkeys(args.user + list(side_features or {})))
     result = ranker.recommend(users, k=args.k, exclude_seen=not args.include_seen,
-                              task_weights=_task_weights(args.task_weight), side_features=side_features)
+                              task_weights=_task_weights(args.task_weight), side_features=side_features, at=args.at)
     if args.json:
         print(json.dumps([
             {"user_id": u, "served_by": how, "item_ids": ids.tolist(), "scores": scores.tolist(), "titles": titles}
@@ -434,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", type=float, default=RECOMMENDED["weight"],
                    help="blend weight of the prior for unknown users, 0..1 (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=RECOMMENDED["epochs"], help="passes over the training positives")
+    p.add_argument("--recent-share", type=float, default=RECOMMENDED["recent_share"],
+                   help="share of the time-aware popularity prior in the prior term, 0..1 (0: none; default: "
+                        "%(default)s); unknown users are then ranked by the request time (recommend --at)")
+    p.add_argument("--half-life", type=float, default=RECOMMENDED["half_life_days"], metavar="DAYS",
+                   help="half-life of the time-aware prior's decayed counts, days > 0 (default: %(default)s)")
+    p.add_argument("--mix", type=float, default=RECOMMENDED["mix"],
+                   help="share of all-time counts in the time-aware prior, (0, 1] (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")
@@ -460,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "9999='{\"age\": 31, \"gender\": \"F\", \"occupation\": \"writer\", \"zip_code\": \"10025\"}' "
                         "(repeatable; encoded with the checkpoint's data set)")
     p.add_argument("--data-dir", default=None, help="raw data folder for --side-features (default: MTKERNELS_DATA)")
+    p.add_argument("--at", type=float, default=None, metavar="SECONDS",
+                   help="request time (Unix seconds) for a cold-start checkpoint with a time-aware prior: only "
+                        "training ratings up to it count (default: the latest training timestamp)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recommend)
 

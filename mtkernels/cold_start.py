@@ -1,7 +1,7 @@
 """Cold-start users: a learned item prior from side features, and a selection set built from train.
 
 A user never seen in training is known only by side features (ml100k: age, gender, occupation,
-zip). Two pieces serve such users (issue 7):
+zip) and by *when* they arrive. Three pieces serve such users (issue 7):
 
 - `ItemPrior`: ``log P(item | user side features)``, a multinomial logistic regression over the
   whole item catalogue (one softmax over the N items, an item bias plus one row of N logits per
@@ -10,11 +10,17 @@ zip). Two pieces serve such users (issue 7):
   overall popularity). It is the catalogue-wide softmax of YouTube's candidate generator
   (Covington et al., "Deep Neural Networks for YouTube Recommendations", RecSys 2016) with
   demographic inputs only, the setting those authors name for new users.
+- `RecentPopularityPrior`: ``log P(item | request time t0)``, exponentially time-decayed counts
+  of the training positives rated at or before t0 (causal: nothing after t0 counts), mixed with
+  the all-time counts up to t0. A new user's ratings are concentrated in time and item popularity
+  moves, so the arrival time says what they will rate. A user's request time is the earliest
+  timestamp of their rows in the split being ranked (`request_times`); serving takes it as ``at``.
 - `ColdStartModel`: wraps a trained multi-task model; rows whose user id is the unknown id 0 get
-  a ranking score that blends the model's click logit with the prior's log-probability
-  (``weight`` 0: the model alone, 1: the prior alone), every other row is left exactly as the
-  model scores it (warm users are unchanged). `mtkernels.evaluation.evaluate` (test_cold) and
-  `mtkernels.serving.Ranker` (unknown ids with side features) use it as they use any model.
+  a ranking score that blends the model's click logit with the priors' log-probabilities
+  (``weight`` 0: the model alone, 1: the priors alone; ``recent_share``: the time-aware prior's
+  part of the prior term), every other row is left exactly as the model scores it (warm users are
+  unchanged). `mtkernels.evaluation.evaluate` (test_cold) and `mtkernels.serving.Ranker` (unknown
+  ids with side features, ``recommend(..., at=)``) use it as they use any model.
 
 Choosing the blend weight needs cold users that are not test users. `val` scored as cold measures
 a warm user's *next* items, while test_cold's relevant set is a cold user's *whole* history; so
@@ -36,10 +42,14 @@ from torch import nn
 PSEUDO_COLD_SPLIT = "pseudo_cold"
 
 # The recipe chosen on pseudo-cold users (README, "Transfer learning and cold start"): the prior's
-# groups, L2 and passes (screened on pseudo-cold draws and folds) and the blend weight with the MMoE
-# click model (best mean NDCG@10 over 5 disjoint pseudo-cold folds, all 849 warm users: 0.9 scored
-# 0.4999, the prior alone 0.4957, the click model alone 0.4507). `mtkernels cold-start` defaults.
-RECOMMENDED = {"features": (("gender", "age"),), "l2": 1e-4, "epochs": 10, "weight": 0.9}
+# groups, L2 and passes (screened on pseudo-cold draws and folds); the time-aware prior's mix
+# (screened on the 5 folds, prior terms alone); its half-life (7, 10, 14 days), its share of the
+# prior term and the blend weight with the MMoE click model, the best mean NDCG@10 over 5 disjoint
+# pseudo-cold folds (all 849 warm users): half-life 10, share 0.5, weight 1 (the priors alone)
+# 0.5096; the gender x age prior blended 0.9 with the click model 0.4999, the click model alone
+# 0.4507. `mtkernels cold-start` defaults.
+RECOMMENDED = {"features": (("gender", "age"),), "l2": 1e-4, "epochs": 10, "weight": 1.0,
+               "half_life_days": 10.0, "mix": 0.1, "recent_share": 0.5}
 
 
 # --- selection data ---------------------------------------------------------------------------
@@ -259,18 +269,198 @@ def fit_item_prior(prior: ItemPrior, data, l2: Union[float, Sequence[float]] = 1
     return prior.eval()
 
 
+# --- the time-aware popularity prior -----------------------------------------------------------
+SECONDS_PER_DAY = 86400.0
+
+
+class RecentPopularityPrior(nn.Module):
+    """``log P(item | request time t0)``: causal, exponentially time-decayed popularity of the N items.
+
+    A new user's ratings are concentrated in time (ml100k: median span 0.06 days) and item
+    popularity moves with releases, so *when* an unknown user arrives says what they will rate.
+    From the training positives (item ``i_p``, timestamp ``s_p``) and a request time ``t0``:
+
+        ``c(n) = sum_{p: i_p = n, s_p <= t0} 2 ** (-(t0 - s_p) / (86400 * half_life_days))``
+        ``g(n) = 1 + #{p: i_p = n, s_p <= t0}``
+        ``P(n | t0) = (1 - mix) * c(n) / sum(c) + mix * g(n) / sum(g)``
+
+    Only ratings at or before ``t0`` count (no future); the second term (all-time counts up to
+    ``t0``, add-one smoothed) keeps every probability positive, and is all there is when nothing was
+    rated before ``t0``. This is the time-aware popularity baseline of Ji et al., "A Re-visit of
+    the Popularity Baseline in Recommender Systems" (SIGIR 2020, arXiv:2005.13829: on MovieLens,
+    the items popular when the user interacts beat training-set MostPop by 70% or more), with
+    exponential decay in place of a fixed window.
+
+    Args:
+        num_items: N (items are positions 0..N-1).
+        half_life_days: h > 0, the age (days) at which a rating counts half.
+        mix: share of the all-time term, in (0, 1].
+        num_ratings: P, the number of stored training positives (sizes the buffers, so that
+            ``RecentPopularityPrior(**config)`` can load a ``state_dict``).
+
+    Buffers (``state_dict`` keys): ``items`` int64 ``[P]`` item positions, ``timestamps`` int64
+    ``[P]`` seconds (Unix time), sorted by time; fill them with `fit` or `recent_popularity_prior_for`.
+
+    Raises:
+        ValueError: N < 1, half_life_days not > 0 (or not finite), mix outside (0, 1], P < 0.
+    """
+
+    def __init__(self, num_items: int, half_life_days: float, mix: float = 0.1, num_ratings: int = 0) -> None:
+        super().__init__()
+        if int(num_items) < 1:
+            raise ValueError(f"num_items must be >= 1, got {num_items}")
+        if not (math.isfinite(float(half_life_days)) and float(half_life_days) > 0):
+            raise ValueError(f"half_life_days must be a positive number of days, got {half_life_days}")
+        if not 0.0 < float(mix) <= 1.0:
+            raise ValueError(f"mix must be in (0, 1], got {mix}")
+        if int(num_ratings) < 0:
+            raise ValueError(f"num_ratings must be >= 0, got {num_ratings}")
+        self.num_items = int(num_items)
+        self.half_life_days = float(half_life_days)
+        self.mix = float(mix)
+        self.register_buffer("items", torch.zeros(int(num_ratings), dtype=torch.long))
+        self.register_buffer("timestamps", torch.zeros(int(num_ratings), dtype=torch.long))
+
+    @property
+    def config(self) -> dict:
+        """Plain constructor arguments: ``RecentPopularityPrior(**config)`` rebuilds it (empty
+        buffers of the right size: load the ``state_dict``)."""
+        return {"num_items": self.num_items, "half_life_days": self.half_life_days, "mix": self.mix,
+                "num_ratings": int(self.items.numel())}
+
+    def fit(self, items: torch.Tensor, timestamps: torch.Tensor) -> "RecentPopularityPrior":
+        """Store the training positives: item positions int64 ``[P]`` in ``[0, N)`` and their
+        timestamps int64 ``[P]`` (seconds). Returns ``self``.
+
+        Raises:
+            ValueError: different lengths, not 1-D. IndexError: an item outside ``[0, N)``.
+        """
+        items, timestamps = torch.as_tensor(items).long().reshape(-1), torch.as_tensor(timestamps).long().reshape(-1)
+        if items.numel() != timestamps.numel():
+            raise ValueError(f"items and timestamps must have the same length, got {items.numel()} and {timestamps.numel()}")
+        if items.numel() and (int(items.min()) < 0 or int(items.max()) >= self.num_items):
+            raise IndexError(f"items: positions must be in [0, {self.num_items}), got {int(items.min())}..{int(items.max())}")
+        order = torch.sort(timestamps, stable=True).indices
+        self.items = items[order].clone()
+        self.timestamps = timestamps[order].clone()
+        return self
+
+    @property
+    def latest(self) -> int:
+        """The latest stored timestamp (seconds): the default request time of serving.
+
+        Raises:
+            ValueError: no ratings stored."""
+        if self.timestamps.numel() == 0:
+            raise ValueError("the recent-popularity prior holds no ratings (fit it first)")
+        return int(self.timestamps[-1])
+
+    def _check_at(self, at) -> torch.Tensor:
+        if at is None:
+            raise ValueError("at: the time-aware prior needs the request time (seconds, Unix time) of every row, got None")
+        at = torch.as_tensor(at)
+        if at.dim() > 1 or at.is_floating_point() and not bool(torch.isfinite(at).all()):
+            raise ValueError(f"at: request times must be a number or a 1-D tensor of finite seconds, got {at}")
+        return at.double().reshape(-1)
+
+    def forward(self, at) -> torch.Tensor:
+        """float32 ``[B, N]`` ``log P(item | t0 = at[b])`` for request times ``at`` (seconds, ``[B]`` or
+        a number); computed once per distinct time.
+
+        Raises:
+            ValueError: ``at`` None, not 1-D, or not finite.
+        """
+        at = self._check_at(at)
+        times, inverse = torch.unique(at, return_inverse=True)
+        return self._log_prob_at(times)[inverse]
+
+    def _log_prob_at(self, times: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(times.numel(), self.num_items, dtype=torch.float64)
+        stamps = self.timestamps.double()
+        scale = math.log(2.0) / (SECONDS_PER_DAY * self.half_life_days)
+        for j, t0 in enumerate(times.tolist()):
+            known = int(torch.searchsorted(stamps, torch.tensor([t0], dtype=torch.float64), right=True))
+            items = self.items[:known]
+            # relative to the newest known rating: exp() of an age of hundreds of half-lives underflows to 0
+            decay = torch.exp(-(stamps[known - 1] - stamps[:known]) * scale) if known else stamps[:0]
+            recent = torch.bincount(items, weights=decay, minlength=self.num_items).double()
+            overall = torch.bincount(items, minlength=self.num_items).double() + 1.0
+            prob = self.mix * overall / overall.sum()
+            if float(recent.sum()) > 0:
+                prob = prob + (1.0 - self.mix) * recent / recent.sum()
+            else:
+                prob = overall / overall.sum()
+            out[j] = torch.log(prob)
+        return out.float()
+
+    def log_prob(self, items: torch.Tensor, at) -> torch.Tensor:
+        """float32 ``[B]`` ``log P(items[b] | t0 = at[b])`` (``at``: ``[B]`` seconds or one number).
+
+        Raises:
+            IndexError: an item position outside ``[0, N)``. ValueError: a bad ``at``, or a length
+                other than B.
+        """
+        items = items.long()
+        if items.numel() and (int(items.min()) < 0 or int(items.max()) >= self.num_items):
+            raise IndexError(f"items: positions must be in [0, {self.num_items}), got {int(items.min())}..{int(items.max())}")
+        at = self._check_at(at)
+        if at.numel() == 1:
+            at = at.expand(items.numel())
+        if at.numel() != items.numel():
+            raise ValueError(f"at: need one request time or one per row ({items.numel()}), got {at.numel()}")
+        if items.numel() == 0:
+            return torch.zeros(0)
+        times, inverse = torch.unique(at, return_inverse=True)
+        return self._log_prob_at(times)[inverse, items]
+
+
+def recent_popularity_prior_for(data, half_life_days: float, mix: float = 0.1, split: str = "train") -> RecentPopularityPrior:
+    """A `RecentPopularityPrior` over ``data``'s catalogue, filled with the positives (first binary
+    task) of ``split`` and their ``timestamp`` column.
+
+    Raises:
+        ValueError: the split has no ``timestamp`` column; a bad half-life or mix (as the class).
+    """
+    rows = data.splits[split]
+    if "timestamp" not in (rows.extra or {}):
+        raise ValueError(f"split {split!r} of {data.name} has no timestamp column: the time-aware prior needs one")
+    first_binary = next((t for t, task in enumerate(data.tasks) if task.kind == "binary"), 0)
+    positive = rows.labels[:, first_binary] > 0
+    prior = RecentPopularityPrior(data.num_items, half_life_days, mix)
+    return prior.fit(rows.item[positive] - 1, rows.extra["timestamp"][positive])
+
+
+def request_times(data, split: str) -> torch.Tensor:
+    """float64 ``[num_user_rows]``: each user's request time in ``split``, the earliest ``timestamp``
+    of their rows there (what a system knows at the user's first request); NaN for users without rows.
+
+    Raises:
+        ValueError: the split has no ``timestamp`` column.
+    """
+    rows = data.splits[split]
+    if "timestamp" not in (rows.extra or {}):
+        raise ValueError(f"split {split!r} of {data.name} has no timestamp column: a time-aware model needs request times")
+    first = torch.full((int(data.num_user_rows),), float("inf"), dtype=torch.float64)
+    first.scatter_reduce_(0, rows.user_row, rows.extra["timestamp"].double(), reduce="amin")
+    return torch.where(torch.isinf(first), torch.full_like(first, float("nan")), first)
+
+
 # --- the cold-start model ---------------------------------------------------------------------
 class ColdStartModel(nn.Module):
     """A multi-task model whose cold-user rows rank with a blend of its click score and an `ItemPrior`.
 
-    ``forward(sparse, dense)`` returns ``model(sparse, dense)`` ``[B, T]``; in rows whose
+    ``forward(sparse, dense, at=None)`` returns ``model(sparse, dense)`` ``[B, T]``; in rows whose
     ``user_id`` is the unknown id 0, task ``task``'s probability p becomes
 
-        ``sigmoid((1 - weight) * logit(p) + weight * (log P(item | side) + log N))``
+        ``sigmoid((1 - weight) * logit(p) + weight * log_prior)``
+        ``log_prior = (1 - recent_share) * (log P(item | side) + log N)
+                      + recent_share * (log P(item | t0 = at) + log N)``
 
-    (``log N`` centres the prior: a uniform prior adds 0). ``weight`` 0 is the model alone, 1 the
-    prior alone. Other rows (known users, and the unknown item id 0) and tasks are returned unchanged, so warm users score exactly as with
-    ``model``. The cold click output is then a ranking score more than a calibrated probability.
+    (``log N`` centres each prior: a uniform prior adds 0). ``weight`` 0 is the model alone, 1 the
+    priors alone; without a ``recent`` prior (``recent_share`` 0) the second term is absent and
+    ``at`` is not needed. Other rows (known users, and the unknown item id 0) and tasks are returned
+    unchanged, so warm users score exactly as with ``model``. The cold click output is then a
+    ranking score more than a calibrated probability.
 
     Args:
         model: a trained `MultiTaskModel` (or any module with ``tasks`` and that forward).
@@ -278,16 +468,31 @@ class ColdStartModel(nn.Module):
         weight: the blend weight in [0, 1] (chosen on `pseudo_cold_ml100k`, never on test).
         task: the task whose score is blended (default: the first binary task).
         user_id_feature, item_id_feature: the id features (item ids are positions + 1, 0 unknown).
+        recent: an optional `RecentPopularityPrior` (time-aware popularity) over the same catalogue.
+        recent_share: its share of the prior term, in [0, 1] (> 0 needs ``recent``).
+
+    Attributes:
+        uses_request_time: True when cold rows need ``at`` (a ``recent`` prior with a share > 0);
+            `mtkernels.evaluation` then passes each user's `request_times` and
+            `mtkernels.serving.Ranker` the request's ``at``.
 
     Raises:
-        ValueError: weight outside [0, 1], an unknown task name.
+        ValueError: weight or recent_share outside [0, 1], recent_share > 0 without ``recent``, a
+            ``recent`` prior over another catalogue, an unknown task name.
     """
 
     def __init__(self, model: nn.Module, prior: ItemPrior, weight: float, task: Optional[str] = None,
-                 user_id_feature: str = "user_id", item_id_feature: str = "item_id") -> None:
+                 user_id_feature: str = "user_id", item_id_feature: str = "item_id",
+                 recent: Optional[RecentPopularityPrior] = None, recent_share: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= float(weight) <= 1.0:
             raise ValueError(f"weight must be in [0, 1], got {weight}")
+        if not 0.0 <= float(recent_share) <= 1.0:
+            raise ValueError(f"recent_share must be in [0, 1], got {recent_share}")
+        if float(recent_share) > 0 and recent is None:
+            raise ValueError(f"recent_share {recent_share} needs a recent (RecentPopularityPrior) prior, got None")
+        if recent is not None and recent.num_items != prior.num_items:
+            raise ValueError(f"recent: its catalogue has {recent.num_items} items, the item prior's {prior.num_items}")
         tasks = list(model.tasks)
         names = [t.name for t in tasks]
         if task is None:
@@ -301,10 +506,21 @@ class ColdStartModel(nn.Module):
         self.task_index = names.index(task)
         self.user_id_feature = user_id_feature
         self.item_id_feature = item_id_feature
+        self.recent = recent
+        self.recent_share = float(recent_share)
 
     @property
     def tasks(self):
         return list(self.model.tasks)
+
+    @property
+    def uses_request_time(self) -> bool:
+        return self.recent is not None and self.recent_share > 0 and self.weight > 0
+
+    @property
+    def default_request_time(self) -> Optional[int]:
+        """The latest training timestamp (serving's default ``at``); None without a ``recent`` prior."""
+        return self.recent.latest if self.recent is not None else None
 
     @property
     def config(self) -> dict:
@@ -315,7 +531,8 @@ class ColdStartModel(nn.Module):
 
         return {"model_class": class_path(self.model), "model_config": self.model.config,
                 "prior": self.prior.config, "weight": self.weight, "task": self.task,
-                "user_id_feature": self.user_id_feature, "item_id_feature": self.item_id_feature}
+                "user_id_feature": self.user_id_feature, "item_id_feature": self.item_id_feature,
+                "recent": None if self.recent is None else self.recent.config, "recent_share": self.recent_share}
 
     @classmethod
     def from_config(cls, config: dict) -> "ColdStartModel":
@@ -323,10 +540,18 @@ class ColdStartModel(nn.Module):
         model_cls = importlib.import_module(module_name)
         for part in qualname.split("."):
             model_cls = getattr(model_cls, part)
+        recent = config.get("recent")  # checkpoints written before the time-aware prior have none
         return cls(model_cls.from_config(config["model_config"]), ItemPrior(**config["prior"]), config["weight"],
-                   config["task"], config["user_id_feature"], config["item_id_feature"])
+                   config["task"], config["user_id_feature"], config["item_id_feature"],
+                   None if recent is None else RecentPopularityPrior(**recent), config.get("recent_share", 0.0))
 
-    def forward(self, sparse, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, sparse, dense: Optional[torch.Tensor] = None, at=None) -> torch.Tensor:
+        """``[B, T]`` as described above; ``at``: request times (seconds) of the B rows, float64 or
+        int64 ``[B]`` or one number; needed when ``uses_request_time`` and a row is cold.
+
+        Raises:
+            ValueError: ``at`` missing, malformed or of a length other than B where it is needed.
+        """
         out = self.model(sparse, dense)
         if self.weight == 0.0:
             return out
@@ -338,6 +563,15 @@ class ColdStartModel(nn.Module):
         side = {name: sparse[name]["values"][cold] for group in self.prior.groups for name in group}
         items = item_ids[cold] - 1
         prior = self.prior.log_prob(side, items) + math.log(self.prior.num_items)
+        if self.uses_request_time:
+            if at is None:
+                raise ValueError("at: this cold-start model's time-aware prior needs the request time (seconds, "
+                                 "Unix time) of its cold rows, got None")
+            at = torch.as_tensor(at).reshape(-1)
+            if at.numel() != 1 and at.numel() != cold.numel():
+                raise ValueError(f"at: need one request time or one per row ({cold.numel()}), got {at.numel()}")
+            recent = self.recent.log_prob(items, at if at.numel() == 1 else at[cold]) + math.log(self.recent.num_items)
+            prior = (1.0 - self.recent_share) * prior + self.recent_share * recent
         p = out[cold, self.task_index].double().clamp(1e-7, 1 - 1e-7)
         score = (1.0 - self.weight) * torch.log(p / (1 - p)) + self.weight * prior.double()
         out = out.clone()

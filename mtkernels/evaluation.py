@@ -81,7 +81,14 @@ def fused_topk(
 def predict(model: torch.nn.Module, data, split: str, batch_size: int = 32768) -> torch.Tensor:
     """Model outputs for every row of a split, in row order: float ``[n, T]``."""
     model.eval()
-    outputs = [model(batch.sparse, batch.dense) for batch in data.batches(split, batch_size, shuffle=False)]
+    if getattr(model, "uses_request_time", False):  # a time-aware cold-start model: each row at its user's request time
+        from .cold_start import request_times
+
+        first = request_times(data, split)[data.splits[split].user_row]
+        outputs = [model(batch.sparse, batch.dense, at=first[batch.index])
+                   for batch in data.batches(split, batch_size, shuffle=False)]
+    else:
+        outputs = [model(batch.sparse, batch.dense) for batch in data.batches(split, batch_size, shuffle=False)]
     num_tasks = len(data.tasks)
     return torch.cat(outputs) if outputs else torch.zeros(0, num_tasks)
 
@@ -125,7 +132,9 @@ def topk_lists(
     """Top-k item positions for every user of a split's top-k evaluation (PROTOCOL.md §5).
 
     Scores each block of users against all ``data.num_items`` items with the model and keeps the
-    top k with ``ensemble_topk`` (the split's exclusions removed).
+    top k with ``ensemble_topk`` (the split's exclusions removed). A model with
+    ``uses_request_time`` (a time-aware `mtkernels.cold_start.ColdStartModel`) gets ``at`` = each
+    user's request time, the earliest timestamp of their rows in ``split``.
 
     Returns:
         ``(indices [U, k] int64 item positions (-1 pads), topk_eval)`` where ``topk_eval`` is
@@ -138,10 +147,20 @@ def topk_lists(
     users = evaluation.users
     items = torch.arange(data.num_items)
     lists = []
+    timed = getattr(model, "uses_request_time", False)
+    if timed:
+        from .cold_start import request_times
+
+        first = request_times(data, split)
     for start in range(0, users.numel(), users_per_block):
         stop = min(start + users_per_block, users.numel())
         batch = data.pair_batch(users[start:stop], items)
-        predictions = model(batch.sparse, batch.dense).reshape(stop - start, data.num_items, len(tasks))
+        if timed:
+            at = first[users[start:stop]].repeat_interleave(data.num_items)
+            predictions = model(batch.sparse, batch.dense, at=at)
+        else:
+            predictions = model(batch.sparse, batch.dense)
+        predictions = predictions.reshape(stop - start, data.num_items, len(tasks))
         lo, hi = int(evaluation.exclude_offsets[start]), int(evaluation.exclude_offsets[stop])
         offsets = evaluation.exclude_offsets[start : stop + 1] - lo
         _, indices = fused_topk(

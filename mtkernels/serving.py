@@ -18,6 +18,7 @@ detects it and ranks each block of users with the fusion (every member's score m
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -249,14 +250,26 @@ class Ranker:
         n_users, n_items = rows.numel(), self.num_items
         return pair_rows(self.tables, users, rows.repeat_interleave(n_items), torch.arange(n_items).repeat(n_users))
 
+    @property
+    def uses_request_time(self) -> bool:
+        """True when the model ranks unknown users by the request time (a time-aware
+        `mtkernels.cold_start.ColdStartModel`); `recommend` then takes ``at``."""
+        return self.model is not None and bool(getattr(self.model, "uses_request_time", False))
+
     @torch.no_grad()
-    def score(self, users: Dict[str, object], rows: torch.Tensor) -> torch.Tensor:
-        """Model predictions ``[U, N, T]`` of user rows ``rows`` against every item."""
+    def score(self, users: Dict[str, object], rows: torch.Tensor, at: Optional[float] = None) -> torch.Tensor:
+        """Model predictions ``[U, N, T]`` of user rows ``rows`` against every item; ``at``: the
+        request time (seconds) for a model with ``uses_request_time`` (None: its latest training
+        timestamp)."""
+        timed = self.uses_request_time
+        if timed and at is None:
+            at = self.model.default_request_time
         out = []
         for start in range(0, rows.numel(), self.users_per_block):
             block = rows[start : start + self.users_per_block]
             sparse, dense = self.pair_features(users, block)
-            out.append(self.model(sparse, dense).reshape(block.numel(), self.num_items, len(self.tasks)))
+            predictions = self.model(sparse, dense, at=at) if timed else self.model(sparse, dense)
+            out.append(predictions.reshape(block.numel(), self.num_items, len(self.tasks)))
         return torch.cat(out) if out else torch.zeros(0, self.num_items, len(self.tasks))
 
     def _user_table(self, extra: List[Mapping[str, int]]) -> Dict[str, object]:
@@ -292,6 +305,7 @@ class Ranker:
         exclude_seen: bool = True,
         task_weights: Optional[Mapping[str, float]] = None,
         side_features: Optional[Mapping[int, Mapping[str, object]]] = None,
+        at: Optional[float] = None,
     ) -> Recommendations:
         """Top-k items for each user of a request.
 
@@ -305,6 +319,10 @@ class Ranker:
             side_features: optional ``{user id: {user-side feature name: encoded id (or list of
                 ids for a multi-valued feature)}}`` for ids the checkpoint does not know; missing
                 features take the unknown id 0, dense user features the mean.
+            at: the request time, seconds (Unix time), for a model that ranks unknown users by it
+                (``uses_request_time``: a `mtkernels.cold_start.ColdStartModel` with a
+                `RecentPopularityPrior`): only training ratings up to ``at`` count. Default: the
+                latest training timestamp. Known users' lists do not depend on it.
 
         Returns:
             :class:`Recommendations`. Users known from training are scored by the model
@@ -315,10 +333,17 @@ class Ranker:
 
         Raises:
             ValueError: k < 0, unknown task names, unknown feature names in ``side_features``;
-                ``task_weights`` given to a fused ranker (it ranks by its learned weights).
+                ``task_weights`` given to a fused ranker (it ranks by its learned weights); ``at``
+                given to a model that does not use a request time, or not a finite number.
         """
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        if at is not None:
+            if not self.uses_request_time:
+                raise ValueError("at: this checkpoint's model does not rank by request time (only a cold-start model "
+                                 "with a time-aware prior does)")
+            if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+                raise ValueError(f"at: the request time must be a finite number of seconds (Unix time), got {at!r}")
         user_ids = [int(u) for u in user_ids]
         if self.fusion is not None and task_weights:
             raise ValueError("task_weights does not apply to a fused checkpoint: it ranks by its learned source weights")
@@ -359,7 +384,7 @@ class Ranker:
             if self.fusion is not None:
                 top_scores, top_items = self.fusion.topk(rows_t, k, exclude_offsets, exclude_indices, users=users)
             else:
-                predictions = self.score(users, rows_t)
+                predictions = self.score(users, rows_t, at)
                 top_scores, top_items = fused_topk(predictions, self.tasks, task_weights, k, exclude_offsets, exclude_indices)
             at = torch.tensor(positions, dtype=torch.long)
             scores[at] = top_scores

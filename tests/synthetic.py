@@ -25,8 +25,10 @@ def _csr(groups, values, num_groups):
 
 
 def make_data(num_warm: int = 24, num_cold: int = 4, num_items: int = 30, positives: int = 6, seed: int = 0,
-              age_taste: bool = False) -> MultiTaskData:
-    """``age_taste=True``: a user's taste is mostly its age group's (so side features predict it)."""
+              age_taste: bool = False, timestamps: bool = False) -> MultiTaskData:
+    """``age_taste=True``: a user's taste is mostly its age group's (so side features predict it).
+    ``timestamps=True``: every split gets a ``timestamp`` column (seconds): user row r's j-th
+    positive (and its negatives) at day ``7 * j + r`` after 1,000,000 s, so users arrive on different days."""
     rng = np.random.default_rng(seed)
     num_users = num_warm + num_cold
     user_taste = rng.normal(size=(num_users + 1, 3))
@@ -72,17 +74,18 @@ def make_data(num_warm: int = 24, num_cold: int = 4, num_items: int = 30, positi
             else:
                 split = "train" if j < positives - 2 else ("val" if j == positives - 2 else "test_warm")
             rating = float(np.clip(np.round(3 + affinity[item - 1] + rng.normal(scale=0.5)), 1, 5))
-            rows[split].append((row, item, 1.0, float(rating >= 4), rating))
+            rows[split].append((row, item, 1.0, float(rating >= 4), rating, 1_000_000 + 86_400 * (7 * j + row)))
             positives_of[split].append((row, item - 1))
             for negative in rng.choice(unrated, size=4):
-                rows[split].append((row, int(negative), 0.0, np.nan, np.nan))
+                rows[split].append((row, int(negative), 0.0, np.nan, np.nan, 1_000_000 + 86_400 * (7 * j + row)))
     split_rows = {}
     for split, records in rows.items():
         a = np.array(records, dtype=np.float64)
         split_rows[split] = SplitRows(
             user_row=torch.from_numpy(a[:, 0].astype(np.int64)),
             item_row=torch.from_numpy(a[:, 1].astype(np.int64)),
-            labels=torch.from_numpy(a[:, 2:].astype(np.float32)),
+            labels=torch.from_numpy(a[:, 2:5].astype(np.float32)),
+            extra={"timestamp": torch.from_numpy(a[:, 5].astype(np.int64))} if timestamps else {},
         )
 
     def topk(split, excluded):

@@ -120,7 +120,10 @@ def test_cold_start_writes_a_checkpoint_that_serves_cold_users_by_their_features
                      "--embedding-dim", "4", "--no-progress", "--id-dropout", "0.5"]) == 0
     capsys.readouterr()
     cold = str(tmp_path / "cold.pt")
-    assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "age",
+    # this data set has no timestamps: the default time-aware share asks for --recent-share 0
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "age", "--epochs", "1"]) == 2
+    assert "--recent-share 0" in capsys.readouterr().err
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "age", "--recent-share", "0",
                      "--l2", "1e-4", "--weight", "1", "--epochs", "5", "--evaluate", "test_cold"]) == 0
     out = capsys.readouterr().out
     assert "cold-start model" in out and "test_cold: click: auc" in out
@@ -188,3 +191,44 @@ def test_recommend_encodes_raw_side_features_of_unknown_users(tmp_path, capsys):
     assert "no serving tables" in capsys.readouterr().err
     assert cli.main(["recommend", "--checkpoint", checkpoint, "--user", "100"]) == 2
     assert "non-integer user/item ids" in capsys.readouterr().err
+
+
+def test_cold_start_with_the_time_aware_prior_serves_by_request_time(tmp_path, monkeypatch, capsys):
+    from mtkernels.cold_start import ColdStartModel
+    from mtkernels.serving import Ranker
+
+    data = make_data(num_warm=40, age_taste=True, timestamps=True)
+    monkeypatch.setattr(cli, "load_data", lambda spec: data)
+    trained = str(tmp_path / "click.pt")
+    assert cli.main(["train", "--model", "mmoe", "--checkpoint", trained, "--epochs", "1", "--batch-size", "64",
+                     "--embedding-dim", "4", "--no-progress", "--id-dropout", "0.5"]) == 0
+    capsys.readouterr()
+    cold = str(tmp_path / "cold.pt")
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "age", "--epochs", "5",
+                     "--weight", "1", "--recent-share", "1", "--half-life", "2", "--mix", "0.2",
+                     "--evaluate", "test_cold"]) == 0
+    out = capsys.readouterr().out
+    assert "time-aware prior share 1 (half-life 2 days, mix 0.2)" in out and "test_cold: click: auc" in out
+    ranker = Ranker.load(cold)
+    assert isinstance(ranker.model, ColdStartModel) and ranker.model.recent.half_life_days == 2.0
+    lists = {}
+    for at in (None, 1_000_000 + 3 * 86_400, 1_000_000 + 30 * 86_400):
+        argv = ["recommend", "--checkpoint", cold, "--k", "5", "--json", "--user", "141"]  # a cold user of the data
+        assert cli.main(argv + ([] if at is None else ["--at", str(at)])) == 0
+        served = json.loads(capsys.readouterr().out)[0]
+        assert served["served_by"] == "side_features"
+        lists[at] = served["item_ids"]
+    # the time-aware prior alone ranks by the decayed counts at --at; the default is the latest training timestamp
+    for at, items in lists.items():
+        with torch.no_grad():
+            log_prior = ranker.model.recent(ranker.model.recent.latest if at is None else at)[0]
+        positions = torch.searchsorted(data.item_ids, torch.tensor(items))
+        torch.testing.assert_close(log_prior[positions], log_prior.topk(5).values)  # ties may swap items
+    assert lists[1_000_000 + 3 * 86_400] != lists[1_000_000 + 30 * 86_400]
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--recent-share", "0.5",
+                     "--half-life", "-1"]) == 2
+    assert "--half-life" in capsys.readouterr().err
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--recent-share", "2"]) == 2
+    assert "--recent-share" in capsys.readouterr().err
+    assert cli.main(["recommend", "--checkpoint", trained, "--user", "101", "--at", "1000000"]) == 2
+    assert "at" in capsys.readouterr().err

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mtkernels import evaluation
-from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, ColdStartModel, ItemPrior, fit_item_prior, item_prior_for,
-                                  pseudo_cold_ml100k)
+from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, ColdStartModel, ItemPrior, RecentPopularityPrior, fit_item_prior,
+                                  item_prior_for, pseudo_cold_ml100k, recent_popularity_prior_for, request_times)
 from mtkernels.data import protocol
 from mtkernels.data.movielens import read_grouplens
 from mtkernels.serving import Ranker, serving_tables
@@ -192,6 +192,14 @@ def test_pseudo_cold_holds_out_whole_training_users(tmp_path):
     theirs = train[train["user_id"].isin(held_users).to_numpy() & (train["click"].to_numpy() == 1)]
     assert sorted(zip(ids[ev.users].repeat_interleave(ev.relevant_offsets.diff()).tolist(),
                       data.item_ids[ev.relevant_indices].tolist())) == sorted(zip(theirs["user_id"], theirs["item_id"]))
+    # the time-aware prior counts the other users' training positives only; a held-out user's
+    # request time is their first training timestamp
+    recent = recent_popularity_prior_for(data, 7.0)
+    kept = train[~train["user_id"].isin(held_users).to_numpy() & (train["click"].to_numpy() == 1)]
+    assert sorted(zip(data.item_ids[recent.items].tolist(), recent.timestamps.tolist())) == sorted(
+        zip(kept["item_id"], kept["timestamp"]))
+    first = request_times(data, PSEUDO_COLD_SPLIT)[ev.users]
+    assert first.tolist() == [float(theirs["timestamp"][theirs["user_id"] == u].min()) for u in ids[ev.users].tolist()]
     other = pseudo_cold_ml100k(fraction=0.2, seed=2, movielens=movielens)
     assert other.topk_eval(PSEUDO_COLD_SPLIT).users.numel() == ev.users.numel()
     assert set(other.user_ids[other.splits[PSEUDO_COLD_SPLIT].user_row].tolist()) != held_users
@@ -224,3 +232,198 @@ def test_cold_start_checkpoint_serves_through_ranker_load(trained, tmp_path):
     direct = Ranker(blended, data.tasks, serving_tables(data)).recommend([9001, 9002, known], k=5, side_features=sides)
     assert loaded.served_by == ["side_features", "side_features", "model"]
     assert torch.equal(loaded.item_ids, direct.item_ids)
+
+
+# --- the time-aware popularity prior ----------------------------------------------------------
+DAY = 86_400
+
+
+def _reference_recent(items, stamps, num_items, half_life_days, mix, t0):
+    """The docstring's formula, one rating at a time."""
+    recent = [0.0] * num_items
+    overall = [1.0] * num_items
+    for item, stamp in zip(items, stamps):
+        if stamp <= t0:
+            recent[item] += 2.0 ** (-(t0 - stamp) / (DAY * half_life_days))
+            overall[item] += 1.0
+    if sum(recent) == 0:
+        return [math.log(o / sum(overall)) for o in overall]
+    return [math.log((1 - mix) * r / sum(recent) + mix * o / sum(overall)) for r, o in zip(recent, overall)]
+
+
+def test_recent_popularity_prior_matches_the_formula():
+    generator = torch.Generator().manual_seed(3)
+    items = torch.randint(0, 9, (200,), generator=generator)
+    stamps = torch.randint(0, 60 * DAY, (200,), generator=generator)
+    for half_life, mix in ((1.0, 0.1), (7.5, 0.5), (30.0, 1.0)):
+        prior = RecentPopularityPrior(9, half_life, mix).fit(items, stamps)
+        # before every rating, between ratings, exactly at a rating (counted: <= t0), after the last
+        times = [-DAY, 10 * DAY + 17, int(stamps[5]), 61 * DAY]
+        got = prior(torch.tensor(times))
+        assert got.shape == (4, 9) and got.dtype == torch.float32
+        for row, t0 in enumerate(times):
+            expected = torch.tensor(_reference_recent(items.tolist(), stamps.tolist(), 9, half_life, mix, t0))
+            torch.testing.assert_close(got[row], expected.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.exp().sum(1), torch.ones(4))
+        # one number, floats, repeated times and log_prob all agree with the matrix
+        torch.testing.assert_close(prior(float(times[1]))[0], got[1])
+        torch.testing.assert_close(prior(torch.tensor(times * 2, dtype=torch.float64)), torch.cat([got, got]))
+        picks = torch.tensor([0, 8, 3, 3])
+        torch.testing.assert_close(prior.log_prob(picks, torch.tensor(times)), got[torch.arange(4), picks])
+        torch.testing.assert_close(prior.log_prob(picks, times[2]), got[2, picks])
+        assert prior.log_prob(picks[:0], torch.zeros(0)).shape == (0,)
+    # nothing rated before t0: uniform
+    torch.testing.assert_close(prior(-1).exp()[0], torch.full((9,), 1 / 9))
+    # stored sorted by time; the latest timestamp is serving's default request time
+    assert bool((prior.timestamps[1:] >= prior.timestamps[:-1]).all()) and prior.latest == int(stamps.max())
+    rebuilt = RecentPopularityPrior(**prior.config)
+    rebuilt.load_state_dict(prior.state_dict())
+    torch.testing.assert_close(rebuilt(torch.tensor(times)), got)
+
+
+def test_recent_popularity_prior_is_causal():
+    """A training rating after t0 never changes the scores at t0; one before it does."""
+    generator = torch.Generator().manual_seed(4)
+    items = torch.randint(0, 12, (300,), generator=generator)
+    stamps = torch.randint(0, 100 * DAY, (300,), generator=generator)
+    t0 = torch.tensor([20 * DAY, 50 * DAY + 3, 99 * DAY])
+    base = RecentPopularityPrior(12, 5.0).fit(items, stamps)(t0)
+    for j in range(t0.numel()):
+        for extra_item, delay in ((0, 1), (7, DAY), (11, 400 * DAY)):
+            later = RecentPopularityPrior(12, 5.0).fit(torch.cat([items, torch.tensor([extra_item] * 2)]),
+                                                       torch.cat([stamps, t0[j] + torch.tensor([delay, 2 * delay])]))
+            assert torch.equal(later(t0[j:j + 1]), base[j:j + 1])
+    earlier = RecentPopularityPrior(12, 5.0).fit(torch.cat([items, torch.tensor([7])]), torch.cat([stamps, t0[:1] - 1]))
+    assert not torch.equal(earlier(t0[:1]), base[:1])
+
+
+def test_recent_popularity_prior_errors():
+    for half_life in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="half_life_days"):
+            RecentPopularityPrior(5, half_life)
+    with pytest.raises(ValueError, match="mix"):
+        RecentPopularityPrior(5, 1.0, mix=0.0)
+    with pytest.raises(ValueError, match="num_items"):
+        RecentPopularityPrior(0, 1.0)
+    prior = RecentPopularityPrior(5, 1.0)
+    with pytest.raises(ValueError, match="fit it first"):
+        prior.latest
+    with pytest.raises(ValueError, match="same length"):
+        prior.fit(torch.tensor([0, 1]), torch.tensor([0]))
+    with pytest.raises(IndexError, match="items"):
+        prior.fit(torch.tensor([5]), torch.tensor([0]))
+    prior.fit(torch.tensor([0, 1]), torch.tensor([0, DAY]))
+    with pytest.raises(ValueError, match="at"):
+        prior(None)
+    with pytest.raises(ValueError, match="at"):
+        prior(torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match="at"):
+        prior(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="at"):
+        prior.log_prob(torch.tensor([0, 1, 2]), torch.tensor([0, 1]))
+    with pytest.raises(IndexError, match="items"):
+        prior.log_prob(torch.tensor([5]), 0)
+    with pytest.raises(ValueError, match="timestamp"):
+        recent_popularity_prior_for(make_data(), 7.0)
+
+
+@pytest.fixture(scope="module")
+def timed():
+    data = select_tasks(make_data(num_warm=60, num_items=30, positives=8, age_taste=True, timestamps=True), ["click"])
+    model = tiny_model(data)
+    fit(model, data, TrainConfig(epochs=3, batch_size=64, progress=False, patience=0, id_dropout=0.5, lr=1e-2))
+    prior = fit_item_prior(item_prior_for(data, ("age",)), data, l2=1e-4, epochs=30, lr=0.1, batch_size=128)
+    return data, model.eval(), prior, recent_popularity_prior_for(data, 3.0, 0.2)
+
+
+def test_request_times_are_each_users_first_timestamp(timed):
+    data = timed[0]
+    for split in ("train", "test_cold"):
+        rows = data.splits[split]
+        first = request_times(data, split)
+        for row in rows.user_row.unique().tolist():
+            assert first[row] == float(rows.extra["timestamp"][rows.user_row == row].min())
+        assert bool(torch.isnan(first[~torch.isin(torch.arange(data.num_user_rows), rows.user_row)]).all())
+    with pytest.raises(ValueError, match="timestamp"):
+        request_times(make_data(), "train")
+
+
+def test_time_aware_cold_start_model(timed):
+    data, model, prior, recent = timed
+    users = torch.cat([data.topk_eval("val").users[:3], data.topk_eval("test_cold").users[:2]])
+    batch = data.pair_batch(users)
+    at = torch.tensor([5, 6, 7, 40, 80], dtype=torch.float64).repeat_interleave(data.num_items) * DAY + 1_000_000
+    warm = batch.sparse["user_id"]["values"] != 0
+    with torch.no_grad():
+        base = model(batch.sparse, batch.dense)
+        for weight, share in ((1.0, 1.0), (0.7, 0.4)):
+            cold_model = ColdStartModel(model, prior, weight, recent=recent, recent_share=share)
+            assert cold_model.uses_request_time
+            out = cold_model(batch.sparse, batch.dense, at=at)
+            assert torch.equal(out[warm], base[warm])
+            p = base[~warm, 0].double().clamp(1e-7, 1 - 1e-7)
+            item = batch.sparse["item_id"]["values"][~warm] - 1
+            rows = torch.arange(item.numel())
+            log_side = prior({"age": batch.sparse["age"]["values"][~warm]}).double()[rows, item]
+            log_time = recent(at[~warm]).double()[rows, item]
+            log_prior = (1 - share) * log_side + share * log_time + math.log(data.num_items)
+            expected = torch.sigmoid((1 - weight) * torch.log(p / (1 - p)) + weight * log_prior).float()
+            torch.testing.assert_close(out[~warm, 0], expected)
+        # share 0 is the gender x age recipe: no request time needed
+        plain = ColdStartModel(model, prior, 0.7, recent=recent, recent_share=0.0)
+        assert not plain.uses_request_time
+        assert torch.equal(plain(batch.sparse, batch.dense), ColdStartModel(model, prior, 0.7)(batch.sparse, batch.dense))
+        with pytest.raises(ValueError, match="at"):
+            cold_model(batch.sparse, batch.dense)
+        with pytest.raises(ValueError, match="at"):
+            cold_model(batch.sparse, batch.dense, at=at[:7])
+    with pytest.raises(ValueError, match="recent_share"):
+        ColdStartModel(model, prior, 0.5, recent_share=0.5)
+    with pytest.raises(ValueError, match="recent_share"):
+        ColdStartModel(model, prior, 0.5, recent=recent, recent_share=1.5)
+    with pytest.raises(ValueError, match="catalogue"):
+        ColdStartModel(model, prior, 0.5, recent=RecentPopularityPrior(3, 1.0), recent_share=0.5)
+
+
+def test_time_aware_cold_start_in_evaluation_and_serving(timed, tmp_path):
+    from mtkernels import metrics
+    from mtkernels.cold_start import cold_start_checkpoint
+    from mtkernels.training.checkpoint import save_checkpoint
+
+    data, model, prior, recent = timed
+    only_recent = ColdStartModel(model, prior, 1.0, recent=recent, recent_share=1.0)
+    # test_cold: each cold user ranked by the time-aware prior at their first test_cold timestamp
+    got = evaluation.evaluate(only_recent, data, "test_cold")
+    ev = data.topk_eval("test_cold")
+    with torch.no_grad():
+        scores = recent(request_times(data, "test_cold")[ev.users])
+    _, lists = torch.sort(scores, dim=1, descending=True, stable=True)
+    assert got["topk"]["ndcg@10"] == pytest.approx(metrics.ndcg_at_k(lists[:, :10], ev.relevant, 10))
+    assert got["topk"]["recall@10"] == pytest.approx(metrics.recall_at_k(lists[:, :10], ev.relevant, 10))
+    assert 0 < got["click"]["auc"] < 1
+    assert evaluation.topk_metrics(only_recent, data, "val") == evaluation.topk_metrics(model, data, "val")
+    # serving: two request times give two different lists; the default is the latest training timestamp
+    blended = ColdStartModel(model, prior, 0.9, recent=recent, recent_share=0.75)
+    ranker = Ranker(blended, data.tasks, serving_tables(data))
+    assert ranker.uses_request_time
+    sides = {9001: {"age": 1}}
+    early = ranker.recommend([9001], k=8, side_features=sides, at=1_000_000 + 5 * DAY)
+    late = ranker.recommend([9001], k=8, side_features=sides, at=1_000_000 + 60 * DAY)
+    default = ranker.recommend([9001], k=8, side_features=sides)
+    assert early.item_ids.tolist() != late.item_ids.tolist()
+    latest = ranker.recommend([9001], k=8, side_features=sides, at=recent.latest)
+    assert torch.equal(default.item_ids, latest.item_ids) and recent.latest == int(data.splits["train"].extra["timestamp"].max())
+    # a known user's list does not depend on the request time
+    known = int(data.user_ids[data.topk_eval("val").users[0]])
+    assert torch.equal(ranker.recommend([known], k=8, at=1_000_000.0).item_ids, ranker.recommend([known], k=8).item_ids)
+    # the checkpoint round trip keeps the time-aware prior
+    path = str(tmp_path / "cold_time.pt")
+    save_checkpoint(path, cold_start_checkpoint(blended, data))
+    loaded = Ranker.load(path)
+    assert loaded.model.recent_share == 0.75 and loaded.model.recent.half_life_days == 3.0
+    assert torch.equal(loaded.recommend([9001], k=8, side_features=sides, at=1_000_000 + 5 * DAY).item_ids, early.item_ids)
+    for bad in (float("nan"), "yesterday"):
+        with pytest.raises(ValueError, match="at"):
+            ranker.recommend([9001], k=8, side_features=sides, at=bad)
+    with pytest.raises(ValueError, match="at"):
+        Ranker(model, data.tasks, serving_tables(data)).recommend([9001], k=8, side_features=sides, at=1_000_000)
