@@ -397,6 +397,8 @@ def fit(
             if shared:
                 weighting.update(losses, shared)
             objective.backward()
+            if flat is not None:
+                flat.gather_grads()
             optimizer.step()
             total += float(objective.detach())
             task_sums += losses.detach().double()
