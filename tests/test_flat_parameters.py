@@ -1,0 +1,166 @@
+"""The contiguous Adam buffers of `mtkernels.training.flat_parameters` against torch's Adam over
+the parameters one by one, and the vectorised `masked_task_losses` against a loop over tasks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtkernels.nn import MultiTaskModel
+from mtkernels.training import masked_task_losses
+from mtkernels.training.flat_parameters import all_receive_gradients, flatten_groups, flattenable
+from mtkernels.training.losses import PROBABILITY_EPS
+
+
+def _model(seed=0, backbone="mmoe"):
+    torch.manual_seed(seed)
+    kwargs = ({"num_experts": 3, "expert_hidden": [8]} if backbone == "mmoe"
+              else {"num_shared_experts": 1, "num_task_experts": 1, "expert_hidden": [8]})
+    return MultiTaskModel([{"name": "item", "num_embeddings": 9, "multi_valued": False, "side": "item"}], 3,
+                          [{"name": "click", "kind": "binary"}, {"name": "rating", "kind": "regression"}],
+                          backbone=backbone, embedding_dim=4, backbone_kwargs=kwargs, tower_hidden=[5],
+                          dropout=0.2, embedding_optimizer={"kind": "rowwise_adagrad", "lr": 0.05, "eps": 1e-8})
+
+
+def _batch(step):
+    from mtkernels import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(100 + step)
+    n = 7 + step % 3  # ragged batch sizes
+    sparse = KeyedJaggedTensor(["item"], torch.randint(0, 9, (n,), generator=g), lengths=torch.ones(n, dtype=torch.long))
+    labels = torch.stack([(torch.rand(n, generator=g) < 0.5).float(), torch.randint(1, 6, (n,), generator=g).float()], 1)
+    return sparse, torch.randn(n, 3, generator=g), labels
+
+
+def _train(model, flat: bool, steps=6):
+    decay = [p for n, p in model.named_parameters() if n.startswith("backbone")]
+    rest = [p for n, p in model.named_parameters() if n.startswith("towers")]
+    groups = [{"params": decay, "weight_decay": 1e-3}, {"params": rest, "weight_decay": 0.0}]
+    buffers = flatten_groups(groups) if flat else None
+    optimizer = torch.optim.Adam(buffers.groups if flat else groups, lr=1e-2, fused=True)
+    torch.manual_seed(7)  # the dropout masks
+    for step in range(steps):
+        sparse, dense, labels = _batch(step)
+        loss = masked_task_losses(model(sparse, dense), labels, ["binary", "regression"]).sum()
+        if flat:
+            buffers.zero_grad()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if flat:
+            buffers.gather_grads()
+        optimizer.step()
+    return buffers
+
+
+@pytest.mark.parametrize("backbone", ["mmoe", "ple"])
+def test_flat_adam_equals_adam_per_parameter(backbone):
+    per_tensor, flat = _model(backbone=backbone), _model(backbone=backbone)
+    _train(per_tensor, flat=False)
+    buffers = _train(flat, flat=True)
+    # Adam is elementwise; the fused kernel's vectorised body and scalar tail may round one
+    # multiply-add differently, so an element whose position moved between them differs by an ulp
+    for (name, a), b in zip(per_tensor.state_dict().items(), flat.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(per_tensor.state_dict()["towers.0.linears.0.weight"], _model(backbone=backbone).state_dict()["towers.0.linears.0.weight"])
+    # the parameters are views of the buffers, which Adam updated
+    start = 0
+    for p in buffers.params[0]:
+        assert p.data_ptr() == buffers.buffers[0][start:].data_ptr()
+        start += p.numel()
+    assert start == buffers.buffers[0].numel()
+
+
+def test_gather_grads_copies_each_gradient_into_its_slice():
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(1))]
+    values = torch.cat([p.detach().reshape(-1) for p in params])
+    flat = flatten_groups([{"params": params, "weight_decay": 0.5}])
+    assert flat.groups[0]["weight_decay"] == 0.5 and len(flat.groups[0]["params"]) == 1
+    assert torch.equal(flat.buffers[0].detach(), values)
+    grads = [torch.randn(3, 2).t().contiguous().t(), torch.randn(4)]  # a non-contiguous gradient
+    params[0].grad, params[1].grad = grads
+    flat.gather_grads()  # params[2] has no gradient: zeros in its slice
+    assert torch.equal(flat.buffers[0].grad, torch.cat([grads[0].reshape(-1), grads[1], torch.zeros(1)]))
+    flat.zero_grad()
+    assert all(p.grad is None for p in params)
+    with torch.no_grad():
+        flat.buffers[0].add_(1.0)
+    assert torch.equal(params[1].detach(), values[6:10] + 1.0)
+
+
+def test_flattenable_rejects_what_one_buffer_cannot_hold():
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    assert flattenable([{"params": [a]}, {"params": [torch.nn.Parameter(torch.randn(2))]}])
+    assert not flattenable([{"params": [a, b]}])  # two dtypes in one group
+    assert not flattenable([{"params": [a]}, {"params": [a]}])  # one tensor in two groups
+    base = torch.nn.Parameter(torch.randn(6))
+    assert not flattenable([{"params": [base[:3]]}])  # not a leaf
+    assert not flattenable([{"params": []}])
+    with pytest.raises(ValueError, match="one dtype and device"):
+        flatten_groups([{"params": [a, b]}])
+
+
+def test_all_receive_gradients():
+    a, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    assert all_receive_gradients([a, b], (a * b).sum())
+    assert all_receive_gradients([a, b], (a * 0 + b).sum())  # a zero gradient is a gradient
+    assert not all_receive_gradients([a, b], a.sum())
+    assert all_receive_gradients([], a.sum())
+
+
+def test_fit_flattens_only_when_every_parameter_is_trained():
+    from mtkernels.training.loop import _flat_groups
+    from mtkernels.training.weighting import make_weighting
+
+    class Data:
+        tasks = [type("Task", (), {"name": "click", "kind": "binary"})(), type("Task", (), {"name": "rating", "kind": "regression"})()]
+        splits = {"train": type("Split", (), {"num_rows": 9})()}
+
+        def batches(self, split, batch_size, shuffle=False, seed=None):
+            sparse, dense, labels = _batch(2)
+            yield type("Batch", (), {"sparse": sparse, "dense": dense, "labels": labels})()
+
+    model = _model()
+    weighting = make_weighting("fixed", Data.tasks, None, 1.5)
+    rng = torch.get_rng_state()
+    flat = _flat_groups(model, Data(), weighting, [{"params": model.dense_parameters()}])
+    assert flat is not None and torch.equal(torch.get_rng_state(), rng)  # no dropout mask drawn
+    unused = torch.nn.Parameter(torch.randn(2))
+    assert _flat_groups(_model(), Data(), weighting, [{"params": _model().dense_parameters() + [unused]}]) is None
+
+
+def _losses_task_by_task(predictions, labels, kinds):
+    """The loss of each task on its own column: the spec `masked_task_losses` vectorises."""
+    losses = []
+    for t, kind in enumerate(kinds):
+        p, y = predictions[:, t], labels[:, t]
+        mask = ~torch.isnan(y)
+        y = torch.where(mask, y, torch.zeros_like(y))
+        if kind == "binary":
+            element = F.binary_cross_entropy(p.clamp(PROBABILITY_EPS, 1 - PROBABILITY_EPS), y, reduction="none")
+        else:
+            element = (p - y) ** 2
+        weight = mask.to(element.dtype)
+        losses.append((element * weight).sum() / weight.sum().clamp_min(1.0))
+    return torch.stack(losses) if losses else predictions.new_zeros(0)
+
+
+@pytest.mark.parametrize("kinds", [["binary", "binary", "regression"], ["regression", "binary"],
+                                   ["binary", "regression", "binary"], ["binary"], ["regression", "regression"]])
+@pytest.mark.parametrize("n", [0, 1, 7, 2049])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vectorised_losses_equal_task_by_task_bit_for_bit(kinds, n, dtype):
+    g = torch.Generator().manual_seed(n + len(kinds))
+    predictions = torch.rand(n, len(kinds), generator=g, dtype=dtype)
+    labels = (torch.rand(n, len(kinds), generator=g) < 0.5).to(dtype)
+    for t, kind in enumerate(kinds):
+        if kind == "regression":
+            predictions[:, t] *= 5
+            labels[:, t] = torch.randint(1, 6, (n,), generator=g).to(dtype)
+    labels[torch.rand(n, len(kinds), generator=g) < 0.3] = float("nan")
+    a, b = predictions.clone().requires_grad_(), predictions.clone().requires_grad_()
+    ours, spec = masked_task_losses(a, labels, kinds), _losses_task_by_task(b, labels, kinds)
+    assert torch.equal(ours, spec)
+    weights = torch.arange(1, len(kinds) + 1, dtype=dtype)
+    (ours * weights).sum().backward()
+    (spec * weights).sum().backward()
+    assert torch.equal(a.grad, b.grad)
