@@ -1,5 +1,7 @@
 """The contiguous Adam buffers of `mtkernels.training.flat_parameters` against torch's Adam over
-the parameters one by one, and the vectorised `masked_task_losses` against a loop over tasks."""
+the parameters one by one (bit for bit), and the vectorised `masked_task_losses` against a loop over tasks."""
+
+import copy
 
 import pytest
 import torch
@@ -13,9 +15,10 @@ from mtkernels.training.losses import PROBABILITY_EPS
 
 def _model(seed=0, backbone="mmoe"):
     torch.manual_seed(seed)
-    kwargs = ({"num_experts": 3, "expert_hidden": [8]} if backbone == "mmoe"
-              else {"num_shared_experts": 1, "num_task_experts": 1, "expert_hidden": [8]})
-    return MultiTaskModel([{"name": "item", "num_embeddings": 9, "multi_valued": False, "side": "item"}], 3,
+    # sizes of both kinds: multiples of 16 (expert layers) and others (gates, towers)
+    kwargs = ({"num_experts": 3, "expert_hidden": [16]} if backbone == "mmoe"
+              else {"num_shared_experts": 1, "num_task_experts": 1, "expert_hidden": [16]})
+    return MultiTaskModel([{"name": "item", "num_embeddings": 9, "multi_valued": False, "side": "item"}], 4,
                           [{"name": "click", "kind": "binary"}, {"name": "rating", "kind": "regression"}],
                           backbone=backbone, embedding_dim=4, backbone_kwargs=kwargs, tower_hidden=[5],
                           dropout=0.2, embedding_optimizer={"kind": "rowwise_adagrad", "lr": 0.05, "eps": 1e-8})
@@ -28,7 +31,7 @@ def _batch(step):
     n = 7 + step % 3  # ragged batch sizes
     sparse = KeyedJaggedTensor(["item"], torch.randint(0, 9, (n,), generator=g), lengths=torch.ones(n, dtype=torch.long))
     labels = torch.stack([(torch.rand(n, generator=g) < 0.5).float(), torch.randint(1, 6, (n,), generator=g).float()], 1)
-    return sparse, torch.randn(n, 3, generator=g), labels
+    return sparse, torch.randn(n, 4, generator=g), labels
 
 
 def _train(model, flat: bool, steps=6):
@@ -53,38 +56,45 @@ def _train(model, flat: bool, steps=6):
 
 
 @pytest.mark.parametrize("backbone", ["mmoe", "ple"])
-def test_flat_adam_equals_adam_per_parameter(backbone):
+def test_flat_adam_equals_adam_per_parameter_bit_for_bit(backbone):
     per_tensor, flat = _model(backbone=backbone), _model(backbone=backbone)
     _train(per_tensor, flat=False)
     buffers = _train(flat, flat=True)
-    # Adam is elementwise; the fused kernel's vectorised body and scalar tail may round one
-    # multiply-add differently, so an element whose position moved between them differs by an ulp
     for (name, a), b in zip(per_tensor.state_dict().items(), flat.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
-    assert not torch.equal(per_tensor.state_dict()["towers.0.linears.0.weight"], _model(backbone=backbone).state_dict()["towers.0.linears.0.weight"])
-    # the parameters are views of the buffers, which Adam updated
+        assert torch.equal(a, b), name
+    assert not torch.equal(per_tensor.state_dict()["towers.0.linears.0.weight"],
+                           _model(backbone=backbone).state_dict()["towers.0.linears.0.weight"])
+    # the parameters of a multiple of 16 values are views of the buffer, which Adam updated
     start = 0
-    for p in buffers.params[0]:
-        assert p.data_ptr() == buffers.buffers[0][start:].data_ptr()
+    for p in buffers.flat[0]:
+        assert p.numel() % 16 == 0 and p.data_ptr() == buffers.buffers[0][start:].data_ptr()
         start += p.numel()
     assert start == buffers.buffers[0].numel()
+    assert all(p.numel() % 16 for p in buffers.rest[0]) and buffers.rest[0]  # the gates' biases
+    assert buffers.groups[0]["params"][1:] == buffers.rest[0]
 
 
 def test_gather_grads_copies_each_gradient_into_its_slice():
-    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(1))]
-    values = torch.cat([p.detach().reshape(-1) for p in params])
+    params = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(32)), torch.nn.Parameter(torch.randn(3)),
+              torch.nn.Parameter(torch.randn(16))]
+    values = torch.cat([params[i].detach().reshape(-1) for i in (0, 1, 3)])
     flat = flatten_groups([{"params": params, "weight_decay": 0.5}])
-    assert flat.groups[0]["weight_decay"] == 0.5 and len(flat.groups[0]["params"]) == 1
+    assert flat.groups[0]["weight_decay"] == 0.5
+    assert flat.groups[0]["params"][0] is flat.buffers[0] and flat.groups[0]["params"][1] is params[2]
     assert torch.equal(flat.buffers[0].detach(), values)
-    grads = [torch.randn(3, 2).t().contiguous().t(), torch.randn(4)]  # a non-contiguous gradient
+    grads = [torch.randn(4, 4).t(), torch.randn(32)]  # a non-contiguous gradient
     params[0].grad, params[1].grad = grads
-    flat.gather_grads()  # params[2] has no gradient: zeros in its slice
-    assert torch.equal(flat.buffers[0].grad, torch.cat([grads[0].reshape(-1), grads[1], torch.zeros(1)]))
+    params[2].grad = torch.randn(3)
+    flat.gather_grads()  # params[3] has no gradient: zeros in its slice
+    assert torch.equal(flat.buffers[0].grad, torch.cat([grads[0].reshape(-1), grads[1], torch.zeros(16)]))
     flat.zero_grad()
     assert all(p.grad is None for p in params)
     with torch.no_grad():
         flat.buffers[0].add_(1.0)
-    assert torch.equal(params[1].detach(), values[6:10] + 1.0)
+    assert torch.equal(params[1].detach(), values[16:48] + 1.0)
+    none_flat = flatten_groups([{"params": [torch.nn.Parameter(torch.randn(3))]}])
+    assert none_flat.buffers == [None] and len(none_flat.groups[0]["params"]) == 1
+    none_flat.gather_grads()
 
 
 def test_flattenable_rejects_what_one_buffer_cannot_hold():
@@ -164,3 +174,45 @@ def test_vectorised_losses_equal_task_by_task_bit_for_bit(kinds, n, dtype):
     (ours * weights).sum().backward()
     (spec * weights).sum().backward()
     assert torch.equal(a.grad, b.grad)
+
+
+def test_per_parameter_adam_state_converts_to_the_flat_buffers():
+    # a checkpoint written by Adam over the parameters one by one resumes on the flat buffers
+    def groups_of(model):
+        return [{"params": [p for n, p in model.named_parameters() if n.startswith("backbone")], "weight_decay": 1e-3},
+                {"params": [p for n, p in model.named_parameters() if n.startswith("towers")], "weight_decay": 0.0}]
+
+    def steps(model, optimizer, flat, first, last):
+        torch.manual_seed(first)
+        for step in range(first, last):
+            sparse, dense, labels = _batch(step)
+            loss = masked_task_losses(model(sparse, dense), labels, ["binary", "regression"]).sum()
+            optimizer.zero_grad(set_to_none=True) if flat is None else flat.zero_grad()
+            loss.backward()
+            if flat is not None:
+                flat.gather_grads()
+            optimizer.step()
+
+    straight = _model()
+    optimizer = torch.optim.Adam(groups_of(straight), lr=1e-2, fused=True)
+    steps(straight, optimizer, None, 0, 3)
+    # deep copies: Adam and the fused table update keep changing the state tensors in place
+    saved_model, saved_optimizer = copy.deepcopy(straight.state_dict()), copy.deepcopy(optimizer.state_dict())
+    steps(straight, optimizer, None, 3, 6)
+
+    resumed = _model(seed=1)
+    resumed.load_state_dict(saved_model)
+    flat = flatten_groups(groups_of(resumed))
+    optimizer = torch.optim.Adam(flat.groups, lr=1e-2, fused=True)
+    converted = flat.adam_state_dict(saved_optimizer)
+    assert [len(g["params"]) for g in converted["param_groups"]] == [len(g["params"]) for g in flat.groups]
+    assert converted["state"][0]["exp_avg"].numel() == flat.buffers[0].numel()
+    optimizer.load_state_dict(converted)
+    already_flat = optimizer.state_dict()
+    assert flat.adam_state_dict(already_flat) is already_flat
+    steps(resumed, optimizer, flat, 3, 6)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    with pytest.raises(ValueError, match="groups of"):
+        flat.adam_state_dict({"state": {}, "param_groups": [{"params": [0, 1]}]})

@@ -332,7 +332,7 @@ def fit(
             )
         trainer = ckpt["trainer"]
         model.load_state_dict(ckpt["model_state"])
-        optimizer.load_state_dict(trainer["optimizer"])
+        optimizer.load_state_dict(flat.adam_state_dict(trainer["optimizer"]) if flat is not None else trainer["optimizer"])
         weighting.load_state_dict(trainer["weighting"])
         if isinstance(weighting, GradNorm) and trainer.get("weighting_optimizer") is not None:
             weighting.load_optimizer_state_dict(trainer["weighting_optimizer"])

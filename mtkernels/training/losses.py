@@ -56,8 +56,10 @@ def masked_task_losses(predictions: torch.Tensor, labels: torch.Tensor, tasks: S
         return predictions.new_zeros(0)
     # All tasks of a kind at once, task-major: the rows of [T, B] are contiguous, so each task's sum
     # over its rows is the same reduction (the same float result) as summing its column on its own,
-    # with ~10 ops and autograd nodes per kind instead of ~10 per task.
-    p, y = predictions.t().contiguous(), labels.t().contiguous()
+    # with ~10 ops and autograd nodes per kind instead of ~10 per task. stack(unbind), not
+    # t().contiguous(): its backward hands the model a contiguous [B, T] gradient, as the loop over
+    # tasks did, so the GEMMs of the backward see the same layouts and round the same way.
+    p, y = torch.stack(predictions.unbind(1)), labels.t().contiguous()
     mask = ~torch.isnan(y)
     # Fill missing labels with a harmless value and zero their weight instead of indexing,
     # so an empty mask still yields a finite 0 with a zero gradient (never 0/0).
