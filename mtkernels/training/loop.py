@@ -4,7 +4,9 @@ a tqdm progress bar, seeds, and atomic checkpoints that a later run resumes from
 Optimisers: the embedding tables are updated inside the backward by the fused optimiser of
 ``mtkernels.nn.EmbeddingBagCollection`` when the model was built with ``embedding_optimizer``
 (row-wise Adagrad as in FBGEMM/TorchRec); everything else trainable (the dense part, and the
-log-variances of uncertainty weighting) by one Adam.
+log-variances of uncertainty weighting) by one fused Adam, over contiguous buffers of the
+parameters when every one of them is trained (`mtkernels.training.flat_parameters`: fewer tensors,
+less per-step Python, the same updates bit for bit).
 """
 
 from __future__ import annotations
@@ -304,7 +306,7 @@ def fit(
     weighting = make_weighting(config.loss_weighting, tasks, config.task_weights, config.gradnorm_alpha)
     groups = _dense_optimizer_groups(model, weighting, config.weight_decay, config.lr)
     flat = _flat_groups(model, data, weighting, groups)
-    if flat is not None:  # one buffer per group: Adam's per-tensor Python cost paid once, not per tensor
+    if flat is not None:  # most parameters in one buffer per group: fewer tensors for Adam to loop over
         groups = flat.groups
     optimizer = torch.optim.Adam(groups, lr=config.lr, fused=_fused_adam_supported(groups))
     zero_grad = flat.zero_grad if flat is not None else (lambda: optimizer.zero_grad(set_to_none=True))
