@@ -11,7 +11,8 @@ fused update and the gradients' copy into Adam's buffer) and the Adam step. Ever
 with ``time.process_time`` at 1 thread (the CPU seconds of this process: steadier than wall time
 on a shared machine) and with ``time.perf_counter`` otherwise; the first epoch is warm-up.
 
-``--batch-size 16 --steps 300`` measures the per-step cost that does not grow with the batch
+``PYTHONPATH=<another checkout> python benchmarks/train_step_split.py ...`` times another
+checkout's code (e.g. main before a change). ``--batch-size 16 --steps 300`` measures the per-step cost that does not grow with the batch
 (Python, autograd bookkeeping, op dispatch), in milliseconds per step: the serial part that a
 second thread cannot shorten.
 """
@@ -43,7 +44,9 @@ def split(backbone: str, threads: int, batch_size: int, epochs: int, steps: int,
     model.train()
     weighting = make_weighting("fixed", data.tasks, None, 1.5)
     groups = loop._dense_optimizer_groups(model, weighting, presets.TRAIN_PRESET["weight_decay"], presets.TRAIN_PRESET["lr"])
-    flat = loop._flat_groups(model, data, weighting, groups)
+    # getattr: PYTHONPATH=<an older checkout> times code from before the flat Adam buffers
+    flat_groups = getattr(loop, "_flat_groups", None)
+    flat = flat_groups(model, data, weighting, groups) if flat_groups else None
     optimizer = torch.optim.Adam(flat.groups if flat else groups, lr=presets.TRAIN_PRESET["lr"], fused=True)
     clock = time.process_time if threads == 1 else time.perf_counter
     binary = torch.tensor([t.kind == "binary" for t in data.tasks])
