@@ -102,6 +102,18 @@ def test_flattenable_rejects_what_one_buffer_cannot_hold():
     assert flattenable([{"params": [a]}, {"params": [torch.nn.Parameter(torch.randn(2))]}])
     assert not flattenable([{"params": [a, b]}])  # two dtypes in one group
     assert not flattenable([{"params": [a]}, {"params": [a]}])  # one tensor in two groups
+    tied = torch.nn.Parameter(torch.randn(4, 4))
+    alias = torch.nn.Parameter(torch.empty(0))
+    alias.data = tied.data.t()  # the same memory, another shape: tied weights
+    assert not flattenable([{"params": [tied, alias]}])
+    # a model trained a second time: its parameters are disjoint views of the first buffer
+    params = [torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(2, 16))]
+    first = flatten_groups([{"params": params}])
+    assert params[0].untyped_storage().data_ptr() == params[1].untyped_storage().data_ptr()
+    assert flattenable([{"params": params}])
+    second = flatten_groups([{"params": params}])
+    assert second.buffers[0].data_ptr() != first.buffers[0].data_ptr()
+    assert torch.equal(second.buffers[0].detach(), first.buffers[0].detach())
     base = torch.nn.Parameter(torch.randn(6))
     assert not flattenable([{"params": [base[:3]]}])  # not a leaf
     assert not flattenable([{"params": []}])

@@ -112,17 +112,22 @@ class FlatGroups:
 
 def flattenable(groups: Sequence[Dict]) -> bool:
     """True when every group's parameters are dense leaf tensors of one dtype and device, and no
-    parameter is in two groups or shares storage with another (views of one tensor)."""
-    seen = set()
+    two parameters overlap in memory (tied weights, or one tensor in two groups), which copies
+    into separate slices of a buffer would untie. Disjoint views of one storage (the buffer of an
+    earlier `flatten_groups`, when a model is trained again) are fine."""
+    spans = []
     for group in groups:
         params = list(group["params"])
         if not params or len({(p.dtype, p.device) for p in params}) != 1:
             return False
         for p in params:
-            if p.is_sparse or not p.is_leaf or p.untyped_storage().data_ptr() in seen:
+            if p.is_sparse or not p.is_leaf:
                 return False
-            seen.add(p.untyped_storage().data_ptr())
-    return True
+            extent = 1 + sum((size - 1) * stride for size, stride in zip(p.shape, p.stride())) if p.numel() else 0
+            start = p.storage_offset()
+            spans.append((p.untyped_storage().data_ptr(), start, start + extent))
+    spans.sort()
+    return all(a[0] != b[0] or a[2] <= b[1] for a, b in zip(spans, spans[1:]))
 
 
 def flatten_groups(groups: Sequence[Dict]) -> FlatGroups:
