@@ -7,6 +7,7 @@ its pure-PyTorch reference in `mtkernels.reference`; `info()` says which path is
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -36,7 +37,14 @@ def has_kernel(op: str, device: str = "cpu") -> bool:
     """True when the native op `mtkernels::<op>` has a kernel for `device` ("cpu" or "cuda")."""
     if not NATIVE:
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[torch.device(device).type]
+    return _has_kernel(op, torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel(op: str, device_type: str) -> bool:
+    # cached: the kernels are registered once, when the extension loads, and the training ops ask
+    # on every call (a dispatcher lookup each time was ~4 per training step)
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"mtkernels::{op}", key)
     except RuntimeError:
