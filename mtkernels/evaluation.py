@@ -140,7 +140,7 @@ def topk_lists(
     lists = []
     for start in range(0, users.numel(), users_per_block):
         stop = min(start + users_per_block, users.numel())
-        batch = data.pair_batch(users[start:stop], items)
+        batch = data.pair_batch(users[start:stop], items, split=split)
         predictions = model(batch.sparse, batch.dense).reshape(stop - start, data.num_items, len(tasks))
         lo, hi = int(evaluation.exclude_offsets[start]), int(evaluation.exclude_offsets[stop])
         offsets = evaluation.exclude_offsets[start : stop + 1] - lo
