@@ -141,7 +141,8 @@ def test_train_bags_are_causal(data):
 
 def test_val_test_and_cold_bags(data):
     sequences = _sequences(data)
-    train_counts = {u: int(c) for u, c in zip(*np.unique(_frame(data.splits["train"])["user"][_frame(data.splits["train"])["positive"]], return_counts=True))}
+    train = _frame(data.splits["train"])
+    train_counts = dict(zip(*(a.tolist() for a in np.unique(train["user"][train["positive"]], return_counts=True))))
     for name in ("val", "test_warm", "test_cold"):
         split = data.splits[name]
         rows = torch.arange(0, split.num_rows, 97)
@@ -155,8 +156,6 @@ def test_val_test_and_cold_bags(data):
             sequence = [i for _, i in sequences[user]]
             known = sequence[: train_counts[user]] if name == "val" else sequence
             assert bag == known[-L:]
-            if name == "val" and split.labels[row, 0] == 1:
-                assert int(split.item[row]) not in bag or int(split.item[row]) in known  # only earlier items
 
 
 @pytest.mark.parametrize("batch_size", [1, 37])
@@ -245,3 +244,37 @@ def test_model_trains_evaluates_and_serves_with_history(tmp_path):
     result = ranker.recommend([int(data.user_ids[row])], k=5)
     assert result.served_by == ["model"]
     assert result.item_ids[0].tolist() == [int(data.item_ids[i]) for i in order]
+
+
+def test_shared_item_table():
+    from mtkernels.nn import MultiTaskModel
+
+    ratings, users, items = synthetic_movielens()
+    data = build_ml100k_mtl_v1(type("M", (), {"ratings": ratings, "users": users, "items": items,
+                                               "source": "test", "path": "."})(), history_length=4)
+    torch.manual_seed(0)
+    model = MultiTaskModel(data.features, data.dense_dim, data.tasks, backbone="ple", embedding_dim=4,
+                           backbone_kwargs={"num_shared_experts": 1, "num_task_experts": 1, "expert_hidden": [8]},
+                           tower_hidden=[4], shared_tables={"history": "item_id"})
+    assert "history" not in model.embeddings.embedding_bags._modules
+    assert "embedding_bags.history.weight" not in model.embeddings.state_dict()
+    batch = data.batch("train", torch.arange(37))
+    pooled = model.embeddings(batch.sparse)
+    table = model.embeddings.embedding_bags["item_id"].weight
+    history = batch.sparse["history"]
+    start = 0
+    for row, n in enumerate(history["lengths"].tolist()):
+        expected = table[history["values"][start : start + n]].mean(0) if n else torch.zeros(4)
+        torch.testing.assert_close(pooled[row, model.embeddings.feature_slice("history")], expected)
+        start += n
+    torch.testing.assert_close(pooled[:, model.embeddings.feature_slice("item_id")], table[batch.sparse["item_id"]["values"]])
+    rebuilt = MultiTaskModel.from_config(model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    old = MultiTaskModel(data.features, data.dense_dim, data.tasks, backbone="ple", embedding_dim=4,
+                         backbone_kwargs={"num_shared_experts": 1, "num_task_experts": 1, "expert_hidden": [8]},
+                         tower_hidden=[4])
+    assert "shared_tables" not in old.config  # configs (checkpoints) without sharing are unchanged
+    with pytest.raises(ValueError, match="shared_tables"):
+        MultiTaskModel(data.features, data.dense_dim, data.tasks, shared_tables={"history": "genres"})
+    with pytest.raises(ValueError, match="shared_tables"):
+        MultiTaskModel(data.features, data.dense_dim, data.tasks, shared_tables={"history": "nope"})
