@@ -298,3 +298,20 @@ def test_liked_tokens():
     for row in np.flatnonzero(f["positive"])[:200]:
         for token in bags[row]:
             assert token // size == like[(int(f["user"][row]), token % size)]
+
+
+def test_fusion_and_cold_scoring_use_the_right_bags(data):
+    from mtkernels.fusion import user_table_of
+    from mtkernels.transfer import as_cold_users
+
+    assert data.history_feature == "history" and load_ml100k_mtl_v1(ml100k_dir()).history_feature is None
+    users = data.topk_eval("val").users[:4]
+    val_table = user_table_of(data, "val")["multi"]["history"]
+    expected = data.user_feature_rows(split="val", users=users).multi["history"]
+    lengths = val_table[1].diff()[users]
+    assert torch.equal(lengths, expected[1].diff())
+    assert torch.equal(val_table[0][val_table[1][users[0]] : val_table[1][users[0] + 1]],
+                       expected[0][: int(expected[1][1])])
+    assert not torch.equal(expected[0], data.user_feature_rows(users=users).multi["history"][0])  # no val items
+    cold = as_cold_users(data.user_feature_rows(users=users), data)
+    assert cold.multi["history"][0].numel() == 0 and cold.multi["history"][1].tolist() == [0] * 5

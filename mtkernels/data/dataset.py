@@ -259,6 +259,13 @@ class MultiTaskData:
         return self._pair_dense is not None
 
     @property
+    def history_feature(self) -> Optional[str]:
+        """The causal user-history feature (`mtkernels.data.history`), or None. Its bags depend on
+        the split: rank a split's users with ``user_feature_rows(split=...)`` /
+        ``pair_batch(..., split=...)``."""
+        return None if self._history is None else self._history.feature
+
+    @property
     def num_tasks(self) -> int:
         return len(self.tasks)
 
