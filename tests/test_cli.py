@@ -188,3 +188,14 @@ def test_recommend_encodes_raw_side_features_of_unknown_users(tmp_path, capsys):
     assert "no serving tables" in capsys.readouterr().err
     assert cli.main(["recommend", "--checkpoint", checkpoint, "--user", "100"]) == 2
     assert "non-integer user/item ids" in capsys.readouterr().err
+
+
+def test_train_history_length_is_kept_in_the_data_spec(tmp_path, tiny_data):
+    data, seen = tiny_data
+    checkpoint = str(tmp_path / "h.pt")
+    assert cli.main(["train", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+                     "--embedding-dim", "4", "--no-progress", "--history-length", "30"]) == 0
+    assert seen[0]["history_length"] == 30
+    from mtkernels.training import load_checkpoint
+
+    assert load_checkpoint(checkpoint)["data"]["history_length"] == 30  # evaluate reloads the same bags
