@@ -393,6 +393,8 @@ def drop_unlabelled_rows(data, split: str = "train"):
         extra={k: v[keep] for k, v in rows.extra.items()},
     )
     out._split_rows[split] = subset
+    if out._history is not None:  # the kept rows' history prefixes
+        out._history = dataclasses.replace(out._history, prefix={**out._history.prefix, split: out._history.prefix[split][keep]})
     out.splits = dict(out.splits)
     out.splits[split] = out._assemble(split, subset)
     return out

@@ -315,3 +315,18 @@ def test_fusion_and_cold_scoring_use_the_right_bags(data):
     assert not torch.equal(expected[0], data.user_feature_rows(users=users).multi["history"][0])  # no val items
     cold = as_cold_users(data.user_feature_rows(users=users), data)
     assert cold.multi["history"][0].numel() == 0 and cold.multi["history"][1].tolist() == [0] * 5
+
+
+def test_dropping_unlabelled_rows_keeps_each_rows_bag():
+    from mtkernels.transfer import drop_unlabelled_rows, select_tasks
+
+    ratings, users, items = synthetic_movielens()
+    data = build_ml100k_mtl_v1(type("M", (), {"ratings": ratings, "users": users, "items": items,
+                                               "source": "test", "path": "."})(), history_length=5)
+    before = data.batch("train", torch.arange(data.splits["train"].num_rows)).sparse["history"]
+    positive = torch.nonzero(data.splits["train"].labels[:, 0] == 1).flatten()
+    small = drop_unlabelled_rows(select_tasks(data, ["like", "rating"]))  # only the positives keep labels
+    assert small.splits["train"].num_rows == positive.numel()
+    after = small.batch("train", torch.arange(positive.numel())).sparse["history"]
+    kept = bag_lists(before["values"], before["lengths"])
+    assert bag_lists(after["values"], after["lengths"]) == [kept[j] for j in positive.tolist()]
