@@ -1,7 +1,7 @@
 """Quality of the multi-task models on ml100k-mtl-v1 (issue 3 "Must reach"), 3 seeds per model.
 
     python -m benchmarks.quality_ml100k [--models mmoe ple] [--seeds 3] [--threads 2]
-        [--set embedding_dim=32 --set lr=0.003 ...] [--rating-estimate offset|estimate] [--history-length L [--history-table item_id] [--history-liked]] [--json results.json]
+        [--set embedding_dim=32 --set lr=0.003 ...] [--rating-estimate offset|estimate] [--history-length L [--history-table item_id]] [--json results.json]
 
 Trains each model with the presets of `mtkernels.training.presets` (overridable with --set:
 embedding_dim, embedding_lr, lr, weight_decay, batch_size, epochs, patience, dropout, expert_hidden,
@@ -12,8 +12,7 @@ metrics of the kept (best) epoch, the numbers to screen variants on (PROTOCOL.md
 --rating-estimate loads the data with an item-kNN column
 (``load_ml100k_mtl_v1(rating_estimate=...)``); --history-length L adds the causal user-history bag
 (``load_ml100k_mtl_v1(history_length=L)``, the user's last L earlier positives, mean-pooled), from its own
-table or, with --history-table item_id, from the item_id table; --history-liked makes each entry the pair
-(item, liked). Each run also reports the like AUC of the blend
+table or, with --history-table item_id, from the item_id table. Each run also reports the like AUC of the blend
 ``logit(p_like) + w * rating`` with w chosen on val (`evaluation.choose_like_rating_blend`).
 """
 
@@ -61,8 +60,6 @@ def main(argv=None) -> int:
                         help="add an out-of-fold item-kNN column (load_ml100k_mtl_v1(rating_estimate=...))")
     parser.add_argument("--history-length", type=int, default=None, metavar="L",
                         help="add the causal user-history bag of the last L items (load_ml100k_mtl_v1(history_length=L))")
-    parser.add_argument("--history-liked", action="store_true",
-                        help="history entries are (item, liked) pairs (load_ml100k_mtl_v1(history_liked=True))")
     parser.add_argument("--history-table", choices=["own", "item_id"], default="own",
                         help="the history bag's table: its own, or the item_id table (MultiTaskModel(shared_tables=...))")
     args = parser.parse_args(argv)
@@ -70,11 +67,9 @@ def main(argv=None) -> int:
     overrides = dict(item.split("=", 1) for item in args.set)
     overrides = {k: _value(v) for k, v in overrides.items()}
 
-    data = load_ml100k_mtl_v1(args.data_dir, rating_estimate=args.rating_estimate, history_length=args.history_length,
-                              history_liked=args.history_liked)
+    data = load_ml100k_mtl_v1(args.data_dir, rating_estimate=args.rating_estimate, history_length=args.history_length)
     results = {"threads": args.threads, "overrides": overrides, "rating_estimate": args.rating_estimate,
-               "history_length": args.history_length, "history_table": args.history_table,
-               "history_liked": args.history_liked, "models": {}}
+               "history_length": args.history_length, "history_table": args.history_table, "models": {}}
     for backbone in args.models:
         runs = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):

@@ -280,26 +280,6 @@ def test_shared_item_table():
         MultiTaskModel(data.features, data.dense_dim, data.tasks, shared_tables={"history": "nope"})
 
 
-def test_liked_tokens():
-    ratings, users, items = synthetic_movielens()
-    movielens = type("M", (), {"ratings": ratings, "users": users, "items": items, "source": "test", "path": "."})()
-    plain = build_ml100k_mtl_v1(movielens, history_length=6)
-    liked = build_ml100k_mtl_v1(movielens, history_length=6, history_liked=True)
-    size = plain.num_items + 1
-    assert liked.feature("history").num_embeddings == 2 * size
-    split = liked.splits["train"]
-    rows = torch.arange(split.num_rows)
-    a, b = plain.batch("train", rows).sparse["history"], liked.batch("train", rows).sparse["history"]
-    assert torch.equal(a["lengths"], b["lengths"])
-    assert torch.equal(b["values"] % size, a["values"])  # same items, same (timestamp, item_id) order
-    f = _frame(split)
-    like = {(int(u), int(i)): float(l) for u, i, l, p in zip(f["user"], f["item"], split.labels[:, 1].tolist(), f["positive"]) if p}
-    bags = bag_lists(b["values"], b["lengths"])
-    for row in np.flatnonzero(f["positive"])[:200]:
-        for token in bags[row]:
-            assert token // size == like[(int(f["user"][row]), token % size)]
-
-
 def test_fusion_and_cold_scoring_use_the_right_bags(data):
     from mtkernels.fusion import user_table_of
     from mtkernels.transfer import as_cold_users

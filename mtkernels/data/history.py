@@ -115,9 +115,7 @@ def causal_user_history(splits: Dict[str, Dict[str, torch.Tensor]], num_user_row
 
     Args:
         splits: ``{split: {"user_row", "item_row", "timestamp", "positive"}}`` tensors ``[n]``
-            (int64, bool for ``positive``); must hold ``train``. An optional ``"token"`` (int64
-            ``[n]``) is what the bags hold instead of ``item_row`` (e.g. the pair (item, liked));
-            the order is always ``(timestamp, item_row)``.
+            (int64, bool for ``positive``); must hold ``train``.
         num_user_rows: R, rows of the user table.
         max_length: L, the longest bag (the most recent L items).
         feature: the feature name.
@@ -136,12 +134,11 @@ def causal_user_history(splits: Dict[str, Dict[str, torch.Tensor]], num_user_row
         s = splits[name]
         positive = s["positive"].bool()
         user, item, time = s["user_row"][positive], s["item_row"][positive], s["timestamp"][positive]
-        token = s.get("token", s["item_row"])[positive]
         # stable sorts, least significant key first: (user, timestamp, item)
         order = torch.argsort(item, stable=True)
         order = order[torch.argsort(time[order], stable=True)]
         order = order[torch.argsort(user[order], stable=True)]
-        parts.append((user[order], token[order], order))
+        parts.append((user[order], item[order], order))
         counts.append(torch.bincount(user, minlength=num_user_rows))
     warm = counts[0] > 0
     counts[1] = counts[1] * warm

@@ -273,7 +273,7 @@ def refit_dense_features(data: MultiTaskData, split: str = "train") -> MultiTask
 
 def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.DataFrame]] = None,
                         dense_features: bool = True, rating_estimate: Optional[str] = None,
-                        history_length: Optional[int] = None, history_liked: bool = False) -> MultiTaskData:
+                        history_length: Optional[int] = None) -> MultiTaskData:
     """Encode the protocol splits of ``movielens`` into a `MultiTaskData` (see `load_ml100k_mtl_v1`)."""
     ratings, users_raw, items_raw = movielens.ratings, movielens.users, movielens.items
     catalogue = np.sort(np.union1d(items_raw["item_id"].to_numpy(), ratings["item_id"].unique()))
@@ -351,7 +351,7 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         FeatureSpec("genres", genre_vocab.num_embeddings, True, "item"),
     ]
     if history_length is not None:
-        features.append(FeatureSpec(HISTORY_FEATURE, (num_items + 1) * (2 if history_liked else 1), True, "user"))
+        features.append(FeatureSpec(HISTORY_FEATURE, num_items + 1, True, "user"))
     tasks = [TaskSpec("click", "binary"), TaskSpec("like", "binary"), TaskSpec("rating", "regression")]
 
     pair_dense = None
@@ -391,16 +391,9 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
 
     history = None
     if history_length is not None:
-        def tokens(rows: SplitRows) -> torch.Tensor:
-            if not history_liked:
-                return rows.item_row
-            liked = torch.nan_to_num(rows.labels[:, 1]).long()  # NaN on negatives, never in a sequence
-            return rows.item_row + (num_items + 1) * liked
-
         history = causal_user_history(
-            {name: {"user_row": rows.user_row, "item_row": rows.item_row, "token": tokens(rows),
-                    "timestamp": rows.extra["timestamp"], "positive": rows.labels[:, 0] == 1}
-             for name, rows in split_rows.items()},
+            {name: {"user_row": rows.user_row, "item_row": rows.item_row, "timestamp": rows.extra["timestamp"],
+                    "positive": rows.labels[:, 0] == 1} for name, rows in split_rows.items()},
             num_user_rows, history_length, HISTORY_FEATURE)
     topk = _topk_sets(splits, user_row_of, position_of)
     # Negative pools per user row (PROTOCOL.md 3: catalogue items the user rated nowhere), as item rows.
@@ -477,7 +470,7 @@ def _topk_sets(splits: Dict[str, pd.DataFrame], user_row_of: pd.Series, position
 
 def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bool = False,
                        dense_features: bool = True, rating_estimate: Optional[str] = None,
-                       history_length: Optional[int] = None, history_liked: bool = False) -> MultiTaskData:
+                       history_length: Optional[int] = None) -> MultiTaskData:
     """MovieLens-100K under the `ml100k-mtl-v1` protocol (shared/data/PROTOCOL.md), encoded.
 
     The splits are rebuilt from the ratings (cold users, temporal split, 4 sampled negatives per
@@ -528,15 +521,10 @@ def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bo
             empty bag. Only the most recent L items are kept. Top-k ranking gives each user the
             history of the split ranked (val: train; test_warm and serving: train + val). Cut per
             batch from one sequence per user (`mtkernels.data.history`), never stored per row.
-        history_liked: with ``history_length``, each history entry is the pair (item, liked):
-            id ``item + (num_items + 1) * (rating >= 4)`` in a table of ``2 * (num_items + 1)``
-            rows, so the bag also tells which earlier items the user liked (earlier rows' labels
-            only: causal like the items themselves).
 
     Raises:
         FileNotFoundError: no ML-100K files found (the message says how to fetch them).
         ValueError: ``history_length < 1``.
     """
     return build_ml100k_mtl_v1(read_movielens_100k(data_dir, download=download), dense_features=dense_features,
-                               rating_estimate=rating_estimate, history_length=history_length,
-                               history_liked=history_liked)
+                               rating_estimate=rating_estimate, history_length=history_length)
