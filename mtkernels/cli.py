@@ -38,7 +38,8 @@ def load_data(spec: Dict[str, Any]):
     name = spec.get("name", "ml100k")
     data_dir = spec.get("data_dir")
     if name in ("ml100k", "ml100k-mtl-v1", "movielens"):
-        return data_module.load_ml100k_mtl_v1(data_dir, history_length=spec.get("history_length"))
+        history = {"history_length": spec["history_length"]} if spec.get("history_length") is not None else {}
+        return data_module.load_ml100k_mtl_v1(data_dir, **history)
     if name in ("census", "census-income"):
         return data_module.load_census_income(data_dir)
     if os.path.isfile(name):
