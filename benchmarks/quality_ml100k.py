@@ -1,7 +1,7 @@
 """Quality of the multi-task models on ml100k-mtl-v1 (issue 3 "Must reach"), 3 seeds per model.
 
     python -m benchmarks.quality_ml100k [--models mmoe ple] [--seeds 3] [--threads 2]
-        [--set embedding_dim=32 --set lr=0.003 ...] [--rating-estimate offset|estimate] [--json results.json]
+        [--set embedding_dim=32 --set lr=0.003 ...] [--rating-estimate offset|estimate] [--history-length L [--history-table item_id]] [--json results.json]
 
 Trains each model with the presets of `mtkernels.training.presets` (overridable with --set:
 embedding_dim, embedding_lr, lr, weight_decay, batch_size, epochs, patience, dropout, expert_hidden,
@@ -10,7 +10,9 @@ mean and sample standard deviation over seeds beside the issue's baselines, plus
 per epoch (the training loop only, at the given thread count). Each run also prints the val
 metrics of the kept (best) epoch, the numbers to screen variants on (PROTOCOL.md 4).
 --rating-estimate loads the data with an item-kNN column
-(``load_ml100k_mtl_v1(rating_estimate=...)``). Each run also reports the like AUC of the blend
+(``load_ml100k_mtl_v1(rating_estimate=...)``); --history-length L adds the causal user-history bag
+(``load_ml100k_mtl_v1(history_length=L)``, the user's last L earlier positives, mean-pooled), from its own
+table or, with --history-table item_id, from the item_id table. Each run also reports the like AUC of the blend
 ``logit(p_like) + w * rating`` with w chosen on val (`evaluation.choose_like_rating_blend`).
 """
 
@@ -56,13 +58,18 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="print one line per epoch")
     parser.add_argument("--rating-estimate", choices=["offset", "estimate"], default=None,
                         help="add an out-of-fold item-kNN column (load_ml100k_mtl_v1(rating_estimate=...))")
+    parser.add_argument("--history-length", type=int, default=None, metavar="L",
+                        help="add the causal user-history bag of the last L items (load_ml100k_mtl_v1(history_length=L))")
+    parser.add_argument("--history-table", choices=["own", "item_id"], default="own",
+                        help="the history bag's table: its own, or the item_id table (MultiTaskModel(shared_tables=...))")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = dict(item.split("=", 1) for item in args.set)
     overrides = {k: _value(v) for k, v in overrides.items()}
 
-    data = load_ml100k_mtl_v1(args.data_dir, rating_estimate=args.rating_estimate)
-    results = {"threads": args.threads, "overrides": overrides, "rating_estimate": args.rating_estimate, "models": {}}
+    data = load_ml100k_mtl_v1(args.data_dir, rating_estimate=args.rating_estimate, history_length=args.history_length)
+    results = {"threads": args.threads, "overrides": overrides, "rating_estimate": args.rating_estimate,
+               "history_length": args.history_length, "history_table": args.history_table, "models": {}}
     for backbone in args.models:
         runs = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -74,6 +81,8 @@ def main(argv=None) -> int:
                     kwargs["backbone_kwargs"][key] = value
                 elif key == "embedding_lr":
                     kwargs["embedding_optimizer"]["lr"] = value
+            if args.history_length is not None and args.history_table == "item_id":
+                kwargs["shared_tables"] = {"history": "item_id"}
             values = dict(presets.TRAIN_PRESET, seed=seed, progress=False)
             values.update({k: v for k, v in overrides.items() if k in TRAIN_KEYS})
             torch.manual_seed(seed)

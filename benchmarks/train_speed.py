@@ -1,7 +1,7 @@
 """Seconds per training epoch on ml100k-mtl-v1 (issue 3: < 2.5 s over the 357,525 training rows).
 
     python -m benchmarks.train_speed [--models mmoe ple] [--threads 1 2] [--epochs 3] [--repeats 2]
-        [--batch-size 2048] [--baseline /path/to/another/checkout]
+        [--batch-size 2048] [--baseline /path/to/another/checkout | --history-length L [--history-table item_id]]
 
 For each model and thread count, trains with the presets through `mtkernels.training.fit` and
 reports what ``FitResult.seconds_per_epoch`` measures: the training pass only (shuffled batches
@@ -14,7 +14,9 @@ share it is the steadier of the two).
 
 ``--baseline DIR`` times the code of another checkout (``PYTHONPATH=DIR``, e.g. the main branch
 before a change) in the same run, interleaved with this one (ours, baseline, ours, baseline, ...),
-so that both see the same load; the last column is baseline / ours.
+so that both see the same load; the last column is baseline / ours. ``--history-length L`` times
+this code with the causal user-history bag (``load_ml100k_mtl_v1(history_length=L)``) against the
+same code without it, interleaved the same way (the "baseline" columns are then "without").
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import sys
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _worker(backbone: str, threads: int, epochs: int, batch_size: int, data_dir) -> dict:
+def _worker(backbone: str, threads: int, epochs: int, batch_size: int, data_dir, history_length=None,
+            history_table: str = "own") -> dict:
     """Train in this process and return the per-epoch wall and CPU seconds of fit's training pass."""
     import time
 
@@ -40,9 +43,15 @@ def _worker(backbone: str, threads: int, epochs: int, batch_size: int, data_dir)
     from mtkernels.data import load_ml100k_mtl_v1
     from mtkernels.training import TrainConfig, fit, presets
 
-    data = load_ml100k_mtl_v1(data_dir)
+    data = load_ml100k_mtl_v1(data_dir, history_length=history_length)
     torch.manual_seed(0)
-    model = presets.build_model(data, backbone)
+    if history_length is not None and history_table == "item_id":
+        from mtkernels.nn import MultiTaskModel
+
+        model = MultiTaskModel(data.features, data.dense_dim, data.tasks,
+                               **dict(presets.model_kwargs(backbone), shared_tables={"history": "item_id"}))
+    else:
+        model = presets.build_model(data, backbone)
     config = TrainConfig(**dict(presets.TRAIN_PRESET, epochs=epochs, batch_size=batch_size, patience=0,
                                 progress=False))
     # fit reads time.perf_counter() exactly twice per epoch (start and end of the training pass)
@@ -67,10 +76,13 @@ def _worker(backbone: str, threads: int, epochs: int, batch_size: int, data_dir)
     }
 
 
-def _measure(code: str, backbone: str, threads: int, args) -> dict:
+def _measure(variant, backbone: str, threads: int, args) -> dict:
+    code, history_length = variant
     env = dict(os.environ, PYTHONPATH=code, OMP_NUM_THREADS=str(threads))
     command = [sys.executable, os.path.abspath(__file__), "--worker", backbone, str(threads), str(args.epochs),
                str(args.batch_size)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    if history_length is not None:
+        command += ["--history-length", str(history_length), "--history-table", args.history_table]
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     if os.path.realpath(result["code"]) != os.path.realpath(code):
@@ -87,19 +99,29 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--baseline", default=None, help="another checkout to time in the same run")
+    parser.add_argument("--history-length", type=int, default=None, metavar="L",
+                        help="time this code with the history bag of L items against it without")
+    parser.add_argument("--history-table", choices=["own", "item_id"], default="own")
     parser.add_argument("--worker", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         backbone, threads, epochs, batch_size = args.worker
-        print(json.dumps(_worker(backbone, int(threads), int(epochs), int(batch_size), args.data_dir)))
+        print(json.dumps(_worker(backbone, int(threads), int(epochs), int(batch_size), args.data_dir,
+                                 args.history_length, args.history_table)))
         return 0
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (the first epoch is warm-up)")
-    codes = [HERE] + ([os.path.abspath(args.baseline)] if args.baseline else [])
+    if args.history_length is not None and args.baseline:
+        parser.error("--history-length compares this code with and without the bag: no --baseline")
+    if args.history_length is not None:
+        codes = [(HERE, args.history_length), (HERE, None)]
+        print(f"with the history bag (L {args.history_length}, {args.history_table} table) against without")
+    else:
+        codes = [(HERE, None)] + ([(os.path.abspath(args.baseline), None)] if args.baseline else [])
     print(f"training pass over ml100k-mtl-v1 train, batch {args.batch_size}, median of epochs 2..{args.epochs} "
           f"over {args.repeats} process(es) each; load average at start {os.getloadavg()[0]:.1f}")
     head = "| model | threads | wall s/epoch | CPU s/epoch |"
-    if args.baseline:
+    if len(codes) > 1:
         head += " baseline wall | baseline CPU | speed-up (wall, CPU) |"
     print(head)
     print("|---|---:|" + "---:|" * (head.count("|") - 3))
@@ -112,9 +134,9 @@ def main(argv=None) -> int:
                     for key in ("wall", "cpu"):
                         runs[code][key] += result[key][1:]
             medians = {code: {k: statistics.median(v) for k, v in r.items()} for code, r in runs.items()}
-            ours = medians[HERE]
+            ours = medians[codes[0]]
             row = f"| {backbone} | {threads} | {ours['wall']:.2f} | {ours['cpu']:.2f} |"
-            if args.baseline:
+            if len(codes) > 1:
                 base = medians[codes[1]]
                 row += (f" {base['wall']:.2f} | {base['cpu']:.2f} | {base['wall'] / ours['wall']:.2f}x, "
                         f"{base['cpu'] / ours['cpu']:.2f}x |")

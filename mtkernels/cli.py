@@ -29,7 +29,7 @@ from ._extension import info
 
 def load_data(spec: Dict[str, Any]):
     """Load a data set from a plain spec ``{"name": "ml100k" | "census" | path, "data_dir",
-    "schema"}`` (stored in checkpoints so ``evaluate`` reloads the same data).
+    "schema", "history_length"}`` (stored in checkpoints so ``evaluate`` reloads the same data).
 
     Raises:
         ValueError: an unknown data set name with no such file.
@@ -39,7 +39,8 @@ def load_data(spec: Dict[str, Any]):
     name = spec.get("name", "ml100k")
     data_dir = spec.get("data_dir")
     if name in ("ml100k", "ml100k-mtl-v1", "movielens"):
-        return data_module.load_ml100k_mtl_v1(data_dir)
+        history = {"history_length": spec["history_length"]} if spec.get("history_length") is not None else {}
+        return data_module.load_ml100k_mtl_v1(data_dir, **history)
     if name in ("census", "census-income"):
         return data_module.load_census_income(data_dir)
     if os.path.isfile(name):
@@ -111,6 +112,8 @@ def cmd_train(args) -> int:
     data_spec = {"name": args.data, "data_dir": args.data_dir, "schema": args.schema}
     if args.tasks:
         data_spec["tasks"] = [t for t in args.tasks.split(",") if t]
+    if args.history_length is not None:
+        data_spec["history_length"] = args.history_length
     data = _load_tasks(data_spec)
     overrides = {"embedding_dim": args.embedding_dim, "use_fused_optimizer": args.embedding_optimizer != "none"}
     if args.embedding_optimizer != "none":
@@ -403,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused update of the tables inside the backward ('none': Adam with dense gradients)")
     p.add_argument("--embedding-lr", type=float)
     p.add_argument("--tasks", default=None, metavar="T1,T2", help="train only these tasks (label columns)")
+    p.add_argument("--history-length", type=int, default=None, metavar="L",
+                   help="ml100k: add the causal user-history bag of the last L items (load_ml100k_mtl_v1(history_length=L))")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from a trained checkpoint's shared parts (transfer learning)")
     p.add_argument("--transfer", default="embeddings,experts", metavar="PARTS",

@@ -154,7 +154,7 @@ def topk_lists(
         first = request_times(data, split)
     for start in range(0, users.numel(), users_per_block):
         stop = min(start + users_per_block, users.numel())
-        batch = data.pair_batch(users[start:stop], items)
+        batch = data.pair_batch(users[start:stop], items, split=split)
         if timed:
             at = first[users[start:stop]].repeat_interleave(data.num_items)
             predictions = model(batch.sparse, batch.dense, at=at)

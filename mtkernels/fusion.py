@@ -303,7 +303,9 @@ class ScoreFusion:
             raise ValueError("this fusion has no serving tables: pass the user feature table (users=...)")
         return user_table(self.tables)
 
-    def _validation_users(self, data) -> Mapping:
+    def _validation_users(self, data, split: Optional[str] = None) -> Mapping:
+        if getattr(data, "history_feature", None) is not None:
+            return user_table_of(data, split)  # the history bags of the split (serving tables hold the latest)
         if self.tables is not None:
             return user_table(self.tables)
         if hasattr(data, "user_feature_rows"):
@@ -416,7 +418,8 @@ class ScoreFusion:
     def topk_metrics(self, data, split: str, k: int = 10) -> Dict[str, float]:
         """NDCG@k and Recall@k of the fused lists on a split of ``data`` (PROTOCOL.md §5)."""
         evaluation = data.topk_eval(split)
-        _, indices = self.topk(evaluation.users, k, evaluation.exclude_offsets, evaluation.exclude_indices)
+        users = user_table_of(data, split) if getattr(data, "history_feature", None) is not None else None
+        _, indices = self.topk(evaluation.users, k, evaluation.exclude_offsets, evaluation.exclude_indices, users=users)
         return {f"ndcg@{k}": float(_metrics.ndcg_at_k(indices, evaluation.relevant, k)),
                 f"recall@{k}": float(_metrics.recall_at_k(indices, evaluation.relevant, k))}
 
@@ -487,7 +490,7 @@ class ScoreFusion:
     def _fit_ndcg(self, data, seed: int, split: str, rounds: int, grid: Sequence[float],
                   gap_matched: bool = False) -> Dict[str, object]:
         evaluation = data.topk_eval(split)
-        users = self._validation_users(data)
+        users = self._validation_users(data, split)
         gap = evaluation.relevant_offsets[1:] - evaluation.relevant_offsets[:-1] if gap_matched else None
         matrices, native = self.source_scores(users, evaluation.users, skip_recent=gap)
         stacked = torch.stack(matrices)  # [S, U, N]: the whole val set, transformed once
@@ -542,7 +545,7 @@ class ScoreFusion:
         labels = rows.labels[:, click]
         keep = ~torch.isnan(labels)
         pair_users, pair_items, labels = rows.user_row[keep], rows.item[keep] - 1, labels[keep]
-        users = self._validation_users(data)
+        users = self._validation_users(data, split)
         features, transforms = [], []
         cache: Dict[str, torch.Tensor] = {}
         for member_name, task in self.sources:
@@ -639,8 +642,9 @@ class ScoreFusion:
         return cls.from_checkpoint(checkpoint, users_per_block)
 
 
-def user_table_of(data) -> Dict[str, object]:
-    """The user feature table of a ``MultiTaskData`` (every user-table row), as scorers take it."""
-    rows = data.user_feature_rows(users=torch.arange(int(data.num_user_rows)))
+def user_table_of(data, split: Optional[str] = None) -> Dict[str, object]:
+    """The user feature table of a ``MultiTaskData`` (every user-table row), as scorers take it;
+    ``split``: the split being ranked (its user-history bags, when the data has them)."""
+    rows = data.user_feature_rows(split=split, users=torch.arange(int(data.num_user_rows)))
     return {"sparse": rows.sparse, "multi": rows.multi, "dense": rows.dense}
 

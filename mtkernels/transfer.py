@@ -393,6 +393,8 @@ def drop_unlabelled_rows(data, split: str = "train"):
         extra={k: v[keep] for k, v in rows.extra.items()},
     )
     out._split_rows[split] = subset
+    if out._history is not None:  # the kept rows' history prefixes
+        out._history = dataclasses.replace(out._history, prefix={**out._history.prefix, split: out._history.prefix[split][keep]})
     out.splits = dict(out.splits)
     out.splits[split] = out._assemble(split, subset)
     return out
@@ -401,12 +403,18 @@ def drop_unlabelled_rows(data, split: str = "train"):
 # --- cold start -------------------------------------------------------------------------------
 def as_cold_users(users, data, features: Sequence[str] = ("user_id",)):
     """A copy of `UserRows` with the id features set to the unknown id 0 and the user-side dense
-    (history) features to their mean 0: the users as the model sees a user it never met."""
+    (history) features to their mean 0: the users as the model sees a user it never met (and an
+    empty user-history bag, when the data has one)."""
     sparse = dict(users.sparse)
     for name in features:
         if name in sparse:
             sparse[name] = torch.zeros_like(sparse[name])
-    return dataclasses.replace(users, sparse=sparse, dense=torch.zeros_like(users.dense))
+    multi = dict(users.multi)
+    history = getattr(data, "history_feature", None)
+    if history in multi:
+        values, offsets = multi[history]
+        multi[history] = (values[:0], torch.zeros_like(offsets))
+    return dataclasses.replace(users, sparse=sparse, multi=multi, dense=torch.zeros_like(users.dense))
 
 
 @torch.no_grad()

@@ -232,3 +232,13 @@ def test_cold_start_with_the_time_aware_prior_serves_by_request_time(tmp_path, m
     assert "--recent-share" in capsys.readouterr().err
     assert cli.main(["recommend", "--checkpoint", trained, "--user", "101", "--at", "1000000"]) == 2
     assert "at" in capsys.readouterr().err
+
+def test_train_history_length_is_kept_in_the_data_spec(tmp_path, tiny_data):
+    data, seen = tiny_data
+    checkpoint = str(tmp_path / "h.pt")
+    assert cli.main(["train", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+                     "--embedding-dim", "4", "--no-progress", "--history-length", "30"]) == 0
+    assert seen[0]["history_length"] == 30
+    from mtkernels.training import load_checkpoint
+
+    assert load_checkpoint(checkpoint)["data"]["history_length"] == 30  # evaluate reloads the same bags

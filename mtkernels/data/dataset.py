@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from ..jagged import KeyedJaggedTensor
+from .history import UserHistory
 from .types import Batch, FeatureSpec, Jagged, Split, TaskSpec, TopKEval, UserRows
 
 SPLIT_NAMES_ML100K = ("train", "val", "test_warm", "test_cold")
@@ -140,6 +141,7 @@ class MultiTaskData:
         user_encoder=None,
         vocabularies: Optional[Dict[str, list]] = None,
         pair_dense: Optional[torch.Tensor] = None,
+        history: Optional[UserHistory] = None,
     ) -> None:
         self.name = name
         self.tasks = list(tasks)
@@ -175,6 +177,17 @@ class MultiTaskData:
                              f"got {tuple(pair_dense.shape)}")
         self._pair_dense = pair_dense
         self._split_rows = dict(split_rows)
+        # causal user-history bags (`mtkernels.data.history`): cut per batch, never stored per row
+        self._history = history
+        if history is not None:
+            spec = next((f for f in self.features if f.name == history.feature), None)
+            if spec is None or not spec.multi_valued or spec.side != "user":
+                raise ValueError(f"history: feature {history.feature!r} must be a multi-valued user-side feature")
+            if history.num_user_rows != self._users.num_rows:
+                raise ValueError(f"history: {history.num_user_rows} user rows, the user table has {self._users.num_rows}")
+            for name, rows in self._split_rows.items():
+                if name not in history.prefix or history.prefix[name].numel() != rows.labels.shape[0]:
+                    raise ValueError(f"history: split {name!r} needs a prefix of {rows.labels.shape[0]} rows")
         self.splits: Dict[str, Split] = {name_: self._assemble(name_, rows) for name_, rows in split_rows.items()}
 
     # --- building ---------------------------------------------------------------------------
@@ -193,6 +206,8 @@ class MultiTaskData:
                 else:
                     single[self._single_col[f.name]] = rows.context_sparse[f.name]
                 continue
+            if self._history is not None and f.name == self._history.feature:
+                continue  # cut per batch (`_rows_batch`)
             table = self._side_table(f.side)
             row = user_row if f.side == "user" else item_row
             if f.multi_valued:
@@ -244,6 +259,13 @@ class MultiTaskData:
         return self._pair_dense is not None
 
     @property
+    def history_feature(self) -> Optional[str]:
+        """The causal user-history feature (`mtkernels.data.history`), or None. Its bags depend on
+        the split: rank a split's users with ``user_feature_rows(split=...)`` /
+        ``pair_batch(..., split=...)``."""
+        return None if self._history is None else self._history.feature
+
+    @property
     def num_tasks(self) -> int:
         return len(self.tasks)
 
@@ -274,13 +296,17 @@ class MultiTaskData:
                 lengths.append(ones)
         return KeyedJaggedTensor([f.name for f in self.features], torch.cat(values), lengths=torch.cat(lengths))
 
-    def _rows_batch(self, single: torch.Tensor, multi: Dict[str, Jagged], dense, labels, start: int, end: int, index) -> Batch:
-        """Rows start..end of feature-major ``single [F1, n]``, CSR ``multi``, ``dense`` and ``labels``."""
+    def _rows_batch(self, split: str, single: torch.Tensor, multi: Dict[str, Jagged], dense, labels, start: int, end: int,
+                    index) -> Batch:
+        """Rows start..end of feature-major ``single [F1, n]``, CSR ``multi``, ``dense`` and ``labels``;
+        ``index`` = their row numbers in ``split`` (for the history bags)."""
         columns = {f.name: single[self._single_col[f.name], start:end] for f in self._single}
         jagged = {}
         for name, (values, offsets) in multi.items():
             bounds = offsets[start : end + 1]
             jagged[name] = (values[int(bounds[0]) : int(bounds[-1])], bounds[1:] - bounds[:-1])
+        if self._history is not None:
+            jagged[self._history.feature] = self._history.split_bags(split, index, self.splits[split].user_row[index])
         return Batch(self._make_kjt(columns, jagged, end - start), dense[start:end], labels[start:end], index)
 
     def batch(self, split: str, index: torch.Tensor) -> Batch:
@@ -294,7 +320,7 @@ class MultiTaskData:
             values, lengths = gather_jagged(v, o, index)
             multi[name] = (values, lengths_to_offsets(lengths))
         single = _take_columns(self._split_single[split], index)
-        return self._rows_batch(single, multi, s.dense[index], s.labels[index], 0, index.numel(), index)
+        return self._rows_batch(split, single, multi, s.dense[index], s.labels[index], 0, index.numel(), index)
 
     def batches(
         self, split: str, batch_size: int, shuffle: bool = False, seed: Optional[int] = None, drop_last: bool = False
@@ -338,7 +364,7 @@ class MultiTaskData:
             end = min(start + batch_size, n)
             if drop_last and end - start < batch_size:
                 break
-            yield self._rows_batch(single, multi, dense, labels, start, end, order[start:end])
+            yield self._rows_batch(split, single, multi, dense, labels, start, end, order[start:end])
 
     def num_batches(self, split: str, batch_size: int, drop_last: bool = False) -> int:
         n = self._split(split).num_rows
@@ -483,6 +509,9 @@ class MultiTaskData:
             users: user-table rows (int64 ``[U]``), e.g. ``topk_eval(split).users``. A cold user's
                 ``user_id`` feature is the unknown id 0, so the model scores it from side features.
 
+        With a user-history feature (`mtkernels.data.history`), its bag is the history the split is
+        ranked with (``val``: train; other splits and ``split=None``: train + val, the latest).
+
         Raises:
             ValueError: neither argument given, or the data set has no users. IndexError: a row out of range.
         """
@@ -497,7 +526,10 @@ class MultiTaskData:
         multi = {}
         for f in self.features:
             if f.side == "user" and f.multi_valued:
-                v, l = gather_jagged(*self._users.multi[f.name], rows)
+                if self._history is not None and f.name == self._history.feature:
+                    v, l = self._history.user_bags(rows, split)
+                else:
+                    v, l = gather_jagged(*self._users.multi[f.name], rows)
                 multi[f.name] = (v, lengths_to_offsets(l))
         return UserRows(rows, sparse, multi, self._users.dense[rows])
 
@@ -527,7 +559,8 @@ class MultiTaskData:
                 sparse[f.name] = torch.as_tensor(encoded.get(f.name, np.zeros(count)), dtype=torch.long)
         return UserRows(torch.full((count,), -1, dtype=torch.long), sparse, multi, torch.zeros(count, self.user_dense_dim))
 
-    def pair_batch(self, users: Union[UserRows, torch.Tensor, Sequence[int]], items: Optional[torch.Tensor] = None) -> Batch:
+    def pair_batch(self, users: Union[UserRows, torch.Tensor, Sequence[int]], items: Optional[torch.Tensor] = None,
+                   split: Optional[str] = None) -> Batch:
         """Every (user, item) pair of U users x N items as one `Batch`, user-major.
 
         Row ``u * N + j`` pairs user u with item ``items[j]``. Context features are unknown (id 0,
@@ -538,12 +571,14 @@ class MultiTaskData:
         Args:
             users: a `UserRows` (from `user_feature_rows`), or user-table rows (int64 ``[U]``).
             items: item positions 0..num_items-1 (int64 ``[N]``); None = the whole catalogue.
+            split: the split being ranked, for user rows given as rows (their history bags, see
+                `user_feature_rows`); None = the latest history.
 
         Raises:
             IndexError: an item position outside ``[0, num_items)``.
         """
         if not isinstance(users, UserRows):
-            users = self.user_feature_rows(users=users)
+            users = self.user_feature_rows(split=split, users=users)
         items = torch.arange(self.num_items) if items is None else _long(items).reshape(-1)
         if items.numel() and (int(items.min()) < 0 or int(items.max()) >= self.num_items):
             raise IndexError(f"items: positions must be in [0, {self.num_items}), got {items.min()}..{items.max()}")

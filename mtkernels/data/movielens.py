@@ -20,6 +20,7 @@ import torch
 
 from . import protocol
 from .dataset import EntityTable, MultiTaskData, SplitRows, csr_from_pairs
+from .history import causal_user_history
 from .neighbourhood import item_knn_estimates
 from .sources import SUBDIR, default_data_dir, fetch_ml100k
 from .types import FeatureSpec, TaskSpec, TopKEval
@@ -42,6 +43,7 @@ ITEM_DENSE = ["item_log_popularity", "item_mean_rating", "item_like_rate"]
 # rating_estimate -> the per-(user, item) column it adds
 RATING_ESTIMATES = {"offset": "item_knn_offset", "estimate": "item_knn_rating"}
 RECENT = 10  # ratings that make a user's "recent" history
+HISTORY_FEATURE = "history"  # the causal user-history bag (history_length)
 
 
 @dataclass
@@ -270,7 +272,8 @@ def refit_dense_features(data: MultiTaskData, split: str = "train") -> MultiTask
 
 
 def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.DataFrame]] = None,
-                        dense_features: bool = True, rating_estimate: Optional[str] = None) -> MultiTaskData:
+                        dense_features: bool = True, rating_estimate: Optional[str] = None,
+                        history_length: Optional[int] = None) -> MultiTaskData:
     """Encode the protocol splits of ``movielens`` into a `MultiTaskData` (see `load_ml100k_mtl_v1`)."""
     ratings, users_raw, items_raw = movielens.ratings, movielens.users, movielens.items
     catalogue = np.sort(np.union1d(items_raw["item_id"].to_numpy(), ratings["item_id"].unique()))
@@ -347,6 +350,8 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         FeatureSpec("release_year", len(YEAR_EDGES) + 2, False, "item"),
         FeatureSpec("genres", genre_vocab.num_embeddings, True, "item"),
     ]
+    if history_length is not None:
+        features.append(FeatureSpec(HISTORY_FEATURE, num_items + 1, True, "user"))
     tasks = [TaskSpec("click", "binary"), TaskSpec("like", "binary"), TaskSpec("rating", "regression")]
 
     pair_dense = None
@@ -384,6 +389,12 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
             extra={"timestamp": torch.tensor(frame["timestamp"].to_numpy(dtype=np.int64))},
         )
 
+    history = None
+    if history_length is not None:
+        history = causal_user_history(
+            {name: {"user_row": rows.user_row, "item_row": rows.item_row, "timestamp": rows.extra["timestamp"],
+                    "positive": rows.labels[:, 0] == 1} for name, rows in split_rows.items()},
+            num_user_rows, history_length, HISTORY_FEATURE)
     topk = _topk_sets(splits, user_row_of, position_of)
     # Negative pools per user row (PROTOCOL.md 3: catalogue items the user rated nowhere), as item rows.
     rated = np.zeros((num_user_rows, num_items + 1), dtype=bool)
@@ -405,6 +416,7 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         item_dense_names=ITEM_DENSE if dense_features else [],
         context_dense_names=[RATING_ESTIMATES[rating_estimate]] if rating_estimate is not None else [],
         pair_dense=pair_dense,
+        history=history,
         user_ids=torch.from_numpy(user_ids),
         item_ids=torch.from_numpy(catalogue.astype(np.int64)),
         item_titles=titles,
@@ -457,7 +469,8 @@ def _topk_sets(splits: Dict[str, pd.DataFrame], user_row_of: pd.Series, position
 
 
 def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bool = False,
-                       dense_features: bool = True, rating_estimate: Optional[str] = None) -> MultiTaskData:
+                       dense_features: bool = True, rating_estimate: Optional[str] = None,
+                       history_length: Optional[int] = None) -> MultiTaskData:
     """MovieLens-100K under the `ml100k-mtl-v1` protocol (shared/data/PROTOCOL.md), encoded.
 
     The splits are rebuilt from the ratings (cold users, temporal split, 4 sampled negatives per
@@ -497,9 +510,21 @@ def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bo
             negative the value from its positive's fold model; every other row (evaluation
             splits, ``pair_batch``, negatives drawn by ``resample_negatives``) the value from all
             training positives.
+        history_length: None (default) or L >= 1: add the multi-valued user-side feature
+            ``history`` (table of ``num_items + 1`` rows, mean-pooled like every bag): the user's
+            implicit feedback as SVD++'s N(u) (Koren KDD 2008) / the YouTube DNN's watch history
+            (Covington et al. RecSys 2016), *causal*: a train row sees the user's train positives
+            strictly before it in ``(timestamp, item_id)`` order, its sampled negatives the same bag
+            as their positive (a full-history bag would hold each positive's own item and never a
+            negative's: a label leak); val rows the whole train history; test_warm rows train +
+            val (PROTOCOL.md 4: earlier interactions of a warm user may be input); cold users an
+            empty bag. Only the most recent L items are kept. Top-k ranking gives each user the
+            history of the split ranked (val: train; test_warm and serving: train + val). Cut per
+            batch from one sequence per user (`mtkernels.data.history`), never stored per row.
 
     Raises:
         FileNotFoundError: no ML-100K files found (the message says how to fetch them).
+        ValueError: ``history_length < 1``.
     """
     return build_ml100k_mtl_v1(read_movielens_100k(data_dir, download=download), dense_features=dense_features,
-                               rating_estimate=rating_estimate)
+                               rating_estimate=rating_estimate, history_length=history_length)

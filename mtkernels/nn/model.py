@@ -74,6 +74,13 @@ class MultiTaskModel(nn.Module):
             ``momentum`` buffer). `mtkernels.training.fit` gives Adam one parameter group per
             scale (lr x scale); a table's fused optimizer runs at its lr x scale. Set by
             `mtkernels.transfer.transfer`; kept in `config` so a checkpoint rebuilds the same.
+        shared_tables: optional ``{feature: owner feature}``: the feature looks up the owner's
+            table instead of a table of its own (TorchRec's several features per
+            ``EmbeddingBagConfig``), e.g. ``{"history": "item_id"}`` pools the user-history bag
+            from the item embeddings, as SVD++'s implicit factors would if tied to the item
+            factors. The owner's table then pools by mean (one id: the same value) and gets no
+            ``history`` table; both need the same ``num_embeddings``. Omitted from `config`
+            when None, so older checkpoints rebuild unchanged.
 
     Forward:
         sparse: `mtkernels.KeyedJaggedTensor` (or torchrec's) with every feature, batch size B.
@@ -94,7 +101,8 @@ class MultiTaskModel(nn.Module):
                  embedding_dim: int = 16, backbone_kwargs: Optional[dict] = None,
                  tower_hidden: Sequence[int] = (32,), dropout: float = 0.0,
                  embedding_optimizer: Optional[dict] = None, use_fused_scoring: bool = True,
-                 lr_scales: Optional[Mapping[str, float]] = None) -> None:
+                 lr_scales: Optional[Mapping[str, float]] = None,
+                 shared_tables: Optional[Mapping[str, str]] = None) -> None:
         super().__init__()
         self.features = [_spec(f, "FeatureSpec") for f in features]
         self._tasks = [_spec(t, "TaskSpec") for t in tasks]
@@ -127,11 +135,24 @@ class MultiTaskModel(nn.Module):
             "use_fused_scoring": bool(use_fused_scoring),
         }
 
-        tables = [
-            EmbeddingBagConfig(f.name, f.num_embeddings, embedding_dim, [f.name],
-                               "mean" if getattr(f, "multi_valued", False) else "sum")
-            for f in self.features
-        ]
+        shared = dict(shared_tables or {})
+        specs = {f.name: f for f in self.features}
+        for feature, owner in shared.items():
+            if feature not in specs or owner not in specs or owner in shared or feature == owner:
+                raise ValueError(f"shared_tables: {feature!r} -> {owner!r} must map a feature to another feature "
+                                 f"that owns its table; features are {list(specs)}")
+            if specs[feature].num_embeddings != specs[owner].num_embeddings:
+                raise ValueError(f"shared_tables: {feature!r} has {specs[feature].num_embeddings} ids, "
+                                 f"{owner!r} {specs[owner].num_embeddings}")
+        if shared:
+            self._config["shared_tables"] = dict(shared)
+        tables = []
+        for f in self.features:
+            if f.name in shared:
+                continue
+            names = [f.name] + [g for g, owner in shared.items() if owner == f.name]
+            multi = any(getattr(specs[n], "multi_valued", False) for n in names)
+            tables.append(EmbeddingBagConfig(f.name, f.num_embeddings, embedding_dim, names, "mean" if multi else "sum"))
         self.embeddings = EmbeddingBagCollection(tables, optimizer=embedding_optimizer)
         input_dim = self.embeddings.total_dim + self.dense_dim
         num_tasks = len(self._tasks)
