@@ -88,6 +88,8 @@ def test_unknown_users_and_topk(path, log):
         assert rel == set(test_pos.loc[test_pos["uid"] == user, "iid"])
         assert ex == set(seen.loc[seen["uid"] == user, "iid"])
     newcomer = data.new_user_rows([{"age": 30}, {"age": 999}])
+    with pytest.raises(ValueError, match=r"sides\[0\].*'agee'.*known: age"):
+        data.new_user_rows([{"agee": 30}])
     assert newcomer.sparse["age"].tolist() == [data.splits["train"].sparse["age"][torch.tensor(log["age"].iloc[data.splits["train"].extra["row"].numpy()].to_numpy() == 30)][0].item(), 0]
     pairs = data.pair_batch(sets.users[:3])
     assert pairs.sparse.stride() == 3 * 8 and torch.isnan(pairs.labels).all()

@@ -272,6 +272,7 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
         user_side_frame=frame.drop_duplicates(user_col).set_index(user_col)[side_columns] if side_columns else None,
         topk_sets=topk,
         user_encoder=encode_user_side if user_vocabularies else None,
+        user_side_columns=tuple(user_vocabularies),
         info={"path": str(path), "schema": schema, "num_warm_users": len(warm)},
     )
 
