@@ -343,6 +343,8 @@ def _side_features(args) -> Dict[int, Dict[str, object]]:
 def cmd_recommend(args) -> int:
     from .serving import Ranker
 
+    if not args.user and not args.side_features:
+        raise ValueError("give at least one --user or --side-features USER=JSON")
     ranker = Ranker.load(args.checkpoint)
     side_features = _side_features(args) if args.side_features else None
     users = list(dict.fromkeys(args.user + list(side_features or {})))

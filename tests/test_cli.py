@@ -184,6 +184,10 @@ def test_recommend_encodes_raw_side_features_of_unknown_users(tmp_path, capsys):
     torch.testing.assert_close(torch.tensor([u["scores"] for u in served]), direct.scores)
     assert cli.main(["recommend", "--checkpoint", checkpoint, "--side-features", "9001=age30"]) == 2
     assert "--side-features must be USER=JSON-object" in capsys.readouterr().err
+    assert cli.main(["recommend", "--checkpoint", checkpoint, "--side-features", '9001={"agee": 30}']) == 2
+    assert "unknown side features ['agee']; known: age" in capsys.readouterr().err
+    assert cli.main(["recommend", "--checkpoint", checkpoint]) == 2  # nobody to serve: an error, not an empty list
+    assert "give at least one --user or --side-features" in capsys.readouterr().err
     # string item ids: training works, the checkpoint says it cannot be served
     log.assign(iid=log["iid"].map(lambda i: f"item-{i}")).to_csv(path, index=False)
     assert cli.main(["train", "--data", str(path), "--schema", schema, "--model", "mmoe", "--checkpoint", checkpoint,
