@@ -161,6 +161,15 @@ def test_cold_start_model_in_evaluation_and_serving(trained):
     assert first == data.item_ids[expected].tolist()
 
 
+def test_evaluate_rejects_unknown_splits_and_k(trained):
+    data, model, _ = trained
+    for call in (evaluation.evaluate, evaluation.topk_metrics):
+        with pytest.raises(ValueError, match=r"split: 'test' is not a split of .*test_warm"):
+            call(model, data, "test")
+        with pytest.raises(ValueError, match="k must be a positive number of items, got 0"):
+            call(model, data, "test_cold", k=0)
+
+
 def test_cold_start_model_errors(trained):
     data, model, prior = trained
     with pytest.raises(ValueError, match="weight"):
