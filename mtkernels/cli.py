@@ -280,21 +280,21 @@ def cmd_evaluate(args) -> int:
 
     checkpoint = load_checkpoint(args.checkpoint)
     _, data = _checkpoint_data(checkpoint, args.data_dir)
+    splits = args.split or [s for s in ("test_warm", "test_cold", "test") if s in data.splits]
+    for split in splits:
+        if split not in data.splits:
+            raise ValueError(f"--split {split!r} is not a split of this data set; splits: {list(data.splits)}")
     if "fusion" in checkpoint:  # a fused checkpoint ranks: top-k metrics only
         from .fusion import ScoreFusion
 
         fusion = ScoreFusion.from_checkpoint(checkpoint)
-        splits = args.split or [s for s in ("test_warm", "test_cold") if s in data.splits]
         results = {split: {"topk": fusion.topk_metrics(data, split, k=args.k)} for split in splits}
         print(json.dumps(results, indent=2) if args.json else
               "\n".join(f"{split}: {_format_metrics(r)}" for split, r in results.items()))
         return 0
     model = build_model(checkpoint, best=True)
-    splits = args.split or [s for s in ("test_warm", "test_cold", "test") if s in data.splits]
     results = {}
     for split in splits:
-        if split not in data.splits:
-            raise ValueError(f"--split {split!r} is not a split of this data set; splits: {list(data.splits)}")
         results[split] = evaluate(model, data, split, k=args.k, task_weights=_task_weights(args.task_weight))
     if args.json:
         print(json.dumps(results, indent=2))

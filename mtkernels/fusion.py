@@ -35,6 +35,7 @@ import torch
 from . import metrics as _metrics
 from . import ops
 from .catalogue import CatalogueScorer, user_table
+from .evaluation import _check_split_and_k
 from .nn.cf import EASE, ItemItemCF, ItemKNN, SequentialRules
 from .training.checkpoint import build_model, class_path, load_checkpoint, save_checkpoint
 
@@ -414,7 +415,12 @@ class ScoreFusion:
         return torch.cat(values), torch.cat(indices)
 
     def topk_metrics(self, data, split: str, k: int = 10) -> Dict[str, float]:
-        """NDCG@k and Recall@k of the fused lists on a split of ``data`` (PROTOCOL.md §5)."""
+        """NDCG@k and Recall@k of the fused lists on a split of ``data`` (PROTOCOL.md §5).
+
+        Raises:
+            ValueError: ``split`` is not a split of ``data`` or has no top-k set; ``k`` < 1.
+        """
+        _check_split_and_k(data, split, k)
         evaluation = data.topk_eval(split)
         _, indices = self.topk(evaluation.users, k, evaluation.exclude_offsets, evaluation.exclude_indices)
         return {f"ndcg@{k}": float(_metrics.ndcg_at_k(indices, evaluation.relevant, k)),

@@ -188,6 +188,16 @@ def test_recommend_encodes_raw_side_features_of_unknown_users(tmp_path, capsys):
     assert "unknown side features ['agee']; known: age" in capsys.readouterr().err
     assert cli.main(["recommend", "--checkpoint", checkpoint]) == 2  # nobody to serve: an error, not an empty list
     assert "give at least one --user or --side-features" in capsys.readouterr().err
+    # a fused checkpoint of the log: evaluate defaults to its test split and checks --split and --k
+    fused = str(tmp_path / "fused.pt")
+    assert cli.main(["fuse", "--member", checkpoint, "--cf", "ease", "--out", fused]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", fused]) == 0
+    assert capsys.readouterr().out.startswith("test: topk: ndcg@10")
+    assert cli.main(["evaluate", "--checkpoint", fused, "--split", "test_warm"]) == 2
+    assert "--split 'test_warm' is not a split of this data set" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--checkpoint", fused, "--k", "0"]) == 2
+    assert "k must be a positive number of items, got 0" in capsys.readouterr().err
     # string item ids: training works, the checkpoint says it cannot be served
     log.assign(iid=log["iid"].map(lambda i: f"item-{i}")).to_csv(path, index=False)
     assert cli.main(["train", "--data", str(path), "--schema", schema, "--model", "mmoe", "--checkpoint", checkpoint,
