@@ -67,6 +67,13 @@ def _checkpoint_data(checkpoint: Dict[str, Any], data_dir: Optional[str]):
     return spec, _load_tasks(spec)
 
 
+def _check_splits(data, splits: Optional[Sequence[str]], option: str) -> None:
+    """Refuse a split name the data set does not have before any work is done."""
+    for split in splits or []:
+        if split not in data.splits:
+            raise ValueError(f"{option} {split!r} is not a split of this data set; splits: {list(data.splits)}")
+
+
 def _schema(schema):
     if isinstance(schema, dict):
         return schema
@@ -112,6 +119,7 @@ def cmd_train(args) -> int:
     if args.tasks:
         data_spec["tasks"] = [t for t in args.tasks.split(",") if t]
     data = _load_tasks(data_spec)
+    _check_splits(data, args.evaluate, "--evaluate")
     overrides = {"embedding_dim": args.embedding_dim, "use_fused_optimizer": args.embedding_optimizer != "none"}
     if args.embedding_optimizer != "none":
         overrides["embedding_optimizer"] = dict(presets.EMBEDDING_OPTIMIZER, kind=args.embedding_optimizer,
@@ -159,6 +167,7 @@ def cmd_fuse(args) -> int:
     if args.data_dir:
         data_spec["data_dir"] = args.data_dir
     data = load_data(data_spec)
+    _check_splits(data, args.evaluate, "--evaluate")
     cfs = [c for c in dict.fromkeys(args.cf) if c != "none"]
     members.extend(CFMember.fit(data, c) for c in cfs)
     fusion = ScoreFusion(members, args.tasks, mode=args.mode, tables=first["serving"])
@@ -192,6 +201,7 @@ def cmd_cold_start(args) -> int:
     if "fusion" in checkpoint:
         raise ValueError(f"--checkpoint {args.checkpoint} is a fused checkpoint; cold-start wraps a trained model")
     spec, data = _checkpoint_data(checkpoint, args.data_dir)
+    _check_splits(data, args.evaluate, "--evaluate")
     features = [tuple(part for part in group.split("*") if part) for group in args.features.split(",") if group]
     try:
         l2 = [float(v) for v in args.l2.split(",") if v]
@@ -281,9 +291,7 @@ def cmd_evaluate(args) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     _, data = _checkpoint_data(checkpoint, args.data_dir)
     splits = args.split or [s for s in ("test_warm", "test_cold", "test") if s in data.splits]
-    for split in splits:
-        if split not in data.splits:
-            raise ValueError(f"--split {split!r} is not a split of this data set; splits: {list(data.splits)}")
+    _check_splits(data, splits, "--split")
     if "fusion" in checkpoint:  # a fused checkpoint ranks: top-k metrics only
         from .fusion import ScoreFusion
 

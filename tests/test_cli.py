@@ -142,6 +142,15 @@ def test_cold_start_writes_a_checkpoint_that_serves_cold_users_by_their_features
     # the written checkpoint evaluates like any other (its data spec is kept)
     assert cli.main(["evaluate", "--checkpoint", cold, "--split", "test_cold", "--json"]) == 0
     assert 0 <= json.loads(capsys.readouterr().out)["test_cold"]["topk"]["ndcg@10"] <= 1
+    # a split the data set does not have is refused before any work (nothing written)
+    never = str(tmp_path / "never.pt")
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", never, "--features", "age", "--recent-share", "0",
+                     "--evaluate", "test"]) == 2
+    assert "--evaluate 'test' is not a split of this data set" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "mmoe", "--checkpoint", never, "--epochs", "1", "--no-progress",
+                     "--evaluate", "test"]) == 2
+    assert "--evaluate 'test' is not a split of this data set" in capsys.readouterr().err
+    assert not os.path.exists(never)
     assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--weight", "2"]) == 2
     assert "weight" in capsys.readouterr().err
     assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "genres"]) == 2
