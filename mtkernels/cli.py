@@ -131,6 +131,8 @@ def cmd_train(args) -> int:
         value = getattr(args, field)
         if value is not None:
             values[field] = value
+    if values["epochs"] < 1:
+        raise ValueError(f"--epochs must be >= 1 (the checkpoint is written after each epoch), got {values['epochs']}")
     values["progress"] = not args.no_progress
     if args.id_dropout is not None:
         values["id_dropout"] = args.id_dropout
