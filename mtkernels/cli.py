@@ -79,7 +79,12 @@ def _schema(schema):
         return schema
     text = str(schema)
     if text.lstrip().startswith("{"):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--schema: not valid JSON ({exc}): {text!r}") from None
+    if not os.path.isfile(text):
+        raise ValueError(f"--schema: no such YAML file {text!r} (give a YAML path or JSON text)")
     return text  # a YAML path: the loader reads it
 
 
@@ -91,7 +96,10 @@ def _task_weights(pairs: Optional[Sequence[str]]) -> Optional[Dict[str, float]]:
         name, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--task-weight must look like NAME=WEIGHT (e.g. click=1.0), got {pair!r}")
-        weights[name] = float(value)
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--task-weight {pair!r}: the weight must be a number") from None
     return weights
 
 

@@ -76,6 +76,17 @@ def test_errors_are_clean(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     assert cli.main(["train", "--data", str(tmp_path / "nope.csv"), "--checkpoint", str(tmp_path / "c.pt")]) == 2
     assert "--data must be" in capsys.readouterr().err
+    log = tmp_path / "log.csv"
+    log.write_text("uid,iid,click\n1,2,1\n")
+    assert cli.main(["train", "--data", str(log), "--schema", '{"user": "uid"', "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    assert "--schema: not valid JSON" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(log), "--schema", str(tmp_path / "none.yaml"),
+                     "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    assert "--schema: no such YAML file" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--checkpoint", str(log), "--task-weight", "click=abc"]) == 2
+    assert "is not an mtkernels checkpoint" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--task-weight 'click=abc': the weight must be a number"):
+        cli._task_weights(["click=abc"])
     with pytest.raises(SystemExit):
         cli.main(["train"])  # --checkpoint is required
 
