@@ -110,6 +110,8 @@ def _as_groups(features: Sequence[Union[str, Sequence[str]]]) -> Tuple[Tuple[str
         if not group or not all(isinstance(name, str) for name in group):
             raise ValueError(f"features: each entry must be a feature name or a tuple of names, got {group!r}")
         groups.append(group)
+    if not groups:
+        raise ValueError("features: give at least one feature or group (the item bias alone is plain popularity)")
     return tuple(groups)
 
 
@@ -127,7 +129,7 @@ class ItemPrior(nn.Module):
         features: the groups, e.g. ``("age", ("gender", "age"))``.
 
     Raises:
-        ValueError: N < 1, an empty or malformed group, a group feature without a cardinality.
+        ValueError: N < 1, no group, an empty or malformed group, a group feature without a cardinality.
     """
 
     def __init__(self, num_items: int, cardinalities: Mapping[str, int],
@@ -240,8 +242,8 @@ def fit_item_prior(prior: ItemPrior, data, l2: Union[float, Sequence[float]] = 1
     l2s = [float(v) for v in l2] if isinstance(l2, (list, tuple)) else [float(l2)] * len(prior.groups)
     if len(l2s) != len(prior.groups):
         raise ValueError(f"l2: need one value or one per group ({len(prior.groups)}: {prior.groups}), got {l2}")
-    if any(v < 0 for v in l2s) or epochs < 1 or batch_size < 1:
-        raise ValueError(f"need l2 >= 0, epochs >= 1, batch_size >= 1; got {l2}, {epochs}, {batch_size}")
+    if not all(v >= 0 and math.isfinite(v) for v in l2s) or epochs < 1 or batch_size < 1:
+        raise ValueError(f"need finite l2 >= 0, epochs >= 1, batch_size >= 1; got {l2}, {epochs}, {batch_size}")
     rows = data.splits[split]
     first_binary = next((t for t, task in enumerate(data.tasks) if task.kind == "binary"), 0)
     positive = rows.labels[:, first_binary] > 0

@@ -69,6 +69,10 @@ def test_item_prior_errors():
         item_prior_for(data, ("genres",))
     with pytest.raises(ValueError, match="l2"):
         fit_item_prior(item_prior_for(data, ("age",)), data, l2=-1.0)
+    with pytest.raises(ValueError, match="l2"):  # NaN would train a NaN prior without a word
+        fit_item_prior(item_prior_for(data, ("age",)), data, l2=float("nan"))
+    with pytest.raises(ValueError, match="features: give at least one"):  # was torch.stack's RuntimeError
+        item_prior_for(data, ())
 
 
 def test_fit_item_prior_learns_each_group_and_shrinks_to_popularity():
