@@ -210,6 +210,9 @@ def cmd_cold_start(args) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     if "fusion" in checkpoint:
         raise ValueError(f"--checkpoint {args.checkpoint} is a fused checkpoint; cold-start wraps a trained model")
+    if str(checkpoint.get("model_class", "")).endswith(":ColdStartModel"):
+        raise ValueError(f"--checkpoint {args.checkpoint} is already a cold-start checkpoint; give the checkpoint of "
+                         "`mtkernels train` it wraps")
     spec, data = _checkpoint_data(checkpoint, args.data_dir)
     _check_splits(data, args.evaluate, "--evaluate")
     features = [tuple(part for part in group.split("*") if part) for group in args.features.split(",") if group]

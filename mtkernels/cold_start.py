@@ -236,7 +236,7 @@ def fit_item_prior(prior: ItemPrior, data, l2: Union[float, Sequence[float]] = 1
         ``prior`` (trained in place), in eval mode.
 
     Raises:
-        ValueError: an l2 < 0 or a list of l2 whose length is not the number of groups, epochs < 1,
+        ValueError: an l2 < 0 or not finite, or a list of l2 whose length is not the number of groups, epochs < 1,
             batch_size < 1, or no positive rows in ``split``.
     """
     l2s = [float(v) for v in l2] if isinstance(l2, (list, tuple)) else [float(l2)] * len(prior.groups)
@@ -480,13 +480,16 @@ class ColdStartModel(nn.Module):
 
     Raises:
         ValueError: weight or recent_share outside [0, 1], recent_share > 0 without ``recent``, a
-            ``recent`` prior over another catalogue, an unknown task name.
+            ``recent`` prior over another catalogue, an unknown task name, a ``model`` that is
+            already a ColdStartModel.
     """
 
     def __init__(self, model: nn.Module, prior: ItemPrior, weight: float, task: Optional[str] = None,
                  user_id_feature: str = "user_id", item_id_feature: str = "item_id",
                  recent: Optional[RecentPopularityPrior] = None, recent_share: float = 0.0) -> None:
         super().__init__()
+        if isinstance(model, ColdStartModel):
+            raise ValueError("model is already a ColdStartModel: wrap the trained model itself (its .model)")
         if not 0.0 <= float(weight) <= 1.0:
             raise ValueError(f"weight must be in [0, 1], got {weight}")
         if not 0.0 <= float(recent_share) <= 1.0:

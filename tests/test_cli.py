@@ -164,6 +164,8 @@ def test_cold_start_writes_a_checkpoint_that_serves_cold_users_by_their_features
     assert cli.main(["train", "--model", "mmoe", "--checkpoint", never, "--epochs", "0", "--no-progress"]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err  # 0 trained nothing yet printed a checkpoint path
     assert not os.path.exists(never)
+    assert cli.main(["cold-start", "--checkpoint", cold, "--out", never, "--features", "age", "--recent-share", "0"]) == 2
+    assert "is already a cold-start checkpoint" in capsys.readouterr().err
     assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--weight", "2"]) == 2
     assert "weight" in capsys.readouterr().err
     assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "genres"]) == 2

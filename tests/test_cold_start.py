@@ -180,6 +180,8 @@ def test_cold_start_model_errors(trained):
         ColdStartModel(model, prior, 1.5)
     with pytest.raises(ValueError, match="task"):
         ColdStartModel(model, prior, 0.5, task="like")
+    with pytest.raises(ValueError, match="already a ColdStartModel"):  # cold-start on cold.pt: two blends
+        ColdStartModel(ColdStartModel(model, prior, 0.5), prior, 0.5)
 
 
 def test_pseudo_cold_holds_out_whole_training_users(tmp_path):
