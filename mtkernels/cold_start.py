@@ -421,9 +421,9 @@ def recent_popularity_prior_for(data, half_life_days: float, mix: float = 0.1, s
     task) of ``split`` and their ``timestamp`` column.
 
     Raises:
-        ValueError: the split has no ``timestamp`` column; a bad half-life or mix (as the class).
+        ValueError: no such split, or it has no ``timestamp`` column; a bad half-life or mix (as the class).
     """
-    rows = data.splits[split]
+    rows = _split(data, split)
     if "timestamp" not in (rows.extra or {}):
         raise ValueError(f"split {split!r} of {data.name} has no timestamp column: the time-aware prior needs one")
     first_binary = next((t for t, task in enumerate(data.tasks) if task.kind == "binary"), 0)
@@ -432,14 +432,20 @@ def recent_popularity_prior_for(data, half_life_days: float, mix: float = 0.1, s
     return prior.fit(rows.item[positive] - 1, rows.extra["timestamp"][positive])
 
 
+def _split(data, split: str):
+    if split not in data.splits:
+        raise ValueError(f"split: {split!r} is not a split of {data.name}; splits: {', '.join(data.splits)}")
+    return data.splits[split]
+
+
 def request_times(data, split: str) -> torch.Tensor:
     """float64 ``[num_user_rows]``: each user's request time in ``split``, the earliest ``timestamp``
     of their rows there (what a system knows at the user's first request); NaN for users without rows.
 
     Raises:
-        ValueError: the split has no ``timestamp`` column.
+        ValueError: no such split, or it has no ``timestamp`` column.
     """
-    rows = data.splits[split]
+    rows = _split(data, split)
     if "timestamp" not in (rows.extra or {}):
         raise ValueError(f"split {split!r} of {data.name} has no timestamp column: a time-aware model needs request times")
     first = torch.full((int(data.num_user_rows),), float("inf"), dtype=torch.float64)

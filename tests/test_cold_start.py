@@ -325,6 +325,11 @@ def test_recent_popularity_prior_errors():
         prior.latest
     with pytest.raises(ValueError, match="same length"):
         prior.fit(torch.tensor([0, 1]), torch.tensor([0]))
+    timed = make_data(timestamps=True)
+    with pytest.raises(ValueError, match=r"split: 'test' is not a split of .*test_cold"):
+        recent_popularity_prior_for(timed, 10.0, split="test")
+    with pytest.raises(ValueError, match=r"split: 'test' is not a split of .*test_cold"):
+        request_times(timed, "test")
     with pytest.raises(IndexError, match="items"):
         prior.fit(torch.tensor([5]), torch.tensor([0]))
     prior.fit(torch.tensor([0, 1]), torch.tensor([0, DAY]))
