@@ -36,6 +36,7 @@ from . import metrics as _metrics
 from . import ops
 from .catalogue import CatalogueScorer, user_table
 from .evaluation import _check_split_and_k
+from .nn import MultiTaskModel
 from .nn.cf import EASE, ItemItemCF, ItemKNN, SequentialRules
 from .training.checkpoint import build_model, class_path, load_checkpoint, save_checkpoint
 
@@ -152,11 +153,19 @@ def class_path_of(cls) -> str:
 
 
 def model_member_from_checkpoint(path: str, name: Optional[str] = None) -> Tuple[ModelMember, Dict[str, object]]:
-    """A `ModelMember` from a training checkpoint (best weights) and its serving tables."""
+    """A `ModelMember` from a training checkpoint (best weights) and its serving tables.
+
+    Raises:
+        FileNotFoundError: no file at ``path``. ValueError: not a checkpoint of a `MultiTaskModel`
+            (e.g. a fused or cold-start checkpoint), or no serving tables.
+    """
     checkpoint = load_checkpoint(path)
     if not checkpoint.get("serving"):
         raise ValueError(f"{path} holds no serving tables (the data set has no items to rank)")
-    model = build_model(checkpoint, best=True)
+    model = build_model(checkpoint, best=True) if "fusion" not in checkpoint else None
+    if not isinstance(model, MultiTaskModel):
+        raise ValueError(f"{path} is not a checkpoint of `mtkernels train` (a MultiTaskModel); fusion members are "
+                         "trained models (fused and cold-start checkpoints are not)")
     name = name or model.config.get("backbone", "model")
     return ModelMember(name, model, checkpoint["serving"]), checkpoint
 
