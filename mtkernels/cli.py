@@ -68,12 +68,24 @@ def _checkpoint_data(checkpoint: Dict[str, Any], data_dir: Optional[str]):
     return spec, _load_tasks(spec)
 
 
+def _check_splits(data, splits: Optional[Sequence[str]], option: str) -> None:
+    """Refuse a split name the data set does not have before any work is done."""
+    for split in splits or []:
+        if split not in data.splits:
+            raise ValueError(f"{option} {split!r} is not a split of this data set; splits: {list(data.splits)}")
+
+
 def _schema(schema):
     if isinstance(schema, dict):
         return schema
     text = str(schema)
     if text.lstrip().startswith("{"):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--schema: not valid JSON ({exc}): {text!r}") from None
+    if not os.path.isfile(text):
+        raise ValueError(f"--schema: no such YAML file {text!r} (give a YAML path or JSON text)")
     return text  # a YAML path: the loader reads it
 
 
@@ -85,7 +97,10 @@ def _task_weights(pairs: Optional[Sequence[str]]) -> Optional[Dict[str, float]]:
         name, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--task-weight must look like NAME=WEIGHT (e.g. click=1.0), got {pair!r}")
-        weights[name] = float(value)
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--task-weight {pair!r}: the weight must be a number") from None
     return weights
 
 
@@ -115,6 +130,7 @@ def cmd_train(args) -> int:
     if args.history_length is not None:
         data_spec["history_length"] = args.history_length
     data = _load_tasks(data_spec)
+    _check_splits(data, args.evaluate, "--evaluate")
     overrides = {"embedding_dim": args.embedding_dim, "use_fused_optimizer": args.embedding_optimizer != "none"}
     if args.embedding_optimizer != "none":
         overrides["embedding_optimizer"] = dict(presets.EMBEDDING_OPTIMIZER, kind=args.embedding_optimizer,
@@ -126,6 +142,8 @@ def cmd_train(args) -> int:
         value = getattr(args, field)
         if value is not None:
             values[field] = value
+    if values["epochs"] < 1:
+        raise ValueError(f"--epochs must be >= 1 (the checkpoint is written after each epoch), got {values['epochs']}")
     values["progress"] = not args.no_progress
     if args.id_dropout is not None:
         values["id_dropout"] = args.id_dropout
@@ -162,6 +180,7 @@ def cmd_fuse(args) -> int:
     if args.data_dir:
         data_spec["data_dir"] = args.data_dir
     data = load_data(data_spec)
+    _check_splits(data, args.evaluate, "--evaluate")
     cfs = [c for c in dict.fromkeys(args.cf) if c != "none"]
     members.extend(CFMember.fit(data, c) for c in cfs)
     fusion = ScoreFusion(members, args.tasks, mode=args.mode, tables=first["serving"])
@@ -194,7 +213,11 @@ def cmd_cold_start(args) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     if "fusion" in checkpoint:
         raise ValueError(f"--checkpoint {args.checkpoint} is a fused checkpoint; cold-start wraps a trained model")
+    if str(checkpoint.get("model_class", "")).endswith(":ColdStartModel"):
+        raise ValueError(f"--checkpoint {args.checkpoint} is already a cold-start checkpoint; give the checkpoint of "
+                         "`mtkernels train` it wraps")
     spec, data = _checkpoint_data(checkpoint, args.data_dir)
+    _check_splits(data, args.evaluate, "--evaluate")
     features = [tuple(part for part in group.split("*") if part) for group in args.features.split(",") if group]
     try:
         l2 = [float(v) for v in args.l2.split(",") if v]
@@ -283,21 +306,19 @@ def cmd_evaluate(args) -> int:
 
     checkpoint = load_checkpoint(args.checkpoint)
     _, data = _checkpoint_data(checkpoint, args.data_dir)
+    splits = args.split or [s for s in ("test_warm", "test_cold", "test") if s in data.splits]
+    _check_splits(data, splits, "--split")
     if "fusion" in checkpoint:  # a fused checkpoint ranks: top-k metrics only
         from .fusion import ScoreFusion
 
         fusion = ScoreFusion.from_checkpoint(checkpoint)
-        splits = args.split or [s for s in ("test_warm", "test_cold") if s in data.splits]
         results = {split: {"topk": fusion.topk_metrics(data, split, k=args.k)} for split in splits}
         print(json.dumps(results, indent=2) if args.json else
               "\n".join(f"{split}: {_format_metrics(r)}" for split, r in results.items()))
         return 0
     model = build_model(checkpoint, best=True)
-    splits = args.split or [s for s in ("test_warm", "test_cold", "test") if s in data.splits]
     results = {}
     for split in splits:
-        if split not in data.splits:
-            raise ValueError(f"--split {split!r} is not a split of this data set; splits: {list(data.splits)}")
         results[split] = evaluate(model, data, split, k=args.k, task_weights=_task_weights(args.task_weight))
     if args.json:
         print(json.dumps(results, indent=2))
@@ -346,6 +367,8 @@ def _side_features(args) -> Dict[int, Dict[str, object]]:
 def cmd_recommend(args) -> int:
     from .serving import Ranker
 
+    if not args.user and not args.side_features:
+        raise ValueError("give at least one --user or --side-features USER=JSON")
     ranker = Ranker.load(args.checkpoint)
     side_features = _side_features(args) if args.side_features else None
     users = list(dict.fromkeys(args.user + list(side_features or {})))

@@ -110,6 +110,8 @@ def _as_groups(features: Sequence[Union[str, Sequence[str]]]) -> Tuple[Tuple[str
         if not group or not all(isinstance(name, str) for name in group):
             raise ValueError(f"features: each entry must be a feature name or a tuple of names, got {group!r}")
         groups.append(group)
+    if not groups:
+        raise ValueError("features: give at least one feature or group (the item bias alone is plain popularity)")
     return tuple(groups)
 
 
@@ -127,7 +129,7 @@ class ItemPrior(nn.Module):
         features: the groups, e.g. ``("age", ("gender", "age"))``.
 
     Raises:
-        ValueError: N < 1, an empty or malformed group, a group feature without a cardinality.
+        ValueError: N < 1, no group, an empty or malformed group, a group feature without a cardinality.
     """
 
     def __init__(self, num_items: int, cardinalities: Mapping[str, int],
@@ -234,14 +236,14 @@ def fit_item_prior(prior: ItemPrior, data, l2: Union[float, Sequence[float]] = 1
         ``prior`` (trained in place), in eval mode.
 
     Raises:
-        ValueError: an l2 < 0 or a list of l2 whose length is not the number of groups, epochs < 1,
+        ValueError: an l2 < 0 or not finite, or a list of l2 whose length is not the number of groups, epochs < 1,
             batch_size < 1, or no positive rows in ``split``.
     """
     l2s = [float(v) for v in l2] if isinstance(l2, (list, tuple)) else [float(l2)] * len(prior.groups)
     if len(l2s) != len(prior.groups):
         raise ValueError(f"l2: need one value or one per group ({len(prior.groups)}: {prior.groups}), got {l2}")
-    if any(v < 0 for v in l2s) or epochs < 1 or batch_size < 1:
-        raise ValueError(f"need l2 >= 0, epochs >= 1, batch_size >= 1; got {l2}, {epochs}, {batch_size}")
+    if not all(v >= 0 and math.isfinite(v) for v in l2s) or epochs < 1 or batch_size < 1:
+        raise ValueError(f"need finite l2 >= 0, epochs >= 1, batch_size >= 1; got {l2}, {epochs}, {batch_size}")
     rows = data.splits[split]
     first_binary = next((t for t, task in enumerate(data.tasks) if task.kind == "binary"), 0)
     positive = rows.labels[:, first_binary] > 0
@@ -419,9 +421,9 @@ def recent_popularity_prior_for(data, half_life_days: float, mix: float = 0.1, s
     task) of ``split`` and their ``timestamp`` column.
 
     Raises:
-        ValueError: the split has no ``timestamp`` column; a bad half-life or mix (as the class).
+        ValueError: no such split, or it has no ``timestamp`` column; a bad half-life or mix (as the class).
     """
-    rows = data.splits[split]
+    rows = _split(data, split)
     if "timestamp" not in (rows.extra or {}):
         raise ValueError(f"split {split!r} of {data.name} has no timestamp column: the time-aware prior needs one")
     first_binary = next((t for t, task in enumerate(data.tasks) if task.kind == "binary"), 0)
@@ -430,14 +432,20 @@ def recent_popularity_prior_for(data, half_life_days: float, mix: float = 0.1, s
     return prior.fit(rows.item[positive] - 1, rows.extra["timestamp"][positive])
 
 
+def _split(data, split: str):
+    if split not in data.splits:
+        raise ValueError(f"split: {split!r} is not a split of {data.name}; splits: {', '.join(data.splits)}")
+    return data.splits[split]
+
+
 def request_times(data, split: str) -> torch.Tensor:
     """float64 ``[num_user_rows]``: each user's request time in ``split``, the earliest ``timestamp``
     of their rows there (what a system knows at the user's first request); NaN for users without rows.
 
     Raises:
-        ValueError: the split has no ``timestamp`` column.
+        ValueError: no such split, or it has no ``timestamp`` column.
     """
-    rows = data.splits[split]
+    rows = _split(data, split)
     if "timestamp" not in (rows.extra or {}):
         raise ValueError(f"split {split!r} of {data.name} has no timestamp column: a time-aware model needs request times")
     first = torch.full((int(data.num_user_rows),), float("inf"), dtype=torch.float64)
@@ -478,13 +486,16 @@ class ColdStartModel(nn.Module):
 
     Raises:
         ValueError: weight or recent_share outside [0, 1], recent_share > 0 without ``recent``, a
-            ``recent`` prior over another catalogue, an unknown task name.
+            ``recent`` prior over another catalogue, an unknown task name, a ``model`` that is
+            already a ColdStartModel.
     """
 
     def __init__(self, model: nn.Module, prior: ItemPrior, weight: float, task: Optional[str] = None,
                  user_id_feature: str = "user_id", item_id_feature: str = "item_id",
                  recent: Optional[RecentPopularityPrior] = None, recent_share: float = 0.0) -> None:
         super().__init__()
+        if isinstance(model, ColdStartModel):
+            raise ValueError("model is already a ColdStartModel: wrap the trained model itself (its .model)")
         if not 0.0 <= float(weight) <= 1.0:
             raise ValueError(f"weight must be in [0, 1], got {weight}")
         if not 0.0 <= float(recent_share) <= 1.0:

@@ -14,6 +14,7 @@ Follows the ml100k-mtl-v1 protocol (../shared/data/PROTOCOL.md §5):
 from __future__ import annotations
 
 import math
+import operator
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -120,6 +121,17 @@ def pointwise_metrics(tasks: Sequence, labels: torch.Tensor, predictions: torch.
     return result
 
 
+def _check_split_and_k(data, split: str, k: int) -> None:
+    if split not in data.splits:
+        raise ValueError(f"split: {split!r} is not a split of {data.name}; splits: {', '.join(data.splits)}")
+    try:
+        positive = not isinstance(k, bool) and operator.index(k) >= 1
+    except TypeError:
+        positive = False
+    if not positive:
+        raise ValueError(f"k must be a positive number of items, got {k!r}")
+
+
 @torch.no_grad()
 def topk_lists(
     model: torch.nn.Module,
@@ -139,7 +151,11 @@ def topk_lists(
     Returns:
         ``(indices [U, k] int64 item positions (-1 pads), topk_eval)`` where ``topk_eval`` is
         ``data.topk_eval(split)`` (users, exclusions, relevant items).
+
+    Raises:
+        ValueError: ``split`` is not a split of ``data`` or has no top-k set; ``k`` < 1.
     """
+    _check_split_and_k(data, split, k)
     model.eval()
     tasks = data.tasks
     task_weights = dict(task_weights or default_ranking(tasks))
@@ -199,7 +215,11 @@ def evaluate(
 
     ``topk=False``, or a data set without items (``num_items`` 0 or missing, e.g. Census-Income),
     skips the ranking part.
+
+    Raises:
+        ValueError: ``split`` is not a split of ``data``; ``k`` < 1.
     """
+    _check_split_and_k(data, split, k)
     labels = data.splits[split].labels
     if hasattr(model, "targets"):  # ESMM: its post-click outputs are scored on entire-space labels
         labels = model.targets(labels)

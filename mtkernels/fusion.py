@@ -35,6 +35,8 @@ import torch
 from . import metrics as _metrics
 from . import ops
 from .catalogue import CatalogueScorer, user_table
+from .evaluation import _check_split_and_k
+from .nn import MultiTaskModel
 from .nn.cf import EASE, ItemItemCF, ItemKNN, SequentialRules
 from .training.checkpoint import build_model, class_path, load_checkpoint, save_checkpoint
 
@@ -151,11 +153,19 @@ def class_path_of(cls) -> str:
 
 
 def model_member_from_checkpoint(path: str, name: Optional[str] = None) -> Tuple[ModelMember, Dict[str, object]]:
-    """A `ModelMember` from a training checkpoint (best weights) and its serving tables."""
+    """A `ModelMember` from a training checkpoint (best weights) and its serving tables.
+
+    Raises:
+        FileNotFoundError: no file at ``path``. ValueError: not a checkpoint of a `MultiTaskModel`
+            (e.g. a fused or cold-start checkpoint), or no serving tables.
+    """
     checkpoint = load_checkpoint(path)
     if not checkpoint.get("serving"):
         raise ValueError(f"{path} holds no serving tables (the data set has no items to rank)")
-    model = build_model(checkpoint, best=True)
+    model = build_model(checkpoint, best=True) if "fusion" not in checkpoint else None
+    if not isinstance(model, MultiTaskModel):
+        raise ValueError(f"{path} is not a checkpoint of `mtkernels train` (a MultiTaskModel); fusion members are "
+                         "trained models (fused and cold-start checkpoints are not)")
     name = name or model.config.get("backbone", "model")
     return ModelMember(name, model, checkpoint["serving"]), checkpoint
 
@@ -416,7 +426,12 @@ class ScoreFusion:
         return torch.cat(values), torch.cat(indices)
 
     def topk_metrics(self, data, split: str, k: int = 10) -> Dict[str, float]:
-        """NDCG@k and Recall@k of the fused lists on a split of ``data`` (PROTOCOL.md §5)."""
+        """NDCG@k and Recall@k of the fused lists on a split of ``data`` (PROTOCOL.md §5).
+
+        Raises:
+            ValueError: ``split`` is not a split of ``data`` or has no top-k set; ``k`` < 1.
+        """
+        _check_split_and_k(data, split, k)
         evaluation = data.topk_eval(split)
         users = user_table_of(data, split) if getattr(data, "history_feature", None) is not None else None
         _, indices = self.topk(evaluation.users, k, evaluation.exclude_offsets, evaluation.exclude_indices, users=users)

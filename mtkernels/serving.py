@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -180,6 +181,17 @@ class Recommendations:
         return len(self.user_ids)
 
 
+def _is_integer(value) -> bool:
+    """An int, NumPy integer or one-element integer tensor (not a bool, float or string)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 class Ranker:
     """Top-k recommendations from a checkpoint of ``mtkernels.training`` (issue 4, item 4).
 
@@ -272,6 +284,29 @@ class Ranker:
             out.append(predictions.reshape(block.numel(), self.num_items, len(self.tasks)))
         return torch.cat(out) if out else torch.zeros(0, self.num_items, len(self.tasks))
 
+    def _table_sizes(self) -> Dict[str, int]:
+        """``{feature: rows of its embedding table}`` of the model (every fused member's)."""
+        models = [self.model] if self.model is not None else [getattr(m, "model", None) for m in self.fusion.members]
+        sizes: Dict[str, int] = {}
+        for model in models:
+            for module in model.modules() if isinstance(model, torch.nn.Module) else ():
+                for spec in getattr(module, "features", None) or ():
+                    if hasattr(spec, "num_embeddings"):
+                        sizes[spec.name] = min(sizes.get(spec.name, spec.num_embeddings), spec.num_embeddings)
+        return sizes
+
+    def _check_side_features(self, user: int, features: Mapping[str, object]) -> None:
+        """Each encoded id of a ``side_features`` entry must be a row of its table."""
+        sizes = self._table_sizes()
+        for name, value in features.items():
+            ids = value if isinstance(value, (list, tuple)) else [value]
+            size = sizes.get(name)
+            for i in ids:
+                if not _is_integer(i) or i < 0 or (size is not None and i >= size):
+                    expected = f"an id in [0, {size})" if size is not None else "an integer id >= 0"
+                    raise ValueError(f"side_features[{user}][{name!r}]: expected {expected} (encoded, e.g. by "
+                                     f"MultiTaskData.new_user_rows), got {i!r}")
+
     def _user_table(self, extra: List[Mapping[str, int]]) -> Dict[str, object]:
         """The stored user table, plus one appended row per ``extra`` side-feature dict."""
         sparse = dict(self.tables["user_sparse"])
@@ -332,18 +367,22 @@ class Ranker:
             (``"popularity"``; ties by the smaller item id).
 
         Raises:
-            ValueError: k < 0, unknown task names, unknown feature names in ``side_features``;
+            ValueError: k not an integer >= 0, a user id that is not an integer, unknown task names,
+                unknown feature names in ``side_features`` or an id outside its table;
                 ``task_weights`` given to a fused ranker (it ranks by its learned weights); ``at``
                 given to a model that does not use a request time, or not a finite number.
         """
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
+        if not _is_integer(k) or k < 0:
+            raise ValueError(f"k must be an integer >= 0, got {k!r}")
         if at is not None:
             if not self.uses_request_time:
                 raise ValueError("at: this checkpoint's model does not rank by request time (only a cold-start model "
                                  "with a time-aware prior does)")
             if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
                 raise ValueError(f"at: the request time must be a finite number of seconds (Unix time), got {at!r}")
+        bad = [u for u in user_ids if not _is_integer(u)]
+        if bad:
+            raise ValueError(f"user_ids: expected integer ids, got {bad[:3]!r}")
         user_ids = [int(u) for u in user_ids]
         if self.fusion is not None and task_weights:
             raise ValueError("task_weights does not apply to a fused checkpoint: it ranks by its learned source weights")
@@ -364,6 +403,7 @@ class Ranker:
             if row is not None:
                 served_by[position] = "model" if bool(self.tables["user_warm"][row]) else "side_features"
             elif user in side_features:
+                self._check_side_features(user, side_features[user])
                 row = n_known + len(extra)
                 extra.append(side_features[user])
                 served_by[position] = "side_features"

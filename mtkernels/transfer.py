@@ -198,8 +198,8 @@ def transfer(
 
     Raises:
         ValueError: unknown parts or mode, a negative lr_scale or one for a part not in ``parts``,
-            different backbones (experts,
-            gates), tensors of different shapes, tables of different row counts without vocabularies.
+            different backbones (experts, gates), tensors of different shapes, tables of different row
+            counts without vocabularies, ``gates``/``towers`` with no task name in both models.
         TypeError: a source that is neither a model nor a checkpoint.
     """
     unknown = [p for p in parts if p not in PARTS]
@@ -218,6 +218,10 @@ def transfer(
         if not float(value) >= 0:
             raise ValueError(f"lr_scale of {part!r} must be >= 0, got {value}")
     source, checkpoint_vocabularies = _source_model(source)
+    per_task = [p for p in parts if p in ("gates", "towers")]
+    if per_task and not _task_index_maps(source, target):
+        raise ValueError(f"parts {per_task} move between tasks of the same name, and the source's tasks "
+                         f"{[t.name for t in source.tasks]} and the target's {[t.name for t in target.tasks]} share none")
     if source_vocabularies is None:
         source_vocabularies = checkpoint_vocabularies
     source_vocabularies = dict(source_vocabularies or {})

@@ -76,6 +76,17 @@ def test_errors_are_clean(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     assert cli.main(["train", "--data", str(tmp_path / "nope.csv"), "--checkpoint", str(tmp_path / "c.pt")]) == 2
     assert "--data must be" in capsys.readouterr().err
+    log = tmp_path / "log.csv"
+    log.write_text("uid,iid,click\n1,2,1\n")
+    assert cli.main(["train", "--data", str(log), "--schema", '{"user": "uid"', "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    assert "--schema: not valid JSON" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(log), "--schema", str(tmp_path / "none.yaml"),
+                     "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    assert "--schema: no such YAML file" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--checkpoint", str(log), "--task-weight", "click=abc"]) == 2
+    assert "is not an mtkernels checkpoint" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--task-weight 'click=abc': the weight must be a number"):
+        cli._task_weights(["click=abc"])
     with pytest.raises(SystemExit):
         cli.main(["train"])  # --checkpoint is required
 
@@ -142,6 +153,19 @@ def test_cold_start_writes_a_checkpoint_that_serves_cold_users_by_their_features
     # the written checkpoint evaluates like any other (its data spec is kept)
     assert cli.main(["evaluate", "--checkpoint", cold, "--split", "test_cold", "--json"]) == 0
     assert 0 <= json.loads(capsys.readouterr().out)["test_cold"]["topk"]["ndcg@10"] <= 1
+    # a split the data set does not have is refused before any work (nothing written)
+    never = str(tmp_path / "never.pt")
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", never, "--features", "age", "--recent-share", "0",
+                     "--evaluate", "test"]) == 2
+    assert "--evaluate 'test' is not a split of this data set" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "mmoe", "--checkpoint", never, "--epochs", "1", "--no-progress",
+                     "--evaluate", "test"]) == 2
+    assert "--evaluate 'test' is not a split of this data set" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "mmoe", "--checkpoint", never, "--epochs", "0", "--no-progress"]) == 2
+    assert "--epochs must be >= 1" in capsys.readouterr().err  # 0 trained nothing yet printed a checkpoint path
+    assert not os.path.exists(never)
+    assert cli.main(["cold-start", "--checkpoint", cold, "--out", never, "--features", "age", "--recent-share", "0"]) == 2
+    assert "is already a cold-start checkpoint" in capsys.readouterr().err
     assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--weight", "2"]) == 2
     assert "weight" in capsys.readouterr().err
     assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "genres"]) == 2
@@ -184,6 +208,20 @@ def test_recommend_encodes_raw_side_features_of_unknown_users(tmp_path, capsys):
     torch.testing.assert_close(torch.tensor([u["scores"] for u in served]), direct.scores)
     assert cli.main(["recommend", "--checkpoint", checkpoint, "--side-features", "9001=age30"]) == 2
     assert "--side-features must be USER=JSON-object" in capsys.readouterr().err
+    assert cli.main(["recommend", "--checkpoint", checkpoint, "--side-features", '9001={"agee": 30}']) == 2
+    assert "unknown side features ['agee']; known: age" in capsys.readouterr().err
+    assert cli.main(["recommend", "--checkpoint", checkpoint]) == 2  # nobody to serve: an error, not an empty list
+    assert "give at least one --user or --side-features" in capsys.readouterr().err
+    # a fused checkpoint of the log: evaluate defaults to its test split and checks --split and --k
+    fused = str(tmp_path / "fused.pt")
+    assert cli.main(["fuse", "--member", checkpoint, "--cf", "ease", "--out", fused]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", fused]) == 0
+    assert capsys.readouterr().out.startswith("test: topk: ndcg@10")
+    assert cli.main(["evaluate", "--checkpoint", fused, "--split", "test_warm"]) == 2
+    assert "--split 'test_warm' is not a split of this data set" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--checkpoint", fused, "--k", "0"]) == 2
+    assert "k must be a positive number of items, got 0" in capsys.readouterr().err
     # string item ids: training works, the checkpoint says it cannot be served
     log.assign(iid=log["iid"].map(lambda i: f"item-{i}")).to_csv(path, index=False)
     assert cli.main(["train", "--data", str(path), "--schema", schema, "--model", "mmoe", "--checkpoint", checkpoint,

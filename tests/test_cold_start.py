@@ -69,6 +69,10 @@ def test_item_prior_errors():
         item_prior_for(data, ("genres",))
     with pytest.raises(ValueError, match="l2"):
         fit_item_prior(item_prior_for(data, ("age",)), data, l2=-1.0)
+    with pytest.raises(ValueError, match="l2"):  # NaN would train a NaN prior without a word
+        fit_item_prior(item_prior_for(data, ("age",)), data, l2=float("nan"))
+    with pytest.raises(ValueError, match="features: give at least one"):  # was torch.stack's RuntimeError
+        item_prior_for(data, ())
 
 
 def test_fit_item_prior_learns_each_group_and_shrinks_to_popularity():
@@ -161,12 +165,23 @@ def test_cold_start_model_in_evaluation_and_serving(trained):
     assert first == data.item_ids[expected].tolist()
 
 
+def test_evaluate_rejects_unknown_splits_and_k(trained):
+    data, model, _ = trained
+    for call in (evaluation.evaluate, evaluation.topk_metrics):
+        with pytest.raises(ValueError, match=r"split: 'test' is not a split of .*test_warm"):
+            call(model, data, "test")
+        with pytest.raises(ValueError, match="k must be a positive number of items, got 0"):
+            call(model, data, "test_cold", k=0)
+
+
 def test_cold_start_model_errors(trained):
     data, model, prior = trained
     with pytest.raises(ValueError, match="weight"):
         ColdStartModel(model, prior, 1.5)
     with pytest.raises(ValueError, match="task"):
         ColdStartModel(model, prior, 0.5, task="like")
+    with pytest.raises(ValueError, match="already a ColdStartModel"):  # cold-start on cold.pt: two blends
+        ColdStartModel(ColdStartModel(model, prior, 0.5), prior, 0.5)
 
 
 def test_pseudo_cold_holds_out_whole_training_users(tmp_path):
@@ -310,6 +325,11 @@ def test_recent_popularity_prior_errors():
         prior.latest
     with pytest.raises(ValueError, match="same length"):
         prior.fit(torch.tensor([0, 1]), torch.tensor([0]))
+    timed = make_data(timestamps=True)
+    with pytest.raises(ValueError, match=r"split: 'test' is not a split of .*test_cold"):
+        recent_popularity_prior_for(timed, 10.0, split="test")
+    with pytest.raises(ValueError, match=r"split: 'test' is not a split of .*test_cold"):
+        request_times(timed, "test")
     with pytest.raises(IndexError, match="items"):
         prior.fit(torch.tensor([5]), torch.tensor([0]))
     prior.fit(torch.tensor([0, 1]), torch.tensor([0, DAY]))

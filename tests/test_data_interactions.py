@@ -88,10 +88,41 @@ def test_unknown_users_and_topk(path, log):
         assert rel == set(test_pos.loc[test_pos["uid"] == user, "iid"])
         assert ex == set(seen.loc[seen["uid"] == user, "iid"])
     newcomer = data.new_user_rows([{"age": 30}, {"age": 999}])
+    with pytest.raises(ValueError, match=r"sides\[0\].*'agee'.*known: age"):
+        data.new_user_rows([{"agee": 30}])
     assert newcomer.sparse["age"].tolist() == [data.splits["train"].sparse["age"][torch.tensor(log["age"].iloc[data.splits["train"].extra["row"].numpy()].to_numpy() == 30)][0].item(), 0]
     pairs = data.pair_batch(sets.users[:3])
     assert pairs.sparse.stride() == 3 * 8 and torch.isnan(pairs.labels).all()
     assert torch.equal(pairs.sparse["item_id"]["values"], torch.arange(1, 9).repeat(3))
+
+
+def test_timestamp_column_reaches_the_splits(tmp_path, log):
+    """The schema's timestamp becomes each split's ``timestamp`` (int64 Unix seconds), as ml100k's: what the
+    time-aware cold-start prior and SequentialRules' time order read. Numbers are seconds; date strings parse."""
+    from mtkernels.cold_start import recent_popularity_prior_for, request_times
+
+    csv = tmp_path / "log.csv"
+    log.to_csv(csv, index=False)
+    data = load_interactions(csv, SCHEMA)  # random split: the timestamps travel with their rows
+    for split in data.splits.values():
+        stamps = split.extra["timestamp"]
+        assert stamps.dtype == torch.int64
+        assert stamps.tolist() == log["ts"].iloc[split.extra["row"].numpy()].tolist()
+    prior = recent_popularity_prior_for(data, half_life_days=10, mix=0.1)
+    assert prior.latest == int(log["ts"].iloc[data.splits["train"].extra["row"].numpy()][
+        log["click"].iloc[data.splits["train"].extra["row"].numpy()].to_numpy() == 1].max())
+    assert torch.isfinite(request_times(data, "test")[data.splits["test"].user_row]).all()
+    dated = log.assign(ts=pd.Timestamp("2020-01-01") + pd.to_timedelta(log["ts"], unit="s"))
+    dated.to_csv(csv, index=False)
+    data = load_interactions(csv, SCHEMA)
+    assert data.splits["train"].extra["timestamp"].tolist() == (
+        1577836800 + log["ts"].iloc[data.splits["train"].extra["row"].numpy()]).tolist()
+    log.assign(ts=log["ts"].where(log.index != 7)).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="timestamp column 'ts': 1 missing or unreadable"):
+        load_interactions(csv, SCHEMA)
+    log.assign(ts=log["ts"].astype(str).where(log.index != 7, "soon")).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="timestamp column 'ts': 1 missing or unreadable"):
+        load_interactions(csv, SCHEMA)
 
 
 def test_yaml_schema_random_and_column_splits(tmp_path, log):

@@ -271,6 +271,14 @@ def test_new_user_rows_match_cold_users(data):
     assert batch.sparse.stride() == 4 and torch.equal(batch.sparse["user_id"]["values"], torch.zeros(4, dtype=torch.long))
 
 
+def test_new_user_rows_rejects_unknown_side_feature_names(data):
+    # a misspelt name must not be served as "no side features" without a word
+    with pytest.raises(ValueError, match=r"sides\[1\].*'agee'.*age, gender, occupation, zip_code"):
+        data.new_user_rows([{"age": 30}, {"agee": 30}])
+    with pytest.raises(ValueError, match=r"sides\[0\]: expected a dict"):
+        data.new_user_rows(["age=30"])
+
+
 def test_resample_negatives(data, movielens):
     original = data.splits["train"]
     labels, user_row, item = original.labels.clone(), original.user_row.clone(), original.item.clone()

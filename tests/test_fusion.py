@@ -499,3 +499,12 @@ def test_fuse_command_writes_a_checkpoint_that_recommend_and_evaluate_read(data,
     assert "ndcg@10" in capsys.readouterr().out
     assert cli.main(["fuse", "--out", out]) == 2
     assert "at least one --member" in capsys.readouterr().err
+    # a cold-start checkpoint is not a member (its catalogue scoring is the wrapped model's): a clear error
+    from mtkernels.cold_start import ColdStartModel, cold_start_checkpoint, fit_item_prior, item_prior_for
+    from mtkernels.training import build_model, load_checkpoint, save_checkpoint
+
+    prior = fit_item_prior(item_prior_for(data, ("age",)), data, epochs=1)
+    cold = str(folder / "cold.pt")
+    save_checkpoint(cold, cold_start_checkpoint(ColdStartModel(build_model(load_checkpoint(paths["mmoe"])), prior, 1.0), data))
+    assert cli.main(["fuse", "--member", cold, "--cf", "none", "--out", out]) == 2
+    assert "is not a checkpoint of `mtkernels train`" in capsys.readouterr().err

@@ -139,3 +139,19 @@ def test_load_errors(tmp_path, trained):
     save_checkpoint(path, checkpoint)
     with pytest.raises(ValueError, match="no serving tables"):
         Ranker.load(path)
+
+
+def test_recommend_rejects_ids_that_are_not_integers_or_out_of_range(trained):
+    data, _, _, ranker = trained
+    known = int(data.user_ids[1])
+    for bad in (known + 0.5, str(known)):  # int(5.5) would silently serve user 5
+        with pytest.raises(ValueError, match=r"user_ids: expected integer ids"):
+            ranker.recommend([bad], k=3)
+    with pytest.raises(ValueError, match=r"k must be an integer >= 0, got 2.5"):
+        ranker.recommend([known], k=2.5)
+    size = data.feature("age").num_embeddings
+    for bad in (size, -1, "31", 1.5):
+        with pytest.raises(ValueError, match=rf"side_features\[9001\]\['age'\]: expected an id in \[0, {size}\)"):
+            ranker.recommend([9001], k=3, side_features={9001: {"age": bad}})
+    # the largest id is fine
+    assert ranker.recommend([9001], k=3, side_features={9001: {"age": size - 1}}).served_by == ["side_features"]

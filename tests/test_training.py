@@ -174,6 +174,10 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"weights": torch.zeros(1)}, other)
     with pytest.raises(ValueError, match="not an mtkernels checkpoint"):
         load_checkpoint(str(other))
+    text = tmp_path / "log.csv"  # not a torch file at all: the same ValueError, not an UnpicklingError
+    text.write_text("uid,iid,click\n1,2,1\n")
+    with pytest.raises(ValueError, match="log.csv is not an mtkernels checkpoint"):
+        load_checkpoint(str(text))
 
 
 def test_train_config_validation():

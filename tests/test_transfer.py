@@ -261,6 +261,12 @@ def test_transfer_errors(pretrained):
         transfer(source, wide, parts=("experts",))
     with pytest.raises(TypeError, match="source"):
         transfer(42, target)
+    # gates and towers move between tasks of the same name: none shared is an error, not a silent no-op
+    like = _model(select_tasks(data, ["like"]))
+    before = like.state_dict()["embeddings.embedding_bags.user_id.weight"].clone()
+    with pytest.raises(ValueError, match=r"towers.*same name.*\['click'\].*\['like'\]"):
+        transfer(source, like, parts=("embeddings", "towers"), mode="freeze")
+    assert torch.equal(like.state_dict()["embeddings.embedding_bags.user_id.weight"], before)  # nothing changed
 
 
 def test_id_dropout_replaces_ids_and_history():

@@ -139,6 +139,7 @@ class MultiTaskData:
         info: Optional[dict] = None,
         negative_pools: Optional[Jagged] = None,
         user_encoder=None,
+        user_side_columns: Sequence[str] = (),
         vocabularies: Optional[Dict[str, list]] = None,
         pair_dense: Optional[torch.Tensor] = None,
         history: Optional[UserHistory] = None,
@@ -169,6 +170,7 @@ class MultiTaskData:
         self._negative_pools = negative_pools
         # raw side-feature records -> {user feature: int64 ids}, for users the data set never saw
         self._user_encoder = user_encoder
+        self._user_side_columns = tuple(user_side_columns)  # the raw names user_encoder reads
         self._vocabularies = dict(vocabularies or {})
         # float32 [user rows, item rows, context dense]: the context dense columns of any (user, item)
         # pair, for pair_batch and resampled negatives (None: context dense is 0 there)
@@ -541,10 +543,17 @@ class MultiTaskData:
         E.g. ``data.new_user_rows([{"age": 31, "gender": "F", "occupation": "writer", "zip_code": "10025"}])``.
 
         Raises:
-            ValueError: the loader gave no side-feature encoder (no user side features).
+            ValueError: the loader gave no side-feature encoder (no user side features); an entry of
+                ``sides`` that is not a dict or names a side feature the data set does not have.
         """
         if self._user_encoder is None:
             raise ValueError(f"{self.name} cannot encode new users (no user side features)")
+        for i, side in enumerate(sides):
+            if not isinstance(side, dict):
+                raise ValueError(f"sides[{i}]: expected a dict of raw side features, got {type(side).__name__}")
+            unknown = [k for k in side if k not in self._user_side_columns]
+            if unknown:
+                raise ValueError(f"sides[{i}]: unknown side features {unknown}; known: {', '.join(self._user_side_columns)}")
         count = len(sides)
         encoded = self._user_encoder(pd.DataFrame(list(sides)))
         sparse, multi = {}, {}

@@ -12,7 +12,8 @@ Schema (a dict, or the path of a YAML file holding one)::
     context_features: [device]     # optional categorical per-row features
     multi_valued: {genres: "|"}    # optional: which of the feature columns hold separated lists
     dense: [price]                 # optional numeric per-row columns (standardised on train)
-    timestamp: ts                  # optional; needed by split: temporal
+    timestamp: ts                  # optional (Unix seconds or dates -> int64 seconds, each split's
+                                   #   extra["timestamp"]); needed by split: temporal
     item_title: title              # optional, for printing recommendations
     split: random                  # random | temporal (by timestamp, over all rows) | a column name
     val_fraction: 0.1              # random / temporal split shares
@@ -83,7 +84,31 @@ def read_table(path: Union[str, Path], sep: Optional[str] = None) -> pd.DataFram
     return pd.read_csv(path, sep=sep or ("\t" if path.suffix.lower() == ".tsv" else ","))
 
 
-def _split_labels(frame: pd.DataFrame, schema: dict) -> np.ndarray:
+def _timestamps(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """int64 Unix seconds of the timestamp column: numbers are seconds (floored), text is parsed as dates
+    (timezone-less ones as UTC).
+
+    Raises:
+        ValueError: a missing or unreadable value.
+    """
+    values = frame[column]
+    numbers = pd.to_numeric(values, errors="coerce")
+    seconds = numbers.to_numpy(np.float64)
+    bad = ~np.isfinite(seconds)
+    if bad.any() and not pd.api.types.is_numeric_dtype(values):
+        dates = pd.to_datetime(values.astype("string"), errors="coerce", utc=True, format="mixed")
+        if dates.isna().sum() < bad.sum():
+            bad = dates.isna().to_numpy()
+            seconds = np.zeros(len(values))
+            seconds[~bad] = (dates[~bad] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(f"timestamp column {column!r}: {len(rows)} missing or unreadable values (expected Unix "
+                         f"seconds or dates), first at row {rows[0]}: {values.iloc[rows[0]]!r}")
+    return np.floor(seconds).astype(np.int64)
+
+
+def _split_labels(frame: pd.DataFrame, schema: dict, timestamps: Optional[np.ndarray]) -> np.ndarray:
     """0 = train, 1 = val, 2 = test per row."""
     n = len(frame)
     mode = schema["split"]
@@ -94,9 +119,9 @@ def _split_labels(frame: pd.DataFrame, schema: dict) -> np.ndarray:
         if mode == "random":
             order = np.random.default_rng(int(schema["seed"])).permutation(n)
         else:
-            if not schema["timestamp"]:
+            if timestamps is None:
                 raise ValueError("schema: split 'temporal' needs a 'timestamp' column")
-            order = np.argsort(frame[schema["timestamp"]].to_numpy(), kind="stable")
+            order = np.argsort(timestamps, kind="stable")
         num_test, num_val = int(round(test_fraction * n)), int(round(val_fraction * n))
         label = np.zeros(n, dtype=np.int64)
         label[order[n - num_val - num_test : n - num_test]] = 1
@@ -156,7 +181,8 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
         schema: dict or YAML path. ``overrides``: schema keys to replace (e.g. ``seed=1``).
 
     Raises:
-        ValueError: bad schema, missing columns, non-numeric label or dense values, empty train split.
+        ValueError: bad schema, missing columns, non-numeric label or dense values, a missing or
+            unreadable timestamp, empty train split.
         FileNotFoundError: ``path`` (or the YAML file) does not exist.
     """
     schema = read_schema({**(read_schema(schema) if not isinstance(schema, dict) else schema), **overrides})
@@ -179,7 +205,8 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
                 raise ValueError(f"column {column!r} must be numeric (a label or dense feature)")
             frame[column] = converted
     frame = frame.reset_index(drop=True)
-    split = _split_labels(frame, schema)
+    timestamps = _timestamps(frame, schema["timestamp"]) if schema["timestamp"] else None
+    split = _split_labels(frame, schema, timestamps)
     train_rows = np.flatnonzero(split == 0)
     if len(train_rows) == 0:
         raise ValueError("the train split is empty")
@@ -231,7 +258,7 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
             context_sparse={k: v[rows_t] for k, v in context_sparse.items()},
             context_multi={k: _take_jagged(v, rows_t) for k, v in context_multi.items()},
             context_dense=torch.from_numpy(dense[rows]),
-            extra={"row": rows_t},
+            extra={"row": rows_t, **({} if timestamps is None else {"timestamp": torch.from_numpy(timestamps[rows])})},
         )
 
     tasks = [TaskSpec(c, k) for c, k in schema["labels"].items()]
@@ -272,6 +299,7 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
         user_side_frame=frame.drop_duplicates(user_col).set_index(user_col)[side_columns] if side_columns else None,
         topk_sets=topk,
         user_encoder=encode_user_side if user_vocabularies else None,
+        user_side_columns=tuple(user_vocabularies),
         info={"path": str(path), "schema": schema, "num_warm_users": len(warm)},
     )
 

@@ -424,6 +424,7 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         topk_sets=topk,
         negative_pools=(torch.from_numpy(pool_offsets), torch.from_numpy(pool_items.astype(np.int64))),
         user_encoder=encode_user_side,
+        user_side_columns=("age", "gender", "occupation", "zip_code"),
         # fixed buckets are their own keys; the other features' keys are their values
         vocabularies={"age": list(range(len(AGE_EDGES) + 2)), "gender": gender_vocab.row_keys(),
                       "occupation": occupation_vocab.row_keys(), "zip": zip_vocab.row_keys(),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import tempfile
 from typing import Any, Dict
 
@@ -68,7 +69,10 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     # weights_only=False: the file holds plain configs and RNG states besides tensors; only load
     # checkpoints you wrote (as with any torch.save file).
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not an mtkernels checkpoint (not a torch.save file: {exc})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"{path} is not an mtkernels checkpoint (expected format {FORMAT!r})")
     return checkpoint
