@@ -43,7 +43,8 @@ def _worker(backbone: str, threads: int, epochs: int, batch_size: int, data_dir,
     from mtkernels.data import load_ml100k_mtl_v1
     from mtkernels.training import TrainConfig, fit, presets
 
-    data = load_ml100k_mtl_v1(data_dir, history_length=history_length)
+    # older checkouts (a --baseline) have no history_length option: pass it only when set
+    data = load_ml100k_mtl_v1(data_dir, **({} if history_length is None else {"history_length": history_length}))
     torch.manual_seed(0)
     if history_length is not None and history_table == "item_id":
         from mtkernels.nn import MultiTaskModel
