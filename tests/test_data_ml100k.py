@@ -279,6 +279,13 @@ def test_new_user_rows_rejects_unknown_side_feature_names(data):
         data.new_user_rows(["age=30"])
 
 
+def test_new_user_rows_rejects_an_unreadable_age(data):
+    with pytest.raises(ValueError, match="age: expected a number, got 'abc'"):
+        data.new_user_rows([{"age": 30}, {"age": "abc"}])
+    readable = data.new_user_rows([{"age": "30"}, {"age": None}, {"age": 30}]).sparse["age"].tolist()
+    assert readable[0] == readable[2] != 0 and readable[1] == 0  # a numeric string reads; missing -> unknown
+
+
 def test_resample_negatives(data, movielens):
     original = data.splits["train"]
     labels, user_row, item = original.labels.clone(), original.user_row.clone(), original.item.clone()

@@ -161,9 +161,17 @@ def read_movielens_100k(data_dir: Optional[Union[str, Path]] = None, download: b
     return read_recbole(folder) if (folder / "ml-100k.inter").is_file() else read_grouplens(folder)
 
 
-def _bucket(values: pd.Series, edges: List[float]) -> np.ndarray:
-    """Fixed buckets 1..len(edges)+1 (``np.digitize`` + 1); missing values -> 0."""
+def _bucket(values: pd.Series, edges: List[float], name: str) -> np.ndarray:
+    """Fixed buckets 1..len(edges)+1 (``np.digitize`` + 1); missing values (None, NaN) -> 0.
+
+    Raises:
+        ValueError: a value that is present but not a number (e.g. a new user's ``age`` "abc"),
+            naming ``name``: unknown, not silently the missing-value bucket.
+    """
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    unreadable = np.isnan(numbers) & values.notna().to_numpy()
+    if unreadable.any():
+        raise ValueError(f"{name}: expected a number, got {values[unreadable].iloc[0]!r}")
     ids = np.digitize(numbers, edges) + 1
     return np.where(np.isnan(numbers), 0, ids).astype(np.int64)
 
@@ -301,7 +309,7 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
         column = lambda name: frame[name] if name in frame else pd.Series([None] * len(frame), dtype=object)  # noqa: E731
         prefix = column("zip_code").astype("string").str.strip().str.upper().str[:ZIP_PREFIX]
         return {
-            "age": _bucket(column("age"), AGE_EDGES),
+            "age": _bucket(column("age"), AGE_EDGES, "age"),
             "gender": gender_vocab.encode(column("gender")),
             "occupation": occupation_vocab.encode(column("occupation")),
             "zip": zip_vocab.encode(prefix),
@@ -319,7 +327,7 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
     genre_values, genre_offsets = encode_multi([[]] + genre_lists, genre_vocab)
     item_sparse = {
         "item_id": np.arange(num_items + 1, dtype=np.int64),
-        "release_year": np.concatenate([[0], _bucket(item_side["release_year"], YEAR_EDGES)]),
+        "release_year": np.concatenate([[0], _bucket(item_side["release_year"], YEAR_EDGES, "release_year")]),
     }
 
     # Dense features from training positives only (never val/test): activity/popularity and
