@@ -78,18 +78,30 @@ def fused_topk(
     )
 
 
+def _request_times(model: torch.nn.Module, data, split: str) -> Optional[torch.Tensor]:
+    """Per user row, the request time of ``split`` (`mtkernels.cold_start.request_times`) for a
+    model with ``uses_request_time`` (a time-aware cold-start model); None for any other model."""
+    if not getattr(model, "uses_request_time", False):
+        return None
+    from .cold_start import request_times
+
+    return request_times(data, split)
+
+
+def _forward(model: torch.nn.Module, batch, at: Optional[torch.Tensor]) -> torch.Tensor:
+    """The model's outputs for a batch, at request times ``at`` when it takes them."""
+    return model(batch.sparse, batch.dense) if at is None else model(batch.sparse, batch.dense, at=at)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, data, split: str, batch_size: int = 32768) -> torch.Tensor:
     """Model outputs for every row of a split, in row order: float ``[n, T]``."""
     model.eval()
-    if getattr(model, "uses_request_time", False):  # a time-aware cold-start model: each row at its user's request time
-        from .cold_start import request_times
-
-        first = request_times(data, split)[data.splits[split].user_row]
-        outputs = [model(batch.sparse, batch.dense, at=first[batch.index])
-                   for batch in data.batches(split, batch_size, shuffle=False)]
-    else:
-        outputs = [model(batch.sparse, batch.dense) for batch in data.batches(split, batch_size, shuffle=False)]
+    first = _request_times(model, data, split)  # a time-aware cold-start model: each row at its user's request time
+    if first is not None:
+        first = first[data.splits[split].user_row]
+    outputs = [_forward(model, batch, None if first is None else first[batch.index])
+               for batch in data.batches(split, batch_size, shuffle=False)]
     num_tasks = len(data.tasks)
     return torch.cat(outputs) if outputs else torch.zeros(0, num_tasks)
 
@@ -163,20 +175,12 @@ def topk_lists(
     users = evaluation.users
     items = torch.arange(data.num_items)
     lists = []
-    timed = getattr(model, "uses_request_time", False)
-    if timed:
-        from .cold_start import request_times
-
-        first = request_times(data, split)
+    first = _request_times(model, data, split)
     for start in range(0, users.numel(), users_per_block):
         stop = min(start + users_per_block, users.numel())
         batch = data.pair_batch(users[start:stop], items, split=split)
-        if timed:
-            at = first[users[start:stop]].repeat_interleave(data.num_items)
-            predictions = model(batch.sparse, batch.dense, at=at)
-        else:
-            predictions = model(batch.sparse, batch.dense)
-        predictions = predictions.reshape(stop - start, data.num_items, len(tasks))
+        at = None if first is None else first[users[start:stop]].repeat_interleave(data.num_items)
+        predictions = _forward(model, batch, at).reshape(stop - start, data.num_items, len(tasks))
         lo, hi = int(evaluation.exclude_offsets[start]), int(evaluation.exclude_offsets[stop])
         offsets = evaluation.exclude_offsets[start : stop + 1] - lo
         _, indices = fused_topk(

@@ -426,16 +426,16 @@ class Ranker:
             else:
                 predictions = self.score(users, rows_t, at)
                 top_scores, top_items = fused_topk(predictions, self.tasks, task_weights, k, exclude_offsets, exclude_indices)
-            at = torch.tensor(positions, dtype=torch.long)
-            scores[at] = top_scores
-            item_ids[at] = torch.where(top_items >= 0, self.item_ids[top_items.clamp_min(0)], top_items)
+            where = torch.tensor(positions, dtype=torch.long)
+            scores[where] = top_scores
+            item_ids[where] = torch.where(top_items >= 0, self.item_ids[top_items.clamp_min(0)], top_items)
 
         popular = [p for p, how in enumerate(served_by) if how == "popularity"]
         if popular and k > 0:
             top_scores, top_items = _popularity_topk(self.tables["popularity"], k)
-            at = torch.tensor(popular, dtype=torch.long)
-            scores[at] = top_scores.expand(len(popular), -1)
-            item_ids[at] = torch.where(top_items >= 0, self.item_ids[top_items.clamp_min(0)], top_items).expand(
+            where = torch.tensor(popular, dtype=torch.long)
+            scores[where] = top_scores.expand(len(popular), -1)
+            item_ids[where] = torch.where(top_items >= 0, self.item_ids[top_items.clamp_min(0)], top_items).expand(
                 len(popular), -1
             )
 
