@@ -3,7 +3,8 @@
 The implicit-feedback set N(u) of SVD++ (Koren, "Factorization Meets the Neighborhood", KDD 2008)
 and the mean-pooled watch history of the YouTube DNN (Covington et al., "Deep Neural Networks for
 YouTube Recommendations", RecSys 2016), as a multi-valued user-side sparse feature pooled by the
-model's `EmbeddingBagCollection` (mean pooling, its own table).
+model's `EmbeddingBagCollection` (mean pooling; its own table, or the item_id table through
+`MultiTaskModel(shared_tables={"history": "item_id"})`).
 
 Nothing of size rows x L is stored: each user's time-ordered item sequence is kept once (CSR over
 user-table rows) together with one prefix length per split row; a batch's bags are slices of the
