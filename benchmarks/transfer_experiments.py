@@ -31,11 +31,13 @@
    training and ranked against their whole training history from their first training timestamp,
    test_cold's shape from train rows only); test_cold is only scored.
 3. ``census`` — Census-Income (KDD): pretrain on never-married (all training labels), transfer to
-   income with 5% of the training rows' income labels (the same arms, without auxiliary ones), vs
-   from scratch on the same 5%; test AUC.
+   income with 5% of the training rows' income labels (the same arms, without auxiliary ones, plus
+   L2-SP fine-tuning with patience 5, the per-part rates with patience 5 alone, and from scratch with
+   patience 5), vs from scratch on the same 5%; test AUC.
 
 Choices were made on validation splits (the id dropout p on validation users scored as cold, the
-per-part rates on seed 0's val, the transfer arm by its "val" column); test splits are only
+per-part rates on seed 0's val, L2-SP's alpha and beta and its patience on the mean val over
+seeds 0-2, the transfer arm by its "val" column); test splits are only
 scored. ``--quick`` is a smoke run (1 seed, 2 epochs). Census-Income is found through
 ``$MTKERNELS_SHARED_DATA`` or ``../shared/data``.
 """
@@ -71,6 +73,11 @@ BACKBONE = "mmoe"
 # A label budget of a few thousand rows is 2-4 steps per epoch at the preset batch of 2048: the
 # budget arms (transferred and from scratch alike) train with smaller batches.
 BUDGET_BATCH = 256
+# Census, 5% of the income labels: L2-SP's (alpha, beta) (Li et al., ICML 2018; `transfer(...,
+# l2_sp=alpha, l2_sp_new=beta)`, weight decay 0) and early stopping's patience, chosen by the mean
+# val income AUC over seeds 0-2 (README).
+L2_SP = (0.1, 0.01)
+L2_SP_PATIENCE = 5
 
 
 def _config(seed: int, quick: bool, **values) -> TrainConfig:
@@ -115,25 +122,39 @@ def _append(store: Dict[str, Dict[str, List[float]]], name: str, values: Dict[st
 # --- 1 and 2: ml100k ---------------------------------------------------------------------------
 class Arm(NamedTuple):
     """One compared model: how it starts (``mode`` None = from scratch, else `transfer`'s mode with
-    ``scale`` and ``parts``) and what it trains on (``data``)."""
+    ``scale`` and ``parts``), what it trains on (``data``), and optionally L2-SP's ``(alpha, beta)``
+    (`transfer`'s ``l2_sp``, ``l2_sp_new``; the arm then trains with weight decay 0, which L2-SP
+    replaces) and early stopping's ``patience`` (default the preset's)."""
 
     mode: Optional[str]
     scale: object
     data: object
     parts: Tuple[str, ...] = ("embeddings", "experts")
+    l2_sp: Optional[Tuple[float, float]] = None
+    patience: Optional[int] = None
 
 
-def _arms(share: str, budget, full, aux=None, aux_task: str = "") -> Dict[str, Arm]:
+def _arms(share: str, budget, full, aux=None, aux_task: str = "", l2_sp: bool = False) -> Dict[str, Arm]:
     """The compared models. ``aux``: the budget data with the source task's labels kept on every
-    row (the source task trained on as an auxiliary task, its gate and tower carried over)."""
+    row (the source task trained on as an auxiliary task, its gate and tower carried over).
+    ``l2_sp``: also the L2-SP arm chosen on Census val (`L2_SP`, `L2_SP_PATIENCE`), the per-part
+    rates with that patience alone, and from scratch with that patience."""
     arms = {"transfer, embeddings + experts frozen": Arm("freeze", 0.0, budget)}
     for scale in FINETUNE_LR_SCALES:
         arms[f"transfer, embeddings + experts fine-tuned (lr x {scale:g})"] = Arm("finetune", scale, budget)
     arms["transfer, embeddings fine-tuned (lr x 0.1), experts (lr x 1)"] = Arm("finetune", RECOMMENDED_LR_SCALES, budget)
+    if l2_sp:
+        arms[f"transfer, embeddings lr x 0.1, experts lr x 1, patience {L2_SP_PATIENCE}"] = Arm(
+            "finetune", RECOMMENDED_LR_SCALES, budget, patience=L2_SP_PATIENCE)
+        arms[f"transfer, L2-SP (alpha {L2_SP[0]:g}, beta {L2_SP[1]:g}), embeddings lr x 0.1, experts lr x 1, "
+             f"patience {L2_SP_PATIENCE}"] = Arm("finetune", RECOMMENDED_LR_SCALES, budget, l2_sp=L2_SP,
+                                                 patience=L2_SP_PATIENCE)
     if aux is not None:
         arms[f"transfer + auxiliary {aux_task} task on all rows (embeddings lr x 0.1, experts lr x 1)"] = Arm(
             "finetune", RECOMMENDED_LR_SCALES, aux, ("embeddings", "experts", "gates", "towers"))
     arms[f"from scratch, same {share}"] = Arm(None, 1.0, budget)
+    if l2_sp:
+        arms[f"from scratch, same {share}, patience {L2_SP_PATIENCE}"] = Arm(None, 1.0, budget, patience=L2_SP_PATIENCE)
     if aux is not None:
         arms[f"from scratch, same {share} + auxiliary {aux_task} labels on all rows"] = Arm(None, 1.0, aux)
     arms["from scratch, 100% of the labels"] = Arm(None, 1.0, full)
@@ -143,11 +164,19 @@ def _arms(share: str, budget, full, aux=None, aux_task: str = "") -> Dict[str, A
 def _train_arm(arm: Arm, source, seed: int, quick: bool, budget_data, monitor_tasks: List[str]):
     """Build, transfer into (unless from scratch) and fit one arm's model; (model, FitResult)."""
     model = _model(arm.data, seed)
+    regularizer = None
     if arm.mode is not None:
-        transfer(source, model, parts=arm.parts, mode=arm.mode, lr_scale=arm.scale)
+        alpha, beta = arm.l2_sp if arm.l2_sp is not None else (None, 0.0)
+        regularizer = transfer(source, model, parts=arm.parts, mode=arm.mode, lr_scale=arm.scale,
+                               l2_sp=alpha, l2_sp_new=beta).regularizer
     # label-budget arms train with small batches; an auxiliary arm has every row, like the 100% one
     batch = BUDGET_BATCH if arm.data is budget_data else presets.TRAIN_PRESET["batch_size"]
-    result = fit(model, arm.data, _config(seed, quick, batch_size=batch, monitor_tasks=monitor_tasks))
+    values = dict(batch_size=batch, monitor_tasks=monitor_tasks)
+    if arm.l2_sp is not None:
+        values["weight_decay"] = 0.0
+    if arm.patience is not None:
+        values["patience"] = arm.patience
+    result = fit(model, arm.data, _config(seed, quick, **values), regularizer=regularizer)
     return model, result
 
 
@@ -390,7 +419,7 @@ def census_experiment(seeds: List[int], quick: bool, log: Callable[[str], None])
         fit(source, married, _config(seed, quick))
         budget, _ = keep_label_fraction(income, ["income"], 0.05, seed=seed)
         budget = drop_unlabelled_rows(budget)
-        for name, arm in _arms("5%", budget, income).items():
+        for name, arm in _arms("5%", budget, income, l2_sp=True).items():
             model, result = _train_arm(arm, source, seed, quick, budget, ["income"])
             train_data = arm.data
             metrics = evaluation.evaluate(model, income, "test", topk=False)
