@@ -11,7 +11,8 @@
    only, counts and popularity from clicks), and the click source is pretrained in it. Transferred (embeddings + experts frozen, fine-tuned at one lower learning rate, or
    at per-part rates: embeddings x 0.1, experts x 1; and the last with click kept as an auxiliary
    task on every row, its gate and tower carried over) vs the same model from scratch on the same
-   10% (with and without the auxiliary click labels), vs from scratch on 100%. Every arm stops
+   10% (with and without the auxiliary click labels), vs from scratch on 100%; plus L2-SP
+   fine-tuning at lr x 1 with patience 5, the same without L2-SP, and from scratch with patience 5. Every arm stops
    early on val like AUC. test_warm like AUC and rating RMSE; plus the cost of training with
    frozen vs fine-tuned shared parts (seconds per epoch on the 100% like/rating rows, trained
    values, gradient + optimizer-state bytes).
@@ -73,11 +74,24 @@ BACKBONE = "mmoe"
 # A label budget of a few thousand rows is 2-4 steps per epoch at the preset batch of 2048: the
 # budget arms (transferred and from scratch alike) train with smaller batches.
 BUDGET_BATCH = 256
-# Census, 5% of the income labels: L2-SP's (alpha, beta) (Li et al., ICML 2018; `transfer(...,
-# l2_sp=alpha, l2_sp_new=beta)`, weight decay 0) and early stopping's patience, chosen by the mean
-# val income AUC over seeds 0-2 (README).
-L2_SP = (0.1, 0.01)
-L2_SP_PATIENCE = 5
+
+
+class L2SPArm(NamedTuple):
+    """An L2-SP fine-tuning arm (Li et al., ICML 2018; `transfer(..., l2_sp=alpha, l2_sp_new=beta)`,
+    trained with weight decay 0, which L2-SP replaces): the fine-tuning rates (``rates`` names them),
+    L2-SP's alpha and beta and early stopping's patience, chosen by the mean val AUC of the target
+    task over seeds 0-2 (README)."""
+
+    rates: str
+    scale: object
+    alpha: float
+    beta: float
+    patience: int
+
+
+# Census (5% of the income labels) and ml100k (10% of the users' like/rating labels)
+CENSUS_L2_SP = L2SPArm("embeddings lr x 0.1, experts lr x 1", RECOMMENDED_LR_SCALES, 0.1, 0.01, 5)
+TASK_L2_SP = L2SPArm("lr x 1", 1.0, 1.0, 0.01, 5)
 
 
 def _config(seed: int, quick: bool, **values) -> TrainConfig:
@@ -134,27 +148,26 @@ class Arm(NamedTuple):
     patience: Optional[int] = None
 
 
-def _arms(share: str, budget, full, aux=None, aux_task: str = "", l2_sp: bool = False) -> Dict[str, Arm]:
+def _arms(share: str, budget, full, aux=None, aux_task: str = "", l2_sp: Optional[L2SPArm] = None) -> Dict[str, Arm]:
     """The compared models. ``aux``: the budget data with the source task's labels kept on every
     row (the source task trained on as an auxiliary task, its gate and tower carried over).
-    ``l2_sp``: also the L2-SP arm chosen on Census val (`L2_SP`, `L2_SP_PATIENCE`), the per-part
-    rates with that patience alone, and from scratch with that patience."""
+    ``l2_sp``: also that L2-SP arm, the same rates and patience without L2-SP, and from scratch
+    with that patience (what the patience alone does)."""
     arms = {"transfer, embeddings + experts frozen": Arm("freeze", 0.0, budget)}
     for scale in FINETUNE_LR_SCALES:
         arms[f"transfer, embeddings + experts fine-tuned (lr x {scale:g})"] = Arm("finetune", scale, budget)
     arms["transfer, embeddings fine-tuned (lr x 0.1), experts (lr x 1)"] = Arm("finetune", RECOMMENDED_LR_SCALES, budget)
-    if l2_sp:
-        arms[f"transfer, embeddings lr x 0.1, experts lr x 1, patience {L2_SP_PATIENCE}"] = Arm(
-            "finetune", RECOMMENDED_LR_SCALES, budget, patience=L2_SP_PATIENCE)
-        arms[f"transfer, L2-SP (alpha {L2_SP[0]:g}, beta {L2_SP[1]:g}), embeddings lr x 0.1, experts lr x 1, "
-             f"patience {L2_SP_PATIENCE}"] = Arm("finetune", RECOMMENDED_LR_SCALES, budget, l2_sp=L2_SP,
-                                                 patience=L2_SP_PATIENCE)
+    if l2_sp is not None:
+        arms[f"transfer, {l2_sp.rates}, patience {l2_sp.patience}"] = Arm(
+            "finetune", l2_sp.scale, budget, patience=l2_sp.patience)
+        arms[f"transfer, L2-SP (alpha {l2_sp.alpha:g}, beta {l2_sp.beta:g}), {l2_sp.rates}, patience {l2_sp.patience}"] = Arm(
+            "finetune", l2_sp.scale, budget, l2_sp=(l2_sp.alpha, l2_sp.beta), patience=l2_sp.patience)
     if aux is not None:
         arms[f"transfer + auxiliary {aux_task} task on all rows (embeddings lr x 0.1, experts lr x 1)"] = Arm(
             "finetune", RECOMMENDED_LR_SCALES, aux, ("embeddings", "experts", "gates", "towers"))
     arms[f"from scratch, same {share}"] = Arm(None, 1.0, budget)
-    if l2_sp:
-        arms[f"from scratch, same {share}, patience {L2_SP_PATIENCE}"] = Arm(None, 1.0, budget, patience=L2_SP_PATIENCE)
+    if l2_sp is not None:
+        arms[f"from scratch, same {share}, patience {l2_sp.patience}"] = Arm(None, 1.0, budget, patience=l2_sp.patience)
     if aux is not None:
         arms[f"from scratch, same {share} + auxiliary {aux_task} labels on all rows"] = Arm(None, 1.0, aux)
     arms["from scratch, 100% of the labels"] = Arm(None, 1.0, full)
@@ -207,7 +220,7 @@ def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str]
         source = _model(click, seed)
         fit(source, click, _config(seed, quick, id_dropout=ID_DROPOUT))
         budget = drop_unlabelled_rows(select_tasks(aux, ["like", "rating"]))
-        for name, arm in _arms("10%", budget, full, aux, "click").items():
+        for name, arm in _arms("10%", budget, full, aux, "click", TASK_L2_SP).items():
             model, result = _train_arm(arm, source, seed, quick, budget, ["like"])
             values = {}
             for split, prefix in (("test_warm", ""), ("val", "val_")):
@@ -419,7 +432,7 @@ def census_experiment(seeds: List[int], quick: bool, log: Callable[[str], None])
         fit(source, married, _config(seed, quick))
         budget, _ = keep_label_fraction(income, ["income"], 0.05, seed=seed)
         budget = drop_unlabelled_rows(budget)
-        for name, arm in _arms("5%", budget, income, l2_sp=True).items():
+        for name, arm in _arms("5%", budget, income, l2_sp=CENSUS_L2_SP).items():
             model, result = _train_arm(arm, source, seed, quick, budget, ["income"])
             train_data = arm.data
             metrics = evaluation.evaluate(model, income, "test", topk=False)

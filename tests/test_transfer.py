@@ -452,6 +452,29 @@ def test_cli_init_from_and_freeze(tmp_path, monkeypatch, capsys):
     assert cli.main(["train", *common, "--init-from", source, "--freeze", "embeddings",
                      "--transfer-lr-scale", "embeddings=0.1", "--checkpoint", str(tmp_path / "z.pt")]) == 2
     assert "not fine-tuned" in capsys.readouterr().err
+    # --l2-sp: 0 is plain fine-tuning without weight decay, bit for bit; a strong pull keeps the experts nearer
+    runs = {}
+    for name, extra in (("plain", ["--weight-decay", "0"]), ("zero", ["--l2-sp", "0"]), ("strong", ["--l2-sp", "100,0.01"])):
+        runs[name] = str(tmp_path / f"l2sp_{name}.pt")
+        torch.manual_seed(0)  # the same fresh gates and towers (the model is built before fit seeds)
+        assert cli.main(["train", *common, "--tasks", "like,rating", "--init-from", source, *extra,
+                         "--checkpoint", runs[name]]) == 0
+    states = {name: load_checkpoint(path)["model_state"] for name, path in runs.items()}
+    assert load_checkpoint(runs["strong"])["train_config"]["weight_decay"] == 0.0
+    assert all(torch.equal(states["plain"][k], states["zero"][k]) for k in states["plain"])
+    experts = [k for k in pre.state_dict() if k.startswith("backbone.experts")]
+
+    def distance(state):
+        return sum(float((state[k] - pre.state_dict()[k]).pow(2).sum()) for k in experts)
+
+    assert distance(states["strong"]) < 0.5 * distance(states["plain"])
+    for bad, message in ((["--l2-sp", "x"], "--l2-sp: expected"), (["--l2-sp", "-1"], "--l2-sp: expected"),
+                         (["--init-from", source, "--freeze", "embeddings,experts", "--l2-sp", "1"], "every --transfer part is frozen")):
+        args = bad if "--init-from" in bad else ["--init-from", source, *bad]
+        assert cli.main(["train", *common, *args, "--checkpoint", str(tmp_path / "bad.pt")]) == 2
+        assert message in capsys.readouterr().err
+    assert cli.main(["train", *common, "--l2-sp", "1", "--checkpoint", str(tmp_path / "bad.pt")]) == 2
+    assert "--l2-sp needs --init-from" in capsys.readouterr().err
 
 
 def test_refit_dense_features_sees_only_the_budget_labels():
