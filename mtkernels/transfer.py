@@ -78,7 +78,8 @@ MODES = ("freeze", "finetune")
 # Fine-tuning rates chosen on validation for Census income with 5% of the labels (README):
 # pretrained rows move slowly, the experts adapt. On ml100k with 10% of the users' like/rating labels
 # and leak-free dense statistics (`mtkernels.data.refit_dense_features`), val preferred one scale
-# of 0.3 for both parts, by less than the seed-to-seed spread.
+# of 0.3 for both parts, by less than the seed-to-seed spread, and then L2-SP (`l2_sp=1`, `l2_sp_new=0.01`)
+# at scale 1; on Census, L2-SP at these rates (`l2_sp=0.1`, `l2_sp_new=0.01`), by a hair (README).
 RECOMMENDED_LR_SCALES = {"embeddings": 0.1, "experts": 1.0}
 _TABLE_PREFIX = "embeddings.embedding_bags."
 
