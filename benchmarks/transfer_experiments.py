@@ -12,8 +12,8 @@
    at per-part rates: embeddings x 0.1, experts x 1; and the last with click kept as an auxiliary
    task on every row, its gate and tower carried over) vs the same model from scratch on the same
    10% (with and without the auxiliary click labels), vs from scratch on 100%; plus L2-SP
-   fine-tuning at lr x 1 with patience 5, the same without L2-SP, and from scratch with patience 5. Every arm stops
-   early on val like AUC. test_warm like AUC and rating RMSE; plus the cost of training with
+   fine-tuning at lr x 1 with patience 5, the same without L2-SP, and from scratch with patience 5.
+   Every arm stops early on val like AUC. test_warm like AUC and rating RMSE; plus the cost of training with
    frozen vs fine-tuned shared parts (seconds per epoch on the 100% like/rating rows, trained
    values, gradient + optimizer-state bytes).
 2. ``cold`` — test_cold (94 users never seen in training): click models (the source of (1) and the
