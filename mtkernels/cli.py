@@ -64,7 +64,7 @@ def _checkpoint_data(checkpoint: Dict[str, Any], data_dir: Optional[str]):
     """The data spec a checkpoint was trained on (``data_dir`` overriding its folder) and that data set."""
     spec = dict(checkpoint.get("data") or {"name": "ml100k"})
     if data_dir:
-        spec["data_dir"] = data_dir
+        spec["data_dir"] = os.path.abspath(data_dir)
     return spec, _load_tasks(spec)
 
 
@@ -73,6 +73,20 @@ def _check_splits(data, splits: Optional[Sequence[str]], option: str) -> None:
     for split in splits or []:
         if split not in data.splits:
             raise ValueError(f"{option} {split!r} is not a split of this data set; splits: {list(data.splits)}")
+
+
+def _portable_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The data spec with its paths (a log file, a YAML schema, the data folder) made absolute, so that
+    the checkpoint storing it is evaluated, served or fused from any working directory."""
+    spec = dict(spec)
+    if spec.get("name") and os.path.isfile(spec["name"]):
+        spec["name"] = os.path.abspath(spec["name"])
+    if spec.get("data_dir"):
+        spec["data_dir"] = os.path.abspath(spec["data_dir"])
+    schema = spec.get("schema")
+    if isinstance(schema, str) and not schema.lstrip().startswith("{") and os.path.isfile(schema):
+        spec["schema"] = os.path.abspath(schema)
+    return spec
 
 
 def _schema(schema):
@@ -124,7 +138,7 @@ def cmd_train(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_spec = {"name": args.data, "data_dir": args.data_dir, "schema": args.schema}
+    data_spec = _portable_spec({"name": args.data, "data_dir": args.data_dir, "schema": args.schema})
     if args.tasks:
         data_spec["tasks"] = [t for t in args.tasks.split(",") if t]
     if args.history_length is not None:
@@ -178,7 +192,7 @@ def cmd_fuse(args) -> int:
         first = first or checkpoint
     data_spec = dict(first.get("data") or {"name": "ml100k"})
     if args.data_dir:
-        data_spec["data_dir"] = args.data_dir
+        data_spec["data_dir"] = os.path.abspath(args.data_dir)
     data = load_data(data_spec)
     _check_splits(data, args.evaluate, "--evaluate")
     cfs = [c for c in dict.fromkeys(args.cf) if c != "none"]

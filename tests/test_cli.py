@@ -280,3 +280,30 @@ def test_train_history_length_is_kept_in_the_data_spec(tmp_path, tiny_data):
     from mtkernels.training import load_checkpoint
 
     assert load_checkpoint(checkpoint)["data"]["history_length"] == 30  # evaluate reloads the same bags
+
+
+def _small_log(folder, n=300, seed=0):
+    """A tiny interaction log (uid, iid, click, age, ts) written to ``folder/log.csv``."""
+    rng = np.random.default_rng(seed)
+    log = pd.DataFrame({"uid": rng.integers(100, 120, n), "iid": rng.integers(1, 9, n),
+                        "click": rng.integers(0, 2, n), "ts": rng.permutation(n)})
+    log["age"] = log["uid"] % 4 * 10
+    log.to_csv(folder / "log.csv", index=False)
+    return log
+
+
+def test_a_checkpoint_trained_from_relative_paths_is_evaluated_from_another_folder(tmp_path, monkeypatch, capsys):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    _small_log(work)
+    (work / "schema.yaml").write_text("user: uid\nitem: iid\nlabels: {click: binary}\nuser_features: [age]\n"
+                                      "timestamp: ts\nsplit: temporal\n")
+    monkeypatch.chdir(work)
+    assert cli.main(["train", "--data", "log.csv", "--schema", "schema.yaml", "--model", "mmoe", "--checkpoint", "m.pt",
+                     "--epochs", "1", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]) == 0
+    assert cli.main(["evaluate", "--checkpoint", "m.pt", "--json"]) == 0
+    here = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # after the "trained ..." line
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["evaluate", "--checkpoint", str(work / "m.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == here
