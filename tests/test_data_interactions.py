@@ -160,3 +160,39 @@ def test_schema_errors(tmp_path, log):
         load_interactions(csv, {"user": "uid", "item": "iid", "labels": {"click": "binary"}, "split": "device"})
     with pytest.raises(FileNotFoundError):
         load_interactions(tmp_path / "absent.csv", {"user": "uid", "item": "iid", "labels": {"click": "binary"}})
+
+
+@pytest.mark.parametrize("column", ["uid", "iid"])
+def test_a_missing_user_or_item_id_is_an_error_naming_the_row(tmp_path, log, column):
+    # a blank id would otherwise become a user / item of its own (NaN), and float ids leave the
+    # checkpoint without serving tables
+    frame = log.copy()
+    frame[column] = frame[column].astype(object)
+    frame.loc[7, column] = None
+    csv = tmp_path / "log.csv"
+    frame.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=f"column '{column}': 1 missing ids, first at row 7"):
+        load_interactions(csv, SCHEMA)
+
+
+@pytest.mark.parametrize("value", [2.0, -1.0, 0.5])
+def test_a_binary_label_other_than_0_or_1_is_an_error(tmp_path, log, value):
+    # the binary cross-entropy would silently train towards it, and top-k would not count it
+    frame = log.copy()
+    frame["click"] = frame["click"].astype(float)
+    frame.loc[11, "click"] = value
+    csv = tmp_path / "log.csv"
+    frame.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=f"binary label 'click' must be 0 or 1 .empty: no label., got {value:g} at row 11"):
+        load_interactions(csv, SCHEMA)
+
+
+@pytest.mark.parametrize("column", ["rating", "price"])
+def test_an_infinite_label_or_dense_value_is_an_error(tmp_path, log, column):
+    # inf would make the loss (label) or the whole standardised column (dense) NaN
+    frame = log.copy()
+    frame.loc[5, column] = np.inf
+    csv = tmp_path / "log.csv"
+    frame.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=f"column '{column}': infinite value at row 5"):
+        load_interactions(csv, SCHEMA)

@@ -108,6 +108,30 @@ def _timestamps(frame: pd.DataFrame, column: str) -> np.ndarray:
     return np.floor(seconds).astype(np.int64)
 
 
+def _check_values(frame: pd.DataFrame, schema: dict) -> None:
+    """Refuse what would silently train or rank wrong: a missing user or item id (it would become an
+    entity of its own), a binary label other than 0/1 (the cross-entropy would fit it, top-k ignore it),
+    and an infinite label or dense value (a NaN loss, a NaN standardised column).
+
+    Raises:
+        ValueError: naming the column and the first bad row (0-based, as read).
+    """
+    for column in (schema["user"], schema["item"]):
+        missing = np.flatnonzero(frame[column].isna().to_numpy())
+        if len(missing):
+            raise ValueError(f"column {column!r}: {len(missing)} missing ids, first at row {missing[0]}")
+    for column in list(schema["labels"]) + list(schema["dense"]):
+        values = frame[column].to_numpy(np.float64)
+        infinite = np.flatnonzero(np.isinf(values))
+        if len(infinite):
+            raise ValueError(f"column {column!r}: infinite value at row {infinite[0]}")
+        if schema["labels"].get(column) == "binary":
+            bad = np.flatnonzero(~np.isnan(values) & (values != 0) & (values != 1))
+            if len(bad):
+                raise ValueError(f"binary label {column!r} must be 0 or 1 (empty: no label), got {values[bad[0]]:g} "
+                                 f"at row {bad[0]}")
+
+
 def _split_labels(frame: pd.DataFrame, schema: dict, timestamps: Optional[np.ndarray]) -> np.ndarray:
     """0 = train, 1 = val, 2 = test per row."""
     n = len(frame)
@@ -181,7 +205,8 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
         schema: dict or YAML path. ``overrides``: schema keys to replace (e.g. ``seed=1``).
 
     Raises:
-        ValueError: bad schema, missing columns, non-numeric label or dense values, a missing or
+        ValueError: bad schema, missing columns, non-numeric label or dense values, a missing user or
+            item id, a binary label other than 0/1, an infinite label or dense value, a missing or
             unreadable timestamp, empty train split.
         FileNotFoundError: ``path`` (or the YAML file) does not exist.
     """
@@ -205,6 +230,7 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
                 raise ValueError(f"column {column!r} must be numeric (a label or dense feature)")
             frame[column] = converted
     frame = frame.reset_index(drop=True)
+    _check_values(frame, schema)
     timestamps = _timestamps(frame, schema["timestamp"]) if schema["timestamp"] else None
     split = _split_labels(frame, schema, timestamps)
     train_rows = np.flatnonzero(split == 0)
