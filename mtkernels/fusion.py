@@ -207,7 +207,8 @@ class ScoreFusion:
 
     Raises:
         ValueError: no member, duplicate names, no source, unknown task or member names, a weight
-            or transform count different from S, an unknown transform or mode, non-finite weights.
+            or transform count different from S, an unknown transform or mode, non-finite weights,
+            a model member trained on another data set than ``tables`` (other user or item ids).
     """
 
     def __init__(self, members, tasks, weights=None, transforms=None, mode: str = "weighted",
@@ -228,12 +229,23 @@ class ScoreFusion:
         self.weights = self._weights(weights)
         self.transforms = self._transforms(transforms)
         self.tables = tables
+        if tables is not None:
+            self._check_same_data(tables)
         self.users_per_block = max(1, int(users_per_block))
         self.objective: Optional[str] = None
         self.intercept = 0.0
         self.fit_report: Dict[str, object] = {}
 
     # --- configuration -----------------------------------------------------------------------
+    def _check_same_data(self, tables: Mapping[str, object]) -> None:
+        """Every model member's serving tables must have ``tables``' users and items (the same data set)."""
+        for member in self.members:
+            own = getattr(getattr(member, "scorer", None), "tables", None)
+            for key in ("item_ids", "user_ids") if own is not None else ():
+                if not torch.equal(torch.as_tensor(own[key]), torch.as_tensor(tables[key])):
+                    raise ValueError(f"member {member.name!r} was trained on another data set: its {key} differ from "
+                                     "those of tables (fuse members of one data set)")
+
     def _sources(self, tasks) -> List[Tuple[str, str]]:
         if isinstance(tasks, str):
             tasks = [tasks]

@@ -508,3 +508,15 @@ def test_fuse_command_writes_a_checkpoint_that_recommend_and_evaluate_read(data,
     save_checkpoint(cold, cold_start_checkpoint(ColdStartModel(build_model(load_checkpoint(paths["mmoe"])), prior, 1.0), data))
     assert cli.main(["fuse", "--member", cold, "--cf", "none", "--out", out]) == 2
     assert "is not a checkpoint of `mtkernels train`" in capsys.readouterr().err
+
+
+def test_members_of_another_data_set_are_refused_by_name(data, tables):
+    # a member trained on another catalogue (or other users) would be scored with this data set's rows:
+    # a KeyError on a missing feature at best, silently wrong items at worst
+    other = make_data(num_items=20, seed=1)
+    model = MultiTaskModel(other.features, other.dense_dim, other.tasks, backbone="mmoe", embedding_dim=4,
+                           backbone_kwargs={"num_experts": 2, "expert_hidden": [8]}, tower_hidden=[5])
+    stranger = ModelMember("stranger", model, serving_tables(other))
+    with pytest.raises(ValueError, match="member 'stranger' was trained on another data set: its item_ids differ"):
+        ScoreFusion([stranger], tasks=["click"], tables=tables)
+    ScoreFusion([ModelMember("own", model, serving_tables(other))], tasks=["click"], tables=serving_tables(other))
