@@ -32,7 +32,8 @@ def load_data(spec: Dict[str, Any]):
     "schema", "history_length"}`` (stored in checkpoints so ``evaluate`` reloads the same data).
 
     Raises:
-        ValueError: an unknown data set name with no such file.
+        ValueError: an unknown data set name with no such file; ``history_length`` for a data set other
+            than ml100k.
     """
     from . import data as data_module
 
@@ -41,6 +42,8 @@ def load_data(spec: Dict[str, Any]):
     if name in ("ml100k", "ml100k-mtl-v1", "movielens"):
         history = {"history_length": spec["history_length"]} if spec.get("history_length") is not None else {}
         return data_module.load_ml100k_mtl_v1(data_dir, **history)
+    if spec.get("history_length") is not None:
+        raise ValueError(f"--history-length applies to ml100k only (its causal user-history bag), not to --data {name}")
     if name in ("census", "census-income"):
         return data_module.load_census_income(data_dir)
     if os.path.isfile(name):

@@ -307,3 +307,12 @@ def test_a_checkpoint_trained_from_relative_paths_is_evaluated_from_another_fold
     monkeypatch.chdir(elsewhere)
     assert cli.main(["evaluate", "--checkpoint", str(work / "m.pt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == here
+
+
+def test_history_length_on_a_data_set_without_histories_is_an_error(tmp_path, capsys):
+    _small_log(tmp_path)
+    schema = json.dumps({"user": "uid", "item": "iid", "labels": {"click": "binary"}})
+    assert cli.main(["train", "--data", str(tmp_path / "log.csv"), "--schema", schema, "--history-length", "5",
+                     "--checkpoint", str(tmp_path / "m.pt"), "--epochs", "1", "--no-progress"]) == 2
+    assert "--history-length applies to ml100k only" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "m.pt")
