@@ -149,9 +149,12 @@ def cmd_train(args) -> int:
     data = _load_tasks(data_spec)
     _check_splits(data, args.evaluate, "--evaluate")
     overrides = {"embedding_dim": args.embedding_dim, "use_fused_optimizer": args.embedding_optimizer != "none"}
+    if args.embedding_optimizer == "none" and args.embedding_lr is not None:
+        raise ValueError("--embedding-lr needs a fused --embedding-optimizer (with 'none' the tables train with Adam "
+                         "at --lr)")
     if args.embedding_optimizer != "none":
         overrides["embedding_optimizer"] = dict(presets.EMBEDDING_OPTIMIZER, kind=args.embedding_optimizer,
-                                                **({"lr": args.embedding_lr} if args.embedding_lr else {}))
+                                                **({"lr": args.embedding_lr} if args.embedding_lr is not None else {}))
     model = presets.build_model(data, args.model, **overrides)
     _init_from(args, model, data)
     values = dict(presets.TRAIN_PRESET)

@@ -316,3 +316,19 @@ def test_history_length_on_a_data_set_without_histories_is_an_error(tmp_path, ca
                      "--checkpoint", str(tmp_path / "m.pt"), "--epochs", "1", "--no-progress"]) == 2
     assert "--history-length applies to ml100k only" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "m.pt")
+
+
+def test_embedding_lr_is_honoured_or_refused(tmp_path, tiny_data, capsys):
+    from mtkernels.training import load_checkpoint
+
+    checkpoint = str(tmp_path / "m.pt")
+    common = ["train", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+              "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(common + ["--embedding-lr", "0"]) == 2  # refused, not silently the preset's 0.05
+    assert "lr must be > 0, got 0.0" in capsys.readouterr().err
+    assert cli.main(common + ["--embedding-lr", "0.2", "--embedding-optimizer", "sgd"]) == 0
+    assert load_checkpoint(checkpoint)["model_config"]["embedding_optimizer"] == {"kind": "sgd", "lr": 0.2, "eps": 1e-8}
+    capsys.readouterr()
+    # without a fused optimizer the tables train with Adam at --lr: an --embedding-lr would be ignored
+    assert cli.main(common + ["--embedding-lr", "0.2", "--embedding-optimizer", "none"]) == 2
+    assert "--embedding-lr needs a fused --embedding-optimizer" in capsys.readouterr().err
