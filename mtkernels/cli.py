@@ -331,6 +331,9 @@ def cmd_evaluate(args) -> int:
     if "fusion" in checkpoint:  # a fused checkpoint ranks: top-k metrics only
         from .fusion import ScoreFusion
 
+        if args.task_weight:
+            raise ValueError("--task-weight does not apply to a fused checkpoint: it ranks by its learned source weights")
+
         fusion = ScoreFusion.from_checkpoint(checkpoint)
         results = {split: {"topk": fusion.topk_metrics(data, split, k=args.k)} for split in splits}
         print(json.dumps(results, indent=2) if args.json else

@@ -332,3 +332,14 @@ def test_embedding_lr_is_honoured_or_refused(tmp_path, tiny_data, capsys):
     # without a fused optimizer the tables train with Adam at --lr: an --embedding-lr would be ignored
     assert cli.main(common + ["--embedding-lr", "0.2", "--embedding-optimizer", "none"]) == 2
     assert "--embedding-lr needs a fused --embedding-optimizer" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_task_weights_for_a_fused_checkpoint(tmp_path, tiny_data, capsys):
+    checkpoint, fused = str(tmp_path / "m.pt"), str(tmp_path / "fused.pt")
+    assert cli.main(["train", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+                     "--embedding-dim", "4", "--no-progress"]) == 0
+    assert cli.main(["fuse", "--member", checkpoint, "--cf", "none", "--out", fused]) == 0
+    capsys.readouterr()
+    # a fused checkpoint ranks by its learned source weights: the weights would be ignored
+    assert cli.main(["evaluate", "--checkpoint", fused, "--split", "test_warm", "--task-weight", "like=1"]) == 2
+    assert "--task-weight does not apply to a fused checkpoint" in capsys.readouterr().err
