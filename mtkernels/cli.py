@@ -420,6 +420,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _threads(text: str) -> int:
+    """``--threads``: an integer >= 1 (``torch.set_num_threads`` refuses the rest)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtkernels", description="Multi-task recommendation with fused kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -466,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-dropout", type=float, default=None, metavar="P",
                    help="cold start: replace a training row's user id by the unknown id with probability P")
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--threads", type=_threads, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -486,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="fused checkpoint to write")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="top-k metrics on SPLIT afterwards")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_threads)
     p.set_defaults(func=cmd_fuse)
 
     from .cold_start import RECOMMENDED
@@ -512,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_threads)
     p.set_defaults(func=cmd_cold_start)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on test splits")
@@ -547,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["shared_bottom", "mmoe", "ple"])
     p.add_argument("--seeds", type=int, default=1, help="seeds per model (mean and spread when > 1)")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_threads, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-fusion", action="store_true", help="skip the fusion stage (models + EASE + SequentialRules, fused)")
     p.set_defaults(func=cmd_demo)

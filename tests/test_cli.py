@@ -343,3 +343,13 @@ def test_evaluate_refuses_task_weights_for_a_fused_checkpoint(tmp_path, tiny_dat
     # a fused checkpoint ranks by its learned source weights: the weights would be ignored
     assert cli.main(["evaluate", "--checkpoint", fused, "--split", "test_warm", "--task-weight", "like=1"]) == 2
     assert "--task-weight does not apply to a fused checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["train", "--checkpoint", "m.pt"], ["fuse", "--out", "f.pt"],
+                                     ["cold-start", "--checkpoint", "m.pt", "--out", "c.pt"], ["demo"]])
+@pytest.mark.parametrize("threads", ["0", "-2", "two"])
+def test_threads_must_be_a_positive_integer(command, threads, capsys):
+    # 0 was silently torch's default, -2 a RuntimeError traceback from torch.set_num_threads
+    with pytest.raises(SystemExit):
+        cli.main(command + ["--threads", threads])
+    assert f"--threads: expected an integer >= 1, got {threads!r}" in capsys.readouterr().err
