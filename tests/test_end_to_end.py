@@ -73,6 +73,12 @@ def test_resume_refuses_another_model(data, tmp_path):
     fit(tiny_model(data, "mmoe"), data, _config(epochs=1), checkpoint_path=path)
     with pytest.raises(ValueError, match="cannot resume"):
         fit(tiny_model(data, "ple"), data, _config(epochs=2), checkpoint_path=path, resume=True)
+    # the message names what differs, not two whole configs (the feature list alone is long)
+    with pytest.raises(ValueError) as error:
+        fit(tiny_model(data, "ple"), data, _config(epochs=2), checkpoint_path=path, resume=True)
+    message = str(error.value)
+    assert "its model config differs in backbone ('mmoe' in the checkpoint, 'ple' here), backbone_kwargs" in message
+    assert "features" not in message and len(message) < 600
 
 
 def test_early_stopping_keeps_best_epoch(data):

@@ -264,6 +264,19 @@ def validation_monitor(model, data, config: TrainConfig) -> Dict[str, Any]:
     return metrics
 
 
+def _config_difference(saved: Any, current: Any) -> str:
+    """The keys of two model configs that differ, each with both values (long values shortened)."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return f"kind ({type(saved).__name__} in the checkpoint, {type(current).__name__} here)"
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    keys = [k for k in list(saved) + [k for k in current if k not in saved] if saved.get(k) != current.get(k)]
+    return ", ".join(f"{k} ({short(saved.get(k))} in the checkpoint, {short(current.get(k))} here)" for k in keys)
+
+
 def fit(
     model: torch.nn.Module,
     data,
@@ -328,10 +341,8 @@ def fit(
     if resume and checkpoint_path and os.path.isfile(checkpoint_path):
         ckpt = load_checkpoint(checkpoint_path)
         if ckpt.get("model_config") != model_config:
-            raise ValueError(
-                f"cannot resume from {checkpoint_path}: its model config {ckpt.get('model_config')} "
-                f"differs from this model's {model_config}"
-            )
+            raise ValueError(f"cannot resume from {checkpoint_path}: its model config differs in "
+                             f"{_config_difference(ckpt.get('model_config'), model_config)}")
         trainer = ckpt["trainer"]
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(flat.adam_state_dict(trainer["optimizer"]) if flat is not None else trainer["optimizer"])
