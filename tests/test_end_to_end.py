@@ -170,3 +170,23 @@ def test_esmm_trains_post_click_tasks_over_the_entire_space(data):
     result = fit(model, data, _config(epochs=1))
     assert all(math.isfinite(v) for v in result.history[0]["task_losses"].values())
     assert result.history[0]["val"]["like"]["auc"] == result.history[0]["val"]["like"]["auc"]  # not NaN
+
+
+def test_a_model_of_other_tasks_is_refused_by_evaluate_and_fit(data):
+    # column t of the model's output is its t-th task: on data whose tasks differ (another order, a
+    # subset) the metrics compared the wrong columns (or failed with a reshape error) and fit
+    # trained each head on another task's labels
+    from mtkernels.transfer import select_tasks
+
+    model = tiny_model(data, "mmoe")
+    reordered = select_tasks(data, ["rating", "click", "like"])
+    message = r"the model's tasks \['click', 'like', 'rating'\] differ from the data's \['rating', 'click', 'like'\]"
+    with pytest.raises(ValueError, match=message):
+        evaluation.evaluate(model, reordered, "val")
+    with pytest.raises(ValueError, match=message):
+        evaluation.topk_metrics(model, reordered, "val")
+    with pytest.raises(ValueError, match=message):
+        fit(model, reordered, _config(epochs=1))
+    with pytest.raises(ValueError, match=r"differ from the data's \['click'\]"):
+        evaluation.evaluate(model, select_tasks(data, ["click"]), "val")
+    assert set(evaluation.evaluate(model, data, "val")) == {"click", "like", "rating", "topk"}

@@ -309,9 +309,11 @@ def fit(
         :class:`FitResult`.
 
     Raises:
-        ValueError: a checkpoint to resume from whose model config differs from ``model.config``.
+        ValueError: a checkpoint to resume from whose model config differs from ``model.config``;
+            the model's tasks differ from ``data.tasks``.
     """
     config = config or TrainConfig()
+    evaluation.check_tasks(model, data)
     if log is None:
         log = tqdm.write if config.progress else (lambda line: None)
     tasks = data.tasks
