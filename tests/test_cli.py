@@ -353,3 +353,20 @@ def test_threads_must_be_a_positive_integer(command, threads, capsys):
     with pytest.raises(SystemExit):
         cli.main(command + ["--threads", threads])
     assert f"--threads: expected an integer >= 1, got {threads!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--seeds", "0"], "seeds must be an integer >= 1, got 0"),  # was an IndexError after training nothing
+    (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),  # the same
+    (["--models", "bogus"], "models: unknown backbones ['bogus']"),  # was an error only after loading the data
+])
+def test_demo_checks_its_options_before_any_work(tmp_path, monkeypatch, capsys, option, message):
+    import mtkernels.data
+
+    def no_load(data_dir=None):
+        raise AssertionError("the data set was loaded")
+
+    monkeypatch.setattr(mtkernels.data, "load_ml100k_mtl_v1", no_load)
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"] + option) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
