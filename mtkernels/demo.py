@@ -193,7 +193,7 @@ def run_demo(out: str = "outputs/demo", data_dir: Optional[str] = None,
     data = load_ml100k_mtl_v1(data_dir)
     print_fn(f"data: {data!r} (loaded in {time.perf_counter() - started:.1f} s, {torch.get_num_threads()} threads)")
     tables = serving_tables(data)
-    data_spec = {"name": "ml100k", "data_dir": data_dir}
+    data_spec = {"name": "ml100k", "data_dir": os.path.abspath(data_dir) if data_dir else None}  # any working folder
 
     report: Dict[str, Any] = {"protocol": "ml100k-mtl-v1", "seeds": seeds, "models": {}, "baselines": BASELINES,
                               "ranking_score": "click probability", "threads": torch.get_num_threads()}

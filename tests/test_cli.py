@@ -370,3 +370,16 @@ def test_demo_checks_its_options_before_any_work(tmp_path, monkeypatch, capsys, 
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"] + option) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_checkpoints_keep_an_absolute_data_dir(tmp_path, monkeypatch, capsys):
+    import mtkernels.data
+    from mtkernels.training import load_checkpoint
+
+    data = make_data()
+    monkeypatch.setattr(mtkernels.data, "load_ml100k_mtl_v1", lambda data_dir=None: data)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--out", "demo", "--data-dir", "raw", "--models", "mmoe", "--epochs", "1",
+                     "--no-progress", "--no-fusion"]) == 0
+    # `mtkernels evaluate --checkpoint demo/mmoe-seed0.pt` from another folder reloads the same files
+    assert load_checkpoint("demo/mmoe-seed0.pt")["data"]["data_dir"] == str(tmp_path / "raw")
