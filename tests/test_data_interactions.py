@@ -196,3 +196,12 @@ def test_an_infinite_label_or_dense_value_is_an_error(tmp_path, log, column):
     frame.to_csv(csv, index=False)
     with pytest.raises(ValueError, match=f"column '{column}': infinite value at row 5"):
         load_interactions(csv, SCHEMA)
+
+
+@pytest.mark.parametrize("key, value", [("user_features", "age"), ("dense", "price"), ("multi_valued", ["genres"]),
+                                        ("context_features", {"device": 1})])
+def test_schema_lists_of_the_wrong_type_are_named(key, value):
+    # `user_features: age` (a YAML scalar) was "can only concatenate str (not "list") to str"
+    kind = "a mapping" if key == "multi_valued" else "a list of column names"
+    with pytest.raises(ValueError, match=f"schema: {key!r} must be {kind}"):
+        read_schema({"user": "uid", "item": "iid", "labels": {"click": "binary"}, key: value})

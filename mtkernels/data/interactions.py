@@ -53,8 +53,8 @@ def read_schema(schema: Union[dict, str, Path]) -> dict:
     """The schema with defaults filled in; ``schema`` is a dict or a YAML file path.
 
     Raises:
-        ValueError: missing ``user``/``item``/``labels``, an unknown key, or a task kind other than
-        binary/regression.
+        ValueError: missing ``user``/``item``/``labels``, an unknown key, a task kind other than
+        binary/regression, feature or dense columns not given as a list, ``multi_valued`` not a mapping.
     """
     if isinstance(schema, (str, Path)):
         with open(schema, encoding="utf-8") as handle:
@@ -70,6 +70,12 @@ def read_schema(schema: Union[dict, str, Path]) -> dict:
     out = {**DEFAULTS, **schema}
     if not isinstance(out["labels"], dict):
         raise ValueError("schema: 'labels' must map label columns to 'binary' or 'regression'")
+    for key in ("user_features", "item_features", "context_features", "dense"):
+        if not isinstance(out[key], (list, tuple)) or not all(isinstance(c, str) for c in out[key]):
+            raise ValueError(f"schema: {key!r} must be a list of column names (YAML: [a, b]), got {out[key]!r}")
+    if not isinstance(out["multi_valued"], dict):
+        raise ValueError(f"schema: 'multi_valued' must be a mapping of column to separator (e.g. {{genres: '|'}}), "
+                         f"got {out['multi_valued']!r}")
     for column, kind in out["labels"].items():
         if kind not in ("binary", "regression"):
             raise ValueError(f"schema: label {column!r} has kind {kind!r}; expected 'binary' or 'regression'")
