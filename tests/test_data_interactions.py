@@ -205,3 +205,10 @@ def test_schema_lists_of_the_wrong_type_are_named(key, value):
     kind = "a mapping" if key == "multi_valued" else "a list of column names"
     with pytest.raises(ValueError, match=f"schema: {key!r} must be {kind}"):
         read_schema({"user": "uid", "item": "iid", "labels": {"click": "binary"}, key: value})
+
+
+def test_an_empty_log_is_an_error_naming_the_file(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty.csv is empty \(no header row\)"):  # was "No columns to parse from file"
+        load_interactions(empty, {"user": "uid", "item": "iid", "labels": {"click": "binary"}})

@@ -83,11 +83,18 @@ def read_schema(schema: Union[dict, str, Path]) -> dict:
 
 
 def read_table(path: Union[str, Path], sep: Optional[str] = None) -> pd.DataFrame:
-    """A CSV (``sep``, default "," or tab for .tsv) or Parquet (.parquet/.pq) file as a DataFrame."""
+    """A CSV (``sep``, default "," or tab for .tsv) or Parquet (.parquet/.pq) file as a DataFrame.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: an empty text file.
+    """
     path = Path(path)
     if path.suffix.lower() in (".parquet", ".pq"):
         return pd.read_parquet(path)
-    return pd.read_csv(path, sep=sep or ("\t" if path.suffix.lower() == ".tsv" else ","))
+    try:
+        return pd.read_csv(path, sep=sep or ("\t" if path.suffix.lower() == ".tsv" else ","))
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty (no header row)") from None
 
 
 def _timestamps(frame: pd.DataFrame, column: str) -> np.ndarray:
