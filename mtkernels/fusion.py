@@ -504,13 +504,17 @@ class ScoreFusion:
             (also kept as ``fit_report`` and saved with the checkpoint).
 
         Raises:
-            ValueError: an unknown objective; a split without top-k sets (ndcg).
+            ValueError: an unknown objective; a split without top-k sets (ndcg); the logloss
+                objective in ``mode="rrf"``.
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if objective == "logloss":
             if gap_matched:
                 raise ValueError("gap_matched applies to the ndcg@10 objective only")
+            if self.mode != "weighted":
+                raise ValueError(f"objective 'logloss' needs mode 'weighted' (its coefficients weight logits; mode "
+                                 f"{self.mode!r} ranks by reciprocal ranks, which ignore them)")
             return self._fit_logistic(validation, seed, split)
         return self._fit_ndcg(validation, seed, split, rounds, grid, bool(gap_matched))
 

@@ -520,3 +520,16 @@ def test_members_of_another_data_set_are_refused_by_name(data, tables):
     with pytest.raises(ValueError, match="member 'stranger' was trained on another data set: its item_ids differ"):
         ScoreFusion([stranger], tasks=["click"], tables=tables)
     ScoreFusion([ModelMember("own", model, serving_tables(other))], tasks=["click"], tables=serving_tables(other))
+
+
+def test_logistic_stacking_refuses_reciprocal_rank_fusion(data, tables, trained):
+    # rrf ranks by reciprocal ranks and ignores transforms: the stacking's coefficients (some negative)
+    # would silently weight ranks instead of the logits they were fitted on
+    from mtkernels.fusion import model_member_from_checkpoint
+
+    _, paths = trained
+    members = [model_member_from_checkpoint(p)[0] for p in paths.values()]
+    fusion = ScoreFusion(members, ["click"], mode="rrf", tables=tables)
+    with pytest.raises(ValueError, match="objective 'logloss' needs mode 'weighted'"):
+        fusion.fit_weights(data, objective="logloss", seed=0)
+    assert fusion.objective is None
