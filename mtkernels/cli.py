@@ -300,15 +300,20 @@ def _init_from(args, model, data) -> None:
 
     frozen = _parts(args.freeze, "--freeze")
     if not args.init_from:
-        if frozen:
-            raise ValueError("--freeze needs --init-from CHECKPOINT (the parts to freeze come from it)")
+        for option, value in (("--freeze", frozen), ("--transfer", args.transfer),
+                              ("--transfer-lr-scale", args.transfer_lr_scale)):
+            if value:
+                raise ValueError(f"{option} needs --init-from CHECKPOINT (the parts come from it)")
         return
-    parts = _parts(args.transfer, "--transfer")
+    parts = _parts(args.transfer if args.transfer is not None else "embeddings,experts", "--transfer")
     if not parts and not frozen:
         raise ValueError("--transfer names no part to copy")
-    scale = _lr_scale(args.transfer_lr_scale)
-    checkpoint = load_checkpoint(args.init_from)
+    scale = _lr_scale(args.transfer_lr_scale if args.transfer_lr_scale is not None else "1")
     tuned = [p for p in parts if p not in frozen]
+    if args.transfer_lr_scale is not None and not tuned:
+        raise ValueError(f"--transfer-lr-scale {args.transfer_lr_scale} has no fine-tuned part to scale: every copied "
+                         f"part is frozen ({', '.join(frozen)})")
+    checkpoint = load_checkpoint(args.init_from)
     if isinstance(scale, dict):
         unknown = [p for p in scale if p not in tuned]
         if unknown:
@@ -467,13 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ml100k: add the causal user-history bag of the last L items (load_ml100k_mtl_v1(history_length=L))")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from a trained checkpoint's shared parts (transfer learning)")
-    p.add_argument("--transfer", default="embeddings,experts", metavar="PARTS",
+    p.add_argument("--transfer", default=None, metavar="PARTS",
                    help="parts copied by --init-from: embeddings, experts, gates, towers (default embeddings,experts)")
     p.add_argument("--freeze", default=None, metavar="PARTS",
                    help="parts copied by --init-from and frozen (no gradient, no optimizer state), e.g. embeddings,experts")
-    p.add_argument("--transfer-lr-scale", default="1", metavar="SCALE|PART=SCALE,...",
+    p.add_argument("--transfer-lr-scale", default=None, metavar="SCALE|PART=SCALE,...",
                    help="learning-rate multiplier of the copied parts that are not frozen: one number, or one per "
-                        "part, e.g. embeddings=0.1,experts=1 (parts not named: 1)")
+                        "part, e.g. embeddings=0.1,experts=1 (parts not named: 1; default 1)")
     p.add_argument("--id-dropout", type=float, default=None, metavar="P",
                    help="cold start: replace a training row's user id by the unknown id with probability P")
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")

@@ -383,3 +383,18 @@ def test_demo_checkpoints_keep_an_absolute_data_dir(tmp_path, monkeypatch, capsy
                      "--no-progress", "--no-fusion"]) == 0
     # `mtkernels evaluate --checkpoint demo/mmoe-seed0.pt` from another folder reloads the same files
     assert load_checkpoint("demo/mmoe-seed0.pt")["data"]["data_dir"] == str(tmp_path / "raw")
+
+
+def test_transfer_options_that_would_be_ignored_are_errors(tmp_path, tiny_data, capsys):
+    source = str(tmp_path / "source.pt")
+    common = ["--model", "mmoe", "--epochs", "1", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(["train", "--checkpoint", source] + common) == 0
+    capsys.readouterr()
+    # every copied part frozen: a learning-rate scale has nothing to scale (it was silently ignored)
+    assert cli.main(["train", "--checkpoint", str(tmp_path / "t.pt"), "--init-from", source, "--freeze",
+                     "embeddings,experts", "--transfer-lr-scale", "0.3"] + common) == 2
+    assert "--transfer-lr-scale 0.3 has no fine-tuned part to scale" in capsys.readouterr().err
+    # without --init-from the transfer options were ignored and the model trained from scratch
+    for option in (["--transfer", "embeddings"], ["--transfer-lr-scale", "0.3"], ["--freeze", "experts"]):
+        assert cli.main(["train", "--checkpoint", str(tmp_path / "t.pt")] + option + common) == 2
+        assert f"{option[0]} needs --init-from CHECKPOINT" in capsys.readouterr().err
