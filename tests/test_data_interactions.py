@@ -212,3 +212,14 @@ def test_an_empty_log_is_an_error_naming_the_file(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match=r"empty.csv is empty \(no header row\)"):  # was "No columns to parse from file"
         load_interactions(empty, {"user": "uid", "item": "iid", "labels": {"click": "binary"}})
+
+
+@pytest.mark.parametrize("value", [["30"], {"a": 1}, (30,)])
+def test_new_user_rows_refuses_a_side_feature_that_is_not_one_value(tmp_path, log, value):
+    # `recommend --side-features 9999='{"age": ["30"]}'` was "TypeError: unhashable type: 'list'" from pandas
+    csv = tmp_path / "log.csv"
+    log.to_csv(csv, index=False)
+    data = load_interactions(csv, SCHEMA)
+    with pytest.raises(ValueError, match=r"sides\[1\]\['age'\]: expected one raw value \(a string or number\), got"):
+        data.new_user_rows([{"age": 30}, {"age": value}])
+    assert data.new_user_rows([{"age": 30}, {"age": None}]).sparse["age"][1] == 0  # missing: the unknown id
