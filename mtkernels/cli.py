@@ -121,6 +121,20 @@ def _task_weights(pairs: Optional[Sequence[str]]) -> Optional[Dict[str, float]]:
     return weights
 
 
+def _json_text(value: Any) -> str:
+    """Strict JSON (what jq and JavaScript read): NaN and infinite floats (an undefined metric) become null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), indent=2, allow_nan=False)
+
+
 def _format_metrics(result: Dict[str, Any]) -> str:
     parts = []
     for key, value in result.items():
@@ -341,7 +355,7 @@ def cmd_evaluate(args) -> int:
 
         fusion = ScoreFusion.from_checkpoint(checkpoint)
         results = {split: {"topk": fusion.topk_metrics(data, split, k=args.k)} for split in splits}
-        print(json.dumps(results, indent=2) if args.json else
+        print(_json_text(results) if args.json else
               "\n".join(f"{split}: {_format_metrics(r)}" for split, r in results.items()))
         return 0
     model = build_model(checkpoint, best=True)
@@ -349,7 +363,7 @@ def cmd_evaluate(args) -> int:
     for split in splits:
         results[split] = evaluate(model, data, split, k=args.k, task_weights=_task_weights(args.task_weight))
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(_json_text(results))
     else:
         for split, result in results.items():
             print(f"{split}: {_format_metrics(result)}")
@@ -402,12 +416,14 @@ def cmd_recommend(args) -> int:
     users = list(dict.fromkeys(args.user + list(side_features or {})))
     result = ranker.recommend(users, k=args.k, exclude_seen=not args.include_seen,
                               task_weights=_task_weights(args.task_weight), side_features=side_features, at=args.at)
-    if args.json:
-        print(json.dumps([
-            {"user_id": u, "served_by": how, "item_ids": ids.tolist(), "scores": scores.tolist(), "titles": titles}
-            for u, how, ids, scores, titles in zip(result.user_ids, result.served_by, result.item_ids,
-                                                   result.scores, result.titles)
-        ], indent=2))
+    if args.json:  # the list stops where the items do (k above the candidates: no -1 / -inf padding)
+        lists = []
+        for u, how, ids, scores, titles in zip(result.user_ids, result.served_by, result.item_ids, result.scores,
+                                               result.titles):
+            n = int((ids >= 0).sum())
+            lists.append({"user_id": u, "served_by": how, "item_ids": ids[:n].tolist(), "scores": scores[:n].tolist(),
+                          "titles": titles[:n]})
+        print(_json_text(lists))
         return 0
     for u, how, ids, scores, titles in zip(result.user_ids, result.served_by, result.item_ids, result.scores, result.titles):
         print(f"user {u} (served by {how}):")

@@ -398,3 +398,31 @@ def test_transfer_options_that_would_be_ignored_are_errors(tmp_path, tiny_data, 
     for option in (["--transfer", "embeddings"], ["--transfer-lr-scale", "0.3"], ["--freeze", "experts"]):
         assert cli.main(["train", "--checkpoint", str(tmp_path / "t.pt")] + option + common) == 2
         assert f"{option[0]} needs --init-from CHECKPOINT" in capsys.readouterr().err
+
+
+def _strict_json(text):
+    """json.loads that refuses NaN / Infinity, as jq and JavaScript do."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_is_strict_json(tmp_path, tiny_data, capsys):
+    data, _ = tiny_data
+    checkpoint = str(tmp_path / "m.pt")
+    assert cli.main(["train", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+                     "--embedding-dim", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    # k above the catalogue: the padding (item -1, score -inf) was written as -Infinity
+    warm = int(data.user_ids[int(data.topk_eval("test_warm").users[0])])
+    assert cli.main(["recommend", "--checkpoint", checkpoint, "--user", str(warm), "--k", str(data.num_items + 5),
+                     "--json"]) == 0
+    served = _strict_json(capsys.readouterr().out)[0]
+    assert len(served["item_ids"]) == len(served["scores"]) == len(served["titles"]) < data.num_items
+    assert min(served["item_ids"]) >= 0 and len(set(served["item_ids"])) == len(served["item_ids"])
+    # an undefined metric (NaN) is null, not NaN
+    assert cli.main(["evaluate", "--checkpoint", checkpoint, "--split", "val", "--json", "--task-weight", "click=1"]) == 0
+    result = _strict_json(capsys.readouterr().out)
+    assert set(result["val"]) == {"click", "like", "rating", "topk"}
+    assert _strict_json(cli._json_text({"auc": float("nan"), "lists": [1.5, float("-inf")]})) == {
+        "auc": None, "lists": [1.5, None]}
