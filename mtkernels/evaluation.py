@@ -242,8 +242,9 @@ def evaluate(
 ) -> Dict[str, object]:
     """All metrics of one split: ``{task: {...}, ..., "topk": {"ndcg@k", "recall@k"}}``.
 
-    ``topk=False``, or a data set without items (``num_items`` 0 or missing, e.g. Census-Income),
-    skips the ranking part.
+    ``topk=False``, a data set without items (``num_items`` 0 or missing, e.g. Census-Income), or a
+    split without a top-k set (``train``: its positives are what the other splits exclude) skips
+    the ranking part.
 
     Raises:
         ValueError: ``split`` is not a split of ``data``; ``k`` < 1; the model's tasks differ from
@@ -255,7 +256,7 @@ def evaluate(
     if hasattr(model, "targets"):  # ESMM: its post-click outputs are scored on entire-space labels
         labels = model.targets(labels)
     result: Dict[str, object] = dict(pointwise_metrics(data.tasks, labels, predict(model, data, split, batch_size)))
-    if topk and has_items(data):
+    if topk and has_items(data) and split in getattr(data, "topk_splits", [split]):
         result["topk"] = topk_metrics(model, data, split, k, task_weights)
     return result
 

@@ -190,3 +190,13 @@ def test_a_model_of_other_tasks_is_refused_by_evaluate_and_fit(data):
     with pytest.raises(ValueError, match=r"differ from the data's \['click'\]"):
         evaluation.evaluate(model, select_tasks(data, ["click"]), "val")
     assert set(evaluation.evaluate(model, data, "val")) == {"click", "like", "rating", "topk"}
+
+
+def test_evaluate_on_the_training_split_gives_its_pointwise_metrics(data):
+    # train has no top-k set (its positives are what the other splits exclude): `mtkernels evaluate
+    # --split train` computed the pointwise metrics, then failed on the ranking part
+    model = tiny_model(data, "mmoe")
+    result = evaluation.evaluate(model, data, "train")
+    assert set(result) == {"click", "like", "rating"}
+    labels, predictions = data.splits["train"].labels, evaluation.predict(model, data, "train")
+    assert result == evaluation.pointwise_metrics(data.tasks, labels, predictions)
