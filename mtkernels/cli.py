@@ -169,6 +169,8 @@ def cmd_train(args) -> int:
     if args.embedding_optimizer != "none":
         overrides["embedding_optimizer"] = dict(presets.EMBEDDING_OPTIMIZER, kind=args.embedding_optimizer,
                                                 **({"lr": args.embedding_lr} if args.embedding_lr is not None else {}))
+    # the initial weights belong to the seeded run: --seed S twice gives the same model
+    torch.manual_seed(args.seed if args.seed is not None else presets.TRAIN_PRESET.get("seed", TrainConfig().seed))
     model = presets.build_model(data, args.model, **overrides)
     _init_from(args, model, data)
     values = dict(presets.TRAIN_PRESET)
