@@ -52,7 +52,10 @@ class TrainConfig:
             NDCG@10 on val plus ``"score"``; needs an item catalogue; slower).
         monitor_tasks: the task names ``"score"`` sums over (default all tasks), e.g. only the
             target tasks when a source task is kept as an auxiliary task in transfer learning.
-        seed: seeds Python, NumPy and torch; epoch e shuffles with ``seed * 1_000_003 + e``.
+        seed: seeds Python, NumPy and torch when `fit` starts; epoch e shuffles with
+            ``seed * 1_000_003 + e``. The model's initial weights are drawn before that: seed torch
+            before building the model (``torch.manual_seed``, as ``mtkernels train`` does) for a
+            reproducible run.
         eval_batch_size: rows per step when predicting.
         progress: show a tqdm progress bar per epoch.
         validation_split: the split early stopping watches.
