@@ -206,7 +206,8 @@ class ScoreFusion:
         users_per_block: users per block of score matrices (memory: ``S x block x N`` floats).
 
     Raises:
-        ValueError: no member, duplicate names, no source, unknown task or member names, a weight
+        ValueError: no member, duplicate names, no source, a member with none of a task list's
+            tasks, unknown task or member names, a weight
             or transform count different from S, an unknown transform or mode, non-finite weights,
             a model member trained on another data set than ``tables`` (other user or item ids).
     """
@@ -263,6 +264,11 @@ class ScoreFusion:
             tasks = list(tasks)
             for member in self.members:
                 sources += [(member.name, t) for t in tasks if t in member.task_names]
+            missing = [m for m in self.members if not any(t in m.task_names for t in tasks)]
+            if sources and missing:  # (no source at all: the error below)
+                m = missing[0]
+                raise ValueError(f"member {m.name!r} has none of the tasks {tasks} (its tasks: {list(m.task_names)}); "
+                                 "list one of its tasks, or name each member's tasks with a mapping")
         if not sources:
             raise ValueError(f"tasks {tasks!r} select no (member, task) source; the members' tasks: "
                              f"{ {m.name: list(m.task_names) for m in self.members} }")

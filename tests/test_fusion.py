@@ -533,3 +533,14 @@ def test_logistic_stacking_refuses_reciprocal_rank_fusion(data, tables, trained)
     with pytest.raises(ValueError, match="objective 'logloss' needs mode 'weighted'"):
         fusion.fit_weights(data, objective="logloss", seed=0)
     assert fusion.objective is None
+
+
+def test_a_member_without_any_of_the_listed_tasks_is_named():
+    # `mtkernels fuse --tasks rating --cf sr` fused the model alone: the SequentialRules member (task
+    # click) was silently left out
+    a = _Fixed("a", torch.randn(3, 5, 2), ("click", "rating"), ("binary", "regression"))
+    sr = _Fixed("sr", torch.randn(3, 5, 1))
+    with pytest.raises(ValueError, match=r"member 'sr' has none of the tasks \['rating'\] \(its tasks: \['click'\]\)"):
+        ScoreFusion([a, sr], ["rating"])
+    assert ScoreFusion([a, sr], ["rating", "click"]).source_names == ["a/rating", "a/click", "sr/click"]
+    assert ScoreFusion([a, sr], {"a": ["rating"]}).source_names == ["a/rating"]  # a mapping leaves members out on purpose
