@@ -200,3 +200,13 @@ def test_evaluate_on_the_training_split_gives_its_pointwise_metrics(data):
     assert set(result) == {"click", "like", "rating"}
     labels, predictions = data.splits["train"].labels, evaluation.predict(model, data, "train")
     assert result == evaluation.pointwise_metrics(data.tasks, labels, predictions)
+
+
+def test_resume_refuses_a_checkpoint_that_is_not_a_training_run(data, tmp_path):
+    # a fused or cold-start checkpoint has no trainer state: the error compared configs ("kind (NoneType ...)")
+    from mtkernels.training import save_checkpoint
+
+    path = str(tmp_path / "fused.pt")
+    save_checkpoint(path, {"fusion": {"weights": [1.0]}, "serving": None})
+    with pytest.raises(ValueError, match=r"cannot resume from .*fused.pt: not the checkpoint of a training run"):
+        fit(tiny_model(data, "mmoe"), data, _config(epochs=1), checkpoint_path=path, resume=True)

@@ -345,6 +345,9 @@ def fit(
 
     if resume and checkpoint_path and os.path.isfile(checkpoint_path):
         ckpt = load_checkpoint(checkpoint_path)
+        if "trainer" not in ckpt:
+            raise ValueError(f"cannot resume from {checkpoint_path}: not the checkpoint of a training run (no trainer "
+                             "state; e.g. a fused or cold-start checkpoint)")
         if ckpt.get("model_config") != model_config:
             raise ValueError(f"cannot resume from {checkpoint_path}: its model config differs in "
                              f"{_config_difference(ckpt.get('model_config'), model_config)}")
