@@ -330,6 +330,11 @@ def _init_from(args, model, data) -> None:
         raise ValueError(f"--transfer-lr-scale {args.transfer_lr_scale} has no fine-tuned part to scale: every copied "
                          f"part is frozen ({', '.join(frozen)})")
     checkpoint = load_checkpoint(args.init_from)
+    kind = "fused" if "fusion" in checkpoint else (
+        "cold-start" if str(checkpoint.get("model_class", "")).endswith(":ColdStartModel") else None)
+    if kind:
+        raise ValueError(f"--init-from {args.init_from} is a {kind} checkpoint; transfer copies from the checkpoint of "
+                         "`mtkernels train`")
     if isinstance(scale, dict):
         unknown = [p for p in scale if p not in tuned]
         if unknown:

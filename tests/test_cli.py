@@ -442,3 +442,18 @@ def test_train_with_the_same_seed_gives_the_same_model(tmp_path, tiny_data):
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_init_from_a_fused_or_cold_start_checkpoint_is_an_error(tmp_path, tiny_data, capsys):
+    source, fused, cold = (str(tmp_path / f"{n}.pt") for n in ("source", "fused", "cold"))
+    common = ["--model", "mmoe", "--epochs", "1", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(["train", "--checkpoint", source] + common) == 0
+    assert cli.main(["fuse", "--member", source, "--cf", "none", "--out", fused]) == 0
+    assert cli.main(["cold-start", "--checkpoint", source, "--out", cold, "--features", "age", "--epochs", "1",
+                     "--recent-share", "0"]) == 0
+    capsys.readouterr()
+    # were a TypeError ("got dict") and an AttributeError ('ColdStartModel' has no 'embeddings') traceback
+    for path, kind in ((fused, "fused"), (cold, "cold-start")):
+        assert cli.main(["train", "--checkpoint", str(tmp_path / "t.pt"), "--init-from", path] + common) == 2
+        assert f"--init-from {path} is a {kind} checkpoint; transfer copies from the checkpoint of `mtkernels train`" \
+            in capsys.readouterr().err
