@@ -388,6 +388,10 @@ def _serving_tables(data):
         print("note: the user or item ids are not integers, so the checkpoint holds no serving tables "
               "(`recommend` needs integer ids; `evaluate` works)", file=sys.stderr)
         return None
+    if not any(s in data.topk_splits for s in ("test_warm", "test")):  # its exclusions are the seen items
+        print("note: the data set has no top-k set for its test split, so the checkpoint holds no serving tables "
+              "(no user has a relevant test item; `evaluate` works)", file=sys.stderr)
+        return None
     return serving_tables(data)
 
 

@@ -457,3 +457,19 @@ def test_init_from_a_fused_or_cold_start_checkpoint_is_an_error(tmp_path, tiny_d
         assert cli.main(["train", "--checkpoint", str(tmp_path / "t.pt"), "--init-from", path] + common) == 2
         assert f"--init-from {path} is a {kind} checkpoint; transfer copies from the checkpoint of `mtkernels train`" \
             in capsys.readouterr().err
+
+
+def test_a_log_without_a_test_ranking_set_trains_without_serving_tables(tmp_path, capsys):
+    # 5 rows: no val row and no positive in test, so no top-k set; train failed with "has no items to rank"
+    log = tmp_path / "tiny.csv"
+    log.write_text("u,i,click\n1,1,1\n1,2,0\n2,1,1\n2,3,1\n3,2,0\n")
+    schema = '{"user": "u", "item": "i", "labels": {"click": "binary"}}'
+    checkpoint = str(tmp_path / "tiny.pt")
+    assert cli.main(["train", "--data", str(log), "--schema", schema, "--checkpoint", checkpoint, "--epochs", "1",
+                     "--no-progress"]) == 0
+    assert "no top-k set for its test split, so the checkpoint holds no serving tables" in capsys.readouterr().err
+    from mtkernels.data import load_interactions
+
+    with pytest.raises(ValueError, match=r"tiny.csv has no top-k evaluation set: no split has a user with a relevant "
+                                         r"item \(its items: 3\)"):
+        load_interactions(log, json.loads(schema)).topk_eval("test")

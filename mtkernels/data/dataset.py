@@ -644,9 +644,13 @@ class MultiTaskData:
         """Users, excluded (already seen) and relevant items of a split, per PROTOCOL.md section 5.
 
         Raises:
-            ValueError: the data set has no top-k sets (no items) or none for that split.
+            ValueError: the data set has no top-k sets (no items, or no split with a relevant item) or
+                none for that split.
         """
         if not self._topk:
+            if int(getattr(self, "num_items", 0) or 0) > 0:
+                raise ValueError(f"{self.name} has no top-k evaluation set: no split has a user with a relevant item "
+                                 f"(its items: {self.num_items})")
             raise ValueError(f"{self.name} has no items to rank: top-k evaluation is not defined for it")
         if split not in self._topk:
             raise ValueError(f"no top-k evaluation set for split {split!r}; available: {list(self._topk)}")
