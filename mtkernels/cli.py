@@ -27,6 +27,9 @@ import torch
 from ._extension import info
 
 
+DATA_SET_NAMES = ("ml100k", "ml100k-mtl-v1", "movielens", "census", "census-income")
+
+
 def load_data(spec: Dict[str, Any]):
     """Load a data set from a plain spec ``{"name": "ml100k" | "census" | path, "data_dir",
     "schema", "history_length"}`` (stored in checkpoints so ``evaluate`` reloads the same data).
@@ -82,7 +85,7 @@ def _portable_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
     """The data spec with its paths (a log file, a YAML schema, the data folder) made absolute, so that
     the checkpoint storing it is evaluated, served or fused from any working directory."""
     spec = dict(spec)
-    if spec.get("name") and os.path.isfile(spec["name"]):
+    if spec.get("name") and spec["name"] not in DATA_SET_NAMES and os.path.isfile(spec["name"]):
         spec["name"] = os.path.abspath(spec["name"])
     if spec.get("data_dir"):
         spec["data_dir"] = os.path.abspath(spec["data_dir"])

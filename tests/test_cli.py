@@ -473,3 +473,11 @@ def test_a_log_without_a_test_ranking_set_trains_without_serving_tables(tmp_path
     with pytest.raises(ValueError, match=r"tiny.csv has no top-k evaluation set: no split has a user with a relevant "
                                          r"item \(its items: 3\)"):
         load_interactions(log, json.loads(schema)).topk_eval("test")
+
+
+def test_a_data_set_name_stays_a_name_beside_a_file_of_that_name(tmp_path, monkeypatch):
+    (tmp_path / "census").write_text("not a log")
+    monkeypatch.chdir(tmp_path)
+    assert cli._portable_spec({"name": "census", "data_dir": None, "schema": None})["name"] == "census"
+    (tmp_path / "log.csv").write_text("u,i,click\n")
+    assert cli._portable_spec({"name": "log.csv"})["name"] == str(tmp_path / "log.csv")
