@@ -11,8 +11,9 @@
    only, counts and popularity from clicks), and the click source is pretrained in it. Transferred (embeddings + experts frozen, fine-tuned at one lower learning rate, or
    at per-part rates: embeddings x 0.1, experts x 1; and the last with click kept as an auxiliary
    task on every row, its gate and tower carried over) vs the same model from scratch on the same
-   10% (with and without the auxiliary click labels), vs from scratch on 100%. Every arm stops
-   early on val like AUC. test_warm like AUC and rating RMSE; plus the cost of training with
+   10% (with and without the auxiliary click labels), vs from scratch on 100%; plus L2-SP
+   fine-tuning at lr x 1 with patience 5, the same without L2-SP, and from scratch with patience 5.
+   Every arm stops early on val like AUC. test_warm like AUC and rating RMSE; plus the cost of training with
    frozen vs fine-tuned shared parts (seconds per epoch on the 100% like/rating rows, trained
    values, gradient + optimizer-state bytes).
 2. ``cold`` — test_cold (94 users never seen in training): click models (the source of (1) and the
@@ -31,11 +32,13 @@
    training and ranked against their whole training history from their first training timestamp,
    test_cold's shape from train rows only); test_cold is only scored.
 3. ``census`` — Census-Income (KDD): pretrain on never-married (all training labels), transfer to
-   income with 5% of the training rows' income labels (the same arms, without auxiliary ones), vs
-   from scratch on the same 5%; test AUC.
+   income with 5% of the training rows' income labels (the same arms, without auxiliary ones, plus
+   L2-SP fine-tuning with patience 5, the per-part rates with patience 5 alone, and from scratch with
+   patience 5), vs from scratch on the same 5%; test AUC.
 
 Choices were made on validation splits (the id dropout p on validation users scored as cold, the
-per-part rates on seed 0's val, the transfer arm by its "val" column); test splits are only
+per-part rates on seed 0's val, L2-SP's alpha and beta and its patience on the mean val over
+seeds 0-2, the transfer arm by its "val" column); test splits are only
 scored. ``--quick`` is a smoke run (1 seed, 2 epochs). Census-Income is found through
 ``$MTKERNELS_SHARED_DATA`` or ``../shared/data``.
 """
@@ -71,6 +74,24 @@ BACKBONE = "mmoe"
 # A label budget of a few thousand rows is 2-4 steps per epoch at the preset batch of 2048: the
 # budget arms (transferred and from scratch alike) train with smaller batches.
 BUDGET_BATCH = 256
+
+
+class L2SPArm(NamedTuple):
+    """An L2-SP fine-tuning arm (Li et al., ICML 2018; `transfer(..., l2_sp=alpha, l2_sp_new=beta)`,
+    trained with weight decay 0, which L2-SP replaces): the fine-tuning rates (``rates`` names them),
+    L2-SP's alpha and beta and early stopping's patience, chosen by the mean val AUC of the target
+    task over seeds 0-2 (README)."""
+
+    rates: str
+    scale: object
+    alpha: float
+    beta: float
+    patience: int
+
+
+# Census (5% of the income labels) and ml100k (10% of the users' like/rating labels)
+CENSUS_L2_SP = L2SPArm("embeddings lr x 0.1, experts lr x 1", RECOMMENDED_LR_SCALES, 0.1, 0.01, 5)
+TASK_L2_SP = L2SPArm("lr x 1", 1.0, 1.0, 0.01, 5)
 
 
 def _config(seed: int, quick: bool, **values) -> TrainConfig:
@@ -115,25 +136,38 @@ def _append(store: Dict[str, Dict[str, List[float]]], name: str, values: Dict[st
 # --- 1 and 2: ml100k ---------------------------------------------------------------------------
 class Arm(NamedTuple):
     """One compared model: how it starts (``mode`` None = from scratch, else `transfer`'s mode with
-    ``scale`` and ``parts``) and what it trains on (``data``)."""
+    ``scale`` and ``parts``), what it trains on (``data``), and optionally L2-SP's ``(alpha, beta)``
+    (`transfer`'s ``l2_sp``, ``l2_sp_new``; the arm then trains with weight decay 0, which L2-SP
+    replaces) and early stopping's ``patience`` (default the preset's)."""
 
     mode: Optional[str]
     scale: object
     data: object
     parts: Tuple[str, ...] = ("embeddings", "experts")
+    l2_sp: Optional[Tuple[float, float]] = None
+    patience: Optional[int] = None
 
 
-def _arms(share: str, budget, full, aux=None, aux_task: str = "") -> Dict[str, Arm]:
+def _arms(share: str, budget, full, aux=None, aux_task: str = "", l2_sp: Optional[L2SPArm] = None) -> Dict[str, Arm]:
     """The compared models. ``aux``: the budget data with the source task's labels kept on every
-    row (the source task trained on as an auxiliary task, its gate and tower carried over)."""
+    row (the source task trained on as an auxiliary task, its gate and tower carried over).
+    ``l2_sp``: also that L2-SP arm, the same rates and patience without L2-SP, and from scratch
+    with that patience (what the patience alone does)."""
     arms = {"transfer, embeddings + experts frozen": Arm("freeze", 0.0, budget)}
     for scale in FINETUNE_LR_SCALES:
         arms[f"transfer, embeddings + experts fine-tuned (lr x {scale:g})"] = Arm("finetune", scale, budget)
     arms["transfer, embeddings fine-tuned (lr x 0.1), experts (lr x 1)"] = Arm("finetune", RECOMMENDED_LR_SCALES, budget)
+    if l2_sp is not None:
+        arms[f"transfer, {l2_sp.rates}, patience {l2_sp.patience}"] = Arm(
+            "finetune", l2_sp.scale, budget, patience=l2_sp.patience)
+        arms[f"transfer, L2-SP (alpha {l2_sp.alpha:g}, beta {l2_sp.beta:g}), {l2_sp.rates}, patience {l2_sp.patience}"] = Arm(
+            "finetune", l2_sp.scale, budget, l2_sp=(l2_sp.alpha, l2_sp.beta), patience=l2_sp.patience)
     if aux is not None:
         arms[f"transfer + auxiliary {aux_task} task on all rows (embeddings lr x 0.1, experts lr x 1)"] = Arm(
             "finetune", RECOMMENDED_LR_SCALES, aux, ("embeddings", "experts", "gates", "towers"))
     arms[f"from scratch, same {share}"] = Arm(None, 1.0, budget)
+    if l2_sp is not None:
+        arms[f"from scratch, same {share}, patience {l2_sp.patience}"] = Arm(None, 1.0, budget, patience=l2_sp.patience)
     if aux is not None:
         arms[f"from scratch, same {share} + auxiliary {aux_task} labels on all rows"] = Arm(None, 1.0, aux)
     arms["from scratch, 100% of the labels"] = Arm(None, 1.0, full)
@@ -143,11 +177,19 @@ def _arms(share: str, budget, full, aux=None, aux_task: str = "") -> Dict[str, A
 def _train_arm(arm: Arm, source, seed: int, quick: bool, budget_data, monitor_tasks: List[str]):
     """Build, transfer into (unless from scratch) and fit one arm's model; (model, FitResult)."""
     model = _model(arm.data, seed)
+    regularizer = None
     if arm.mode is not None:
-        transfer(source, model, parts=arm.parts, mode=arm.mode, lr_scale=arm.scale)
+        alpha, beta = arm.l2_sp if arm.l2_sp is not None else (None, 0.0)
+        regularizer = transfer(source, model, parts=arm.parts, mode=arm.mode, lr_scale=arm.scale,
+                               l2_sp=alpha, l2_sp_new=beta).regularizer
     # label-budget arms train with small batches; an auxiliary arm has every row, like the 100% one
     batch = BUDGET_BATCH if arm.data is budget_data else presets.TRAIN_PRESET["batch_size"]
-    result = fit(model, arm.data, _config(seed, quick, batch_size=batch, monitor_tasks=monitor_tasks))
+    values = dict(batch_size=batch, monitor_tasks=monitor_tasks)
+    if arm.l2_sp is not None:
+        values["weight_decay"] = 0.0
+    if arm.patience is not None:
+        values["patience"] = arm.patience
+    result = fit(model, arm.data, _config(seed, quick, **values), regularizer=regularizer)
     return model, result
 
 
@@ -178,7 +220,7 @@ def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str]
         source = _model(click, seed)
         fit(source, click, _config(seed, quick, id_dropout=ID_DROPOUT))
         budget = drop_unlabelled_rows(select_tasks(aux, ["like", "rating"]))
-        for name, arm in _arms("10%", budget, full, aux, "click").items():
+        for name, arm in _arms("10%", budget, full, aux, "click", TASK_L2_SP).items():
             model, result = _train_arm(arm, source, seed, quick, budget, ["like"])
             values = {}
             for split, prefix in (("test_warm", ""), ("val", "val_")):
@@ -390,7 +432,7 @@ def census_experiment(seeds: List[int], quick: bool, log: Callable[[str], None])
         fit(source, married, _config(seed, quick))
         budget, _ = keep_label_fraction(income, ["income"], 0.05, seed=seed)
         budget = drop_unlabelled_rows(budget)
-        for name, arm in _arms("5%", budget, income).items():
+        for name, arm in _arms("5%", budget, income, l2_sp=CENSUS_L2_SP).items():
             model, result = _train_arm(arm, source, seed, quick, budget, ["income"])
             train_data = arm.data
             metrics = evaluation.evaluate(model, income, "test", topk=False)

@@ -175,8 +175,10 @@ def cmd_train(args) -> int:
     # the initial weights belong to the seeded run: --seed S twice gives the same model
     torch.manual_seed(args.seed if args.seed is not None else presets.TRAIN_PRESET.get("seed", TrainConfig().seed))
     model = presets.build_model(data, args.model, **overrides)
-    _init_from(args, model, data)
+    regularizer = _init_from(args, model, data)
     values = dict(presets.TRAIN_PRESET)
+    if regularizer is not None:
+        values["weight_decay"] = 0.0  # L2-SP replaces plain weight decay (unless --weight-decay is given)
     for field in ("epochs", "batch_size", "lr", "weight_decay", "patience", "monitor", "loss_weighting", "seed"):
         value = getattr(args, field)
         if value is not None:
@@ -191,7 +193,8 @@ def cmd_train(args) -> int:
     config = TrainConfig(**values)
     extra = {"data": data_spec, "serving": _serving_tables(data),
              "vocabularies": data.vocabularies}
-    result = fit(model, data, config, checkpoint_path=args.checkpoint, resume=args.resume, checkpoint_extra=extra)
+    result = fit(model, data, config, checkpoint_path=args.checkpoint, resume=args.resume, checkpoint_extra=extra,
+                 regularizer=regularizer)
     print(f"trained {args.model}: best epoch {result.best_epoch}, {len(result.history)} epochs, "
           f"{result.seconds_per_epoch:.2f} s/epoch; checkpoint: {os.path.abspath(args.checkpoint)}")
     if args.evaluate:
@@ -311,19 +314,34 @@ def _lr_scale(text: str):
     return scales
 
 
-def _init_from(args, model, data) -> None:
+def _l2_sp(text: Optional[str]):
+    """``--l2-sp``: ``"0.1"`` -> (0.1, 0.0); ``"0.1,0.01"`` -> (alpha, beta); None -> None."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(v >= 0 for v in values):
+        raise ValueError(f"--l2-sp: expected ALPHA or ALPHA,BETA (numbers >= 0), got {text!r}")
+    return values[0], (values[1] if len(values) == 2 else 0.0)
+
+
+def _init_from(args, model, data):
     """``--init-from CHECKPOINT``: copy the ``--transfer`` parts, freezing the ``--freeze`` ones and
-    fine-tuning the rest at ``--transfer-lr-scale`` (`mtkernels.transfer.transfer`)."""
+    fine-tuning the rest at ``--transfer-lr-scale`` (`mtkernels.transfer.transfer`), with the L2-SP
+    penalty of ``--l2-sp`` (returned for `fit`; None without it)."""
     from .training import load_checkpoint
     from .transfer import transfer
 
     frozen = _parts(args.freeze, "--freeze")
+    l2_sp = _l2_sp(args.l2_sp)
     if not args.init_from:
-        for option, value in (("--freeze", frozen), ("--transfer", args.transfer),
+        for option, value in (("--freeze", frozen), ("--l2-sp", l2_sp), ("--transfer", args.transfer),
                               ("--transfer-lr-scale", args.transfer_lr_scale)):
             if value:
-                raise ValueError(f"{option} needs --init-from CHECKPOINT (the parts come from it)")
-        return
+                raise ValueError(f"{option} needs --init-from CHECKPOINT (the source parts come from it)")
+        return None
     parts = _parts(args.transfer if args.transfer is not None else "embeddings,experts", "--transfer")
     if not parts and not frozen:
         raise ValueError("--transfer names no part to copy")
@@ -342,11 +360,17 @@ def _init_from(args, model, data) -> None:
         unknown = [p for p in scale if p not in tuned]
         if unknown:
             raise ValueError(f"--transfer-lr-scale names {unknown}, which are not fine-tuned parts ({', '.join(tuned)})")
+    if l2_sp is not None and not tuned:
+        raise ValueError("--l2-sp pulls fine-tuned parts towards the source, and every --transfer part is frozen")
+    regularizer = None
     for mode, chosen in (("freeze", frozen), ("finetune", tuned)):
         if chosen:
+            alpha, beta = l2_sp if mode == "finetune" and l2_sp is not None else (None, 0.0)
             report = transfer(checkpoint, model, parts=chosen, mode=mode, lr_scale=scale if mode == "finetune" else 0.0,
-                              target_vocabularies=data.vocabularies)
+                              target_vocabularies=data.vocabularies, l2_sp=alpha, l2_sp_new=beta)
             print(report.summary())
+            regularizer = report.regularizer or regularizer
+    return regularizer
 
 
 def cmd_evaluate(args) -> int:
@@ -509,6 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-lr-scale", default=None, metavar="SCALE|PART=SCALE,...",
                    help="learning-rate multiplier of the copied parts that are not frozen: one number, or one per "
                         "part, e.g. embeddings=0.1,experts=1 (parts not named: 1; default 1)")
+    p.add_argument("--l2-sp", default=None, metavar="ALPHA[,BETA]",
+                   help="L2-SP fine-tuning (Li et al., ICML 2018): penalise alpha/2 ||w - w_source||^2 of the copied "
+                        "dense parts that are not frozen and beta/2 ||w||^2 of the new ones, instead of weight decay "
+                        "(which becomes 0 unless --weight-decay is given); tables are left to --transfer-lr-scale")
     p.add_argument("--id-dropout", type=float, default=None, metavar="P",
                    help="cold start: replace a training row's user id by the unknown id with probability P")
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")

@@ -36,6 +36,17 @@ How it trains afterwards (``mode``):
   steps), and ``mtkernels.training.fit`` gives the transferred dense parameters their own Adam
   group at ``lr x lr_scale`` (the new parts train at the base rates).
 
+L2-SP (``transfer(..., mode="finetune", l2_sp=alpha, l2_sp_new=beta)``; Li, Grandvalet & Davoine,
+"Explicit inductive bias for transfer learning with convolutional networks", ICML 2018): instead of
+plain weight decay towards 0, the transferred dense parameters are pulled towards their source
+values, ``alpha/2 ||w - w_source||^2``, and the new ones towards 0, ``beta/2 ||w||^2``. The penalty
+(`L2SP`, returned as ``report.regularizer``) is added to the training loss by ``fit(...,
+regularizer=report.regularizer)``, so Adam sees its gradient like the task losses' (the paper's
+form, with SGD there). Embedding tables trained by the fused row-wise Adagrad are not in it: their
+optimizer runs inside the backward of the lookup and only sees the rows the batch touched, so a
+penalty on the whole table would never reach it; they stay near the source through their
+learning-rate scale (e.g. ``lr_scale={"embeddings": 0.1, ...}``) or by being frozen.
+
 Cold start: users never seen in training are scored from their side features through the shared
 parts, with the unknown ``user_id`` row 0 and mean (0) history features. `TrainConfig.id_dropout`
 trains row 0 on purpose (`mtkernels.training.id_dropout`); `cold_topk_metrics` scores warm users
@@ -67,7 +78,8 @@ MODES = ("freeze", "finetune")
 # Fine-tuning rates chosen on validation for Census income with 5% of the labels (README):
 # pretrained rows move slowly, the experts adapt. On ml100k with 10% of the users' like/rating labels
 # and leak-free dense statistics (`mtkernels.data.refit_dense_features`), val preferred one scale
-# of 0.3 for both parts, by less than the seed-to-seed spread.
+# of 0.3 for both parts, by less than the seed-to-seed spread, and then L2-SP (`l2_sp=1`, `l2_sp_new=0.01`)
+# at scale 1; on Census, L2-SP at these rates (`l2_sp=0.1`, `l2_sp_new=0.01`), by a hair (README).
 RECOMMENDED_LR_SCALES = {"embeddings": 0.1, "experts": 1.0}
 _TABLE_PREFIX = "embeddings.embedding_bags."
 
@@ -98,6 +110,8 @@ class TransferReport:
         skipped_tables: target tables the source does not have (left fresh and trained).
         parameters: target ``state_dict`` keys copied from the source (dense parts).
         prefixes: the ``{parameter-name prefix: scale}`` set on the target (``lr_scales``).
+        regularizer: the `L2SP` penalty to pass to ``fit(..., regularizer=...)`` when `transfer`
+            was given ``l2_sp``, else None.
     """
 
     mode: str
@@ -106,6 +120,7 @@ class TransferReport:
     skipped_tables: List[str]
     parameters: List[str]
     prefixes: Dict[str, float]
+    regularizer: Optional["L2SP"] = None
 
     def summary(self) -> str:
         """One line per table and one for the dense parts."""
@@ -170,6 +185,8 @@ def transfer(
     lr_scale: Union[float, Mapping[str, float]] = 1.0,
     source_vocabularies: Optional[Mapping[str, Sequence]] = None,
     target_vocabularies: Optional[Mapping[str, Sequence]] = None,
+    l2_sp: Optional[float] = None,
+    l2_sp_new: float = 0.0,
 ) -> TransferReport:
     """Copy the shared parts of a trained model into a new model and set how they train.
 
@@ -192,14 +209,21 @@ def transfer(
             data sets the models were (will be) trained on (``MultiTaskData.vocabularies``). A table
             whose keys both sides give is matched row by row by key; otherwise rows are matched by
             position, which needs equal row counts.
+        l2_sp: ``"finetune"`` only: L2-SP's alpha (>= 0). The report's ``regularizer`` is then an
+            `L2SP` holding the transferred dense parameters' source values; give it to
+            ``fit(..., regularizer=report.regularizer)`` (and ``TrainConfig(weight_decay=0)``: it
+            replaces plain weight decay). None: no regulariser.
+        l2_sp_new: L2-SP's beta (>= 0), the L2 penalty of the trained dense parameters that were
+            not transferred (new gates and towers).
 
     Returns:
-        `TransferReport` (rows matched per table, tensors copied, scales set).
+        `TransferReport` (rows matched per table, tensors copied, scales set, the L2-SP penalty).
 
     Raises:
         ValueError: unknown parts or mode, a negative lr_scale or one for a part not in ``parts``,
             different backbones (experts, gates), tensors of different shapes, tables of different row
-            counts without vocabularies, ``gates``/``towers`` with no task name in both models.
+            counts without vocabularies, ``gates``/``towers`` with no task name in both models,
+            ``l2_sp`` with ``mode="freeze"``, a negative ``l2_sp`` or ``l2_sp_new``.
         TypeError: a source that is neither a model nor a checkpoint.
     """
     unknown = [p for p in parts if p not in PARTS]
@@ -217,6 +241,11 @@ def transfer(
     for part, value in requested.items():
         if not float(value) >= 0:
             raise ValueError(f"lr_scale of {part!r} must be >= 0, got {value}")
+    if l2_sp is not None:
+        if mode != "finetune":
+            raise ValueError(f"l2_sp pulls fine-tuned parameters towards the source; it needs mode='finetune', got {mode!r}")
+        if not float(l2_sp) >= 0 or not float(l2_sp_new) >= 0:
+            raise ValueError(f"l2_sp and l2_sp_new must be >= 0, got {l2_sp} and {l2_sp_new}")
     source, checkpoint_vocabularies = _source_model(source)
     per_task = [p for p in parts if p in ("gates", "towers")]
     if per_task and not _task_index_maps(source, target):
@@ -292,7 +321,67 @@ def transfer(
     if changed:
         target.set_lr_scales(changed)
     target._packed = None  # the fused scoring parameters are repacked from the copied weights
-    return TransferReport(mode, scales, tables_report, skipped, copied, prefixes)
+    regularizer = None
+    if l2_sp is not None:
+        parameters = dict(target.named_parameters())
+        regularizer = L2SP({name: parameters[name] for name in copied if name in parameters},
+                           alpha=float(l2_sp), beta=float(l2_sp_new))
+    return TransferReport(mode, scales, tables_report, skipped, copied, prefixes, regularizer)
+
+
+class L2SP:
+    """The L2-SP penalty of fine-tuning (Li, Grandvalet & Davoine, "Explicit inductive bias for
+    transfer learning with convolutional networks", ICML 2018)::
+
+        alpha/2 * sum_{w transferred} ||w - w_source||^2  +  beta/2 * sum_{w new} ||w||^2
+
+    over a model's trained dense parameters (those with ``requires_grad``). Embedding tables are
+    left out: a fused optimizer never sees a dense gradient, and tables trained by Adam are left
+    out too so that both kinds behave alike. "Transferred" are the names in ``reference``, the
+    others are new. `transfer` builds one (``l2_sp=alpha, l2_sp_new=beta``); ``fit(model, data,
+    config, regularizer=penalty)`` adds ``penalty(model)`` to every step's loss. Adam, `fit`'s
+    optimizer, normalises the penalty's gradient like the task losses' (a coupled L2): with a large
+    alpha the pull dominates wherever the task gradient is small and the steps jitter those
+    weights around their source values (alpha 0.1 to 1 was best in the README's experiments).
+
+    Args:
+        reference: ``{parameter name: source value}`` (copied here, so training does not move them).
+        alpha, beta: the penalty weights (>= 0).
+
+    Raises:
+        ValueError: a negative weight.
+    """
+
+    def __init__(self, reference: Mapping[str, torch.Tensor], alpha: float, beta: float = 0.0) -> None:
+        if not float(alpha) >= 0 or not float(beta) >= 0:
+            raise ValueError(f"alpha and beta must be >= 0, got {alpha} and {beta}")
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.reference = {name: value.detach().clone() for name, value in reference.items()}
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        """The penalty of ``model``'s current parameters (a scalar tensor that autograd differentiates).
+
+        Raises:
+            ValueError: a reference name that is not a parameter of ``model`` or has another shape.
+        """
+        parameters = dict(model.named_parameters())
+        missing = [n for n in self.reference if n not in parameters or parameters[n].shape != self.reference[n].shape]
+        if missing:
+            raise ValueError(f"L2SP: the model has no parameters {missing} of the reference's shapes")
+        transferred, new = [], []
+        for name, parameter in parameters.items():
+            if not parameter.requires_grad or name.startswith(_TABLE_PREFIX):
+                continue
+            if name in self.reference:
+                transferred.append(parameter - self.reference[name].to(parameter.device, parameter.dtype))
+            else:
+                new.append(parameter)
+        total = next(iter(parameters.values())).new_zeros(())
+        if self.alpha > 0 and transferred:
+            total = total + 0.5 * self.alpha * sum(d.pow(2).sum() for d in transferred)
+        if self.beta > 0 and new:
+            total = total + 0.5 * self.beta * sum(p.pow(2).sum() for p in new)
+        return total
 
 
 # --- data for transfer experiments -----------------------------------------------------------

@@ -15,7 +15,7 @@ from mtkernels.training import TrainConfig, fit
 from mtkernels.training.id_dropout import drop_ids
 from mtkernels.training.loop import _dense_optimizer_groups
 from mtkernels.training.weighting import make_weighting
-from mtkernels.transfer import (RECOMMENDED_LR_SCALES, cold_topk_metrics, drop_unlabelled_rows, frozen_summary,
+from mtkernels.transfer import (L2SP, RECOMMENDED_LR_SCALES, cold_topk_metrics, drop_unlabelled_rows, frozen_summary,
                                 keep_label_fraction, popularity_topk_metrics, select_tasks, transfer)
 from synthetic import fused_embedding_optimizer, make_data, one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
@@ -195,6 +195,72 @@ def test_per_part_lr_scales_and_unfreezing_by_a_second_transfer(pretrained):
         transfer(source, _model(data), parts=("experts",), mode="finetune", lr_scale={"embeddings": 0.1})
     with pytest.raises(ValueError, match="'experts' must be >= 0"):
         transfer(source, _model(data), parts=("experts",), mode="finetune", lr_scale={"experts": -1.0})
+
+
+def test_l2_sp_penalty_value_gradient_and_alpha_zero(pretrained):
+    """L2-SP (Li et al., ICML 2018): alpha/2 ||w - w_source||^2 on the transferred dense parameters,
+    beta/2 ||w||^2 on the new trained ones, tables (fused Adagrad) left out; against a hand computation."""
+    data, click, source = pretrained
+    target = _model(data, seed=1)
+    report = transfer(source, target, parts=("embeddings", "experts"), mode="finetune", lr_scale=RECOMMENDED_LR_SCALES,
+                      l2_sp=0.3, l2_sp_new=0.05)
+    penalty = report.regularizer
+    assert penalty.alpha == 0.3 and penalty.beta == 0.05
+    source_state = source.state_dict()
+    assert sorted(penalty.reference) == sorted(k for k in report.parameters if k.startswith("backbone.experts"))
+    assert all(torch.equal(penalty.reference[k], source_state[k]) for k in penalty.reference)
+    # the transferred values are the source's: only the new parameters' term is not 0 yet
+    assert float(L2SP(penalty.reference, alpha=0.3)(target).detach()) == 0.0
+    transfer_keys = set(penalty.reference)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    dense = {n: p for n, p in target.named_parameters() if not n.startswith("embeddings.")}
+    new = [n for n in dense if n not in transfer_keys]
+    assert new and any(n.startswith("towers.") for n in new) and any(n.startswith("backbone.gates") for n in new)
+    expected = 0.0
+    for n, p in dense.items():
+        d = (p.detach().double() - source_state[n].double()) if n in transfer_keys else p.detach().double()
+        expected += (0.3 if n in transfer_keys else 0.05) / 2 * float((d * d).sum())
+    value = penalty(target)
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
+    target.zero_grad(set_to_none=True)
+    value.backward()
+    for n, p in target.named_parameters():
+        if n.startswith("embeddings."):
+            assert p.grad is None  # tables: the fused optimizer never sees a dense gradient
+        elif n in transfer_keys:
+            assert torch.allclose(p.grad, 0.3 * (p.detach() - source_state[n]), atol=1e-7)
+        else:
+            assert torch.allclose(p.grad, 0.05 * p.detach(), atol=1e-7)
+    # frozen parameters carry no penalty (they cannot move)
+    target.set_lr_scales({"backbone.experts": 0.0})
+    frozen_value = float(penalty(target).detach())
+    assert frozen_value == pytest.approx(sum(0.05 / 2 * float((dense[n].detach().double() ** 2).sum()) for n in new), rel=1e-5)
+
+    # alpha = beta = 0: bit for bit the plain fine-tuning run
+    def finetune(l2_sp):
+        model = _model(data, seed=1)
+        r = transfer(source, model, parts=("embeddings", "experts"), mode="finetune", lr_scale=0.5, l2_sp=l2_sp)
+        fit(model, data, TrainConfig(**QUICK, weight_decay=0.0), regularizer=r.regularizer)
+        return model.state_dict()
+
+    plain, zero = finetune(None), finetune(0.0)
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+    # a strong pull keeps the experts nearer their source values than plain fine-tuning does
+    pulled = finetune(100.0)
+
+    def distance(state):
+        return sum(float((state[k] - source_state[k]).pow(2).sum()) for k in transfer_keys)
+
+    assert distance(pulled) < 0.5 * distance(plain)
+    with pytest.raises(ValueError, match="mode='finetune'"):
+        transfer(source, _model(data), mode="freeze", l2_sp=0.1)
+    with pytest.raises(ValueError, match="l2_sp and l2_sp_new must be >= 0"):
+        transfer(source, _model(data), mode="finetune", l2_sp=0.1, l2_sp_new=-1.0)
+    with pytest.raises(ValueError, match="no parameters"):
+        penalty(_model(data, "ple"))  # another backbone: no parameters of those names
 
 
 def test_auxiliary_source_task_with_carried_gate_and_tower(pretrained):
@@ -386,6 +452,29 @@ def test_cli_init_from_and_freeze(tmp_path, monkeypatch, capsys):
     assert cli.main(["train", *common, "--init-from", source, "--freeze", "embeddings",
                      "--transfer-lr-scale", "embeddings=0.1", "--checkpoint", str(tmp_path / "z.pt")]) == 2
     assert "not fine-tuned" in capsys.readouterr().err
+    # --l2-sp: 0 is plain fine-tuning without weight decay, bit for bit; a strong pull keeps the experts nearer
+    runs = {}
+    for name, extra in (("plain", ["--weight-decay", "0"]), ("zero", ["--l2-sp", "0"]), ("strong", ["--l2-sp", "100,0.01"])):
+        runs[name] = str(tmp_path / f"l2sp_{name}.pt")
+        torch.manual_seed(0)  # the same fresh gates and towers (the model is built before fit seeds)
+        assert cli.main(["train", *common, "--tasks", "like,rating", "--init-from", source, *extra,
+                         "--checkpoint", runs[name]]) == 0
+    states = {name: load_checkpoint(path)["model_state"] for name, path in runs.items()}
+    assert load_checkpoint(runs["strong"])["train_config"]["weight_decay"] == 0.0
+    assert all(torch.equal(states["plain"][k], states["zero"][k]) for k in states["plain"])
+    experts = [k for k in pre.state_dict() if k.startswith("backbone.experts")]
+
+    def distance(state):
+        return sum(float((state[k] - pre.state_dict()[k]).pow(2).sum()) for k in experts)
+
+    assert distance(states["strong"]) < 0.5 * distance(states["plain"])
+    for bad, message in ((["--l2-sp", "x"], "--l2-sp: expected"), (["--l2-sp", "-1"], "--l2-sp: expected"),
+                         (["--init-from", source, "--freeze", "embeddings,experts", "--l2-sp", "1"], "every --transfer part is frozen")):
+        args = bad if "--init-from" in bad else ["--init-from", source, *bad]
+        assert cli.main(["train", *common, *args, "--checkpoint", str(tmp_path / "bad.pt")]) == 2
+        assert message in capsys.readouterr().err
+    assert cli.main(["train", *common, "--l2-sp", "1", "--checkpoint", str(tmp_path / "bad.pt")]) == 2
+    assert "--l2-sp needs --init-from" in capsys.readouterr().err
 
 
 def test_refit_dense_features_sees_only_the_budget_labels():

@@ -288,6 +288,7 @@ def fit(
     resume: bool = False,
     checkpoint_extra: Optional[Dict[str, Any]] = None,
     log: Optional[Callable[[str], None]] = None,
+    regularizer: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None,
 ) -> FitResult:
     """Train ``model`` on ``data.splits["train"]`` with early stopping on validation.
 
@@ -307,6 +308,10 @@ def fit(
         resume: continue from ``checkpoint_path`` when it exists (same model config required);
             the continued run equals an uninterrupted one.
         log: called with one line per epoch (default: tqdm.write when ``config.progress``).
+        regularizer: ``regularizer(model) -> scalar tensor`` added to every step's weighted task
+            loss before the backward (e.g. the L2-SP penalty of `mtkernels.transfer.transfer`'s
+            report); its gradient reaches the parameters Adam trains. ``train_loss`` in the history
+            stays the task loss. Not stored in checkpoints: pass it again when resuming.
 
     Returns:
         :class:`FitResult`.
@@ -417,7 +422,7 @@ def fit(
             zero_grad()
             if shared:
                 weighting.update(losses, shared)
-            objective.backward()
+            (objective if regularizer is None else objective + regularizer(model)).backward()
             if flat is not None:
                 flat.gather_grads()
             optimizer.step()
