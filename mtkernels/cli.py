@@ -117,6 +117,8 @@ def _task_weights(pairs: Optional[Sequence[str]]) -> Optional[Dict[str, float]]:
         name, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--task-weight must look like NAME=WEIGHT (e.g. click=1.0), got {pair!r}")
+        if name in weights:
+            raise ValueError(f"--task-weight names {name} twice")
         try:
             weights[name] = float(value)
         except ValueError:

@@ -481,3 +481,10 @@ def test_a_data_set_name_stays_a_name_beside_a_file_of_that_name(tmp_path, monke
     assert cli._portable_spec({"name": "census", "data_dir": None, "schema": None})["name"] == "census"
     (tmp_path / "log.csv").write_text("u,i,click\n")
     assert cli._portable_spec({"name": "log.csv"})["name"] == str(tmp_path / "log.csv")
+
+
+def test_a_task_weight_given_twice_is_an_error():
+    # the last one silently won
+    with pytest.raises(ValueError, match="--task-weight names click twice"):
+        cli._task_weights(["click=1", "like=0.5", "click=2"])
+    assert cli._task_weights(["click=1", "like=0.5"]) == {"click": 1.0, "like": 0.5}
