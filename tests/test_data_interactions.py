@@ -223,3 +223,10 @@ def test_new_user_rows_refuses_a_side_feature_that_is_not_one_value(tmp_path, lo
     with pytest.raises(ValueError, match=r"sides\[1\]\['age'\]: expected one raw value \(a string or number\), got"):
         data.new_user_rows([{"age": 30}, {"age": value}])
     assert data.new_user_rows([{"age": 30}, {"age": None}]).sparse["age"][1] == 0  # missing: the unknown id
+
+
+@pytest.mark.parametrize("key, value", [("seed", "abc"), ("val_fraction", "ten percent"), ("seed", 1.5)])
+def test_a_schema_number_that_is_not_one_is_named(key, value):
+    # `seed: abc` was "invalid literal for int() with base 10: 'abc'"
+    with pytest.raises(ValueError, match=f"schema: {key!r} must be a"):
+        read_schema({"user": "uid", "item": "iid", "labels": {"click": "binary"}, key: value})

@@ -30,6 +30,7 @@ vocabularies of categorical features from the training rows (0 = unknown).
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -54,7 +55,8 @@ def read_schema(schema: Union[dict, str, Path]) -> dict:
 
     Raises:
         ValueError: missing ``user``/``item``/``labels``, an unknown key, a task kind other than
-        binary/regression, feature or dense columns not given as a list, ``multi_valued`` not a mapping.
+        binary/regression, feature or dense columns not given as a list, ``multi_valued`` not a mapping,
+        a ``seed`` that is not an integer or a split fraction that is not a number.
     """
     if isinstance(schema, (str, Path)):
         with open(schema, encoding="utf-8") as handle:
@@ -73,6 +75,11 @@ def read_schema(schema: Union[dict, str, Path]) -> dict:
     for key in ("user_features", "item_features", "context_features", "dense"):
         if not isinstance(out[key], (list, tuple)) or not all(isinstance(c, str) for c in out[key]):
             raise ValueError(f"schema: {key!r} must be a list of column names (YAML: [a, b]), got {out[key]!r}")
+    if isinstance(out["seed"], bool) or not isinstance(out["seed"], numbers.Integral):
+        raise ValueError(f"schema: 'seed' must be an integer, got {out['seed']!r}")
+    for key in ("val_fraction", "test_fraction"):
+        if isinstance(out[key], bool) or not isinstance(out[key], numbers.Real):
+            raise ValueError(f"schema: {key!r} must be a number in [0, 1), got {out[key]!r}")
     if not isinstance(out["multi_valued"], dict):
         raise ValueError(f"schema: 'multi_valued' must be a mapping of column to separator (e.g. {{genres: '|'}}), "
                          f"got {out['multi_valued']!r}")
