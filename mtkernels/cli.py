@@ -193,6 +193,9 @@ def cmd_train(args) -> int:
     if args.monitor_tasks:
         values["monitor_tasks"] = [t for t in args.monitor_tasks.split(",") if t]
     config = TrainConfig(**values)
+    if os.path.exists(args.checkpoint) and not args.resume:
+        print(f"note: training from scratch replaces the existing checkpoint {args.checkpoint} (--resume continues it)",
+              file=sys.stderr)
     extra = {"data": data_spec, "serving": _serving_tables(data),
              "vocabularies": data.vocabularies}
     result = fit(model, data, config, checkpoint_path=args.checkpoint, resume=args.resume, checkpoint_extra=extra,

@@ -488,3 +488,17 @@ def test_a_task_weight_given_twice_is_an_error():
     with pytest.raises(ValueError, match="--task-weight names click twice"):
         cli._task_weights(["click=1", "like=0.5", "click=2"])
     assert cli._task_weights(["click=1", "like=0.5"]) == {"click": 1.0, "like": 0.5}
+
+
+def test_train_says_when_it_replaces_an_existing_checkpoint(tmp_path, tiny_data, capsys):
+    checkpoint = str(tmp_path / "m.pt")
+    common = ["train", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+              "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(common) == 0
+    assert "replaces the existing checkpoint" not in capsys.readouterr().err
+    # a rerun of the same command started over and overwrote a trained model without a word
+    assert cli.main(common) == 0
+    assert f"note: training from scratch replaces the existing checkpoint {checkpoint} (--resume continues it)" \
+        in capsys.readouterr().err
+    assert cli.main(common + ["--resume"]) == 0
+    assert "replaces the existing checkpoint" not in capsys.readouterr().err
