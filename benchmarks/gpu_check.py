@@ -27,6 +27,7 @@ import torch
 
 import mtkernels
 from mtkernels.ops import embedding_bags, ensemble_topk, multi_task_score, pack_multi_task_params
+from mtkernels.training.checkpoint import atomic_write
 
 SCALE = float(os.environ.get("GPU_CHECK_SCALE", "1"))
 
@@ -201,9 +202,8 @@ def main() -> None:
     lines.append(f"benchmarks took {time.time() - started:.0f} s")
     table = "\n".join(lines)
     print(table)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(table + "\n")
+    if args.out:  # atomically, like the other result tables: a killed run never leaves half a table
+        atomic_write(args.out, lambda handle: handle.write((table + "\n").encode()))
 
 
 if __name__ == "__main__":

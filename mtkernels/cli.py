@@ -27,12 +27,16 @@ import torch
 from ._extension import info
 
 
+DATA_SET_NAMES = ("ml100k", "ml100k-mtl-v1", "movielens", "census", "census-income")
+
+
 def load_data(spec: Dict[str, Any]):
     """Load a data set from a plain spec ``{"name": "ml100k" | "census" | path, "data_dir",
     "schema", "history_length"}`` (stored in checkpoints so ``evaluate`` reloads the same data).
 
     Raises:
-        ValueError: an unknown data set name with no such file.
+        ValueError: an unknown data set name with no such file; ``history_length`` for a data set other
+            than ml100k.
     """
     from . import data as data_module
 
@@ -41,6 +45,8 @@ def load_data(spec: Dict[str, Any]):
     if name in ("ml100k", "ml100k-mtl-v1", "movielens"):
         history = {"history_length": spec["history_length"]} if spec.get("history_length") is not None else {}
         return data_module.load_ml100k_mtl_v1(data_dir, **history)
+    if spec.get("history_length") is not None:
+        raise ValueError(f"--history-length applies to ml100k only (its causal user-history bag), not to --data {name}")
     if name in ("census", "census-income"):
         return data_module.load_census_income(data_dir)
     if os.path.isfile(name):
@@ -64,7 +70,7 @@ def _checkpoint_data(checkpoint: Dict[str, Any], data_dir: Optional[str]):
     """The data spec a checkpoint was trained on (``data_dir`` overriding its folder) and that data set."""
     spec = dict(checkpoint.get("data") or {"name": "ml100k"})
     if data_dir:
-        spec["data_dir"] = data_dir
+        spec["data_dir"] = os.path.abspath(data_dir)
     return spec, _load_tasks(spec)
 
 
@@ -73,6 +79,20 @@ def _check_splits(data, splits: Optional[Sequence[str]], option: str) -> None:
     for split in splits or []:
         if split not in data.splits:
             raise ValueError(f"{option} {split!r} is not a split of this data set; splits: {list(data.splits)}")
+
+
+def _portable_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The data spec with its paths (a log file, a YAML schema, the data folder) made absolute, so that
+    the checkpoint storing it is evaluated, served or fused from any working directory."""
+    spec = dict(spec)
+    if spec.get("name") and spec["name"] not in DATA_SET_NAMES and os.path.isfile(spec["name"]):
+        spec["name"] = os.path.abspath(spec["name"])
+    if spec.get("data_dir"):
+        spec["data_dir"] = os.path.abspath(spec["data_dir"])
+    schema = spec.get("schema")
+    if isinstance(schema, str) and not schema.lstrip().startswith("{") and os.path.isfile(schema):
+        spec["schema"] = os.path.abspath(schema)
+    return spec
 
 
 def _schema(schema):
@@ -97,11 +117,27 @@ def _task_weights(pairs: Optional[Sequence[str]]) -> Optional[Dict[str, float]]:
         name, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--task-weight must look like NAME=WEIGHT (e.g. click=1.0), got {pair!r}")
+        if name in weights:
+            raise ValueError(f"--task-weight names {name} twice")
         try:
             weights[name] = float(value)
         except ValueError:
             raise ValueError(f"--task-weight {pair!r}: the weight must be a number") from None
     return weights
+
+
+def _json_text(value: Any) -> str:
+    """Strict JSON (what jq and JavaScript read): NaN and infinite floats (an undefined metric) become null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), indent=2, allow_nan=False)
 
 
 def _format_metrics(result: Dict[str, Any]) -> str:
@@ -124,7 +160,7 @@ def cmd_train(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_spec = {"name": args.data, "data_dir": args.data_dir, "schema": args.schema}
+    data_spec = _portable_spec({"name": args.data, "data_dir": args.data_dir, "schema": args.schema})
     if args.tasks:
         data_spec["tasks"] = [t for t in args.tasks.split(",") if t]
     if args.history_length is not None:
@@ -132,9 +168,14 @@ def cmd_train(args) -> int:
     data = _load_tasks(data_spec)
     _check_splits(data, args.evaluate, "--evaluate")
     overrides = {"embedding_dim": args.embedding_dim, "use_fused_optimizer": args.embedding_optimizer != "none"}
+    if args.embedding_optimizer == "none" and args.embedding_lr is not None:
+        raise ValueError("--embedding-lr needs a fused --embedding-optimizer (with 'none' the tables train with Adam "
+                         "at --lr)")
     if args.embedding_optimizer != "none":
         overrides["embedding_optimizer"] = dict(presets.EMBEDDING_OPTIMIZER, kind=args.embedding_optimizer,
-                                                **({"lr": args.embedding_lr} if args.embedding_lr else {}))
+                                                **({"lr": args.embedding_lr} if args.embedding_lr is not None else {}))
+    # the initial weights belong to the seeded run: --seed S twice gives the same model
+    torch.manual_seed(args.seed if args.seed is not None else presets.TRAIN_PRESET.get("seed", TrainConfig().seed))
     model = presets.build_model(data, args.model, **overrides)
     regularizer = _init_from(args, model, data)
     values = dict(presets.TRAIN_PRESET)
@@ -152,6 +193,9 @@ def cmd_train(args) -> int:
     if args.monitor_tasks:
         values["monitor_tasks"] = [t for t in args.monitor_tasks.split(",") if t]
     config = TrainConfig(**values)
+    if os.path.exists(args.checkpoint) and not args.resume:
+        print(f"note: training from scratch replaces the existing checkpoint {args.checkpoint} (--resume continues it)",
+              file=sys.stderr)
     extra = {"data": data_spec, "serving": _serving_tables(data),
              "vocabularies": data.vocabularies}
     result = fit(model, data, config, checkpoint_path=args.checkpoint, resume=args.resume, checkpoint_extra=extra,
@@ -181,7 +225,7 @@ def cmd_fuse(args) -> int:
         first = first or checkpoint
     data_spec = dict(first.get("data") or {"name": "ml100k"})
     if args.data_dir:
-        data_spec["data_dir"] = args.data_dir
+        data_spec["data_dir"] = os.path.abspath(args.data_dir)
     data = load_data(data_spec)
     _check_splits(data, args.evaluate, "--evaluate")
     cfs = [c for c in dict.fromkeys(args.cf) if c != "none"]
@@ -298,15 +342,25 @@ def _init_from(args, model, data):
     frozen = _parts(args.freeze, "--freeze")
     l2_sp = _l2_sp(args.l2_sp)
     if not args.init_from:
-        if frozen or l2_sp is not None:
-            raise ValueError(f"{'--freeze' if frozen else '--l2-sp'} needs --init-from CHECKPOINT (the source parts come from it)")
+        for option, value in (("--freeze", frozen), ("--l2-sp", l2_sp), ("--transfer", args.transfer),
+                              ("--transfer-lr-scale", args.transfer_lr_scale)):
+            if value:
+                raise ValueError(f"{option} needs --init-from CHECKPOINT (the source parts come from it)")
         return None
-    parts = _parts(args.transfer, "--transfer")
+    parts = _parts(args.transfer if args.transfer is not None else "embeddings,experts", "--transfer")
     if not parts and not frozen:
         raise ValueError("--transfer names no part to copy")
-    scale = _lr_scale(args.transfer_lr_scale)
-    checkpoint = load_checkpoint(args.init_from)
+    scale = _lr_scale(args.transfer_lr_scale if args.transfer_lr_scale is not None else "1")
     tuned = [p for p in parts if p not in frozen]
+    if args.transfer_lr_scale is not None and not tuned:
+        raise ValueError(f"--transfer-lr-scale {args.transfer_lr_scale} has no fine-tuned part to scale: every copied "
+                         f"part is frozen ({', '.join(frozen)})")
+    checkpoint = load_checkpoint(args.init_from)
+    kind = "fused" if "fusion" in checkpoint else (
+        "cold-start" if str(checkpoint.get("model_class", "")).endswith(":ColdStartModel") else None)
+    if kind:
+        raise ValueError(f"--init-from {args.init_from} is a {kind} checkpoint; transfer copies from the checkpoint of "
+                         "`mtkernels train`")
     if isinstance(scale, dict):
         unknown = [p for p in scale if p not in tuned]
         if unknown:
@@ -335,9 +389,12 @@ def cmd_evaluate(args) -> int:
     if "fusion" in checkpoint:  # a fused checkpoint ranks: top-k metrics only
         from .fusion import ScoreFusion
 
+        if args.task_weight:
+            raise ValueError("--task-weight does not apply to a fused checkpoint: it ranks by its learned source weights")
+
         fusion = ScoreFusion.from_checkpoint(checkpoint)
         results = {split: {"topk": fusion.topk_metrics(data, split, k=args.k)} for split in splits}
-        print(json.dumps(results, indent=2) if args.json else
+        print(_json_text(results) if args.json else
               "\n".join(f"{split}: {_format_metrics(r)}" for split, r in results.items()))
         return 0
     model = build_model(checkpoint, best=True)
@@ -345,7 +402,7 @@ def cmd_evaluate(args) -> int:
     for split in splits:
         results[split] = evaluate(model, data, split, k=args.k, task_weights=_task_weights(args.task_weight))
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(_json_text(results))
     else:
         for split, result in results.items():
             print(f"{split}: {_format_metrics(result)}")
@@ -362,6 +419,10 @@ def _serving_tables(data):
     if not (isinstance(data.user_ids, torch.Tensor) and isinstance(data.item_ids, torch.Tensor)):
         print("note: the user or item ids are not integers, so the checkpoint holds no serving tables "
               "(`recommend` needs integer ids; `evaluate` works)", file=sys.stderr)
+        return None
+    if not any(s in data.topk_splits for s in ("test_warm", "test")):  # its exclusions are the seen items
+        print("note: the data set has no top-k set for its test split, so the checkpoint holds no serving tables "
+              "(no user has a relevant test item; `evaluate` works)", file=sys.stderr)
         return None
     return serving_tables(data)
 
@@ -398,12 +459,14 @@ def cmd_recommend(args) -> int:
     users = list(dict.fromkeys(args.user + list(side_features or {})))
     result = ranker.recommend(users, k=args.k, exclude_seen=not args.include_seen,
                               task_weights=_task_weights(args.task_weight), side_features=side_features, at=args.at)
-    if args.json:
-        print(json.dumps([
-            {"user_id": u, "served_by": how, "item_ids": ids.tolist(), "scores": scores.tolist(), "titles": titles}
-            for u, how, ids, scores, titles in zip(result.user_ids, result.served_by, result.item_ids,
-                                                   result.scores, result.titles)
-        ], indent=2))
+    if args.json:  # the list stops where the items do (k above the candidates: no -1 / -inf padding)
+        lists = []
+        for u, how, ids, scores, titles in zip(result.user_ids, result.served_by, result.item_ids, result.scores,
+                                               result.titles):
+            n = int((ids >= 0).sum())
+            lists.append({"user_id": u, "served_by": how, "item_ids": ids[:n].tolist(), "scores": scores[:n].tolist(),
+                          "titles": titles[:n]})
+        print(_json_text(lists))
         return 0
     for u, how, ids, scores, titles in zip(result.user_ids, result.served_by, result.item_ids, result.scores, result.titles):
         print(f"user {u} (served by {how}):")
@@ -419,6 +482,17 @@ def cmd_demo(args) -> int:
     run_demo(out=args.out, data_dir=args.data_dir, models=args.models, seeds=args.seeds,
              epochs=args.epochs, progress=not args.no_progress, threads=args.threads, fuse=not args.no_fusion)
     return 0
+
+
+def _threads(text: str) -> int:
+    """``--threads``: an integer >= 1 (``torch.set_num_threads`` refuses the rest)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,13 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ml100k: add the causal user-history bag of the last L items (load_ml100k_mtl_v1(history_length=L))")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from a trained checkpoint's shared parts (transfer learning)")
-    p.add_argument("--transfer", default="embeddings,experts", metavar="PARTS",
+    p.add_argument("--transfer", default=None, metavar="PARTS",
                    help="parts copied by --init-from: embeddings, experts, gates, towers (default embeddings,experts)")
     p.add_argument("--freeze", default=None, metavar="PARTS",
                    help="parts copied by --init-from and frozen (no gradient, no optimizer state), e.g. embeddings,experts")
-    p.add_argument("--transfer-lr-scale", default="1", metavar="SCALE|PART=SCALE,...",
+    p.add_argument("--transfer-lr-scale", default=None, metavar="SCALE|PART=SCALE,...",
                    help="learning-rate multiplier of the copied parts that are not frozen: one number, or one per "
-                        "part, e.g. embeddings=0.1,experts=1 (parts not named: 1)")
+                        "part, e.g. embeddings=0.1,experts=1 (parts not named: 1; default 1)")
     p.add_argument("--l2-sp", default=None, metavar="ALPHA[,BETA]",
                    help="L2-SP fine-tuning (Li et al., ICML 2018): penalise alpha/2 ||w - w_source||^2 of the copied "
                         "dense parts that are not frozen and beta/2 ||w||^2 of the new ones, instead of weight decay "
@@ -471,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-dropout", type=float, default=None, metavar="P",
                    help="cold start: replace a training row's user id by the unknown id with probability P")
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--threads", type=_threads, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -491,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="fused checkpoint to write")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="top-k metrics on SPLIT afterwards")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_threads)
     p.set_defaults(func=cmd_fuse)
 
     from .cold_start import RECOMMENDED
@@ -517,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_threads)
     p.set_defaults(func=cmd_cold_start)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on test splits")
@@ -552,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["shared_bottom", "mmoe", "ple"])
     p.add_argument("--seeds", type=int, default=1, help="seeds per model (mean and spread when > 1)")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_threads, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-fusion", action="store_true", help="skip the fusion stage (models + EASE + SequentialRules, fused)")
     p.set_defaults(func=cmd_demo)

@@ -167,13 +167,25 @@ def run_demo(out: str = "outputs/demo", data_dir: Optional[str] = None,
         threads: ``torch.set_num_threads`` (default: torch's).
         fuse: add the fusion stage (:func:`fusion_stage`): the seed-0 models, EASE and
             SequentialRules, fused.
+
+    Raises:
+        ValueError: ``seeds`` or ``epochs`` below 1, no model or an unknown backbone (before any
+            work: nothing is loaded or written).
     """
     from . import evaluation
+    from .nn.model import BACKBONES
     from .data import load_ml100k_mtl_v1
     from .serving import Ranker, serving_tables
     from .training import TrainConfig, fit, presets
     from .training.checkpoint import atomic_write
 
+    for name, value in (("seeds", seeds), ("epochs", epochs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    unknown = [m for m in models if m not in BACKBONES]
+    if not models or unknown:
+        raise ValueError(f"models: unknown backbones {unknown}; backbones are {list(BACKBONES)}" if unknown
+                         else "models must name at least one backbone")
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -181,7 +193,7 @@ def run_demo(out: str = "outputs/demo", data_dir: Optional[str] = None,
     data = load_ml100k_mtl_v1(data_dir)
     print_fn(f"data: {data!r} (loaded in {time.perf_counter() - started:.1f} s, {torch.get_num_threads()} threads)")
     tables = serving_tables(data)
-    data_spec = {"name": "ml100k", "data_dir": data_dir}
+    data_spec = {"name": "ml100k", "data_dir": os.path.abspath(data_dir) if data_dir else None}  # any working folder
 
     report: Dict[str, Any] = {"protocol": "ml100k-mtl-v1", "seeds": seeds, "models": {}, "baselines": BASELINES,
                               "ranking_score": "click probability", "threads": torch.get_num_threads()}

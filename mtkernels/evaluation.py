@@ -78,6 +78,24 @@ def fused_topk(
     )
 
 
+def check_tasks(model: torch.nn.Module, data) -> None:
+    """Column t of a model's output is its t-th task: refuse data whose tasks differ (names, kinds or
+    order), which would compare or train each column against another task's labels.
+
+    Raises:
+        ValueError: the model's ``tasks`` differ from ``data.tasks`` (a model without ``tasks`` passes).
+    """
+    tasks = getattr(model, "tasks", None)
+    if tasks is None:
+        return
+    ours = [(t.name, t.kind) for t in tasks]
+    theirs = [(t.name, t.kind) for t in data.tasks]
+    if ours != theirs:
+        raise ValueError(f"the model's tasks {[n for n, _ in ours]} differ from the data's {[n for n, _ in theirs]} "
+                         "(names, kinds and order must match; `mtkernels.transfer.select_tasks` picks and orders "
+                         "a data set's tasks)")
+
+
 def _request_times(model: torch.nn.Module, data, split: str) -> Optional[torch.Tensor]:
     """Per user row, the request time of ``split`` (`mtkernels.cold_start.request_times`) for a
     model with ``uses_request_time`` (a time-aware cold-start model); None for any other model."""
@@ -95,7 +113,12 @@ def _forward(model: torch.nn.Module, batch, at: Optional[torch.Tensor]) -> torch
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, data, split: str, batch_size: int = 32768) -> torch.Tensor:
-    """Model outputs for every row of a split, in row order: float ``[n, T]``."""
+    """Model outputs for every row of a split, in row order: float ``[n, T]``.
+
+    Raises:
+        ValueError: the model's tasks differ from ``data.tasks`` (`check_tasks`).
+    """
+    check_tasks(model, data)
     model.eval()
     first = _request_times(model, data, split)  # a time-aware cold-start model: each row at its user's request time
     if first is not None:
@@ -165,9 +188,11 @@ def topk_lists(
         ``data.topk_eval(split)`` (users, exclusions, relevant items).
 
     Raises:
-        ValueError: ``split`` is not a split of ``data`` or has no top-k set; ``k`` < 1.
+        ValueError: ``split`` is not a split of ``data`` or has no top-k set; ``k`` < 1; the model's
+            tasks differ from ``data.tasks``.
     """
     _check_split_and_k(data, split, k)
+    check_tasks(model, data)
     model.eval()
     tasks = data.tasks
     task_weights = dict(task_weights or default_ranking(tasks))
@@ -217,18 +242,21 @@ def evaluate(
 ) -> Dict[str, object]:
     """All metrics of one split: ``{task: {...}, ..., "topk": {"ndcg@k", "recall@k"}}``.
 
-    ``topk=False``, or a data set without items (``num_items`` 0 or missing, e.g. Census-Income),
-    skips the ranking part.
+    ``topk=False``, a data set without items (``num_items`` 0 or missing, e.g. Census-Income), or a
+    split without a top-k set (``train``: its positives are what the other splits exclude) skips
+    the ranking part.
 
     Raises:
-        ValueError: ``split`` is not a split of ``data``; ``k`` < 1.
+        ValueError: ``split`` is not a split of ``data``; ``k`` < 1; the model's tasks differ from
+            ``data.tasks``.
     """
     _check_split_and_k(data, split, k)
+    check_tasks(model, data)
     labels = data.splits[split].labels
     if hasattr(model, "targets"):  # ESMM: its post-click outputs are scored on entire-space labels
         labels = model.targets(labels)
     result: Dict[str, object] = dict(pointwise_metrics(data.tasks, labels, predict(model, data, split, batch_size)))
-    if topk and has_items(data):
+    if topk and has_items(data) and split in getattr(data, "topk_splits", [split]):
         result["topk"] = topk_metrics(model, data, split, k, task_weights)
     return result
 

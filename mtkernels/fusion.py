@@ -206,8 +206,10 @@ class ScoreFusion:
         users_per_block: users per block of score matrices (memory: ``S x block x N`` floats).
 
     Raises:
-        ValueError: no member, duplicate names, no source, unknown task or member names, a weight
-            or transform count different from S, an unknown transform or mode, non-finite weights.
+        ValueError: no member, duplicate names, no source, a member with none of a task list's
+            tasks, unknown task or member names, a weight
+            or transform count different from S, an unknown transform or mode, non-finite weights,
+            a model member trained on another data set than ``tables`` (other user or item ids).
     """
 
     def __init__(self, members, tasks, weights=None, transforms=None, mode: str = "weighted",
@@ -228,12 +230,23 @@ class ScoreFusion:
         self.weights = self._weights(weights)
         self.transforms = self._transforms(transforms)
         self.tables = tables
+        if tables is not None:
+            self._check_same_data(tables)
         self.users_per_block = max(1, int(users_per_block))
         self.objective: Optional[str] = None
         self.intercept = 0.0
         self.fit_report: Dict[str, object] = {}
 
     # --- configuration -----------------------------------------------------------------------
+    def _check_same_data(self, tables: Mapping[str, object]) -> None:
+        """Every model member's serving tables must have ``tables``' users and items (the same data set)."""
+        for member in self.members:
+            own = getattr(getattr(member, "scorer", None), "tables", None)
+            for key in ("item_ids", "user_ids") if own is not None else ():
+                if not torch.equal(torch.as_tensor(own[key]), torch.as_tensor(tables[key])):
+                    raise ValueError(f"member {member.name!r} was trained on another data set: its {key} differ from "
+                                     "those of tables (fuse members of one data set)")
+
     def _sources(self, tasks) -> List[Tuple[str, str]]:
         if isinstance(tasks, str):
             tasks = [tasks]
@@ -251,6 +264,11 @@ class ScoreFusion:
             tasks = list(tasks)
             for member in self.members:
                 sources += [(member.name, t) for t in tasks if t in member.task_names]
+            missing = [m for m in self.members if not any(t in m.task_names for t in tasks)]
+            if sources and missing:  # (no source at all: the error below)
+                m = missing[0]
+                raise ValueError(f"member {m.name!r} has none of the tasks {tasks} (its tasks: {list(m.task_names)}); "
+                                 "list one of its tasks, or name each member's tasks with a mapping")
         if not sources:
             raise ValueError(f"tasks {tasks!r} select no (member, task) source; the members' tasks: "
                              f"{ {m.name: list(m.task_names) for m in self.members} }")
@@ -492,13 +510,17 @@ class ScoreFusion:
             (also kept as ``fit_report`` and saved with the checkpoint).
 
         Raises:
-            ValueError: an unknown objective; a split without top-k sets (ndcg).
+            ValueError: an unknown objective; a split without top-k sets (ndcg); the logloss
+                objective in ``mode="rrf"``.
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if objective == "logloss":
             if gap_matched:
                 raise ValueError("gap_matched applies to the ndcg@10 objective only")
+            if self.mode != "weighted":
+                raise ValueError(f"objective 'logloss' needs mode 'weighted' (its coefficients weight logits; mode "
+                                 f"{self.mode!r} ranks by reciprocal ranks, which ignore them)")
             return self._fit_logistic(validation, seed, split)
         return self._fit_ndcg(validation, seed, split, rounds, grid, bool(gap_matched))
 

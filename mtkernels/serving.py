@@ -367,7 +367,8 @@ class Ranker:
             (``"popularity"``; ties by the smaller item id).
 
         Raises:
-            ValueError: k not an integer >= 0, a user id that is not an integer, unknown task names,
+            ValueError: k not an integer >= 0, a single id instead of a sequence, a user id that is
+                not an integer, ``side_features`` of a user not in ``user_ids``, unknown task names,
                 unknown feature names in ``side_features`` or an id outside its table;
                 ``task_weights`` given to a fused ranker (it ranks by its learned weights); ``at``
                 given to a model that does not use a request time, or not a finite number.
@@ -380,10 +381,15 @@ class Ranker:
                                  "with a time-aware prior does)")
             if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
                 raise ValueError(f"at: the request time must be a finite number of seconds (Unix time), got {at!r}")
+        if user_ids.dim() == 0 if isinstance(user_ids, torch.Tensor) else _is_integer(user_ids):
+            raise ValueError(f"user_ids: expected a sequence of ids (e.g. [{int(user_ids)}]), got {user_ids!r}")
         bad = [u for u in user_ids if not _is_integer(u)]
         if bad:
             raise ValueError(f"user_ids: expected integer ids, got {bad[:3]!r}")
         user_ids = [int(u) for u in user_ids]
+        stray = sorted(set(side_features or {}) - set(user_ids))
+        if stray:
+            raise ValueError(f"side_features names users not in user_ids: {stray[:5]} (add them to the request)")
         if self.fusion is not None and task_weights:
             raise ValueError("task_weights does not apply to a fused checkpoint: it ranks by its learned source weights")
         if self.fusion is None:

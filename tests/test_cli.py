@@ -280,3 +280,225 @@ def test_train_history_length_is_kept_in_the_data_spec(tmp_path, tiny_data):
     from mtkernels.training import load_checkpoint
 
     assert load_checkpoint(checkpoint)["data"]["history_length"] == 30  # evaluate reloads the same bags
+
+
+def _small_log(folder, n=300, seed=0):
+    """A tiny interaction log (uid, iid, click, age, ts) written to ``folder/log.csv``."""
+    rng = np.random.default_rng(seed)
+    log = pd.DataFrame({"uid": rng.integers(100, 120, n), "iid": rng.integers(1, 9, n),
+                        "click": rng.integers(0, 2, n), "ts": rng.permutation(n)})
+    log["age"] = log["uid"] % 4 * 10
+    log.to_csv(folder / "log.csv", index=False)
+    return log
+
+
+def test_a_checkpoint_trained_from_relative_paths_is_evaluated_from_another_folder(tmp_path, monkeypatch, capsys):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    _small_log(work)
+    (work / "schema.yaml").write_text("user: uid\nitem: iid\nlabels: {click: binary}\nuser_features: [age]\n"
+                                      "timestamp: ts\nsplit: temporal\n")
+    monkeypatch.chdir(work)
+    assert cli.main(["train", "--data", "log.csv", "--schema", "schema.yaml", "--model", "mmoe", "--checkpoint", "m.pt",
+                     "--epochs", "1", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]) == 0
+    assert cli.main(["evaluate", "--checkpoint", "m.pt", "--json"]) == 0
+    here = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # after the "trained ..." line
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["evaluate", "--checkpoint", str(work / "m.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == here
+
+
+def test_history_length_on_a_data_set_without_histories_is_an_error(tmp_path, capsys):
+    _small_log(tmp_path)
+    schema = json.dumps({"user": "uid", "item": "iid", "labels": {"click": "binary"}})
+    assert cli.main(["train", "--data", str(tmp_path / "log.csv"), "--schema", schema, "--history-length", "5",
+                     "--checkpoint", str(tmp_path / "m.pt"), "--epochs", "1", "--no-progress"]) == 2
+    assert "--history-length applies to ml100k only" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "m.pt")
+
+
+def test_embedding_lr_is_honoured_or_refused(tmp_path, tiny_data, capsys):
+    from mtkernels.training import load_checkpoint
+
+    checkpoint = str(tmp_path / "m.pt")
+    common = ["train", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+              "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(common + ["--embedding-lr", "0"]) == 2  # refused, not silently the preset's 0.05
+    assert "lr must be > 0, got 0.0" in capsys.readouterr().err
+    assert cli.main(common + ["--embedding-lr", "0.2", "--embedding-optimizer", "sgd"]) == 0
+    assert load_checkpoint(checkpoint)["model_config"]["embedding_optimizer"] == {"kind": "sgd", "lr": 0.2, "eps": 1e-8}
+    capsys.readouterr()
+    # without a fused optimizer the tables train with Adam at --lr: an --embedding-lr would be ignored
+    assert cli.main(common + ["--embedding-lr", "0.2", "--embedding-optimizer", "none"]) == 2
+    assert "--embedding-lr needs a fused --embedding-optimizer" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_task_weights_for_a_fused_checkpoint(tmp_path, tiny_data, capsys):
+    checkpoint, fused = str(tmp_path / "m.pt"), str(tmp_path / "fused.pt")
+    assert cli.main(["train", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+                     "--embedding-dim", "4", "--no-progress"]) == 0
+    assert cli.main(["fuse", "--member", checkpoint, "--cf", "none", "--out", fused]) == 0
+    capsys.readouterr()
+    # a fused checkpoint ranks by its learned source weights: the weights would be ignored
+    assert cli.main(["evaluate", "--checkpoint", fused, "--split", "test_warm", "--task-weight", "like=1"]) == 2
+    assert "--task-weight does not apply to a fused checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["train", "--checkpoint", "m.pt"], ["fuse", "--out", "f.pt"],
+                                     ["cold-start", "--checkpoint", "m.pt", "--out", "c.pt"], ["demo"]])
+@pytest.mark.parametrize("threads", ["0", "-2", "two"])
+def test_threads_must_be_a_positive_integer(command, threads, capsys):
+    # 0 was silently torch's default, -2 a RuntimeError traceback from torch.set_num_threads
+    with pytest.raises(SystemExit):
+        cli.main(command + ["--threads", threads])
+    assert f"--threads: expected an integer >= 1, got {threads!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--seeds", "0"], "seeds must be an integer >= 1, got 0"),  # was an IndexError after training nothing
+    (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),  # the same
+    (["--models", "bogus"], "models: unknown backbones ['bogus']"),  # was an error only after loading the data
+])
+def test_demo_checks_its_options_before_any_work(tmp_path, monkeypatch, capsys, option, message):
+    import mtkernels.data
+
+    def no_load(data_dir=None):
+        raise AssertionError("the data set was loaded")
+
+    monkeypatch.setattr(mtkernels.data, "load_ml100k_mtl_v1", no_load)
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"] + option) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_checkpoints_keep_an_absolute_data_dir(tmp_path, monkeypatch, capsys):
+    import mtkernels.data
+    from mtkernels.training import load_checkpoint
+
+    data = make_data()
+    monkeypatch.setattr(mtkernels.data, "load_ml100k_mtl_v1", lambda data_dir=None: data)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--out", "demo", "--data-dir", "raw", "--models", "mmoe", "--epochs", "1",
+                     "--no-progress", "--no-fusion"]) == 0
+    # `mtkernels evaluate --checkpoint demo/mmoe-seed0.pt` from another folder reloads the same files
+    assert load_checkpoint("demo/mmoe-seed0.pt")["data"]["data_dir"] == str(tmp_path / "raw")
+
+
+def test_transfer_options_that_would_be_ignored_are_errors(tmp_path, tiny_data, capsys):
+    source = str(tmp_path / "source.pt")
+    common = ["--model", "mmoe", "--epochs", "1", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(["train", "--checkpoint", source] + common) == 0
+    capsys.readouterr()
+    # every copied part frozen: a learning-rate scale has nothing to scale (it was silently ignored)
+    assert cli.main(["train", "--checkpoint", str(tmp_path / "t.pt"), "--init-from", source, "--freeze",
+                     "embeddings,experts", "--transfer-lr-scale", "0.3"] + common) == 2
+    assert "--transfer-lr-scale 0.3 has no fine-tuned part to scale" in capsys.readouterr().err
+    # without --init-from the transfer options were ignored and the model trained from scratch
+    for option in (["--transfer", "embeddings"], ["--transfer-lr-scale", "0.3"], ["--freeze", "experts"]):
+        assert cli.main(["train", "--checkpoint", str(tmp_path / "t.pt")] + option + common) == 2
+        assert f"{option[0]} needs --init-from CHECKPOINT" in capsys.readouterr().err
+
+
+def _strict_json(text):
+    """json.loads that refuses NaN / Infinity, as jq and JavaScript do."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_is_strict_json(tmp_path, tiny_data, capsys):
+    data, _ = tiny_data
+    checkpoint = str(tmp_path / "m.pt")
+    assert cli.main(["train", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+                     "--embedding-dim", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    # k above the catalogue: the padding (item -1, score -inf) was written as -Infinity
+    warm = int(data.user_ids[int(data.topk_eval("test_warm").users[0])])
+    assert cli.main(["recommend", "--checkpoint", checkpoint, "--user", str(warm), "--k", str(data.num_items + 5),
+                     "--json"]) == 0
+    served = _strict_json(capsys.readouterr().out)[0]
+    assert len(served["item_ids"]) == len(served["scores"]) == len(served["titles"]) < data.num_items
+    assert min(served["item_ids"]) >= 0 and len(set(served["item_ids"])) == len(served["item_ids"])
+    # an undefined metric (NaN) is null, not NaN
+    assert cli.main(["evaluate", "--checkpoint", checkpoint, "--split", "val", "--json", "--task-weight", "click=1"]) == 0
+    result = _strict_json(capsys.readouterr().out)
+    assert set(result["val"]) == {"click", "like", "rating", "topk"}
+    assert _strict_json(cli._json_text({"auc": float("nan"), "lists": [1.5, float("-inf")]})) == {
+        "auc": None, "lists": [1.5, None]}
+
+
+def test_train_with_the_same_seed_gives_the_same_model(tmp_path, tiny_data):
+    # the model was built (its weights initialised) before the run was seeded: --seed 0 twice gave two models
+    from mtkernels.training import load_checkpoint
+
+    states = []
+    for run in ("a", "b"):
+        path = str(tmp_path / f"{run}.pt")
+        assert cli.main(["train", "--model", "mmoe", "--checkpoint", path, "--epochs", "1", "--batch-size", "64",
+                         "--embedding-dim", "4", "--no-progress", "--seed", "3"]) == 0
+        torch.rand(5)  # whatever ran in between
+        states.append(load_checkpoint(path)["model_state"])
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_init_from_a_fused_or_cold_start_checkpoint_is_an_error(tmp_path, tiny_data, capsys):
+    source, fused, cold = (str(tmp_path / f"{n}.pt") for n in ("source", "fused", "cold"))
+    common = ["--model", "mmoe", "--epochs", "1", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(["train", "--checkpoint", source] + common) == 0
+    assert cli.main(["fuse", "--member", source, "--cf", "none", "--out", fused]) == 0
+    assert cli.main(["cold-start", "--checkpoint", source, "--out", cold, "--features", "age", "--epochs", "1",
+                     "--recent-share", "0"]) == 0
+    capsys.readouterr()
+    # were a TypeError ("got dict") and an AttributeError ('ColdStartModel' has no 'embeddings') traceback
+    for path, kind in ((fused, "fused"), (cold, "cold-start")):
+        assert cli.main(["train", "--checkpoint", str(tmp_path / "t.pt"), "--init-from", path] + common) == 2
+        assert f"--init-from {path} is a {kind} checkpoint; transfer copies from the checkpoint of `mtkernels train`" \
+            in capsys.readouterr().err
+
+
+def test_a_log_without_a_test_ranking_set_trains_without_serving_tables(tmp_path, capsys):
+    # 5 rows: no val row and no positive in test, so no top-k set; train failed with "has no items to rank"
+    log = tmp_path / "tiny.csv"
+    log.write_text("u,i,click\n1,1,1\n1,2,0\n2,1,1\n2,3,1\n3,2,0\n")
+    schema = '{"user": "u", "item": "i", "labels": {"click": "binary"}}'
+    checkpoint = str(tmp_path / "tiny.pt")
+    assert cli.main(["train", "--data", str(log), "--schema", schema, "--checkpoint", checkpoint, "--epochs", "1",
+                     "--no-progress"]) == 0
+    assert "no top-k set for its test split, so the checkpoint holds no serving tables" in capsys.readouterr().err
+    from mtkernels.data import load_interactions
+
+    with pytest.raises(ValueError, match=r"tiny.csv has no top-k evaluation set: no split has a user with a relevant "
+                                         r"item \(its items: 3\)"):
+        load_interactions(log, json.loads(schema)).topk_eval("test")
+
+
+def test_a_data_set_name_stays_a_name_beside_a_file_of_that_name(tmp_path, monkeypatch):
+    (tmp_path / "census").write_text("not a log")
+    monkeypatch.chdir(tmp_path)
+    assert cli._portable_spec({"name": "census", "data_dir": None, "schema": None})["name"] == "census"
+    (tmp_path / "log.csv").write_text("u,i,click\n")
+    assert cli._portable_spec({"name": "log.csv"})["name"] == str(tmp_path / "log.csv")
+
+
+def test_a_task_weight_given_twice_is_an_error():
+    # the last one silently won
+    with pytest.raises(ValueError, match="--task-weight names click twice"):
+        cli._task_weights(["click=1", "like=0.5", "click=2"])
+    assert cli._task_weights(["click=1", "like=0.5"]) == {"click": 1.0, "like": 0.5}
+
+
+def test_train_says_when_it_replaces_an_existing_checkpoint(tmp_path, tiny_data, capsys):
+    checkpoint = str(tmp_path / "m.pt")
+    common = ["train", "--model", "mmoe", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+              "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(common) == 0
+    assert "replaces the existing checkpoint" not in capsys.readouterr().err
+    # a rerun of the same command started over and overwrote a trained model without a word
+    assert cli.main(common) == 0
+    assert f"note: training from scratch replaces the existing checkpoint {checkpoint} (--resume continues it)" \
+        in capsys.readouterr().err
+    assert cli.main(common + ["--resume"]) == 0
+    assert "replaces the existing checkpoint" not in capsys.readouterr().err

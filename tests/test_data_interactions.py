@@ -160,3 +160,73 @@ def test_schema_errors(tmp_path, log):
         load_interactions(csv, {"user": "uid", "item": "iid", "labels": {"click": "binary"}, "split": "device"})
     with pytest.raises(FileNotFoundError):
         load_interactions(tmp_path / "absent.csv", {"user": "uid", "item": "iid", "labels": {"click": "binary"}})
+
+
+@pytest.mark.parametrize("column", ["uid", "iid"])
+def test_a_missing_user_or_item_id_is_an_error_naming_the_row(tmp_path, log, column):
+    # a blank id would otherwise become a user / item of its own (NaN), and float ids leave the
+    # checkpoint without serving tables
+    frame = log.copy()
+    frame[column] = frame[column].astype(object)
+    frame.loc[7, column] = None
+    csv = tmp_path / "log.csv"
+    frame.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=f"column '{column}': 1 missing ids, first at row 7"):
+        load_interactions(csv, SCHEMA)
+
+
+@pytest.mark.parametrize("value", [2.0, -1.0, 0.5])
+def test_a_binary_label_other_than_0_or_1_is_an_error(tmp_path, log, value):
+    # the binary cross-entropy would silently train towards it, and top-k would not count it
+    frame = log.copy()
+    frame["click"] = frame["click"].astype(float)
+    frame.loc[11, "click"] = value
+    csv = tmp_path / "log.csv"
+    frame.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=f"binary label 'click' must be 0 or 1 .empty: no label., got {value:g} at row 11"):
+        load_interactions(csv, SCHEMA)
+
+
+@pytest.mark.parametrize("column", ["rating", "price"])
+def test_an_infinite_label_or_dense_value_is_an_error(tmp_path, log, column):
+    # inf would make the loss (label) or the whole standardised column (dense) NaN
+    frame = log.copy()
+    frame.loc[5, column] = np.inf
+    csv = tmp_path / "log.csv"
+    frame.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=f"column '{column}': infinite value at row 5"):
+        load_interactions(csv, SCHEMA)
+
+
+@pytest.mark.parametrize("key, value", [("user_features", "age"), ("dense", "price"), ("multi_valued", ["genres"]),
+                                        ("context_features", {"device": 1})])
+def test_schema_lists_of_the_wrong_type_are_named(key, value):
+    # `user_features: age` (a YAML scalar) was "can only concatenate str (not "list") to str"
+    kind = "a mapping" if key == "multi_valued" else "a list of column names"
+    with pytest.raises(ValueError, match=f"schema: {key!r} must be {kind}"):
+        read_schema({"user": "uid", "item": "iid", "labels": {"click": "binary"}, key: value})
+
+
+def test_an_empty_log_is_an_error_naming_the_file(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty.csv is empty \(no header row\)"):  # was "No columns to parse from file"
+        load_interactions(empty, {"user": "uid", "item": "iid", "labels": {"click": "binary"}})
+
+
+@pytest.mark.parametrize("value", [["30"], {"a": 1}, (30,)])
+def test_new_user_rows_refuses_a_side_feature_that_is_not_one_value(tmp_path, log, value):
+    # `recommend --side-features 9999='{"age": ["30"]}'` was "TypeError: unhashable type: 'list'" from pandas
+    csv = tmp_path / "log.csv"
+    log.to_csv(csv, index=False)
+    data = load_interactions(csv, SCHEMA)
+    with pytest.raises(ValueError, match=r"sides\[1\]\['age'\]: expected one raw value \(a string or number\), got"):
+        data.new_user_rows([{"age": 30}, {"age": value}])
+    assert data.new_user_rows([{"age": 30}, {"age": None}]).sparse["age"][1] == 0  # missing: the unknown id
+
+
+@pytest.mark.parametrize("key, value", [("seed", "abc"), ("val_fraction", "ten percent"), ("seed", 1.5)])
+def test_a_schema_number_that_is_not_one_is_named(key, value):
+    # `seed: abc` was "invalid literal for int() with base 10: 'abc'"
+    with pytest.raises(ValueError, match=f"schema: {key!r} must be a"):
+        read_schema({"user": "uid", "item": "iid", "labels": {"click": "binary"}, key: value})

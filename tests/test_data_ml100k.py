@@ -380,3 +380,10 @@ def test_protocol_split_rule_on_synthetic(synthetic):
 def test_missing_data_names_the_fetch_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="mtkernels.data.fetch"):
         load_ml100k_mtl_v1(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("age", [-5, float("inf")])
+def test_new_user_rows_rejects_an_impossible_age(data, age):
+    # -5 was silently the youngest group and inf the oldest
+    with pytest.raises(ValueError, match=rf"age: expected a finite number >= 0, got {age}"):
+        data.new_user_rows([{"age": 30}, {"age": age}])

@@ -73,6 +73,12 @@ def test_resume_refuses_another_model(data, tmp_path):
     fit(tiny_model(data, "mmoe"), data, _config(epochs=1), checkpoint_path=path)
     with pytest.raises(ValueError, match="cannot resume"):
         fit(tiny_model(data, "ple"), data, _config(epochs=2), checkpoint_path=path, resume=True)
+    # the message names what differs, not two whole configs (the feature list alone is long)
+    with pytest.raises(ValueError) as error:
+        fit(tiny_model(data, "ple"), data, _config(epochs=2), checkpoint_path=path, resume=True)
+    message = str(error.value)
+    assert "its model config differs in backbone ('mmoe' in the checkpoint, 'ple' here), backbone_kwargs" in message
+    assert "features" not in message and len(message) < 600
 
 
 def test_early_stopping_keeps_best_epoch(data):
@@ -164,3 +170,43 @@ def test_esmm_trains_post_click_tasks_over_the_entire_space(data):
     result = fit(model, data, _config(epochs=1))
     assert all(math.isfinite(v) for v in result.history[0]["task_losses"].values())
     assert result.history[0]["val"]["like"]["auc"] == result.history[0]["val"]["like"]["auc"]  # not NaN
+
+
+def test_a_model_of_other_tasks_is_refused_by_evaluate_and_fit(data):
+    # column t of the model's output is its t-th task: on data whose tasks differ (another order, a
+    # subset) the metrics compared the wrong columns (or failed with a reshape error) and fit
+    # trained each head on another task's labels
+    from mtkernels.transfer import select_tasks
+
+    model = tiny_model(data, "mmoe")
+    reordered = select_tasks(data, ["rating", "click", "like"])
+    message = r"the model's tasks \['click', 'like', 'rating'\] differ from the data's \['rating', 'click', 'like'\]"
+    with pytest.raises(ValueError, match=message):
+        evaluation.evaluate(model, reordered, "val")
+    with pytest.raises(ValueError, match=message):
+        evaluation.topk_metrics(model, reordered, "val")
+    with pytest.raises(ValueError, match=message):
+        fit(model, reordered, _config(epochs=1))
+    with pytest.raises(ValueError, match=r"differ from the data's \['click'\]"):
+        evaluation.evaluate(model, select_tasks(data, ["click"]), "val")
+    assert set(evaluation.evaluate(model, data, "val")) == {"click", "like", "rating", "topk"}
+
+
+def test_evaluate_on_the_training_split_gives_its_pointwise_metrics(data):
+    # train has no top-k set (its positives are what the other splits exclude): `mtkernels evaluate
+    # --split train` computed the pointwise metrics, then failed on the ranking part
+    model = tiny_model(data, "mmoe")
+    result = evaluation.evaluate(model, data, "train")
+    assert set(result) == {"click", "like", "rating"}
+    labels, predictions = data.splits["train"].labels, evaluation.predict(model, data, "train")
+    assert result == evaluation.pointwise_metrics(data.tasks, labels, predictions)
+
+
+def test_resume_refuses_a_checkpoint_that_is_not_a_training_run(data, tmp_path):
+    # a fused or cold-start checkpoint has no trainer state: the error compared configs ("kind (NoneType ...)")
+    from mtkernels.training import save_checkpoint
+
+    path = str(tmp_path / "fused.pt")
+    save_checkpoint(path, {"fusion": {"weights": [1.0]}, "serving": None})
+    with pytest.raises(ValueError, match=r"cannot resume from .*fused.pt: not the checkpoint of a training run"):
+        fit(tiny_model(data, "mmoe"), data, _config(epochs=1), checkpoint_path=path, resume=True)

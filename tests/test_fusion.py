@@ -508,3 +508,39 @@ def test_fuse_command_writes_a_checkpoint_that_recommend_and_evaluate_read(data,
     save_checkpoint(cold, cold_start_checkpoint(ColdStartModel(build_model(load_checkpoint(paths["mmoe"])), prior, 1.0), data))
     assert cli.main(["fuse", "--member", cold, "--cf", "none", "--out", out]) == 2
     assert "is not a checkpoint of `mtkernels train`" in capsys.readouterr().err
+
+
+def test_members_of_another_data_set_are_refused_by_name(data, tables):
+    # a member trained on another catalogue (or other users) would be scored with this data set's rows:
+    # a KeyError on a missing feature at best, silently wrong items at worst
+    other = make_data(num_items=20, seed=1)
+    model = MultiTaskModel(other.features, other.dense_dim, other.tasks, backbone="mmoe", embedding_dim=4,
+                           backbone_kwargs={"num_experts": 2, "expert_hidden": [8]}, tower_hidden=[5])
+    stranger = ModelMember("stranger", model, serving_tables(other))
+    with pytest.raises(ValueError, match="member 'stranger' was trained on another data set: its item_ids differ"):
+        ScoreFusion([stranger], tasks=["click"], tables=tables)
+    ScoreFusion([ModelMember("own", model, serving_tables(other))], tasks=["click"], tables=serving_tables(other))
+
+
+def test_logistic_stacking_refuses_reciprocal_rank_fusion(data, tables, trained):
+    # rrf ranks by reciprocal ranks and ignores transforms: the stacking's coefficients (some negative)
+    # would silently weight ranks instead of the logits they were fitted on
+    from mtkernels.fusion import model_member_from_checkpoint
+
+    _, paths = trained
+    members = [model_member_from_checkpoint(p)[0] for p in paths.values()]
+    fusion = ScoreFusion(members, ["click"], mode="rrf", tables=tables)
+    with pytest.raises(ValueError, match="objective 'logloss' needs mode 'weighted'"):
+        fusion.fit_weights(data, objective="logloss", seed=0)
+    assert fusion.objective is None
+
+
+def test_a_member_without_any_of_the_listed_tasks_is_named():
+    # `mtkernels fuse --tasks rating --cf sr` fused the model alone: the SequentialRules member (task
+    # click) was silently left out
+    a = _Fixed("a", torch.randn(3, 5, 2), ("click", "rating"), ("binary", "regression"))
+    sr = _Fixed("sr", torch.randn(3, 5, 1))
+    with pytest.raises(ValueError, match=r"member 'sr' has none of the tasks \['rating'\] \(its tasks: \['click'\]\)"):
+        ScoreFusion([a, sr], ["rating"])
+    assert ScoreFusion([a, sr], ["rating", "click"]).source_names == ["a/rating", "a/click", "sr/click"]
+    assert ScoreFusion([a, sr], {"a": ["rating"]}).source_names == ["a/rating"]  # a mapping leaves members out on purpose

@@ -406,3 +406,21 @@ def test_shared_parameters_are_read_by_every_task():
             assert sum(float(g.abs().sum()) for g in grads) > 0, (name, t)
     ple = PLE(6, 2, num_levels=2, num_shared_experts=0, num_task_experts=1, expert_hidden=(4,))
     assert ple.shared_parameters() == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["mmoe", "ple1", "shared_bottom"])
+def test_non_finite_dense_is_an_error_on_every_path(name, bad):
+    # the fused multi_task_score path turned a NaN dense input into a plausible probability (its ReLU
+    # drops NaN) while the PyTorch path returned NaN: refuse it on both, naming row and column
+    model = _model(name)
+    sparse, dense = _batch(5)
+    dense[3, 1] = bad
+    model.eval()
+    for fused in (True, False):
+        model.use_fused_scoring = fused
+        with torch.no_grad(), pytest.raises(ValueError, match=r"dense must be finite, got .* at row 3, column 1"):
+            model(sparse, dense)
+    model.train()
+    with pytest.raises(ValueError, match=r"dense must be finite"):
+        model(sparse, dense)

@@ -155,3 +155,15 @@ def test_recommend_rejects_ids_that_are_not_integers_or_out_of_range(trained):
             ranker.recommend([9001], k=3, side_features={9001: {"age": bad}})
     # the largest id is fine
     assert ranker.recommend([9001], k=3, side_features={9001: {"age": size - 1}}).served_by == ["side_features"]
+
+
+def test_recommend_refuses_a_single_id_and_side_features_of_users_not_requested(trained):
+    data, _, _, ranker = trained
+    known = int(data.user_ids[1])
+    for single in (known, torch.tensor(known)):  # was "'int' object is not iterable" / "iteration over a 0-d tensor"
+        with pytest.raises(ValueError, match=rf"user_ids: expected a sequence of ids \(e.g. \[{known}\]\), got"):
+            ranker.recommend(single, k=3)
+    # side features of a user not in user_ids were silently dropped: nobody was served from them
+    with pytest.raises(ValueError, match=r"side_features names users not in user_ids: \[9001\]"):
+        ranker.recommend([known], k=3, side_features={9001: {"age": 1}})
+    assert ranker.recommend(torch.tensor([known]), k=3).user_ids == [known]

@@ -198,3 +198,16 @@ def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_load_checkpoint_names_a_truncated_or_corrupt_file(tmp_path):
+    # a checkpoint cut short (a copy interrupted, a full disk) and text that legacy unpickling half-parses
+    path = tmp_path / "model.pt"
+    save_checkpoint(str(path), {"model_state": {"w": torch.arange(1000.0)}, "epoch": 1})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("garbage\n")
+    for bad in (truncated, garbage):
+        with pytest.raises(ValueError, match=f"{bad.name} is not an mtkernels checkpoint"):
+            load_checkpoint(str(bad))

@@ -544,7 +544,8 @@ class MultiTaskData:
 
         Raises:
             ValueError: the loader gave no side-feature encoder (no user side features); an entry of
-                ``sides`` that is not a dict or names a side feature the data set does not have.
+                ``sides`` that is not a dict, names a side feature the data set does not have, or gives
+                one a value that is not a single string or number (a list, a dict).
         """
         if self._user_encoder is None:
             raise ValueError(f"{self.name} cannot encode new users (no user side features)")
@@ -554,6 +555,9 @@ class MultiTaskData:
             unknown = [k for k in side if k not in self._user_side_columns]
             if unknown:
                 raise ValueError(f"sides[{i}]: unknown side features {unknown}; known: {', '.join(self._user_side_columns)}")
+            for key, value in side.items():
+                if not (value is None or isinstance(value, (str, int, float, np.generic))):
+                    raise ValueError(f"sides[{i}][{key!r}]: expected one raw value (a string or number), got {value!r}")
         count = len(sides)
         encoded = self._user_encoder(pd.DataFrame(list(sides)))
         sparse, multi = {}, {}
@@ -640,9 +644,13 @@ class MultiTaskData:
         """Users, excluded (already seen) and relevant items of a split, per PROTOCOL.md section 5.
 
         Raises:
-            ValueError: the data set has no top-k sets (no items) or none for that split.
+            ValueError: the data set has no top-k sets (no items, or no split with a relevant item) or
+                none for that split.
         """
         if not self._topk:
+            if int(getattr(self, "num_items", 0) or 0) > 0:
+                raise ValueError(f"{self.name} has no top-k evaluation set: no split has a user with a relevant item "
+                                 f"(its items: {self.num_items})")
             raise ValueError(f"{self.name} has no items to rank: top-k evaluation is not defined for it")
         if split not in self._topk:
             raise ValueError(f"no top-k evaluation set for split {split!r}; available: {list(self._topk)}")

@@ -30,6 +30,7 @@ vocabularies of categorical features from the training rows (0 = unknown).
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -53,8 +54,9 @@ def read_schema(schema: Union[dict, str, Path]) -> dict:
     """The schema with defaults filled in; ``schema`` is a dict or a YAML file path.
 
     Raises:
-        ValueError: missing ``user``/``item``/``labels``, an unknown key, or a task kind other than
-        binary/regression.
+        ValueError: missing ``user``/``item``/``labels``, an unknown key, a task kind other than
+        binary/regression, feature or dense columns not given as a list, ``multi_valued`` not a mapping,
+        a ``seed`` that is not an integer or a split fraction that is not a number.
     """
     if isinstance(schema, (str, Path)):
         with open(schema, encoding="utf-8") as handle:
@@ -70,6 +72,17 @@ def read_schema(schema: Union[dict, str, Path]) -> dict:
     out = {**DEFAULTS, **schema}
     if not isinstance(out["labels"], dict):
         raise ValueError("schema: 'labels' must map label columns to 'binary' or 'regression'")
+    for key in ("user_features", "item_features", "context_features", "dense"):
+        if not isinstance(out[key], (list, tuple)) or not all(isinstance(c, str) for c in out[key]):
+            raise ValueError(f"schema: {key!r} must be a list of column names (YAML: [a, b]), got {out[key]!r}")
+    if isinstance(out["seed"], bool) or not isinstance(out["seed"], numbers.Integral):
+        raise ValueError(f"schema: 'seed' must be an integer, got {out['seed']!r}")
+    for key in ("val_fraction", "test_fraction"):
+        if isinstance(out[key], bool) or not isinstance(out[key], numbers.Real):
+            raise ValueError(f"schema: {key!r} must be a number in [0, 1), got {out[key]!r}")
+    if not isinstance(out["multi_valued"], dict):
+        raise ValueError(f"schema: 'multi_valued' must be a mapping of column to separator (e.g. {{genres: '|'}}), "
+                         f"got {out['multi_valued']!r}")
     for column, kind in out["labels"].items():
         if kind not in ("binary", "regression"):
             raise ValueError(f"schema: label {column!r} has kind {kind!r}; expected 'binary' or 'regression'")
@@ -77,11 +90,18 @@ def read_schema(schema: Union[dict, str, Path]) -> dict:
 
 
 def read_table(path: Union[str, Path], sep: Optional[str] = None) -> pd.DataFrame:
-    """A CSV (``sep``, default "," or tab for .tsv) or Parquet (.parquet/.pq) file as a DataFrame."""
+    """A CSV (``sep``, default "," or tab for .tsv) or Parquet (.parquet/.pq) file as a DataFrame.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: an empty text file.
+    """
     path = Path(path)
     if path.suffix.lower() in (".parquet", ".pq"):
         return pd.read_parquet(path)
-    return pd.read_csv(path, sep=sep or ("\t" if path.suffix.lower() == ".tsv" else ","))
+    try:
+        return pd.read_csv(path, sep=sep or ("\t" if path.suffix.lower() == ".tsv" else ","))
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty (no header row)") from None
 
 
 def _timestamps(frame: pd.DataFrame, column: str) -> np.ndarray:
@@ -106,6 +126,30 @@ def _timestamps(frame: pd.DataFrame, column: str) -> np.ndarray:
         raise ValueError(f"timestamp column {column!r}: {len(rows)} missing or unreadable values (expected Unix "
                          f"seconds or dates), first at row {rows[0]}: {values.iloc[rows[0]]!r}")
     return np.floor(seconds).astype(np.int64)
+
+
+def _check_values(frame: pd.DataFrame, schema: dict) -> None:
+    """Refuse what would silently train or rank wrong: a missing user or item id (it would become an
+    entity of its own), a binary label other than 0/1 (the cross-entropy would fit it, top-k ignore it),
+    and an infinite label or dense value (a NaN loss, a NaN standardised column).
+
+    Raises:
+        ValueError: naming the column and the first bad row (0-based, as read).
+    """
+    for column in (schema["user"], schema["item"]):
+        missing = np.flatnonzero(frame[column].isna().to_numpy())
+        if len(missing):
+            raise ValueError(f"column {column!r}: {len(missing)} missing ids, first at row {missing[0]}")
+    for column in list(schema["labels"]) + list(schema["dense"]):
+        values = frame[column].to_numpy(np.float64)
+        infinite = np.flatnonzero(np.isinf(values))
+        if len(infinite):
+            raise ValueError(f"column {column!r}: infinite value at row {infinite[0]}")
+        if schema["labels"].get(column) == "binary":
+            bad = np.flatnonzero(~np.isnan(values) & (values != 0) & (values != 1))
+            if len(bad):
+                raise ValueError(f"binary label {column!r} must be 0 or 1 (empty: no label), got {values[bad[0]]:g} "
+                                 f"at row {bad[0]}")
 
 
 def _split_labels(frame: pd.DataFrame, schema: dict, timestamps: Optional[np.ndarray]) -> np.ndarray:
@@ -181,7 +225,8 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
         schema: dict or YAML path. ``overrides``: schema keys to replace (e.g. ``seed=1``).
 
     Raises:
-        ValueError: bad schema, missing columns, non-numeric label or dense values, a missing or
+        ValueError: bad schema, missing columns, non-numeric label or dense values, a missing user or
+            item id, a binary label other than 0/1, an infinite label or dense value, a missing or
             unreadable timestamp, empty train split.
         FileNotFoundError: ``path`` (or the YAML file) does not exist.
     """
@@ -205,6 +250,7 @@ def load_interactions(path: Union[str, Path], schema: Union[dict, str, Path], **
                 raise ValueError(f"column {column!r} must be numeric (a label or dense feature)")
             frame[column] = converted
     frame = frame.reset_index(drop=True)
+    _check_values(frame, schema)
     timestamps = _timestamps(frame, schema["timestamp"]) if schema["timestamp"] else None
     split = _split_labels(frame, schema, timestamps)
     train_rows = np.flatnonzero(split == 0)

@@ -166,12 +166,16 @@ def _bucket(values: pd.Series, edges: List[float], name: str) -> np.ndarray:
 
     Raises:
         ValueError: a value that is present but not a number (e.g. a new user's ``age`` "abc"),
-            naming ``name``: unknown, not silently the missing-value bucket.
+            naming ``name``: unknown, not silently the missing-value bucket; a negative or infinite
+            number (not silently the first or last bucket).
     """
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
     unreadable = np.isnan(numbers) & values.notna().to_numpy()
     if unreadable.any():
         raise ValueError(f"{name}: expected a number, got {values[unreadable].iloc[0]!r}")
+    impossible = np.isinf(numbers) | (numbers < 0)  # an age or a year: not silently the first or last bucket
+    if impossible.any():
+        raise ValueError(f"{name}: expected a finite number >= 0, got {numbers[impossible][0]:g}")
     ids = np.digitize(numbers, edges) + 1
     return np.where(np.isnan(numbers), 0, ids).astype(np.int64)
 

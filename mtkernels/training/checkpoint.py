@@ -63,16 +63,20 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not an mtkernels checkpoint.
+        ValueError: the file is not an mtkernels checkpoint (another file, or a truncated or corrupt one).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     # weights_only=False: the file holds plain configs and RNG states besides tensors; only load
     # checkpoints you wrote (as with any torch.save file).
+    # A truncated zip archive fails with OSError, text that legacy unpickling half-parses with ValueError.
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not an mtkernels checkpoint (not a torch.save file: {exc})") from None
+    except PermissionError:
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError, UnicodeDecodeError, ValueError, OSError) as exc:
+        raise ValueError(f"{path} is not an mtkernels checkpoint (not a torch.save file, or a truncated one: "
+                         f"{exc})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"{path} is not an mtkernels checkpoint (expected format {FORMAT!r})")
     return checkpoint

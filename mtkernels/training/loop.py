@@ -52,7 +52,10 @@ class TrainConfig:
             NDCG@10 on val plus ``"score"``; needs an item catalogue; slower).
         monitor_tasks: the task names ``"score"`` sums over (default all tasks), e.g. only the
             target tasks when a source task is kept as an auxiliary task in transfer learning.
-        seed: seeds Python, NumPy and torch; epoch e shuffles with ``seed * 1_000_003 + e``.
+        seed: seeds Python, NumPy and torch when `fit` starts; epoch e shuffles with
+            ``seed * 1_000_003 + e``. The model's initial weights are drawn before that: seed torch
+            before building the model (``torch.manual_seed``, as ``mtkernels train`` does) for a
+            reproducible run.
         eval_batch_size: rows per step when predicting.
         progress: show a tqdm progress bar per epoch.
         validation_split: the split early stopping watches.
@@ -264,6 +267,19 @@ def validation_monitor(model, data, config: TrainConfig) -> Dict[str, Any]:
     return metrics
 
 
+def _config_difference(saved: Any, current: Any) -> str:
+    """The keys of two model configs that differ, each with both values (long values shortened)."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return f"kind ({type(saved).__name__} in the checkpoint, {type(current).__name__} here)"
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    keys = [k for k in list(saved) + [k for k in current if k not in saved] if saved.get(k) != current.get(k)]
+    return ", ".join(f"{k} ({short(saved.get(k))} in the checkpoint, {short(current.get(k))} here)" for k in keys)
+
+
 def fit(
     model: torch.nn.Module,
     data,
@@ -301,9 +317,11 @@ def fit(
         :class:`FitResult`.
 
     Raises:
-        ValueError: a checkpoint to resume from whose model config differs from ``model.config``.
+        ValueError: a checkpoint to resume from whose model config differs from ``model.config``;
+            the model's tasks differ from ``data.tasks``.
     """
     config = config or TrainConfig()
+    evaluation.check_tasks(model, data)
     if log is None:
         log = tqdm.write if config.progress else (lambda line: None)
     tasks = data.tasks
@@ -332,11 +350,12 @@ def fit(
 
     if resume and checkpoint_path and os.path.isfile(checkpoint_path):
         ckpt = load_checkpoint(checkpoint_path)
+        if "trainer" not in ckpt:
+            raise ValueError(f"cannot resume from {checkpoint_path}: not the checkpoint of a training run (no trainer "
+                             "state; e.g. a fused or cold-start checkpoint)")
         if ckpt.get("model_config") != model_config:
-            raise ValueError(
-                f"cannot resume from {checkpoint_path}: its model config {ckpt.get('model_config')} "
-                f"differs from this model's {model_config}"
-            )
+            raise ValueError(f"cannot resume from {checkpoint_path}: its model config differs in "
+                             f"{_config_difference(ckpt.get('model_config'), model_config)}")
         trainer = ckpt["trainer"]
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(flat.adam_state_dict(trainer["optimizer"]) if flat is not None else trainer["optimizer"])
