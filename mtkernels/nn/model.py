@@ -289,9 +289,11 @@ class MultiTaskModel(nn.Module):
         if self.dense_dim == 0:
             return pooled
         # NaN would be NaN on the PyTorch path but a plausible score through multi_task_score (its ReLU
-        # drops NaN): refuse it everywhere. One sum (~10 us for [2048, 8]) carries any NaN or inf; only
-        # a non-finite sum (or an overflowing one) looks for the element.
-        if not math.isfinite(float(dense.sum())):
+        # drops NaN): refuse it. One sum (~10 us for [2048, 8]) carries any NaN or inf; only a
+        # non-finite sum (or an overflowing one) looks for the element. Not while training on a GPU:
+        # reading the sum back would stall every step (there the PyTorch path runs, and a NaN input
+        # shows as a NaN loss).
+        if (dense.device.type == "cpu" or not self.training) and not math.isfinite(float(dense.sum())):
             bad = (~torch.isfinite(dense)).nonzero()
             if bad.numel():
                 row, column = (int(i) for i in bad[0])
