@@ -147,6 +147,8 @@ def cmd_train(args) -> int:
     values["progress"] = not args.no_progress
     if args.id_dropout is not None:
         values["id_dropout"] = args.id_dropout
+    if args.ema_decay is not None:
+        values["ema_decay"] = args.ema_decay
     if args.monitor_tasks:
         values["monitor_tasks"] = [t for t in args.monitor_tasks.split(",") if t]
     config = TrainConfig(**values)
@@ -442,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "part, e.g. embeddings=0.1,experts=1 (parts not named: 1)")
     p.add_argument("--id-dropout", type=float, default=None, metavar="P",
                    help="cold start: replace a training row's user id by the unknown id with probability P")
+    p.add_argument("--ema-decay", type=float, default=None, metavar="DECAY",
+                   help="validate, keep and serve an exponential moving average of the weights (0: off; default: the preset)")
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true")
