@@ -286,8 +286,11 @@ def fit(
 
     Each step: predictions ``[B, T]`` -> per-task masked losses ``[T]`` -> loss weighting ->
     backward (the fused embedding optimiser updates the touched table rows inside it) -> Adam
-    step of the dense part. After each epoch the validation split is scored; the best epoch's
-    weights are kept and loaded into ``model`` at the end.
+    step of the dense part (then, with ``config.ema_decay`` > 0, the weight average's update). After
+    each epoch the validation split is scored; the best epoch's weights are kept and loaded into
+    ``model`` at the end. With weight averaging, the averaged weights are the ones validated, kept,
+    loaded at the end and saved as the checkpoint's best weights (``model_state`` stays the live
+    weights, the average is in ``trainer["weight_average"]``, by parameter name, to resume).
 
     Args:
         model: a multi-task model, ``model(sparse KJT, dense [B, Dd]) -> [B, T]`` (probabilities
