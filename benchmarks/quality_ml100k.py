@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                     kwargs["embedding_optimizer"]["lr"] = value
             if args.history_length is not None and args.history_table == "item_id":
                 kwargs["shared_tables"] = {"history": "item_id"}
-            values = dict(presets.TRAIN_PRESET, seed=seed, progress=False)
+            values = dict(presets.train_values(backbone), seed=seed, progress=False)
             values.update({k: v for k, v in overrides.items() if k in TRAIN_KEYS})
             if args.ordinal_tasks:
                 values["monitor_tasks"] = ["click", "like", "rating"]

@@ -137,7 +137,7 @@ def cmd_train(args) -> int:
                                                 **({"lr": args.embedding_lr} if args.embedding_lr else {}))
     model = presets.build_model(data, args.model, **overrides)
     _init_from(args, model, data)
-    values = dict(presets.TRAIN_PRESET)
+    values = presets.train_values(args.model)
     for field in ("epochs", "batch_size", "lr", "weight_decay", "patience", "monitor", "loss_weighting", "seed"):
         value = getattr(args, field)
         if value is not None:
