@@ -73,7 +73,9 @@ TRAIN_PRESET: Dict[str, Any] = {
 
 # Weight averaging per backbone (TrainConfig.ema_decay; see the module docstring). SharedBottom keeps
 # none: at 0.999 its seed-0 val metrics were worse than without (click AUC 0.8613 / like AUC 0.8006 /
-# RMSE 0.9459 against 0.8630 / 0.8027 / 0.9337, still rising at the 25-epoch limit).
+# RMSE 0.9459 against 0.8630 / 0.8027 / 0.9337, still rising at the 25-epoch limit), and at 0.99 its
+# val means over seeds 0-2 were level or worse (0.8558 / 0.7991 / 0.9389 / NDCG@10 0.1096 against
+# 0.8563 / 0.8003 / 0.9394 / 0.1113).
 EMA_DECAY: Dict[str, float] = {"mmoe": 0.999, "ple": 0.999}
 
 
