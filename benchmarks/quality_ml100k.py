@@ -1,11 +1,12 @@
 """Quality of the multi-task models on ml100k-mtl-v1 (issue 3 "Must reach"), 3 seeds per model.
 
     python -m benchmarks.quality_ml100k [--models mmoe ple] [--seeds 3] [--threads 2]
-        [--set embedding_dim=32 --set lr=0.003 ...] [--rating-estimate offset|estimate] [--history-length L [--history-table item_id]] [--json results.json]
+        [--set embedding_dim=32 --set lr=0.003 ...] [--rating-estimate offset|estimate] [--history-length L [--history-table item_id]]
+        [--ordinal-tasks] [--json results.json]
 
 Trains each model with the presets of `mtkernels.training.presets` (overridable with --set:
 embedding_dim, embedding_lr, lr, weight_decay, batch_size, epochs, patience, dropout, expert_hidden,
-num_experts, tower_hidden), early stopping on val, and prints one table per test split with the
+num_experts, tower_hidden, ema_decay), early stopping on val, and prints one table per test split with the
 mean and sample standard deviation over seeds beside the issue's baselines, plus training seconds
 per epoch (the training loop only, at the given thread count). Each run also prints the val
 metrics of the kept (best) epoch, the numbers to screen variants on (PROTOCOL.md 4).
@@ -13,7 +14,10 @@ metrics of the kept (best) epoch, the numbers to screen variants on (PROTOCOL.md
 (``load_ml100k_mtl_v1(rating_estimate=...)``); --history-length L adds the causal user-history bag
 (``load_ml100k_mtl_v1(history_length=L)``, the user's last L earlier positives, mean-pooled), from its own
 table or, with --history-table item_id, from the item_id table. Each run also reports the like AUC of the blend
-``logit(p_like) + w * rating`` with w chosen on val (`evaluation.choose_like_rating_blend`).
+``logit(p_like) + w * rating`` with w chosen on val (`evaluation.choose_like_rating_blend`), and the
+RMSE of the rating head recalibrated by the least-squares line fitted on val (`evaluation.choose_rating_calibration`).
+--ordinal-tasks trains with the auxiliary ``rating >= 2, 3, 5`` tasks (``load_ml100k_mtl_v1(ordinal_tasks=True)``),
+early stopping on click, like and rating only; the tables show those three tasks.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from mtkernels.training.checkpoint import atomic_write
 
 MODEL_KEYS = {"embedding_dim", "dropout", "tower_hidden"}
 BACKBONE_KEYS = {"expert_hidden", "num_experts", "hidden", "num_shared_experts", "num_task_experts", "num_levels"}
-TRAIN_KEYS = {"lr", "weight_decay", "batch_size", "epochs", "patience", "monitor", "loss_weighting"}
+TRAIN_KEYS = {"lr", "weight_decay", "batch_size", "epochs", "patience", "monitor", "loss_weighting", "ema_decay"}
 
 
 def _value(text: str):
@@ -62,13 +66,17 @@ def main(argv=None) -> int:
                         help="add the causal user-history bag of the last L items (load_ml100k_mtl_v1(history_length=L))")
     parser.add_argument("--history-table", choices=["own", "item_id"], default="own",
                         help="the history bag's table: its own, or the item_id table (MultiTaskModel(shared_tables=...))")
+    parser.add_argument("--ordinal-tasks", action="store_true",
+                        help="train with the rating >= 2, 3, 5 auxiliary tasks (load_ml100k_mtl_v1(ordinal_tasks=True))")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = dict(item.split("=", 1) for item in args.set)
     overrides = {k: _value(v) for k, v in overrides.items()}
 
-    data = load_ml100k_mtl_v1(args.data_dir, rating_estimate=args.rating_estimate, history_length=args.history_length)
+    data = load_ml100k_mtl_v1(args.data_dir, rating_estimate=args.rating_estimate, history_length=args.history_length,
+                              ordinal_tasks=args.ordinal_tasks)
     results = {"threads": args.threads, "overrides": overrides, "rating_estimate": args.rating_estimate,
+               "ordinal_tasks": args.ordinal_tasks,
                "history_length": args.history_length, "history_table": args.history_table, "models": {}}
     for backbone in args.models:
         runs = []
@@ -83,8 +91,10 @@ def main(argv=None) -> int:
                     kwargs["embedding_optimizer"]["lr"] = value
             if args.history_length is not None and args.history_table == "item_id":
                 kwargs["shared_tables"] = {"history": "item_id"}
-            values = dict(presets.TRAIN_PRESET, seed=seed, progress=False)
+            values = dict(presets.train_values(backbone), seed=seed, progress=False)
             values.update({k: v for k, v in overrides.items() if k in TRAIN_KEYS})
+            if args.ordinal_tasks:
+                values["monitor_tasks"] = ["click", "like", "rating"]
             torch.manual_seed(seed)
             from mtkernels.nn import MultiTaskModel
 
@@ -101,6 +111,11 @@ def main(argv=None) -> int:
             blend, val_aucs = evaluation.choose_like_rating_blend(model, data, "val")
             run["like_rating_blend"] = {"weight": blend.weight, "val_like_auc": val_aucs[blend.weight],
                                         "test_warm_like_auc": evaluation.evaluate(blend, data, "test_warm", topk=False)["like"]["auc"]}
+            calibration = evaluation.choose_rating_calibration(model, data, "val")
+            run["rating_calibration"] = {
+                "scale": calibration.scale, "shift": calibration.shift,
+                "val_rmse": evaluation.evaluate(calibration, data, "val", topk=False)["rating"]["rmse"],
+                "test_warm_rmse": evaluation.evaluate(calibration, data, "test_warm", topk=False)["rating"]["rmse"]}
             runs.append(run)
             w, v = run["test_warm"], run["val"]
             print(f"{NAMES.get(backbone, backbone)} seed {seed}: {run['epochs']} epochs (best {run['best_epoch']}), "
@@ -109,7 +124,9 @@ def main(argv=None) -> int:
                   f"Recall@10 {w['recall@10']:.4f} | val click AUC {v['click_auc']:.4f} like AUC {v['like_auc']:.4f} "
                   f"RMSE {v['rating_rmse']:.4f} NDCG@10 {v['ndcg@10']:.4f} | blend w {run['like_rating_blend']['weight']} "
                   f"val like AUC {run['like_rating_blend']['val_like_auc']:.4f} warm like AUC "
-                  f"{run['like_rating_blend']['test_warm_like_auc']:.4f}", flush=True)
+                  f"{run['like_rating_blend']['test_warm_like_auc']:.4f} | calibrated RMSE ({calibration.scale:.3f} x + "
+                  f"{calibration.shift:.3f}) val {run['rating_calibration']['val_rmse']:.4f} warm "
+                  f"{run['rating_calibration']['test_warm_rmse']:.4f}", flush=True)
         results["models"][backbone] = {"runs": runs, "test_warm": summarise([r["test_warm"] for r in runs]),
                                        "test_cold": summarise([r["test_cold"] for r in runs])}
     for split in ("test_warm", "test_cold"):
@@ -118,6 +135,15 @@ def main(argv=None) -> int:
             rows.update(BASELINES)
         print()
         print(format_table(f"{split}: mean ± std over {args.seeds} seeds, {args.threads} threads", rows, args.seeds))
+    print()
+    for backbone in args.models:
+        runs = results["models"][backbone]["runs"]
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        print(f"{NAMES.get(backbone, backbone)}, mean over {len(runs)} seeds: val-chosen blend like AUC val "
+              f"{mean([r['like_rating_blend']['val_like_auc'] for r in runs]):.4f} test_warm "
+              f"{mean([r['like_rating_blend']['test_warm_like_auc'] for r in runs]):.4f}; val-fitted calibrated RMSE val "
+              f"{mean([r['rating_calibration']['val_rmse'] for r in runs]):.4f} test_warm "
+              f"{mean([r['rating_calibration']['test_warm_rmse'] for r in runs]):.4f}")
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=2, default=float).encode()))
     return 0

@@ -178,7 +178,8 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed if args.seed is not None else presets.TRAIN_PRESET.get("seed", TrainConfig().seed))
     model = presets.build_model(data, args.model, **overrides)
     regularizer = _init_from(args, model, data)
-    values = dict(presets.TRAIN_PRESET)
+    # the transfer recipes (README) were chosen without weight averaging: --init-from keeps it off unless asked
+    values = presets.train_values(args.model) if args.init_from is None else dict(presets.TRAIN_PRESET)
     if regularizer is not None:
         values["weight_decay"] = 0.0  # L2-SP replaces plain weight decay (unless --weight-decay is given)
     for field in ("epochs", "batch_size", "lr", "weight_decay", "patience", "monitor", "loss_weighting", "seed"):
@@ -190,6 +191,8 @@ def cmd_train(args) -> int:
     values["progress"] = not args.no_progress
     if args.id_dropout is not None:
         values["id_dropout"] = args.id_dropout
+    if args.ema_decay is not None:
+        values["ema_decay"] = args.ema_decay
     if args.monitor_tasks:
         values["monitor_tasks"] = [t for t in args.monitor_tasks.split(",") if t]
     config = TrainConfig(**values)
@@ -544,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(which becomes 0 unless --weight-decay is given); tables are left to --transfer-lr-scale")
     p.add_argument("--id-dropout", type=float, default=None, metavar="P",
                    help="cold start: replace a training row's user id by the unknown id with probability P")
+    p.add_argument("--ema-decay", type=float, default=None, metavar="DECAY",
+                   help="validate, keep and serve an exponential moving average of the weights (0: off; default: the preset, off with --init-from)")
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")
     p.add_argument("--threads", type=_threads, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true")

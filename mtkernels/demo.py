@@ -201,7 +201,7 @@ def run_demo(out: str = "outputs/demo", data_dir: Optional[str] = None,
     for backbone in models:
         runs = []
         for seed in range(seeds):
-            values = dict(presets.TRAIN_PRESET, seed=seed, progress=progress)
+            values = dict(presets.train_values(backbone), seed=seed, progress=progress)
             if epochs is not None:
                 values["epochs"] = epochs
             torch.manual_seed(seed)

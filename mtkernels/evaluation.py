@@ -319,3 +319,62 @@ def choose_like_rating_blend(model: torch.nn.Module, data, split: str = "val", l
     aucs = {float(w): float(_metrics.auc(y, (logit + w * output[:, rating_task]).numpy())) for w in weights}
     best = max(aucs, key=aucs.get)
     return LikeRatingBlend(model, like_task, rating_task, best), aucs
+
+
+class RatingCalibration(torch.nn.Module):
+    """A multi-task model whose rating prediction is recalibrated linearly:
+    ``rating' = scale * rating + shift``; the other outputs are unchanged.
+
+    Platt-style recalibration (Platt 1999) for a regression head: the shift corrects the mean,
+    the scale how far the predictions spread around it (a head trained on a drifting split, as
+    ml100k-mtl-v1's temporal one, can be over- or under-confident). Fitted on validation by
+    `choose_rating_calibration`.
+
+    Args:
+        model: maps ``(sparse, dense)`` to ``[B, T]`` outputs.
+        rating_task: the column of the regression task.
+        scale, shift: finite floats.
+
+    Raises:
+        ValueError: a scale or shift that is not finite.
+    """
+
+    def __init__(self, model: torch.nn.Module, rating_task: int, scale: float, shift: float) -> None:
+        super().__init__()
+        if not (math.isfinite(scale) and math.isfinite(shift)):
+            raise ValueError(f"scale and shift must be finite, got {scale}, {shift}")
+        self.model, self.rating_task, self.scale, self.shift = model, int(rating_task), float(scale), float(shift)
+
+    def forward(self, sparse, dense: torch.Tensor) -> torch.Tensor:
+        out = self.model(sparse, dense)
+        rating = out[:, self.rating_task] * self.scale + self.shift
+        return torch.cat([out[:, : self.rating_task], rating[:, None], out[:, self.rating_task + 1 :]], 1)
+
+
+@torch.no_grad()
+def choose_rating_calibration(model: torch.nn.Module, data, split: str = "val", rating: str = "rating") -> RatingCalibration:
+    """The `RatingCalibration` of ``model`` fitted by least squares on the rated rows of ``split``
+    (validation: PROTOCOL.md 4 reserves it for such choices): ``(scale, shift)`` minimise
+    ``sum (scale * prediction + shift - rating)^2`` (float64, closed form).
+
+    Raises:
+        KeyError: no task named ``rating``. ValueError: fewer than two rated rows, or predictions
+            that are all equal (no scale to fit).
+    """
+    names = [t.name for t in data.tasks]
+    if rating not in names:
+        raise KeyError(f"task {rating!r} needed, tasks are {names}")
+    column = names.index(rating)
+    labels = data.splits[split].labels[:, column]
+    rows = ~torch.isnan(labels)
+    x = predict(model, data, split).double()[rows, column]
+    y = labels[rows].double()
+    if x.numel() < 2:
+        raise ValueError(f"split {split!r} has {x.numel()} rated rows; at least 2 are needed to fit a calibration")
+    centred = x - x.mean()
+    spread = float((centred * centred).sum())
+    if spread == 0.0:
+        raise ValueError(f"the rating predictions on split {split!r} are all equal; no scale can be fitted")
+    scale = float((centred * (y - y.mean())).sum()) / spread
+    shift = float(y.mean()) - scale * float(x.mean())
+    return RatingCalibration(model, column, scale, shift)

@@ -71,6 +71,29 @@ def test_train_evaluate_recommend(tmp_path, tiny_data, capsys):
     assert load_checkpoint(checkpoint)["trainer"]["epoch"] == 2
 
 
+def test_train_with_weight_averaging(tmp_path, tiny_data, capsys):
+    from mtkernels.training import load_checkpoint, presets
+
+    checkpoint = str(tmp_path / "ema.pt")
+    assert cli.main(["train", "--model", "ple", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+                     "--embedding-dim", "4", "--no-progress", "--ema-decay", "0.9"]) == 0
+    saved = load_checkpoint(checkpoint)
+    assert saved["train_config"]["ema_decay"] == 0.9
+    assert saved["trainer"]["weight_average"]["decay"] == 0.9 and saved["trainer"]["weight_average"]["num_updates"] > 0
+    preset = str(tmp_path / "preset.pt")  # without --ema-decay: the backbone's preset
+    for model, decay in (("ple", presets.EMA_DECAY["ple"]), ("shared_bottom", 0.0)):
+        assert cli.main(["train", "--model", model, "--checkpoint", preset, "--epochs", "1", "--batch-size", "64",
+                         "--embedding-dim", "4", "--no-progress"]) == 0
+        assert load_checkpoint(preset)["train_config"]["ema_decay"] == decay
+        os.remove(preset)
+    assert presets.train_values("mmoe") == dict(presets.TRAIN_PRESET, ema_decay=0.999)
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        presets.train_values("dcn")
+    assert cli.main(["train", "--model", "ple", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",
+                     "--embedding-dim", "4", "--no-progress", "--ema-decay", "1.5"]) == 2
+    assert "ema_decay must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_errors_are_clean(tmp_path, capsys):
     assert cli.main(["recommend", "--checkpoint", str(tmp_path / "missing.pt"), "--user", "1"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

@@ -387,3 +387,33 @@ def test_new_user_rows_rejects_an_impossible_age(data, age):
     # -5 was silently the youngest group and inf the oldest
     with pytest.raises(ValueError, match=rf"age: expected a finite number >= 0, got {age}"):
         data.new_user_rows([{"age": 30}, {"age": age}])
+
+
+def test_ordinal_labels_of_ratings():
+    from mtkernels.data.movielens import ordinal_labels
+
+    got = ordinal_labels(np.array([1, 2, 3, 4, 5, np.nan], dtype=np.float32))
+    want = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 0], [1, 1, 1], [np.nan] * 3], dtype=np.float32)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.float32 and ordinal_labels(np.zeros(0)).shape == (0, 3)
+
+
+def test_ordinal_tasks_option(tmp_path, synthetic):
+    ratings, users, items = synthetic
+    folder = write_grouplens(tmp_path / "ml-100k", ratings, users, items)
+    plain = load_ml100k_mtl_v1(folder)
+    ordinal = load_ml100k_mtl_v1(folder, ordinal_tasks=True)
+    assert [t.name for t in ordinal.tasks] == ["click", "like", "rating", "rating_ge2", "rating_ge3", "rating_ge5"]
+    assert all(t.kind == "binary" for t in ordinal.tasks[3:]) and ordinal.tasks[:3] == plain.tasks
+    for name, split in ordinal.splits.items():
+        labels = split.labels
+        torch.testing.assert_close(labels[:, :3], plain.splits[name].labels, equal_nan=True)
+        rating = labels[:, 2]
+        for column, k in zip((3, 4, 5), (2, 3, 5)):
+            rated = ~torch.isnan(rating)
+            assert torch.equal(labels[rated, column], (rating[rated] >= k).float())
+            assert torch.isnan(labels[~rated, column]).all()
+        # the cumulative links are ordered: rating >= 2 >= like (>= 4) ... >= rating >= 5
+        rated = ~torch.isnan(rating)
+        assert (labels[rated, 3] >= labels[rated, 4]).all() and (labels[rated, 4] >= labels[rated, 1]).all()
+        assert (labels[rated, 1] >= labels[rated, 5]).all()

@@ -67,3 +67,34 @@ def test_blend_errors(data_and_model):
         evaluation.choose_like_rating_blend(model, data, like="taste")
     with pytest.raises(ValueError, match="weights"):
         evaluation.choose_like_rating_blend(model, data, weights=())
+
+
+def test_rating_calibration_is_least_squares_on_validation(data_and_model):
+    data, model = data_and_model
+    calibration = evaluation.choose_rating_calibration(model, data, "val")
+    labels = data.splits["val"].labels[:, 2]
+    rows = ~torch.isnan(labels)
+    x = evaluation.predict(model, data, "val")[rows, 2].double().numpy()
+    y = labels[rows].double().numpy()
+    scale, shift = np.polyfit(x, y, 1)  # reference least-squares line
+    assert calibration.scale == pytest.approx(scale, rel=1e-6, abs=1e-9)
+    assert calibration.shift == pytest.approx(shift, rel=1e-6, abs=1e-9)
+    batch = next(data.batches("val", 64))
+    with torch.no_grad():
+        raw = model(batch.sparse, batch.dense)
+        out = calibration(batch.sparse, batch.dense)
+    torch.testing.assert_close(out[:, 2], raw[:, 2] * calibration.scale + calibration.shift)
+    assert torch.equal(out[:, :2], raw[:, :2])
+    # least squares on val: no other line is better there, and it is at least as good as the raw head
+    rmse = evaluation.evaluate(calibration, data, "val", topk=False)["rating"]["rmse"]
+    assert rmse == pytest.approx(math.sqrt(np.mean((scale * x + shift - y) ** 2)), rel=1e-5)
+    assert rmse <= evaluation.evaluate(model, data, "val", topk=False)["rating"]["rmse"] + 1e-9
+    assert rmse < math.sqrt(np.mean(((scale + 0.05) * x + shift - y) ** 2))
+
+
+def test_rating_calibration_errors(data_and_model):
+    data, model = data_and_model
+    with pytest.raises(KeyError, match="'score'"):
+        evaluation.choose_rating_calibration(model, data, rating="score")
+    with pytest.raises(ValueError, match="finite"):
+        evaluation.RatingCalibration(model, 2, float("nan"), 0.0)

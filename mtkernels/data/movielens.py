@@ -44,6 +44,9 @@ ITEM_DENSE = ["item_log_popularity", "item_mean_rating", "item_like_rate"]
 RATING_ESTIMATES = {"offset": "item_knn_offset", "estimate": "item_knn_rating"}
 RECENT = 10  # ratings that make a user's "recent" history
 HISTORY_FEATURE = "history"  # the causal user-history bag (history_length)
+# ordinal_tasks: binary rating >= k auxiliary tasks (like is rating >= 4)
+ORDINAL_THRESHOLDS = (2, 3, 5)
+ORDINAL_TASKS = tuple(f"rating_ge{k}" for k in ORDINAL_THRESHOLDS)
 
 
 @dataclass
@@ -285,7 +288,7 @@ def refit_dense_features(data: MultiTaskData, split: str = "train") -> MultiTask
 
 def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.DataFrame]] = None,
                         dense_features: bool = True, rating_estimate: Optional[str] = None,
-                        history_length: Optional[int] = None) -> MultiTaskData:
+                        history_length: Optional[int] = None, ordinal_tasks: bool = False) -> MultiTaskData:
     """Encode the protocol splits of ``movielens`` into a `MultiTaskData` (see `load_ml100k_mtl_v1`)."""
     ratings, users_raw, items_raw = movielens.ratings, movielens.users, movielens.items
     catalogue = np.sort(np.union1d(items_raw["item_id"].to_numpy(), ratings["item_id"].unique()))
@@ -365,6 +368,8 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
     if history_length is not None:
         features.append(FeatureSpec(HISTORY_FEATURE, num_items + 1, True, "user"))
     tasks = [TaskSpec("click", "binary"), TaskSpec("like", "binary"), TaskSpec("rating", "regression")]
+    if ordinal_tasks:
+        tasks += [TaskSpec(name, "binary") for name in ORDINAL_TASKS]
 
     pair_dense = None
     if rating_estimate is not None and rating_estimate not in RATING_ESTIMATES:
@@ -386,7 +391,10 @@ def build_ml100k_mtl_v1(movielens: MovieLens, splits: Optional[Dict[str, pd.Data
 
     split_rows = {}
     for name, frame in splits.items():
-        labels = torch.from_numpy(frame[["click", "like", "rating"]].to_numpy(dtype=np.float32))
+        labels = frame[["click", "like", "rating"]].to_numpy(dtype=np.float32)
+        if ordinal_tasks:
+            labels = np.concatenate([labels, ordinal_labels(labels[:, 2])], axis=1)
+        labels = torch.from_numpy(labels)
         user_row = torch.tensor(user_row_of.loc[frame["user_id"].to_numpy()].to_numpy())
         item_row = torch.tensor(position_of.loc[frame["item_id"].to_numpy()].to_numpy() + 1)
         context_dense = None
@@ -481,9 +489,20 @@ def _topk_sets(splits: Dict[str, pd.DataFrame], user_row_of: pd.Series, position
     return out
 
 
+def ordinal_labels(ratings: np.ndarray) -> np.ndarray:
+    """The cumulative binary labels of ratings 1..5 (NaN: unrated rows, e.g. sampled negatives):
+    float32 ``[n, 3]``, columns ``rating >= k`` for k in `ORDINAL_THRESHOLDS` (2, 3, 5), NaN where
+    the rating is NaN. With ``like`` (rating >= 4) they are the four cumulative links of an
+    ordinal regression (CORAL, Cao et al., Pattern Recognit. Lett. 2020)."""
+    ratings = np.asarray(ratings, dtype=np.float32)
+    columns = [np.where(np.isnan(ratings), np.float32(np.nan), (ratings >= k).astype(np.float32))
+               for k in ORDINAL_THRESHOLDS]
+    return np.stack(columns, axis=1).astype(np.float32).reshape(len(ratings), len(ORDINAL_THRESHOLDS))
+
+
 def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bool = False,
                        dense_features: bool = True, rating_estimate: Optional[str] = None,
-                       history_length: Optional[int] = None) -> MultiTaskData:
+                       history_length: Optional[int] = None, ordinal_tasks: bool = False) -> MultiTaskData:
     """MovieLens-100K under the `ml100k-mtl-v1` protocol (shared/data/PROTOCOL.md), encoded.
 
     The splits are rebuilt from the ratings (cold users, temporal split, 4 sampled negatives per
@@ -534,10 +553,17 @@ def load_ml100k_mtl_v1(data_dir: Optional[Union[str, Path]] = None, download: bo
             empty bag. Only the most recent L items are kept. Top-k ranking gives each user the
             history of the split ranked (val: train; test_warm and serving: train + val). Cut per
             batch from one sequence per user (`mtkernels.data.history`), never stored per row.
+        ordinal_tasks: add three binary auxiliary tasks after ``rating``, ``rating_ge2``,
+            ``rating_ge3``, ``rating_ge5`` (rating >= 2, >= 3, >= 5 on positives, NaN on negatives;
+            `ordinal_labels`): with ``like`` the cumulative links of the rating (CORAL-style ordinal
+            targets), more training signal from the ratings for the shared experts. Training signal
+            only: train with ``TrainConfig(monitor_tasks=["click", "like", "rating"])`` so early
+            stopping watches the protocol's tasks, which are scored as without them.
 
     Raises:
         FileNotFoundError: no ML-100K files found (the message says how to fetch them).
         ValueError: ``history_length < 1``.
     """
     return build_ml100k_mtl_v1(read_movielens_100k(data_dir, download=download), dense_features=dense_features,
-                               rating_estimate=rating_estimate, history_length=history_length)
+                               rating_estimate=rating_estimate, history_length=history_length,
+                               ordinal_tasks=ordinal_tasks)

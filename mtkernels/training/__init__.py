@@ -1,5 +1,6 @@
 """Training multi-task recommenders: fit/evaluate loop, masked per-task losses, loss weighting
-(fixed, uncertainty, GradNorm), early stopping, seeds, atomic resumable checkpoints."""
+(fixed, uncertainty, GradNorm), weight averaging (EMA), early stopping, seeds, atomic resumable
+checkpoints."""
 
 from .checkpoint import build_model, load_checkpoint, save_checkpoint
 from .loop import FitResult, TrainConfig, fit, seed_everything, shared_parameters, validation_monitor

@@ -6,9 +6,11 @@ A checkpoint is a dict saved with ``torch.save``:
     model_class       "module:QualName" of the model (rebuilt with ``from_config(model_config)``)
     model_config      the model's plain, JSON-serialisable ``config``
     model_state       the latest weights (``state_dict``; fused-optimizer state included)
-    best_model_state  the weights of the best validation epoch (what evaluate/recommend use)
+    best_model_state  the weights of the best validation epoch (what evaluate/recommend use; with
+                      weight averaging, the averaged weights)
     train_config      the TrainConfig as a dict
-    trainer           optimiser, loss weighting, RNG and early-stopping state (to resume exactly)
+    trainer           optimiser, loss weighting, RNG, early-stopping and weight-average state (to
+                      resume exactly; `weight_average`: {decay, num_updates, parameters by name})
     history           per-epoch records (loss, validation metrics, seconds)
     tasks             [{"name", "kind"}, ...]
     serving           id maps, seen items, titles, popularity, user/item feature tables (the Ranker)

@@ -11,6 +11,7 @@ less per-step Python, the same updates bit for bit).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -27,6 +28,7 @@ from .checkpoint import class_path, load_checkpoint, save_checkpoint
 from .flat_parameters import all_receive_gradients, flatten_groups, flattenable
 from .id_dropout import drop_ids
 from .losses import masked_task_losses
+from .weight_averaging import ExponentialMovingAverage, averaged_tensors, load_model_average_state, model_average_state
 from .weighting import GradNorm, make_weighting
 
 MONITORS = ("score", "loss", "ndcg")
@@ -65,6 +67,10 @@ class TrainConfig:
             row learns to stand for users (items) known only by their side features. 0: off.
         id_dropout_features: the single-valued id features dropped (default ``["user_id"]``).
         id_dropout_dense: also zero the dropped side's dense columns (what a cold user gets).
+        ema_decay: weight averaging (`mtkernels.training.weight_averaging`): the decay of a debiased
+            exponential moving average of all trained weights (tables included), updated after
+            every step; validation, early stopping, the kept best state and the checkpoint's best
+            weights then use the average. 0: off (the last step's weights).
     """
 
     epochs: int = 30
@@ -84,8 +90,11 @@ class TrainConfig:
     id_dropout: float = 0.0
     id_dropout_features: List[str] = dataclasses.field(default_factory=lambda: ["user_id"])
     id_dropout_dense: bool = True
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if not 0.0 <= self.id_dropout <= 1.0:
             raise ValueError(f"id_dropout must be in [0, 1], got {self.id_dropout}")
         self.id_dropout_features = list(self.id_dropout_features)
@@ -294,8 +303,11 @@ def fit(
 
     Each step: predictions ``[B, T]`` -> per-task masked losses ``[T]`` -> loss weighting ->
     backward (the fused embedding optimiser updates the touched table rows inside it) -> Adam
-    step of the dense part. After each epoch the validation split is scored; the best epoch's
-    weights are kept and loaded into ``model`` at the end.
+    step of the dense part (then, with ``config.ema_decay`` > 0, the weight average's update). After
+    each epoch the validation split is scored; the best epoch's weights are kept and loaded into
+    ``model`` at the end. With weight averaging, the averaged weights are the ones validated, kept,
+    loaded at the end and saved as the checkpoint's best weights (``model_state`` stays the live
+    weights, the average is in ``trainer["weight_average"]``, by parameter name, to resume).
 
     Args:
         model: a multi-task model, ``model(sparse KJT, dense [B, Dd]) -> [B, T]`` (probabilities
@@ -333,6 +345,7 @@ def fit(
         groups = flat.groups
     optimizer = torch.optim.Adam(groups, lr=config.lr, fused=_fused_adam_supported(groups))
     zero_grad = flat.zero_grad if flat is not None else (lambda: optimizer.zero_grad(set_to_none=True))
+    average = ExponentialMovingAverage(averaged_tensors(model, flat), config.ema_decay) if config.ema_decay > 0 else None
     shared = shared_parameters(model) if isinstance(weighting, GradNorm) else []
     if isinstance(weighting, GradNorm) and not shared:
         raise ValueError(
@@ -363,6 +376,11 @@ def fit(
         if isinstance(weighting, GradNorm) and trainer.get("weighting_optimizer") is not None:
             weighting.load_optimizer_state_dict(trainer["weighting_optimizer"])
         _set_rng_state(trainer["rng"])
+        if average is not None:
+            if trainer.get("weight_average") is None:
+                raise ValueError(f"cannot resume from {checkpoint_path} with ema_decay {config.ema_decay}: "
+                                 "it was written without weight averaging")
+            load_model_average_state(model, average, trainer["weight_average"])
         history = list(ckpt["history"])
         best_monitor, best_epoch, bad_epochs = trainer["best_monitor"], trainer["best_epoch"], trainer["bad_epochs"]
         best_state = ckpt.get("best_model_state")
@@ -393,6 +411,7 @@ def fit(
                     "weighting": weighting.state_dict(),
                     "weighting_optimizer": weighting.optimizer_state_dict() if isinstance(weighting, GradNorm) else None,
                     "rng": _rng_state(),
+                    "weight_average": model_average_state(model, average) if average is not None else None,
                     "best_monitor": best_monitor,
                     "best_epoch": best_epoch,
                     "bad_epochs": bad_epochs,
@@ -426,6 +445,8 @@ def fit(
             if flat is not None:
                 flat.gather_grads()
             optimizer.step()
+            if average is not None:
+                average.update()
             total += float(objective.detach())
             task_sums += losses.detach().double()
             steps += 1
@@ -435,7 +456,10 @@ def fit(
         seconds = time.perf_counter() - started
         bar.close()
 
-        val = validation_monitor(model, data, config)
+        with average.averaged() if average is not None else contextlib.nullcontext():
+            val = validation_monitor(model, data, config)
+            if val["monitor"] > best_monitor:  # the weights validated (the average, when on) are kept
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         record = {
             "epoch": epoch,
             "train_loss": total / max(steps, 1),
@@ -448,7 +472,6 @@ def fit(
         history.append(record)
         if val["monitor"] > best_monitor:
             best_monitor, best_epoch, bad_epochs = val["monitor"], epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
             stopped_early = config.patience > 0 and bad_epochs >= config.patience
