@@ -294,6 +294,21 @@ def test_expert_gate_mixture_with_bias_native_equals_reference(batch, experts, g
 
 
 @egm_native_only
+def test_expert_gate_mixture_backward_reads_a_transposed_grad_mixed():
+    """The towers hand the mixture's gradient over as the transpose of a [G, B, H] tensor: read in
+    place, the same result as a contiguous copy."""
+    torch.manual_seed(13)
+    _, hidden, weights = torch.ops.mtkernels.expert_gate_mixture.default(_gemm_output(70, 4, 3, 8, torch.float32),
+                                                                         None, 4, 3, 0.1, 5)
+    grad = torch.randn(3, 70, 8).transpose(0, 1)
+    assert not grad.is_contiguous()
+    backward = torch.ops.mtkernels.expert_gate_mixture_backward.default
+    got = backward(grad, None, None, hidden, weights, 0.1, True)
+    want = backward(grad.contiguous(), None, None, hidden, weights, 0.1, True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@egm_native_only
 def test_expert_gate_mixture_bias_gradient_does_not_depend_on_the_thread_count():
     torch.manual_seed(12)
     z = _gemm_output(1000, 4, 3, 16, torch.float32).requires_grad_()

@@ -272,22 +272,23 @@ class MultiTaskModel(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
     def _inputs(self, sparse, dense: Optional[torch.Tensor]) -> torch.Tensor:
-        pooled = self.embeddings(sparse)
-        batch = pooled.shape[0]
+        # the pooling groups' outputs and the dense columns in one cat: one copy, one backward split
+        parts = self.embeddings.pooled_parts(sparse)
+        batch = parts[0].shape[0]
         if dense is None:
             if self.dense_dim:
                 raise ValueError(f"dense must be a float tensor [B, {self.dense_dim}], got None")
-            return pooled
-        if dense.dim() != 2 or dense.shape[1] != self.dense_dim or dense.shape[0] != batch:
-            raise ValueError(
-                f"dense must be [B, dense_dim] = [{batch}, {self.dense_dim}] (B from the sparse batch), "
-                f"got {tuple(dense.shape)}"
-            )
-        if not dense.is_floating_point():
-            raise TypeError(f"dense must be a float tensor, got {dense.dtype}")
-        if self.dense_dim == 0:
-            return pooled
-        return torch.cat([pooled, dense.to(pooled.dtype)], dim=1)
+        else:
+            if dense.dim() != 2 or dense.shape[1] != self.dense_dim or dense.shape[0] != batch:
+                raise ValueError(
+                    f"dense must be [B, dense_dim] = [{batch}, {self.dense_dim}] (B from the sparse batch), "
+                    f"got {tuple(dense.shape)}"
+                )
+            if not dense.is_floating_point():
+                raise TypeError(f"dense must be a float tensor, got {dense.dtype}")
+            if self.dense_dim:
+                parts = parts + [dense.to(parts[0].dtype)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _transforms(self) -> List[str]:
         return ["sigmoid" if t.kind == "binary" else "identity" for t in self._tasks]

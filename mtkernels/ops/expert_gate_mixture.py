@@ -108,6 +108,9 @@ def _register_native() -> None:
 
     def setup_context(ctx, inputs, output):
         ctx.p = inputs[4]
+        # an unused output (hidden, weights: the training path reads only the mixture) gets None, not a
+        # zero-filled [B, E, H] gradient that the kernel would then read
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(output[1], output[2])
 
     def backward(ctx, grad_mixed, grad_hidden, grad_weights):

@@ -168,7 +168,10 @@ std::tuple<at::Tensor, at::Tensor> expert_gate_mixture_backward_cpu(
                      grad_weights_in->scalar_type());
     grad_weights = grad_weights_in->contiguous();
   }
-  const at::Tensor grad_mixed = grad_mixed_in.contiguous(), hidden = hidden_in.contiguous(),
+  // grad_mixed is read in place when each [H] row is contiguous (the towers hand it over as the
+  // transpose of a [G, B, H] gradient: no copy), else copied
+  const at::Tensor grad_mixed = grad_mixed_in.stride(2) == 1 ? grad_mixed_in : grad_mixed_in.contiguous();
+  const at::Tensor hidden = hidden_in.contiguous(),
                    weights = weights_in.contiguous();
   const int64_t EH = E * H, width = EH + G * E;
   at::Tensor grad_z = at::empty({B, width}, hidden.options());
@@ -182,6 +185,7 @@ std::tuple<at::Tensor, at::Tensor> expert_gate_mixture_backward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t scale = static_cast<scalar_t>(dropout_scale(threshold));
     const scalar_t* gm = grad_mixed.const_data_ptr<scalar_t>();
+    const int64_t gm_b = grad_mixed.stride(0), gm_g = grad_mixed.stride(1);
     const scalar_t* gh = has_grad_hidden ? grad_hidden.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* gw = has_grad_weights ? grad_weights.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* hd = hidden.const_data_ptr<scalar_t>();
@@ -199,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> expert_gate_mixture_backward_cpu(
         scalar_t* out = gz + b * width;
         // gate logits: d weights[g, e] = <grad_mixed[g], hidden[e]> (+ grad_weights), then the softmax backward
         for (int64_t g = 0; g < G; ++g) {
-          const scalar_t* grad = gm + (b * G + g) * H;
+          const scalar_t* grad = gm + b * gm_b + g * gm_g;
           const scalar_t* w = wt + (b * G + g) * E;
           acc_t weighted = 0;
           for (int64_t e = 0; e < E; ++e) {
@@ -218,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> expert_gate_mixture_backward_cpu(
           for (int64_t g = 0; g < G; ++g) {
             const acc_t we = static_cast<acc_t>(wt[(b * G + g) * E + e]);
             if (we == acc_t(0)) continue;
-            const scalar_t* grad = gm + (b * G + g) * H;
+            const scalar_t* grad = gm + b * gm_b + g * gm_g;
             for (int64_t j = 0; j < H; ++j) acc[j] += we * static_cast<acc_t>(grad[j]);
           }
           const scalar_t* he = h + e * H;
