@@ -86,14 +86,16 @@ TORCH_LIBRARY(mtkernels, m) {
 
   // ---- expert_gate_mixture: relu_dropout of the experts' layer + gated_mixture, one op (training path) ----
   // z [B, E*H + G*E] (E experts' pre-activations [B, E*H], then G gates' logits [B, G*E], the output
-  // of one GEMM) -> (mixed [B, G, H], hidden [B, E, H] = relu_dropout(z[:, :E*H], p, seed),
+  // of one GEMM without its bias) and that GEMM's bias [E*H + G*E] or None; with u = z + bias:
+  // -> (mixed [B, G, H], hidden [B, E, H] = relu_dropout(u[:, :E*H], p, seed),
   // weights [B, G, E] = softmax of each gate's logits); mixed[b, g] = sum_e weights[b, g, e] hidden[b, e].
-  m.def("expert_gate_mixture(Tensor z, int num_experts, int num_gates, float p, int seed) "
+  m.def("expert_gate_mixture(Tensor z, Tensor? bias, int num_experts, int num_gates, float p, int seed) "
         "-> (Tensor mixed, Tensor hidden, Tensor weights)");
-  // grad_z [B, E*H + G*E]; grad_hidden and grad_weights may be None.
+  // (grad_z [B, E*H + G*E], grad_bias [E*H + G*E] = column sums of grad_z when bias_grad, else [0]);
+  // grad_hidden and grad_weights may be None.
   m.def(
       "expert_gate_mixture_backward(Tensor grad_mixed, Tensor? grad_hidden, Tensor? grad_weights, Tensor hidden, "
-      "Tensor weights, float p) -> Tensor");
+      "Tensor weights, float p, bool bias_grad) -> (Tensor grad_z, Tensor grad_bias)");
 
   // ---- end expert_gate_mixture ----
 }

@@ -63,6 +63,25 @@ def test_matches_per_feature_embedding_bag(batch, index_dtype, mixed_pooling):
     torch.testing.assert_close(out, _expected(ebc, kjt))
 
 
+@pytest.mark.parametrize("mixed_pooling", [None, "last", "middle"])
+def test_pooled_parts_concatenate_to_the_output(mixed_pooling):
+    """One part per pooling group in column order (two groups with "last"), one permuted tensor when
+    the groups' columns interleave ("middle"); the parts' gradients reach the tables like the output's."""
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(_tables(mixed_pooling))
+    kjt = _random_kjt(ebc, 9, torch.Generator().manual_seed(3))
+    parts = ebc.pooled_parts(kjt)
+    assert [p.shape[1] for p in parts] == {None: [23], "last": [20, 3], "middle": [23]}[mixed_pooling]
+    assert torch.equal(torch.cat(parts, dim=1), ebc(kjt))
+    up = torch.randn(9, 23)
+    (torch.cat(parts, dim=1) * up).sum().backward()
+    via_parts = [p.grad.clone() for p in ebc.parameters()]
+    ebc.zero_grad()
+    (ebc(kjt) * up).sum().backward()
+    for got, want in zip(via_parts, [p.grad for p in ebc.parameters()]):
+        assert torch.equal(got, want) and bool(want.abs().sum() > 0)
+
+
 def test_per_sample_weights_and_empty_bags():
     torch.manual_seed(1)
     ebc = EmbeddingBagCollection(_tables())

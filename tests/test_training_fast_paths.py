@@ -149,6 +149,28 @@ def test_batched_training_forward_equals_towers_one_by_one(backbone, kwargs, bat
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("hidden", [(), (5,), (5, 4)])
+def test_tower_outputs_equal_the_towers_one_by_one(hidden):
+    """The batched towers (the last layer as [T, 1, I] x [T, I, B]) against each tower on its own
+    representation: outputs and the gradients of the representations and every tower parameter."""
+    from mtkernels.nn.towers import tower_outputs
+
+    torch.manual_seed(10)
+    towers = torch.nn.ModuleList(TaskTower(6, hidden) for _ in range(3))
+    representations = torch.randn(37, 3, 6, requires_grad=True)
+    got = tower_outputs(list(towers), representations)
+    want = torch.stack([tower(representations[:, t]) for t, tower in enumerate(towers)], 1)
+    assert got.shape == (37, 3)
+    torch.testing.assert_close(got, want)
+    upstream = torch.randn_like(got)
+    params = [representations] + list(towers.parameters())
+    got_grads = torch.autograd.grad((got * upstream).sum(), params)
+    want_grads = torch.autograd.grad((want * upstream).sum(), params)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+        assert bool(w.abs().sum() > 0)
+
+
 def test_tower_outputs_needs_one_representation_per_tower():
     from mtkernels.nn.towers import tower_outputs
 

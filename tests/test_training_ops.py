@@ -265,6 +265,93 @@ def test_expert_gate_mixture_equals_relu_dropout_then_gated_mixture_bit_for_bit(
 
 
 @egm_native_only
+@pytest.mark.parametrize("batch, experts, gates, width, blocked", EGM_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_gate_mixture_with_bias_native_equals_reference(batch, experts, gates, width, blocked, dtype):
+    """The bias added inside the op, forward and the gradients of z and bias, against the reference
+    (z + bias, then the same ops under autograd); -inf bias entries where a gate may not use an expert."""
+    torch.manual_seed(batch + 3 * width)
+    z = _gemm_output(batch, experts, gates, width, dtype, pad=2).requires_grad_()
+    bias = torch.randn(z.shape[1], dtype=dtype)
+    for g, e in blocked:
+        bias[experts * width + g * experts + e] = -torch.inf
+    bias.requires_grad_()
+    got = ops.expert_gate_mixture(z, experts, gates, 0.3, seed=17, bias=bias)
+    want = reference.expert_gate_mixture(z, experts, gates, 0.3, 17, bias)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+    ups = [torch.randn_like(t) for t in got]
+    for use in ((0,), (0, 1, 2)):
+        grads = torch.autograd.grad(sum((got[i] * ups[i]).sum() for i in use), (z, bias), retain_graph=True)
+        ref = torch.autograd.grad(sum((want[i] * ups[i]).sum() for i in use), (z, bias), retain_graph=True)
+        for g, w in zip(grads, ref):
+            torch.testing.assert_close(g, torch.nan_to_num(w), **tol)
+        # the bias gradient is the column sum of z's gradient (what F.linear's bias gradient is)
+        torch.testing.assert_close(grads[1], grads[0].sum(0), **tol)
+        if batch:
+            assert bool(grads[1].abs().sum() > 0)
+
+
+@egm_native_only
+def test_expert_gate_mixture_backward_reads_a_transposed_grad_mixed():
+    """The towers hand the mixture's gradient over as the transpose of a [G, B, H] tensor: read in
+    place, the same result as a contiguous copy."""
+    torch.manual_seed(13)
+    _, hidden, weights = torch.ops.mtkernels.expert_gate_mixture.default(_gemm_output(70, 4, 3, 8, torch.float32),
+                                                                         None, 4, 3, 0.1, 5)
+    grad = torch.randn(3, 70, 8).transpose(0, 1)
+    assert not grad.is_contiguous()
+    backward = torch.ops.mtkernels.expert_gate_mixture_backward.default
+    got = backward(grad, None, None, hidden, weights, 0.1, True)
+    want = backward(grad.contiguous(), None, None, hidden, weights, 0.1, True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@egm_native_only
+def test_expert_gate_mixture_bias_gradient_does_not_depend_on_the_thread_count():
+    torch.manual_seed(12)
+    z = _gemm_output(1000, 4, 3, 16, torch.float32).requires_grad_()
+    bias = torch.randn(z.shape[1]).requires_grad_()
+    up = torch.randn(1000, 3, 16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            mixed = ops.expert_gate_mixture(z, 4, 3, 0.1, seed=2, bias=bias)[0]
+            results.append(torch.autograd.grad((mixed * up).sum(), (z, bias)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1])
+
+
+@egm_native_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_gate_mixture_bias_inside_equals_the_bias_in_the_gemm(dtype):
+    """The training path's new layout (``F.linear(x, W)`` then the op adding the bias) against the
+    old one (``F.linear(x, W, b)``, an addmm, then the op): same outputs and the same gradients of x,
+    W and b (up to the rounding of where the bias is added)."""
+    torch.manual_seed(21)
+    experts, gates, width, dim = 4, 3, 32, 40
+    x = torch.randn(300, dim, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(experts * width + gates * experts, dim, dtype=dtype) / dim ** 0.5).requires_grad_()
+    bias = (torch.randn(experts * width + gates * experts, dtype=dtype) * 0.1).requires_grad_()
+    new = ops.expert_gate_mixture(torch.nn.functional.linear(x, weight), experts, gates, 0.2, seed=8, bias=bias)
+    old = ops.expert_gate_mixture(torch.nn.functional.linear(x, weight, bias), experts, gates, 0.2, seed=8)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    for n, o in zip(new, old):
+        torch.testing.assert_close(n, o, **tol)
+    ups = [torch.randn_like(t) for t in new]
+    g_new = torch.autograd.grad(sum((t * u).sum() for t, u in zip(new, ups)), (x, weight, bias))
+    g_old = torch.autograd.grad(sum((t * u).sum() for t, u in zip(old, ups)), (x, weight, bias))
+    for n, o in zip(g_new, g_old):
+        torch.testing.assert_close(n, o, **tol)
+        assert bool(o.abs().sum() > 0)
+
+
+@egm_native_only
 def test_expert_gate_mixture_off_training_is_relu_and_draws_the_seed_like_relu_dropout():
     z = _gemm_output(9, 2, 2, 5, torch.float32)
     _, hidden, _ = ops.expert_gate_mixture(z, 2, 2, 0.5, training=False)
@@ -279,17 +366,30 @@ def test_expert_gate_mixture_off_training_is_relu_and_draws_the_seed_like_relu_d
 def test_expert_gate_mixture_gradcheck_and_opcheck():
     torch.manual_seed(6)
     z = _gemm_output(5, 3, 2, 4, torch.float64, blocked=((1, 0),)).requires_grad_()
+    bias = torch.randn(z.shape[1], dtype=torch.float64)
+    bias[12 + 3] = -torch.inf  # gate 1's logit of expert 0, as PLE's gate bias holds it
+    bias = bias.requires_grad_()
     for i in range(3):
         assert torch.autograd.gradcheck(lambda a: ops.expert_gate_mixture(a, 3, 2, 0.25, seed=3)[i], (z,))
+        # the bias's -inf entry is not differentiable (gradcheck perturbs every entry): check the others
+        finite = torch.isfinite(bias.detach())
+        assert torch.autograd.gradcheck(
+            lambda a, b: ops.expert_gate_mixture(a, 3, 2, 0.25, seed=3,
+                                                 bias=torch.where(finite, b, bias.detach()))[i], (z, bias))
     for requires_grad in (False, True):
-        args = (_gemm_output(7, 3, 2, 5, torch.float32).requires_grad_(requires_grad), 3, 2, 0.2, 9)
-        torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture.default, args)
-    torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture.default, (torch.randn(0, 21), 3, 2, 0.2, 9))
-    _, hidden, weights = torch.ops.mtkernels.expert_gate_mixture.default(torch.randn(7, 21), 3, 2, 0.2, 9)
-    torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture_backward.default,
-                          (torch.randn(7, 2, 5), None, None, hidden, weights, 0.2))
-    torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture_backward.default,
-                          (torch.randn(7, 2, 5), torch.randn(7, 3, 5), torch.randn(7, 2, 3), hidden, weights, 0.2))
+        for bias in (None, torch.randn(21).requires_grad_(requires_grad)):
+            args = (_gemm_output(7, 3, 2, 5, torch.float32).requires_grad_(requires_grad), bias, 3, 2, 0.2, 9)
+            torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture.default, args)
+    torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture.default, (torch.randn(0, 21), None, 3, 2, 0.2, 9))
+    torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture.default,
+                          (torch.randn(0, 21), torch.randn(21), 3, 2, 0.2, 9))
+    _, hidden, weights = torch.ops.mtkernels.expert_gate_mixture.default(torch.randn(7, 21), None, 3, 2, 0.2, 9)
+    for bias_grad in (False, True):
+        torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture_backward.default,
+                              (torch.randn(7, 2, 5), None, None, hidden, weights, 0.2, bias_grad))
+        torch.library.opcheck(torch.ops.mtkernels.expert_gate_mixture_backward.default,
+                              (torch.randn(7, 2, 5), torch.randn(7, 3, 5), torch.randn(7, 2, 3), hidden, weights, 0.2,
+                               bias_grad))
 
 
 def test_expert_gate_mixture_bad_input():
@@ -305,20 +405,30 @@ def test_expert_gate_mixture_bad_input():
         ops.expert_gate_mixture(torch.randn(4, 21), 3, 2, 1.0)
     with pytest.raises(TypeError, match="z must be a float32 or float64"):
         ops.expert_gate_mixture(torch.ones(4, 21, dtype=torch.int64), 3, 2, 0.1)
+    with pytest.raises(ValueError, match=r"bias must be \[E\*H \+ G\*E\] = \[21\]"):
+        ops.expert_gate_mixture(torch.randn(4, 21), 3, 2, 0.1, bias=torch.randn(4, 21))
+    with pytest.raises(TypeError, match="bias must be torch.float32 like z"):
+        ops.expert_gate_mixture(torch.randn(4, 21), 3, 2, 0.1, bias=torch.randn(21, dtype=torch.float64))
 
 
 @egm_native_only
 def test_expert_gate_mixture_native_bad_input():
     op, backward = torch.ops.mtkernels.expert_gate_mixture.default, torch.ops.mtkernels.expert_gate_mixture_backward.default
     with pytest.raises(ValueError, match=r"z must be \[B, E\*H \+ G\*E\]"):
-        op(torch.randn(4, 22), 3, 2, 0.1, 0)
+        op(torch.randn(4, 22), None, 3, 2, 0.1, 0)
     with pytest.raises(TypeError, match="z must be a float32 or float64"):
-        op(torch.ones(4, 21, dtype=torch.int64), 3, 2, 0.1, 0)
+        op(torch.ones(4, 21, dtype=torch.int64), None, 3, 2, 0.1, 0)
     with pytest.raises(ValueError, match="num_gates must be >= 1"):
-        op(torch.randn(4, 21), 3, 0, 0.1, 0)
+        op(torch.randn(4, 21), None, 3, 0, 0.1, 0)
+    with pytest.raises(ValueError, match=r"bias must be \[E\*H \+ G\*E\] = \[21\]"):
+        op(torch.randn(4, 21), torch.randn(20), 3, 2, 0.1, 0)
+    with pytest.raises(ValueError, match="bias must be a 1-D tensor"):
+        op(torch.randn(4, 21), torch.randn(1, 21), 3, 2, 0.1, 0)
+    with pytest.raises(TypeError, match="bias must be Float like z"):
+        op(torch.randn(4, 21), torch.randn(21, dtype=torch.float64), 3, 2, 0.1, 0)
     with pytest.raises(ValueError, match="grad_mixed must be"):
-        backward(torch.randn(4, 2, 4), None, None, torch.randn(4, 3, 5), torch.randn(4, 2, 3), 0.1)
+        backward(torch.randn(4, 2, 4), None, None, torch.randn(4, 3, 5), torch.randn(4, 2, 3), 0.1, False)
     with pytest.raises(ValueError, match="weights must be"):
-        backward(torch.randn(4, 2, 5), None, None, torch.randn(4, 3, 5), torch.randn(4, 2, 4), 0.1)
+        backward(torch.randn(4, 2, 5), None, None, torch.randn(4, 3, 5), torch.randn(4, 2, 4), 0.1, True)
     with pytest.raises(ValueError, match="grad_hidden must be"):
-        backward(torch.randn(4, 2, 5), torch.randn(4, 3, 4), None, torch.randn(4, 3, 5), torch.randn(4, 2, 3), 0.1)
+        backward(torch.randn(4, 2, 5), torch.randn(4, 3, 4), None, torch.randn(4, 3, 5), torch.randn(4, 2, 3), 0.1, True)

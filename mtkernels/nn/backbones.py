@@ -18,8 +18,9 @@ follow the ascending order of the experts it may use.
 
 Training path (the same network): experts and gates that read the same input run as one GEMM over
 their concatenated weights (`experts_and_gates`), a gate's logit of an expert it may not use is
--inf; with one-layer experts (the presets) everything after that GEMM (ReLU + dropout, the gates'
-softmaxes and the mixture, forward and backward) is one `mtkernels.ops.expert_gate_mixture`, with
+-inf; with one-layer experts (the presets) that GEMM has no bias and everything after it (the bias,
+ReLU + dropout, the gates' softmaxes and the mixture, forward and backward, with the bias gradient)
+is one `mtkernels.ops.expert_gate_mixture`, with
 deeper experts ReLU + dropout is `mtkernels.ops.relu_dropout` and the softmax and mixture of all gates
 one `mtkernels.ops.gated_mixture`; `stacked` returns the task representations as one ``[B, T, H]``.
 """
@@ -117,14 +118,15 @@ def _gate_matrix(gates: Sequence[nn.Module], rows: Optional[torch.Tensor], input
     return weight.index_select(0, rows.to(weight.device)), bias.index_select(0, rows.to(weight.device))
 
 
-def _experts_and_gates_logits(experts: Sequence[Expert], gates: Sequence[nn.Module], rows: Optional[torch.Tensor],
-                              x: torch.Tensor):
-    """``(z [B, E*H_1 + G*E], E*H_1)``: the experts' first layers and all gates' logits over ``x`` as
-    one GEMM over their concatenated weights (the layout of `multi_task_score`)."""
+def _experts_and_gates_layer(experts: Sequence[Expert], gates: Sequence[nn.Module], rows: Optional[torch.Tensor],
+                             input_dim: int):
+    """``(weight [E*H_1 + G*E, D], bias [E*H_1 + G*E], E*H_1)``: the experts' first layers and all
+    gates' logit layers concatenated (the layout of `multi_task_score`), one GEMM's operands."""
     first = [expert.linears[0] for expert in experts]
-    gate_weight, gate_bias = _gate_matrix(gates, rows, x.shape[1])
-    z = F.linear(x, torch.cat([l.weight for l in first] + [gate_weight]), torch.cat([l.bias for l in first] + [gate_bias]))
-    return z, sum(l.out_features for l in first)
+    gate_weight, gate_bias = _gate_matrix(gates, rows, input_dim)
+    weight = torch.cat([l.weight for l in first] + [gate_weight])
+    bias = torch.cat([l.bias for l in first] + [gate_bias])
+    return weight, bias, sum(l.out_features for l in first)
 
 
 def mixed_experts(experts: Sequence[Expert], gates: Sequence[nn.Module], rows: Optional[torch.Tensor],
@@ -132,13 +134,15 @@ def mixed_experts(experts: Sequence[Expert], gates: Sequence[nn.Module], rows: O
     """``[B, G, H]``: every gate's softmax mixture of the experts, all reading ``x [B, D]``.
 
     One GEMM for the experts' first layers and the gates' logits (`experts_and_gates`); with
-    one-layer experts (the presets) the rest (ReLU + dropout, softmaxes, mixture, and all of their
-    backward) is one `mtkernels.ops.expert_gate_mixture`, else `gated_mixture` over the deeper
-    layers' outputs.
+    one-layer experts (the presets) that GEMM is ``x W^T`` without its bias and the rest (bias, ReLU
+    + dropout, softmaxes, mixture, and all of their backward, the bias gradient included) is one
+    `mtkernels.ops.expert_gate_mixture`, else `gated_mixture` over the deeper layers' outputs.
     """
     if len(experts[0].linears) == 1:
-        z, _ = _experts_and_gates_logits(experts, gates, rows, x)
-        return expert_gate_mixture(z, len(experts), len(gates), experts[0].dropout, experts[0].training)[0]
+        # the GEMM without its bias (no addmm broadcast copy); the op adds it while reading each row
+        weight, bias, _ = _experts_and_gates_layer(experts, gates, rows, x.shape[1])
+        return expert_gate_mixture(F.linear(x, weight), len(experts), len(gates), experts[0].dropout,
+                                   experts[0].training, bias=bias)[0]
     outputs, logits = experts_and_gates(experts, gates, rows, x)
     return gated_mixture(logits, outputs)[0]
 
@@ -152,7 +156,8 @@ def experts_and_gates(experts: Sequence[Expert], gates: Sequence[nn.Module], row
     Returns ``(expert outputs [B, E, H], gate logits [B, G, E])``, a logit -inf where a gate may not
     use an expert (``rows`` from `_gate_rows`), ready for `mtkernels.ops.gated_mixture`.
     """
-    z, width = _experts_and_gates_logits(experts, gates, rows, x)
+    weight, bias, width = _experts_and_gates_layer(experts, gates, rows, x.shape[1])
+    z = F.linear(x, weight, bias)
     # split, not two slices: its backward is one cat of the two gradients instead of two zero-filled
     # [B, E*H + G*E] tensors added together
     z_experts, z_gates = z.split([width, z.shape[1] - width], dim=1)

@@ -360,6 +360,15 @@ class EmbeddingBagCollection(nn.Module):
         return new_values, new_offsets, new_weights
 
     def forward(self, features) -> torch.Tensor:
+        parts = self.pooled_parts(features)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def pooled_parts(self, features) -> List[torch.Tensor]:
+        """The pooled output as a list of ``[B, D_i]`` tensors whose concatenation along dim 1 is
+        `forward`'s ``[B, total_dim]`` (one per pooling group in column order; one tensor when the
+        groups' columns are permuted). A caller that concatenates more columns (the model's dense
+        features) makes one copy instead of two, and its backward hands each lookup its gradient
+        slice directly."""
         kjt = as_keyed_jagged(features)
         pooled = []
         for i, group in enumerate(self._groups):
@@ -378,9 +387,9 @@ class EmbeddingBagCollection(nn.Module):
                                    weights, **kwargs)
             )
         if self._column_permutation is None:
-            return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
+            return pooled
         permutation = self._column_permutation.to(pooled[0].device)
-        return torch.cat(pooled, dim=1).index_select(1, permutation)
+        return [torch.cat(pooled, dim=1).index_select(1, permutation)]
 
     def extra_repr(self) -> str:
         tables = ", ".join(f"{t.name}({t.num_embeddings}x{t.embedding_dim}, {t.pooling}: "

@@ -273,32 +273,34 @@ class MultiTaskModel(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
     def _inputs(self, sparse, dense: Optional[torch.Tensor]) -> torch.Tensor:
-        pooled = self.embeddings(sparse)
-        batch = pooled.shape[0]
+        # the pooling groups' outputs and the dense columns in one cat: one copy, one backward split
+        parts = self.embeddings.pooled_parts(sparse)
+        batch = parts[0].shape[0]
         if dense is None:
             if self.dense_dim:
                 raise ValueError(f"dense must be a float tensor [B, {self.dense_dim}], got None")
-            return pooled
-        if dense.dim() != 2 or dense.shape[1] != self.dense_dim or dense.shape[0] != batch:
-            raise ValueError(
-                f"dense must be [B, dense_dim] = [{batch}, {self.dense_dim}] (B from the sparse batch), "
-                f"got {tuple(dense.shape)}"
-            )
-        if not dense.is_floating_point():
-            raise TypeError(f"dense must be a float tensor, got {dense.dtype}")
-        if self.dense_dim == 0:
-            return pooled
-        # NaN would be NaN on the PyTorch path but a plausible score through multi_task_score (its ReLU
-        # drops NaN): refuse it. One sum (~10 us for [2048, 8]) carries any NaN or inf; only a
-        # non-finite sum (or an overflowing one) looks for the element. Not while training on a GPU:
-        # reading the sum back would stall every step (there the PyTorch path runs, and a NaN input
-        # shows as a NaN loss).
-        if (dense.device.type == "cpu" or not self.training) and not math.isfinite(float(dense.sum())):
-            bad = (~torch.isfinite(dense)).nonzero()
-            if bad.numel():
-                row, column = (int(i) for i in bad[0])
-                raise ValueError(f"dense must be finite, got {float(dense[row, column])} at row {row}, column {column}")
-        return torch.cat([pooled, dense.to(pooled.dtype)], dim=1)
+        else:
+            if dense.dim() != 2 or dense.shape[1] != self.dense_dim or dense.shape[0] != batch:
+                raise ValueError(
+                    f"dense must be [B, dense_dim] = [{batch}, {self.dense_dim}] (B from the sparse batch), "
+                    f"got {tuple(dense.shape)}"
+                )
+            if not dense.is_floating_point():
+                raise TypeError(f"dense must be a float tensor, got {dense.dtype}")
+            if self.dense_dim:
+                # NaN would be NaN on the PyTorch path but a plausible score through multi_task_score (its
+                # ReLU drops NaN): refuse it. One sum (~10 us for [2048, 8]) carries any NaN or inf; only a
+                # non-finite sum (or an overflowing one) looks for the element. Not while training on a
+                # GPU: reading the sum back would stall every step (there the PyTorch path runs, and a NaN
+                # input shows as a NaN loss).
+                if (dense.device.type == "cpu" or not self.training) and not math.isfinite(float(dense.sum())):
+                    bad = (~torch.isfinite(dense)).nonzero()
+                    if bad.numel():
+                        row, column = (int(i) for i in bad[0])
+                        raise ValueError(
+                            f"dense must be finite, got {float(dense[row, column])} at row {row}, column {column}")
+                parts = parts + [dense.to(parts[0].dtype)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _transforms(self) -> List[str]:
         return ["sigmoid" if t.kind == "binary" else "identity" for t in self._tasks]

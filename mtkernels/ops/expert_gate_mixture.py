@@ -25,15 +25,22 @@ def _native(device: torch.device) -> bool:
 
 
 def expert_gate_mixture(z: torch.Tensor, num_experts: int, num_gates: int, p: float, training: bool = True,
-                        seed: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Experts' ReLU + dropout, gates' softmax and the gated mixture, from ``z = x [W_experts;
-    W_gates]^T + b``.
+                        seed: Optional[int] = None,
+                        bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Experts' ReLU + dropout, gates' softmax and the gated mixture, from ``u = z + bias`` where
+    ``z = x [W_experts; W_gates]^T`` (or the whole ``x W^T + b`` as z, without ``bias``).
 
-    ``hidden = relu_dropout(z[:, :E*H], p, seed).view(B, E, H)`` (the same mask as
-    `mtkernels.ops.relu_dropout` on that column slice), ``weights[b, g] = softmax(z[b, E*H + g*E :
+    ``hidden = relu_dropout(u[:, :E*H], p, seed).view(B, E, H)`` (the same mask as
+    `mtkernels.ops.relu_dropout` on that column slice), ``weights[b, g] = softmax(u[b, E*H + g*E :
     E*H + (g+1)*E])`` and ``mixed[b, g] = sum_e weights[b, g, e] * hidden[b, e]``: MMoE's experts
     and gates (Ma et al., KDD 2018) and a CGC layer of PLE (Tang et al., RecSys 2020; a -inf logit
     marks an expert the gate may not use, weight exactly 0), when each expert is one layer.
+
+    Passing the GEMM's bias here instead of adding it in the GEMM (``F.linear`` with a bias is an
+    ``addmm`` that first copies the bias into every row of its output, ~1 ms per 2048-row step) folds
+    it into the pass that reads z anyway; the backward then also returns the bias gradient (the column
+    sums of z's gradient, which it writes anyway: per block of rows, the blocks added in a fixed
+    order, so it does not depend on the thread count).
 
     Args:
         z: float32/float64 ``[B, E*H + G*E]``: expert e's pre-activations in columns ``e*H ..
@@ -44,13 +51,17 @@ def expert_gate_mixture(z: torch.Tensor, num_experts: int, num_gates: int, p: fl
         p: drop probability in [0, 1) (rounded to 1/2^32 as in `relu_dropout`).
         training: apply dropout (else only the ReLU, p = 0).
         seed: 64-bit seed of the mask (None: drawn from torch's generator like `relu_dropout`).
+        bias: optional ``[E*H + G*E]`` of z's dtype and device, added to every row of z (may hold -inf
+            for a gate's logit of an expert it may not use).
 
     Returns:
-        ``(mixed [B, G, H], hidden [B, E, H], weights [B, G, E])``, all differentiable with respect to z.
+        ``(mixed [B, G, H], hidden [B, E, H], weights [B, G, E])``, all differentiable with respect to
+        z and bias.
 
     Raises:
         ValueError: z not 2-D, a width that is not ``E*H + G*E`` with H >= 1, E or G < 1, p outside
-            [0, 1). TypeError: a non-float z.
+            [0, 1), bias not ``[E*H + G*E]`` or on another device. TypeError: a non-float z, a bias of
+            another dtype.
     """
     if not 0.0 <= float(p) < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p}")
@@ -65,39 +76,51 @@ def expert_gate_mixture(z: torch.Tensor, num_experts: int, num_gates: int, p: fl
                          f"got {tuple(z.shape)}")
     if z.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"z must be a float32 or float64 tensor, got {z.dtype}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != z.shape[1]:
+            raise ValueError(f"bias must be [E*H + G*E] = [{z.shape[1]}] (z's width), got shape {tuple(bias.shape)}")
+        if bias.dtype != z.dtype:
+            raise TypeError(f"bias must be {z.dtype} like z, got {bias.dtype}")
+        if bias.device != z.device:
+            raise ValueError(f"bias must be on z's device {z.device}, got {bias.device}")
     if not training:
         p = 0.0
     if seed is None:
         seed = draw_seed() if p > 0.0 else 0
     if _native(z.device):
-        return torch.ops.mtkernels.expert_gate_mixture.default(z, num_experts, num_gates, float(p), int(seed))
-    return _reference(z, num_experts, num_gates, float(p), int(seed))
+        return torch.ops.mtkernels.expert_gate_mixture.default(z, bias, num_experts, num_gates, float(p), int(seed))
+    return _reference(z, num_experts, num_gates, float(p), int(seed), bias)
 
 
 def _register_native() -> None:
     @torch.library.register_fake("mtkernels::expert_gate_mixture")
-    def _(z, num_experts, num_gates, p, seed):
+    def _(z, bias, num_experts, num_gates, p, seed):
         batch = z.shape[0]
         width = (z.shape[1] - num_gates * num_experts) // num_experts
         return (z.new_empty((batch, num_gates, width)), z.new_empty((batch, num_experts, width)),
                 z.new_empty((batch, num_gates, num_experts)))
 
     @torch.library.register_fake("mtkernels::expert_gate_mixture_backward")
-    def _(grad_mixed, grad_hidden, grad_weights, hidden, weights, p):
+    def _(grad_mixed, grad_hidden, grad_weights, hidden, weights, p, bias_grad):
         batch, experts, width = hidden.shape
-        return hidden.new_empty((batch, experts * width + weights.shape[1] * experts))
+        columns = experts * width + weights.shape[1] * experts
+        return hidden.new_empty((batch, columns)), hidden.new_empty((columns if bias_grad else 0,))
 
     def setup_context(ctx, inputs, output):
-        ctx.p = inputs[3]
+        ctx.p = inputs[4]
+        # an unused output (hidden, weights: the training path reads only the mixture) gets None, not a
+        # zero-filled [B, E, H] gradient that the kernel would then read
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(output[1], output[2])
 
     def backward(ctx, grad_mixed, grad_hidden, grad_weights):
         hidden, weights = ctx.saved_tensors
         if grad_mixed is None:
             grad_mixed = hidden.new_zeros((hidden.shape[0], weights.shape[1], hidden.shape[2]))
-        grad_z = torch.ops.mtkernels.expert_gate_mixture_backward.default(
-            grad_mixed, grad_hidden, grad_weights, hidden, weights, ctx.p)
-        return grad_z, None, None, None, None
+        bias_grad = ctx.needs_input_grad[1]
+        grad_z, grad_bias = torch.ops.mtkernels.expert_gate_mixture_backward.default(
+            grad_mixed, grad_hidden, grad_weights, hidden, weights, ctx.p, bias_grad)
+        return grad_z, (grad_bias if bias_grad else None), None, None, None, None
 
     torch.library.register_autograd("mtkernels::expert_gate_mixture", backward, setup_context=setup_context)
 

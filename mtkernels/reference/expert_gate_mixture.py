@@ -8,7 +8,7 @@ logits over the E experts in columns ``E*H + g*E ..`` (-inf: an expert the gate 
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -16,11 +16,13 @@ from .gated_mixture import gated_mixture
 from .relu_dropout import relu_dropout
 
 
-def expert_gate_mixture(z: torch.Tensor, num_experts: int, num_gates: int, p: float,
-                        seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``-> (mixed [B, G, H], hidden [B, E, H], weights [B, G, E])`` with ``hidden =
-    relu_dropout(z[:, :E*H], p, seed).view(B, E, H)``, ``weights = softmax`` of each gate's logits
-    and ``mixed[b, g] = sum_e weights[b, g, e] * hidden[b, e]``."""
+def expert_gate_mixture(z: torch.Tensor, num_experts: int, num_gates: int, p: float, seed: int,
+                        bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``-> (mixed [B, G, H], hidden [B, E, H], weights [B, G, E])`` with ``u = z + bias`` (``bias [E*H
+    + G*E]`` or None), ``hidden = relu_dropout(u[:, :E*H], p, seed).view(B, E, H)``, ``weights =
+    softmax`` of each gate's logits in u and ``mixed[b, g] = sum_e weights[b, g, e] * hidden[b, e]``."""
+    if bias is not None:
+        z = z + bias
     batch, hidden_width = z.shape[0], (z.shape[1] - num_gates * num_experts) // num_experts
     width = num_experts * hidden_width
     hidden = relu_dropout(z[:, :width], p, seed).reshape(batch, num_experts, hidden_width)
