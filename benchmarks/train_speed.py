@@ -6,7 +6,8 @@
 For each model and thread count, trains with the presets through `mtkernels.training.fit` and
 reports what ``FitResult.seconds_per_epoch`` measures: the training pass only (shuffled batches
 gathered from the pre-encoded split, forward, masked losses, backward with the fused embedding
-update, Adam step), never the validation scoring that follows each epoch. Each measurement runs in
+update, Adam step, the weight-average update where the preset has one), never the validation
+scoring that follows each epoch. Each measurement runs in
 a fresh process; the first epoch is dropped as warm-up and the median of the other epochs (over
 all repeats) is printed, as wall seconds and as CPU seconds of the process (``time.process_time``:
 all threads together, so at 2 threads it is up to twice the wall time; on a machine that others
@@ -53,8 +54,9 @@ def _worker(backbone: str, threads: int, epochs: int, batch_size: int, data_dir,
                                **dict(presets.model_kwargs(backbone), shared_tables={"history": "item_id"}))
     else:
         model = presets.build_model(data, backbone)
-    config = TrainConfig(**dict(presets.TRAIN_PRESET, epochs=epochs, batch_size=batch_size, patience=0,
-                                progress=False))
+    # what the presets run (with their weight averaging); older checkouts have only TRAIN_PRESET
+    values = presets.train_values(backbone) if hasattr(presets, "train_values") else dict(presets.TRAIN_PRESET)
+    config = TrainConfig(**dict(values, epochs=epochs, batch_size=batch_size, patience=0, progress=False))
     # fit reads time.perf_counter() exactly twice per epoch (start and end of the training pass)
     marks = []
     wall = time.perf_counter
