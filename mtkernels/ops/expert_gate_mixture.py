@@ -37,10 +37,10 @@ def expert_gate_mixture(z: torch.Tensor, num_experts: int, num_gates: int, p: fl
     marks an expert the gate may not use, weight exactly 0), when each expert is one layer.
 
     Passing the GEMM's bias here instead of adding it in the GEMM (``F.linear`` with a bias is an
-    ``addmm`` that first copies the bias into every row of its output, ~1 ms per 2048-row step) folds
-    it into the pass that reads z anyway; the backward then also returns the bias gradient (the column
-    sums of z's gradient, which it writes anyway: per block of rows, the blocks added in a fixed
-    order, so it does not depend on the thread count).
+    ``addmm`` that first copies the bias into every row of its output; end to end the gain was within
+    noise, README "Training speed") folds it into the pass that reads z anyway; the backward then also
+    returns the bias gradient (the column sums of z's gradient, which it writes anyway: per block of
+    rows, the blocks added in a fixed order, so it does not depend on the thread count).
 
     Args:
         z: float32/float64 ``[B, E*H + G*E]``: expert e's pre-activations in columns ``e*H ..
