@@ -126,18 +126,10 @@ def _task_weights(pairs: Optional[Sequence[str]]) -> Optional[Dict[str, float]]:
     return weights
 
 
-def _json_text(value: Any) -> str:
-    """Strict JSON (what jq and JavaScript read): NaN and infinite floats (an undefined metric) become null."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
+def _strict_json(value: Any) -> str:
+    from .training.checkpoint import strict_json  # lazy, as every command's training imports
 
-    return json.dumps(clean(value), indent=2, allow_nan=False)
+    return strict_json(value)
 
 
 def _format_metrics(result: Dict[str, Any]) -> str:
@@ -397,7 +389,7 @@ def cmd_evaluate(args) -> int:
 
         fusion = ScoreFusion.from_checkpoint(checkpoint)
         results = {split: {"topk": fusion.topk_metrics(data, split, k=args.k)} for split in splits}
-        print(_json_text(results) if args.json else
+        print(_strict_json(results) if args.json else
               "\n".join(f"{split}: {_format_metrics(r)}" for split, r in results.items()))
         return 0
     model = build_model(checkpoint, best=True)
@@ -405,7 +397,7 @@ def cmd_evaluate(args) -> int:
     for split in splits:
         results[split] = evaluate(model, data, split, k=args.k, task_weights=_task_weights(args.task_weight))
     if args.json:
-        print(_json_text(results))
+        print(_strict_json(results))
     else:
         for split, result in results.items():
             print(f"{split}: {_format_metrics(result)}")
@@ -469,7 +461,7 @@ def cmd_recommend(args) -> int:
             n = int((ids >= 0).sum())
             lists.append({"user_id": u, "served_by": how, "item_ids": ids[:n].tolist(), "scores": scores[:n].tolist(),
                           "titles": titles[:n]})
-        print(_json_text(lists))
+        print(_strict_json(lists))
         return 0
     for u, how, ids, scores, titles in zip(result.user_ids, result.served_by, result.item_ids, result.scores, result.titles):
         print(f"user {u} (served by {how}):")

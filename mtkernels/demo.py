@@ -5,7 +5,6 @@ a cold user, a JSON report and a PNG of the learning curves.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -177,7 +176,7 @@ def run_demo(out: str = "outputs/demo", data_dir: Optional[str] = None,
     from .data import load_ml100k_mtl_v1
     from .serving import Ranker, serving_tables
     from .training import TrainConfig, fit, presets
-    from .training.checkpoint import atomic_write
+    from .training.checkpoint import atomic_write, strict_json
 
     for name, value in (("seeds", seeds), ("epochs", epochs)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -260,7 +259,7 @@ def run_demo(out: str = "outputs/demo", data_dir: Optional[str] = None,
     report["seconds_total"] = time.perf_counter() - started
     report_path = os.path.join(out, "report.json")
     png_path = os.path.join(out, "learning_curves.png")
-    atomic_write(report_path, lambda f: f.write(json.dumps(report, indent=2, default=float).encode()))
+    atomic_write(report_path, lambda f: f.write(strict_json(report).encode()))  # an undefined metric: null
     plot_learning_curves(curves, png_path)
     print_fn("")
     print_fn(f"report: {os.path.abspath(report_path)}")

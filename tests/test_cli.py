@@ -447,7 +447,7 @@ def test_json_output_is_strict_json(tmp_path, tiny_data, capsys):
     assert cli.main(["evaluate", "--checkpoint", checkpoint, "--split", "val", "--json", "--task-weight", "click=1"]) == 0
     result = _strict_json(capsys.readouterr().out)
     assert set(result["val"]) == {"click", "like", "rating", "topk"}
-    assert _strict_json(cli._json_text({"auc": float("nan"), "lists": [1.5, float("-inf")]})) == {
+    assert _strict_json(cli._strict_json({"auc": float("nan"), "lists": [1.5, float("-inf")]})) == {
         "auc": None, "lists": [1.5, None]}
 
 
@@ -525,3 +525,15 @@ def test_train_says_when_it_replaces_an_existing_checkpoint(tmp_path, tiny_data,
         in capsys.readouterr().err
     assert cli.main(common + ["--resume"]) == 0
     assert "replaces the existing checkpoint" not in capsys.readouterr().err
+
+
+def test_strict_json_of_report_values():
+    # what the demo's report.json and the --json outputs are written with: no NaN / Infinity tokens
+    import numpy as np
+
+    from mtkernels.training.checkpoint import strict_json
+
+    value = {"auc": float("nan"), "rmse": np.float32(0.5), "epochs": np.int64(3), "flag": True,
+             "curve": (1.0, float("inf"), torch.tensor(2.5)), "name": "mmoe", "none": None}
+    assert _strict_json(strict_json(value)) == {"auc": None, "rmse": 0.5, "epochs": 3, "flag": True,
+                                                "curve": [1.0, None, 2.5], "name": "mmoe", "none": None}

@@ -22,6 +22,9 @@ over the destination with ``os.replace``, so a crash never leaves a half-written
 from __future__ import annotations
 
 import importlib
+import json
+import math
+import numbers
 import os
 import pickle
 import tempfile
@@ -30,6 +33,29 @@ from typing import Any, Dict
 import torch
 
 FORMAT = "mtkernels.checkpoint/1"
+
+
+def strict_json(value: Any) -> str:
+    """``value`` as strict JSON text (what jq and JavaScript read; indent 2): NaN and infinite floats
+    (an undefined metric) become null; NumPy and 0-d tensor scalars their Python values; tuples
+    lists; anything else JSON cannot hold goes through ``float``."""
+    def clean(v):
+        if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # NumPy scalar, 0-d array or tensor
+            v = v.item()
+        if v is None or isinstance(v, (bool, str)):
+            return v
+        if isinstance(v, numbers.Integral):
+            return int(v)
+        if isinstance(v, numbers.Real):
+            v = float(v)
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), indent=2, allow_nan=False, default=float)
 
 
 def atomic_write(path: str, write) -> None:
