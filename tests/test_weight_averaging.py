@@ -157,7 +157,7 @@ def test_resume_with_average_equals_uninterrupted_run(data, tmp_path):
     a, b = load_checkpoint(str(tmp_path / "straight.pt")), load_checkpoint(path)
     for name, value in a["trainer"]["weight_average"]["parameters"].items():
         assert torch.equal(b["trainer"]["weight_average"]["parameters"][name], value), name
-    with pytest.raises(ValueError, match="without weight averaging"):
+    with pytest.raises(ValueError, match=r"ema_decay \(0.0 in the checkpoint, 0.9 here\)"):
         plain = str(tmp_path / "plain.pt")
         fit(tiny_model(data, "ple", seed=1), data, _config(epochs=1, ema_decay=0.0), checkpoint_path=plain)
         fit(tiny_model(data, "ple", seed=1), data, _config(epochs=2), checkpoint_path=plain, resume=True)
@@ -172,3 +172,14 @@ def test_load_model_average_state_errors(data):
     state["parameters"].pop("towers.0.linears.0.bias")
     with pytest.raises(ValueError, match="towers.0.linears.0.bias"):
         load_model_average_state(model, average, state)
+
+
+def test_resume_refuses_a_changed_training_config_but_allows_more_epochs(data, tmp_path):
+    # a changed lr would be silently overridden by Adam's restored state, and any other change makes
+    # the continued run differ from an uninterrupted one: refused, naming the field
+    path = str(tmp_path / "run.pt")
+    fit(tiny_model(data, "mmoe", seed=1), data, _config(epochs=1), checkpoint_path=path)
+    with pytest.raises(ValueError, match=r"lr \(0.01 in the checkpoint, 0.005 here\)"):
+        fit(tiny_model(data, "mmoe", seed=1), data, _config(epochs=2, lr=0.005), checkpoint_path=path, resume=True)
+    result = fit(tiny_model(data, "mmoe", seed=1), data, _config(epochs=2, patience=3), checkpoint_path=path, resume=True)
+    assert result.resumed_from_epoch == 0 and len(result.history) == 2

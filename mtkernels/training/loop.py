@@ -276,6 +276,12 @@ def validation_monitor(model, data, config: TrainConfig) -> Dict[str, Any]:
     return metrics
 
 
+# TrainConfig fields a resumed run may change (how long, how patient, how it reports); any other
+# change would make the continued run differ from an uninterrupted one (Adam's restored state also
+# carries the saved learning rate), so resuming with it is refused.
+_RESUMABLE_CHANGES = frozenset({"epochs", "patience", "progress", "eval_batch_size"})
+
+
 def _config_difference(saved: Any, current: Any) -> str:
     """The keys of two model configs that differ, each with both values (long values shortened)."""
     if not (isinstance(saved, dict) and isinstance(current, dict)):
@@ -329,7 +335,9 @@ def fit(
         :class:`FitResult`.
 
     Raises:
-        ValueError: a checkpoint to resume from whose model config differs from ``model.config``;
+        ValueError: a checkpoint to resume from whose model config differs from ``model.config``, or
+            whose training config differs from ``config`` beyond epochs, patience, progress and
+            eval_batch_size;
             the model's tasks differ from ``data.tasks``.
     """
     config = config or TrainConfig()
@@ -369,6 +377,13 @@ def fit(
         if ckpt.get("model_config") != model_config:
             raise ValueError(f"cannot resume from {checkpoint_path}: its model config differs in "
                              f"{_config_difference(ckpt.get('model_config'), model_config)}")
+        saved_config = ckpt.get("train_config") or {}
+        changed = {k: v for k, v in config.to_dict().items()
+                   if k not in _RESUMABLE_CHANGES and k in saved_config and saved_config[k] != v}
+        if changed:
+            raise ValueError(f"cannot resume from {checkpoint_path}: its training config differs in "
+                             f"{_config_difference({k: saved_config[k] for k in changed}, changed)} (only "
+                             f"{', '.join(sorted(_RESUMABLE_CHANGES))} may change when resuming)")
         trainer = ckpt["trainer"]
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(flat.adam_state_dict(trainer["optimizer"]) if flat is not None else trainer["optimizer"])
