@@ -25,7 +25,8 @@ class KeyedJaggedTensor:
 
     Raises:
         ValueError: neither lengths nor offsets given, or sizes that do not agree
-            (``len(lengths)`` not a multiple of F, ``offsets[-1] != len(values)``, ...).
+            (``len(lengths)`` not a multiple of F, ``offsets[-1] != len(values)``, ...), a negative
+            length, decreasing offsets or ``offsets[0] != 0``.
         TypeError: non-integer values, lengths or offsets.
     """
 
@@ -47,6 +48,7 @@ class KeyedJaggedTensor:
         for name, t in (("lengths", lengths), ("offsets", offsets)):
             if t is not None and (t.dim() != 1 or t.is_floating_point()):
                 raise TypeError(f"{name} must be a 1-D integer tensor, got {t.dtype} {tuple(t.shape)}")
+        given_offsets = lengths is None
         if lengths is None:
             if offsets.numel() < 1:
                 raise ValueError("offsets must hold at least one entry (0)")
@@ -58,6 +60,13 @@ class KeyedJaggedTensor:
             raise ValueError(
                 f"offsets must have len(lengths)+1={lengths.numel() + 1} entries, got {offsets.numel()}"
             )
+        if lengths.numel() and bool((lengths < 0).any()):
+            raise ValueError(
+                "offsets must be non-decreasing" if given_offsets else
+                f"lengths must be >= 0, got {int(lengths.min())} (bag {int(torch.argmin(lengths))})"
+            )
+        if offsets.numel() and int(offsets[0]) != 0:
+            raise ValueError(f"offsets[0] must be 0, got {int(offsets[0])}")
         num_keys = len(self._keys)
         if num_keys == 0:
             if lengths.numel() != 0:

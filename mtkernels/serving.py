@@ -346,7 +346,8 @@ class Ranker:
 
         Args:
             user_ids: B external user ids (may be empty).
-            k: list length (>= 0).
+            k: list length (>= 0); a k above the catalogue's size is capped to it (lists hold
+                each item once; slots left empty by excluded items hold id -1 and score -inf).
             exclude_seen: drop the items a known user has already seen (train + val positives).
             task_weights: ``{task name: weight}``; the ranking score is ``sum_t w_t * prediction_t``
                 (probabilities for binary tasks, raw values for regression tasks); default: the
@@ -375,6 +376,7 @@ class Ranker:
         """
         if not _is_integer(k) or k < 0:
             raise ValueError(f"k must be an integer >= 0, got {k!r}")
+        k = min(int(k), int(self.item_ids.numel()))  # no list is longer than the catalogue
         if at is not None:
             if not self.uses_request_time:
                 raise ValueError("at: this checkpoint's model does not rank by request time (only a cold-start model "

@@ -270,3 +270,16 @@ def test_freeze_stops_training_the_tables(optimizer):
         assert all(t.weight.grad is not None for t in ebc.embedding_bags.values())
     else:
         assert not all(torch.equal(t.weight, before[n]) for n, t in ebc.embedding_bags.items())
+
+
+def test_keyed_jagged_tensor_rejects_negative_lengths_and_bad_offsets():
+    values = torch.tensor([3, 4, 5])
+    # lengths [2, -1, 2] sum to 3 = len(values): only the sign check catches it.
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        KeyedJaggedTensor(["a"], values, lengths=torch.tensor([2, -1, 2]))
+    with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+        KeyedJaggedTensor(["a"], values, offsets=torch.tensor([0, 2, 1, 3]))
+    with pytest.raises(ValueError, match=r"offsets\[0\] must be 0"):
+        KeyedJaggedTensor(["a"], values, offsets=torch.tensor([1, 2, 3]))
+    ok = KeyedJaggedTensor(["a"], values, offsets=torch.tensor([0, 2, 2, 3]))
+    assert ok.lengths().tolist() == [2, 0, 1]

@@ -115,6 +115,9 @@ def test_empty_request_and_short_lists(trained):
     assert (long.item_ids[0, :allowed] >= 0).all() and (long.item_ids[0, allowed:] == -1).all()
     assert torch.isinf(long.scores[0, allowed:]).all() and long.titles[0][-1] == ""
     assert ranker.recommend([user], k=0).item_ids.shape == (1, 0)
+    huge = ranker.recommend([user, 10**9], k=10**12)  # capped to the catalogue, not a [2, 10**12] allocation
+    assert huge.item_ids.shape == (2, data.num_items) and torch.equal(huge.item_ids[0], long.item_ids[0])
+    assert huge.served_by[1] == "popularity" and sorted(huge.item_ids[1].tolist()) == sorted(data.item_ids.tolist())
 
 
 def test_pair_features_match_pair_batch(trained):
