@@ -476,3 +476,25 @@ def test_opcheck_packed_ops(dtype):
     x = torch.randn(7, WIDTH, dtype=dtype)
     torch.library.opcheck(torch.ops.mtkernels.multi_task_score_pack.default, tuple(p))
     torch.library.opcheck(torch.ops.mtkernels.multi_task_score_packed.default, (x, *p, _pack(p)))
+
+
+@native_only
+@pytest.mark.parametrize("packed", [False, True], ids=["params", "packed"])
+def test_nan_input_rows_score_nan_like_the_reference(packed):
+    # The fused ReLU must propagate NaN as torch.relu does (it used to turn a NaN into 0, so a row of
+    # NaN features got a finite, wrong score); other rows stay exact.
+    if packed and not hasattr(torch.ops.mtkernels, "multi_task_score_packed"):
+        pytest.skip("native multi_task_score_packed kernel not built")
+    gen = torch.Generator().manual_seed(11)
+    params = random_params(gen, 13, 4, 3, [33, 19], [7, 1])
+    x = torch.randn(20, 13, generator=gen)
+    x[3, 5] = float("nan")
+    x[17] = float("nan")
+    with torch.no_grad():
+        expected = reference.multi_task_score(x, params)
+        got = (torch.ops.mtkernels.multi_task_score_packed.default(x, *params, _pack(params)) if packed
+               else multi_task_score(x, params))
+    assert torch.isnan(expected[[3, 17]]).all()
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    finite = ~torch.isnan(expected).any(1)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-5)

@@ -81,9 +81,9 @@ inline void tile_kernel(int64_t k, const float* a, int64_t lda, const float* pan
   const vec8 zero = vec8{};
   for (int r = 0; r < ROWS; ++r) {
     vec8 v0 = acc[r][0] + bias0, v1 = acc[r][1] + bias1;
-    if (relu) {
-      v0 = v0 > zero ? v0 : zero;
-      v1 = v1 > zero ? v1 : zero;
+    if (relu) {  // "not <= 0" keeps NaN, as torch.relu does
+      v0 = v0 <= zero ? zero : v0;
+      v1 = v1 <= zero ? zero : v1;
     }
     store8(c + r * ldc, v0);
     store8(c + r * ldc + 8, v1);
