@@ -1,7 +1,8 @@
 """Transfer learning and cold start experiments (issue 7), mean ± std over seeds, as Markdown.
 
     python -m benchmarks.transfer_experiments [--seeds 3] [--quick] [--threads 1]
-        [--experiments task cold recipe census] [--census-arms TEXT] [--out benchmarks/results/transfer-cpu.md]
+        [--experiments task cold recipe census] [--label-unit users|rows] [--census-arms TEXT]
+        [--out benchmarks/results/transfer-cpu.md]
 
 1. ``task`` — ml100k-mtl-v1: pretrain an MMoE on the click task (with id dropout), then train like +
    rating with the like/rating labels of only 10% of the training users (a seeded draw per seed;
@@ -15,7 +16,10 @@
    fine-tuning at lr x 1 with patience 5, the same without L2-SP, and from scratch with patience 5.
    Every arm stops early on val like AUC. test_warm like AUC and rating RMSE; plus the cost of training with
    frozen vs fine-tuned shared parts (seconds per epoch on the 100% like/rating rows, trained
-   values, gradient + optimizer-state bytes).
+   values, gradient + optimizer-state bytes). ``--label-unit rows`` reads issue 7's "10% of the
+   training users' like/rating labels" as 10% of the labels instead: a uniform draw of 10% of the
+   labelled training rows (`keep_label_fraction(..., unit="rows")`), so every user keeps about 10%
+   of their own labels; everything else is the same.
 2. ``cold`` — test_cold (94 users never seen in training): click models (the source of (1) and the
    same pretraining with id dropout 0 and 1) rank
    the whole catalogue for each cold user from side features (unknown user id row trained by id
@@ -210,6 +214,11 @@ def _train_arm(arm: Arm, source, seed: int, quick: bool, budget_data, monitor_ta
     return model, result
 
 
+LABEL_UNITS = ("users", "rows")
+_BUDGET_WORDS = {"users": "like/rating labels of 10% of the training users",
+                 "rows": "10% of the training like/rating labels, a uniform draw of rows"}
+
+
 def _like_auc_by_budget(model, data, kept: torch.Tensor) -> Dict[str, float]:
     """test_warm like AUC on the rows of the budget users (``kept`` user rows) and of the others."""
     split = data.splits["test_warm"]
@@ -220,8 +229,11 @@ def _like_auc_by_budget(model, data, kept: torch.Tensor) -> Dict[str, float]:
             for name, mask in (("budget_auc", in_budget), ("other_auc", ~in_budget))}
 
 
-def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str], None]) -> List[str]:
-    """(1): click -> like + rating with 10% of the training users' like/rating labels."""
+def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str], None],
+                              unit: str = "users") -> List[str]:
+    """(1): click -> like + rating with 10% of the training users' like/rating labels: all labels of
+    10% of the users (``unit="users"``) or 10% of the labelled rows, every user keeping ~10% of
+    theirs (``unit="rows"``; then no budget/other users columns: nearly every user is in the budget)."""
     data = load_ml100k_mtl_v1()
     full = drop_unlabelled_rows(select_tasks(data, ["like", "rating"]))
     task_rows: Dict[str, Dict[str, List[float]]] = {}
@@ -231,7 +243,7 @@ def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str]
         # The 10% world: click labels on every row, like/rating labels of 10% of the training users,
         # and the dense rating statistics recomputed from those users' labels only (the source is
         # pretrained in this world too, so no input summarises a withheld label).
-        aux, kept = keep_label_fraction(data, ["like", "rating"], 0.10, seed=seed)
+        aux, kept = keep_label_fraction(data, ["like", "rating"], 0.10, seed=seed, unit=unit)
         aux = refit_dense_features(aux)
         click = select_tasks(aux, ["click"])
         source = _model(click, seed)
@@ -243,7 +255,8 @@ def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str]
             for split, prefix in (("test_warm", ""), ("val", "val_")):
                 m = evaluation.evaluate(model, arm.data, split, topk=False)
                 values[prefix + "like_auc"], values[prefix + "rating_rmse"] = m["like"]["auc"], m["rating"]["rmse"]
-            values.update(_like_auc_by_budget(model, arm.data, kept))
+            if unit == "users":
+                values.update(_like_auc_by_budget(model, arm.data, kept))
             values["rows"] = arm.data.splits["train"].num_rows
             values["epochs"] = len(result.history)
             _append(task_rows, name, values)
@@ -263,13 +276,14 @@ def task_transfer_experiments(seeds: List[int], quick: bool, log: Callable[[str]
                                       "state_kib": (summary["optimizer_state_bytes"] + 4 * summary["trained_dense_values"]) / 1024})
 
     n = len(seeds)
+    header = ["model", "val like AUC", "like AUC", "like AUC, budget users", "like AUC, other users",
+              "val rating RMSE", "rating RMSE", "training rows", "epochs"]
+    columns = ["val_like_auc", "like_auc", "budget_auc", "other_auc", "val_rating_rmse", "rating_rmse", "rows", "epochs"]
+    if unit == "rows":
+        header, columns = header[:3] + header[5:], columns[:2] + columns[4:]
     return [
-        _table(f"Task transfer, ml100k-mtl-v1 test_warm (like/rating labels of 10% of the training users; "
-               f"early stopping on val like AUC; mean ± std over {n} seeds)",
-               ["model", "val like AUC", "like AUC", "like AUC, budget users", "like AUC, other users",
-                "val rating RMSE", "rating RMSE", "training rows", "epochs"],
-               task_rows, ["val_like_auc", "like_auc", "budget_auc", "other_auc", "val_rating_rmse", "rating_rmse",
-                           "rows", "epochs"]),
+        _table(f"Task transfer, ml100k-mtl-v1 test_warm ({_BUDGET_WORDS[unit]}; "
+               f"early stopping on val like AUC; mean ± std over {n} seeds)", header, task_rows, columns),
         _table(f"Cost of the target's training with the source's shared parts frozen vs fine-tuned (all "
                f"like/rating rows, {torch.get_num_threads()} thread(s), {n} seeds)",
                ["target training", "s/epoch", "trained dense values", "frozen values", "grad + optimizer state KiB"],
@@ -482,6 +496,9 @@ def main(argv=None) -> int:
                         help="recipe: the prior's groups ('*' crosses; default RECOMMENDED: gender*age)")
     parser.add_argument("--prior-l2", default=None, metavar="L2[,L2...]",
                         help="recipe: the prior's L2, one value or one per group (default RECOMMENDED)")
+    parser.add_argument("--label-unit", default="users", choices=LABEL_UNITS,
+                        help="task: 10%% of the training users' like/rating labels (users, default) or 10%% of "
+                             "the labelled training rows, every user keeping ~10%% of theirs (rows)")
     parser.add_argument("--census-arms", default="", metavar="TEXT",
                         help="census: only the arms whose name contains TEXT (e.g. 'frozen'; default all)")
     parser.add_argument("--out", default=None, help="also write the tables here (Markdown)")
@@ -492,7 +509,7 @@ def main(argv=None) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     tables: List[str] = []
     if "task" in args.experiments:
-        tables += task_transfer_experiments(seeds, args.quick, log)
+        tables += task_transfer_experiments(seeds, args.quick, log, args.label_unit)
     if "cold" in args.experiments:
         tables += cold_start_experiments(seeds, args.quick, log)
     if "recipe" in args.experiments:
@@ -507,6 +524,7 @@ def main(argv=None) -> int:
     header = (f"Transfer learning and cold start (issue 7): `python -m benchmarks.transfer_experiments "
               f"--seeds {args.seeds}{' --quick' if args.quick else ''} --threads {args.threads} "
               f"--experiments {' '.join(args.experiments)}"
+              f"{f' --label-unit {args.label_unit}' if args.label_unit != 'users' else ''}"
               f"{f' --census-arms {args.census_arms!r}' if args.census_arms else ''}`; "
               f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
               f"{time.perf_counter() - started:.0f} s; machine load at the end: `{load}`")

@@ -410,42 +410,63 @@ def _with_labels(data, relabel, tasks):
     return out
 
 
-def keep_label_fraction(data, tasks: Sequence[str], fraction: float, seed: int = 0, split: str = "train"):
-    """A shallow copy of ``data`` where only a seeded ``fraction`` of the ``split`` rows keep their
-    ``tasks`` labels (the others become NaN, which the masked loss drops).
+def keep_label_fraction(data, tasks: Sequence[str], fraction: float, seed: int = 0, split: str = "train",
+                        unit: Optional[str] = None):
+    """A shallow copy of ``data`` where only a seeded ``fraction`` of the ``split`` labels of
+    ``tasks`` is kept (the other rows' ``tasks`` labels become NaN, which the masked loss drops).
 
-    With users (MovieLens), whole users are kept: ``round(fraction * U)`` of the split's U users,
-    drawn by ``numpy.random.default_rng(seed)``; without users (Census-Income), rows are drawn.
+    ``unit`` says what ``fraction`` counts:
+
+    - ``"users"``: whole users are kept, ``round(fraction * U)`` of the split's U users with all their
+      labels (the others keep none), the per-user reading of a label budget;
+    - ``"rows"``: ``round(fraction * n)`` of the split's n rows that carry a label for at least one of
+      ``tasks`` (on ml100k-mtl-v1 the positive rows; the sampled negatives have NaN like/rating
+      already), a uniform draw, so every user keeps about ``fraction`` of their labels;
+    - ``None`` (default): ``"users"`` where the split has users (MovieLens), ``"rows"`` where it has
+      none (Census-Income, every row of user row 0).
+
+    Draws use ``numpy.random.default_rng(seed)`` (``Generator.choice`` without replacement, sorted).
     Other tasks and other splits are untouched. Features are untouched too: on ml100k-mtl-v1 the
     dense rating statistics summarise every training label, so a label-budget experiment follows
     this with `mtkernels.data.refit_dense_features` (statistics from the kept labels only).
 
     Returns:
-        ``(data, kept)``: the copy and the kept user rows (or split rows), int64 sorted.
+        ``(data, kept)``: the copy and, int64 sorted, the kept user rows (``"users"``) or the kept
+        row indices of ``split`` (``"rows"``).
 
     Raises:
-        ValueError: fraction outside (0, 1], unknown tasks or split.
+        ValueError: fraction outside (0, 1], unknown tasks or split, ``unit`` not one of None,
+            ``"users"``, ``"rows"``, ``"users"`` on a split without users, or no labelled row.
     """
     if not 0.0 < float(fraction) <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     names = [t.name for t in data.tasks]
-    if any(t not in names for t in tasks):
+    if not tasks or any(t not in names for t in tasks):
         raise ValueError(f"tasks must be names of {names}, got {list(tasks)}")
     if split not in data.splits:
         raise ValueError(f"no split {split!r}; splits: {list(data.splits)}")
+    if unit not in (None, "users", "rows"):
+        raise ValueError(f"unit must be None, 'users' or 'rows', got {unit!r}")
     rows = data.splits[split]
-    rng = np.random.default_rng(seed)
+    columns = [names.index(t) for t in tasks]
     users = torch.unique(rows.user_row)
-    if users.numel() > 1:
+    if unit is None:
+        unit = "users" if users.numel() > 1 else "rows"
+    rng = np.random.default_rng(seed)
+    if unit == "users":
+        if users.numel() < 2:
+            raise ValueError(f"unit='users': split {split!r} has no users (one user row); use unit='rows'")
         count = max(1, int(round(fraction * users.numel())))
         kept = torch.from_numpy(np.sort(rng.choice(users.numpy(), size=count, replace=False)))
         keep = torch.isin(rows.user_row, kept)
     else:
-        count = max(1, int(round(fraction * rows.num_rows)))
-        kept = torch.from_numpy(np.sort(rng.choice(rows.num_rows, size=count, replace=False)))
+        labelled = (~torch.isnan(rows.labels[:, columns])).any(dim=1).nonzero().squeeze(1)
+        if labelled.numel() == 0:
+            raise ValueError(f"no row of split {split!r} carries a label for {list(tasks)}")
+        count = max(1, int(round(fraction * labelled.numel())))
+        kept = torch.from_numpy(np.sort(rng.choice(labelled.numpy(), size=count, replace=False)))
         keep = torch.zeros(rows.num_rows, dtype=torch.bool)
         keep[kept] = True
-    columns = [names.index(t) for t in tasks]
 
     def relabel(name, labels):
         if name != split:

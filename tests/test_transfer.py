@@ -1,10 +1,13 @@
 """`mtkernels.transfer`: copying shared parts into new models, freezing (no gradient, no optimizer
 state), row matching by external id, id dropout for cold start, and the CLI's --init-from/--freeze."""
 
+import copy
+import dataclasses
 import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +72,81 @@ def test_select_tasks_and_label_fraction():
         select_tasks(data, ["clicks"])
     with pytest.raises(ValueError, match="fraction"):
         keep_label_fraction(data, ["like"], 0.0)
+
+
+def test_keep_label_fraction_by_rows_keeps_a_uniform_share_of_the_labelled_rows():
+    data = make_data()
+    train = data.splits["train"].labels
+    labelled = (~torch.isnan(train[:, 1:])).any(1).nonzero().squeeze(1)  # the positive rows
+    assert labelled.numel() == 24 * 4
+    part, kept = keep_label_fraction(data, ["like", "rating"], 0.25, seed=3, unit="rows")
+    labels = part.splits["train"].labels
+    assert kept.numel() == 24 and kept.dtype == torch.int64
+    assert torch.equal(kept, torch.sort(kept).values) and torch.isin(kept, labelled).all()
+    assert torch.equal(labels[kept, 1:], train[kept, 1:])  # kept rows: like/rating unchanged
+    withheld = torch.ones(train.shape[0], dtype=torch.bool)
+    withheld[kept] = False
+    assert torch.isnan(labels[withheld, 1:]).all()
+    assert int((~torch.isnan(labels[:, 1])).sum()) == 24
+    assert torch.equal(labels[:, 0], train[:, 0])  # click untouched
+    for name in ("val", "test_warm", "test_cold"):
+        assert torch.equal(part.splits[name].labels.nan_to_num(-1), data.splits[name].labels.nan_to_num(-1))
+    assert torch.equal(part._split_rows["train"].labels.nan_to_num(-1), labels.nan_to_num(-1))
+    assert torch.equal(train.nan_to_num(-1), data.splits["train"].labels.nan_to_num(-1))  # input untouched
+    # the seeded draw: numpy's Generator.choice over the labelled rows
+    expected = np.sort(np.random.default_rng(3).choice(labelled.numpy(), size=24, replace=False))
+    assert kept.tolist() == expected.tolist()
+    assert torch.equal(keep_label_fraction(data, ["like", "rating"], 0.25, seed=3, unit="rows")[1], kept)
+    assert not torch.equal(keep_label_fraction(data, ["like", "rating"], 0.25, seed=4, unit="rows")[1], kept)
+    # rows spread over users; the user unit (the default with users) keeps whole users
+    assert torch.unique(data.splits["train"].user_row[kept]).numel() > 6
+    by_users, users = keep_label_fraction(data, ["like", "rating"], 0.25, seed=3)
+    assert users.numel() == 6
+    assert torch.equal(users, keep_label_fraction(data, ["like", "rating"], 0.25, seed=3, unit="users")[1])
+    with pytest.raises(ValueError, match="unit must be"):
+        keep_label_fraction(data, ["like"], 0.5, unit="labels")
+    # a split without users (Census-Income: every row of user row 0) is drawn by rows
+    no_users = copy.copy(data)
+    no_users.splits = {name: dataclasses.replace(split, user_row=torch.zeros_like(split.user_row))
+                       for name, split in data.splits.items()}
+    assert torch.equal(keep_label_fraction(no_users, ["like"], 0.25, seed=3)[1],
+                       keep_label_fraction(no_users, ["like"], 0.25, seed=3, unit="rows")[1])
+    with pytest.raises(ValueError, match="unit='users'"):
+        keep_label_fraction(no_users, ["like"], 0.25, unit="users")
+    empty = select_tasks(data, ["like"])
+    empty.splits = {**empty.splits, "train": dataclasses.replace(
+        empty.splits["train"], labels=torch.full_like(empty.splits["train"].labels, float("nan")))}
+    with pytest.raises(ValueError, match="carries a label"):
+        keep_label_fraction(empty, ["like"], 0.25, unit="rows")
+
+
+def test_keep_label_fraction_by_rows_on_ml100k_leaves_every_user_about_that_share():
+    """ml100k-mtl-v1, 10% of the like/rating labels by rows (seed 0): 7,150 of the 71,505 positive
+    training rows, each warm user keeping about 10% of their own (a binomial draw per user)."""
+    from mtkernels.data import load_ml100k_mtl_v1
+
+    try:
+        data = load_ml100k_mtl_v1()
+    except FileNotFoundError as error:
+        pytest.skip(f"ml-100k files not fetched: {error}")
+    train = data.splits["train"]
+    labelled = ~torch.isnan(train.labels[:, 1])
+    assert int(labelled.sum()) == 71505
+    part, kept = keep_label_fraction(data, ["like", "rating"], 0.10, seed=0, unit="rows")
+    labels = part.splits["train"].labels
+    assert kept.numel() == 7150 and int((~torch.isnan(labels[:, 1])).sum()) == 7150
+    assert torch.equal(labels[kept], train.labels[kept])
+    rows = data._users.dense.shape[0]
+    total = torch.bincount(train.user_row[labelled], minlength=rows).double()
+    held = torch.bincount(train.user_row[kept], minlength=rows).double()
+    warm = total > 0
+    share = held[warm] / total[warm]
+    assert int(warm.sum()) == 849 and int((held[warm] > 0).sum()) >= 800  # users unit: 85 users
+    assert abs(float(share.mean()) - 0.10) < 0.005
+    z = (held[warm] - 0.10 * total[warm]) / torch.sqrt(0.09 * total[warm])
+    assert float(z.abs().max()) < 4.0  # no user far from its binomial share
+    heavy = total[warm] >= 100
+    assert 0.02 < float(share[heavy].min()) and float(share[heavy].max()) < 0.2
 
 
 @pytest.mark.parametrize("backbone", ["mmoe", "ple"])
@@ -480,8 +558,6 @@ def test_cli_init_from_and_freeze(tmp_path, monkeypatch, capsys):
 def test_refit_dense_features_sees_only_the_budget_labels():
     """A label budget's dense statistics: changing a withheld rating changes no feature, changing a
     kept one does; with every label kept the tables are `build_ml100k_mtl_v1`'s."""
-    import numpy as np
-
     from mtkernels.data import protocol, refit_dense_features
     from mtkernels.data.movielens import MovieLens, build_ml100k_mtl_v1
 
@@ -527,3 +603,64 @@ def test_refit_dense_features_sees_only_the_budget_labels():
         refit_dense_features(select_tasks(data, ["like", "rating"]))
     with pytest.raises(ValueError, match="dense columns"):
         refit_dense_features(build_ml100k_mtl_v1(movielens, splits, dense_features=False))
+
+
+def test_refit_dense_features_with_a_row_budget_sees_only_the_kept_labels():
+    """A row-level budget (every user keeps some labels): changing a withheld rating changes no
+    feature, changing a kept one does; users' mean ratings come from their kept rows only."""
+    from mtkernels.data import protocol, refit_dense_features
+    from mtkernels.data.movielens import MovieLens, build_ml100k_mtl_v1
+
+    try:
+        from tests.data_fixtures import synthetic_movielens
+    except ImportError:  # tests/ on sys.path instead of the repo root
+        from data_fixtures import synthetic_movielens
+    ratings, users, items = synthetic_movielens(num_users=40, num_items=50, seed=2)
+    movielens = MovieLens(ratings, users, items, "synthetic", None)
+    splits = protocol.build_splits(ratings, np.arange(1, 51))
+    data = build_ml100k_mtl_v1(movielens, splits)
+    train = data.splits["train"]
+
+    def budget(frame_splits):
+        part, kept = keep_label_fraction(build_ml100k_mtl_v1(movielens, frame_splits), ["like", "rating"], 0.25,
+                                         seed=1, unit="rows")
+        return refit_dense_features(part), kept
+
+    reference, kept = budget(splits)
+    labelled = (~torch.isnan(train.labels[:, 2])).nonzero().squeeze(1)
+    withheld_rows = labelled[~torch.isin(labelled, kept)]
+    assert torch.unique(train.user_row[kept]).numel() > 30  # most users keep some labels
+
+    def changed(split_row):
+        """Dense features of the budget after flipping the rating of training row ``split_row``."""
+        user = int(data.user_ids[train.user_row[split_row]])
+        item = int(data.item_ids[train.item[split_row] - 1])
+        altered = {k: v.copy() for k, v in splits.items()}
+        frame = altered["train"]
+        row = frame.index[(frame["user_id"] == user) & (frame["item_id"] == item) & (frame["click"] == 1)]
+        assert len(row) == 1
+        rating = 1.0 if frame.loc[row[0], "rating"] >= protocol.LIKE_THRESHOLD else 5.0
+        frame.loc[row[0], ["rating", "like"]] = [rating, float(rating >= protocol.LIKE_THRESHOLD)]
+        out, kept_again = budget(altered)
+        assert torch.equal(kept_again, kept)  # the same rows are drawn
+        return out
+
+    for split_row in withheld_rows[:3].tolist():
+        out = changed(split_row)
+        for name in data.splits:
+            assert torch.equal(out.splits[name].dense, reference.splits[name].dense)
+    out = changed(int(kept[0]))
+    assert not torch.equal(out.splits["train"].dense, reference.splits["train"].dense)
+    # a user's mean rating summarises its kept rows only: users whose kept ratings have the same
+    # mean get the same (smoothed, standardised) value when they keep as many
+    column = data.dense_names.index("user_mean_rating")
+    kept_ratings = {}
+    for r in kept.tolist():
+        kept_ratings.setdefault(int(train.user_row[r]), []).append(float(train.labels[r, 2]))
+    by_key = {}
+    dense = reference.splits["train"].dense
+    for user, values in kept_ratings.items():
+        first = int((train.user_row == user).nonzero()[0])
+        by_key.setdefault((len(values), sum(values)), set()).add(round(float(dense[first, column]), 5))
+    assert all(len(v) == 1 for v in by_key.values())
+    assert len(by_key) > 5

@@ -246,10 +246,12 @@ def refit_dense_features(data: MultiTaskData, split: str = "train") -> MultiTask
     """A copy of an ml100k-mtl-v1 `MultiTaskData` whose dense statistics (``USER_DENSE``,
     ``ITEM_DENSE``) are recomputed from the labels ``data`` holds in ``split``.
 
-    For label-budget experiments (`mtkernels.transfer.keep_label_fraction`): activity, popularity
-    and history popularity come from the click labels (every positive), the mean ratings and like
-    rates only from positives whose ``rating`` label is present (not NaN), so users and items whose
-    rating labels are withheld get the budget's prior, and no feature summarises a withheld label.
+    For label-budget experiments (`mtkernels.transfer.keep_label_fraction`, by users or by rows):
+    activity, popularity and history popularity come from the click labels (every positive), the
+    mean ratings and like rates only from positives whose ``rating`` label is present (not NaN), so
+    no feature summarises a withheld label: users and items whose rating labels are all withheld get
+    the budget's prior, and with a row budget each user's and item's statistics summarise its kept
+    rows only (smoothed towards that prior, as few kept rows say little).
     With every label present the result equals `build_ml100k_mtl_v1`'s tables. Other dense columns
     (if any) and everything else are shared with ``data``; every split is re-assembled.
 
