@@ -51,7 +51,7 @@ PSEUDO_COLD_SPLIT = "pseudo_cold"
 # 0.5096; the gender x age prior blended 0.9 with the click model 0.4999, the click model alone
 # 0.4507. `mtkernels cold-start` defaults.
 RECOMMENDED = {"features": (("gender", "age"),), "l2": 1e-4, "epochs": 10, "weight": 1.0,
-               "half_life_days": 10.0, "mix": 0.1, "recent_share": 0.5}
+               "half_life_days": 10.0, "mix": 0.1, "recent_share": 0.5, "session_days": None}
 
 
 # --- selection data ---------------------------------------------------------------------------
