@@ -6,7 +6,8 @@ Per fold f of `pseudo_cold_ml100k(folds=K, fold=f)` (a fifth of the warm users h
 training, ranked over the whole catalogue against their whole training history, request time =
 their first training timestamp; their rows are not in the fold's training rows the priors count):
 the gender x age `ItemPrior` (`RECOMMENDED`'s groups, L2 and epochs, seed f), the time-aware
-`RecentPopularityPrior` (`RECOMMENDED`'s half-life and mix) and first-session priors over a small
+`RecentPopularityPrior` (half-life 10 days, mix 0.1: the recipe the first-session prior was
+screened against, `TIME_AWARE`) and first-session priors over a small
 grid (session length D, half-life, mix) are fitted on the fold's train split; each cold user's
 score is ``a * log P(item | side) + b * log P(item | t0) + c * log P_first(item | t0)`` (shares
 a + b + c = 1, the priors alone: `ColdStartModel` weight 1, the recipe's weight). No test split is
@@ -37,6 +38,8 @@ HALF_LIVES = (7.0, 14.0, 30.0)
 MIXES = (0.1, 0.3)
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 TOP = 20
+# the recipe before the first-session prior: 0.5 gender x age prior + 0.5 this time-aware prior (half-life, mix)
+TIME_AWARE = (10.0, 0.1)
 
 
 def _per_user(log_prior: torch.Tensor, relevant: torch.Tensor):
@@ -57,7 +60,7 @@ def _name(a: float, b: float, c: float, first) -> str:
     if a:
         parts.append(f"{a:g} gender x age")
     if b:
-        parts.append(f"{b:g} time-aware ({RECOMMENDED['half_life_days']:g} d)")
+        parts.append(f"{b:g} time-aware ({TIME_AWARE[0]:g} d)")
     if c:
         d, h, m = first
         parts.append(f"{c:g} first-session (D {d:g} d, half-life {h:g} d, mix {m:g})")
@@ -78,7 +81,7 @@ def screen(folds: int, log) -> str:
         at = request_times(data, PSEUDO_COLD_SPLIT)[ev.users]
         with torch.no_grad():
             side = prior(data.user_feature_rows(users=ev.users).sparse) + log_n
-        recent = recent_popularity_prior_for(data, RECOMMENDED["half_life_days"], RECOMMENDED["mix"])(at) + log_n
+        recent = recent_popularity_prior_for(data, *TIME_AWARE)(at) + log_n
         assert ev.exclude_indices.numel() == 0  # pseudo-cold ranks the whole catalogue
         relevant = torch.zeros(len(ev), data.num_items, dtype=torch.bool)
         counts = ev.relevant_offsets[1:] - ev.relevant_offsets[:-1]

@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="half-life of the time-aware prior's decayed counts, days > 0 (default: %(default)s)")
     p.add_argument("--mix", type=float, default=RECOMMENDED["mix"],
                    help="share of all-time counts in the time-aware prior, (0, 1] (default: %(default)s)")
-    p.add_argument("--session-days", type=float, default=RECOMMENDED["session_days"] or 0.0, metavar="DAYS",
+    p.add_argument("--session-days", type=float, default=RECOMMENDED["session_days"], metavar="DAYS",
                    help="time-aware prior over each training user's first DAYS days only (FirstSessionPrior); 0: "
                         "over every training positive (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)

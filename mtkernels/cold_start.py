@@ -45,13 +45,16 @@ PSEUDO_COLD_SPLIT = "pseudo_cold"
 
 # The recipe chosen on pseudo-cold users (README, "Transfer learning and cold start"): the prior's
 # groups, L2 and passes (screened on pseudo-cold draws and folds); the time-aware prior's mix
-# (screened on the 5 folds, prior terms alone); its half-life (7, 10, 14 days), its share of the
-# prior term and the blend weight with the MMoE click model, the best mean NDCG@10 over 5 disjoint
-# pseudo-cold folds (all 849 warm users): half-life 10, share 0.5, weight 1 (the priors alone)
-# 0.5096; the gender x age prior blended 0.9 with the click model 0.4999, the click model alone
-# 0.4507. `mtkernels cold-start` defaults.
+# (screened on the 5 folds, prior terms alone); its first-session length D (0.1, 1, 7 days,
+# screened on the 5 folds); which counts it uses (every training positive, or first sessions of
+# 1 day), its half-life (7, 10, 14 days), its share of the prior term and the blend weight with
+# the MMoE click model, the best mean NDCG@10 over 5 disjoint pseudo-cold folds (all 849 warm
+# users): first sessions, half-life 14, share 0.5, weight 1 (the priors alone) 0.5109; every
+# training positive (half-life 10) 0.5096, a tie (+0.0012 ± 0.0012 per user, paired); the gender
+# x age prior blended 0.9 with the click model 0.4989, the click model alone 0.4507.
+# `mtkernels cold-start` defaults.
 RECOMMENDED = {"features": (("gender", "age"),), "l2": 1e-4, "epochs": 10, "weight": 1.0,
-               "half_life_days": 10.0, "mix": 0.1, "recent_share": 0.5, "session_days": None}
+               "half_life_days": 14.0, "mix": 0.1, "recent_share": 0.5, "session_days": 1.0}
 
 
 # --- selection data ---------------------------------------------------------------------------
