@@ -457,7 +457,9 @@ class FirstSessionPrior(RecentPopularityPrior):
     ``session_days`` of its session's start. It is the time-aware popularity of Ji et al. (SIGIR
     2020, arXiv:2005.13829) restricted to the population a cold-start model serves, new users,
     as DropoutNet (Volkovs et al., NeurIPS 2017) trains on users made to look new; here the
-    training users are taken *when* they were new.
+    training users are taken *when* they were new. ``latest`` (serving's default request time) is
+    the latest first-session rating; the prior is the same at any later time, so serving's default
+    ranks as at the latest training timestamp.
 
     Args:
         num_items, half_life_days, mix: as `RecentPopularityPrior`.

@@ -474,6 +474,8 @@ def test_first_session_prior_counts_each_users_first_session():
     same = RecentPopularityPrior(4, 2.0, 0.5).fit(torch.tensor([0, 1, 2, 3]), prior.timestamps)
     times = torch.tensor([0.0, 0.75, 2.0, 9.0]) * DAY + 1_000_000
     torch.testing.assert_close(prior(times), same(times))
+    # serving's default request time: the latest first-session rating (day 2), the same prior as any later time
+    assert prior.latest == 1_000_000 + 2 * DAY and torch.equal(prior(prior.latest), prior(1_000_000 + 3 * DAY))
     assert FirstSessionPrior(4, 2.0, 0.5, session_days=1.6).fit(users, items, stamps).items.tolist() == [0, 1, 2, 3, 1]
     assert FirstSessionPrior(4, 2.0, 0.5, session_days=0.25).fit(users, items, stamps).items.tolist() == [0, 2]
     # deterministic and independent of the row order; the config and state_dict rebuild it
