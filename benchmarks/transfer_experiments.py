@@ -30,8 +30,9 @@
 2b. ``recipe`` — the cold-start recipe (`mtkernels.cold_start`): for unknown users, the MMoE click
    score (id dropout 0.5) blended with a learned item prior ``log P(item | gender x age)`` (a
    softmax over the catalogue trained on the training positives) and the time-aware popularity
-   prior ``log P(item | request time)`` (`RecentPopularityPrior`), `ColdStartModel`. The
-   half-life, the time-aware prior's share and the blend weight are chosen on pseudo-cold users
+   prior ``log P(item | request time)`` (`RecentPopularityPrior`, or `FirstSessionPrior`: counted
+   over the training users' first sessions only), `ColdStartModel`. The time-aware prior (which
+   counts, half-life), its share and the blend weight are chosen on pseudo-cold users
    (`pseudo_cold_ml100k(folds=5, fold=f)`: each fifth of the warm users in turn held out of
    training and ranked against their whole training history from their first training timestamp,
    test_cold's shape from train rows only); test_cold is only scored.
@@ -61,8 +62,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from mtkernels import evaluation, metrics, ops
-from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, RECOMMENDED, ColdStartModel, fit_item_prior, item_prior_for,
-                                  pseudo_cold_ml100k, recent_popularity_prior_for, request_times)
+from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, RECOMMENDED, ColdStartModel, first_session_prior_for, fit_item_prior,
+                                  item_prior_for, pseudo_cold_ml100k, recent_popularity_prior_for, request_times)
 from mtkernels.data import load_census_income, load_ml100k_mtl_v1, refit_dense_features
 from mtkernels.data.movielens import read_movielens_100k
 from mtkernels.training import TrainConfig, fit, presets
@@ -335,8 +336,20 @@ PRIOR_L2 = RECOMMENDED["l2"]
 PRIOR_EPOCHS = RECOMMENDED["epochs"]
 COLD_WEIGHTS = (0.0, 0.5, 0.75, 0.85, 0.9, 0.95, 1.0)
 HALF_LIVES = (7.0, 10.0, 14.0)
+# The first-session form of the time-aware prior (`FirstSessionPrior`): each training user's
+# positives within D days of their first; D was screened on the same pseudo-cold folds
+# (`benchmarks.first_session_screen`: D 0.1 / 1 / 7 days).
+SESSION_DAYS = (1.0,)
 RECENT_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 COLD_FOLDS = 5
+# the time-aware priors of the grid: (half-life, session length D or None for every training positive)
+TIME_PRIORS = tuple((h, None) for h in HALF_LIVES) + tuple((h, d) for d in SESSION_DAYS for h in HALF_LIVES)
+
+
+def _time_priors(data):
+    """Each of ``TIME_PRIORS`` fitted on ``data``'s train split (mix ``RECOMMENDED["mix"]``)."""
+    return {(h, d): (recent_popularity_prior_for(data, h, RECOMMENDED["mix"]) if d is None else
+                     first_session_prior_for(data, h, RECOMMENDED["mix"], d)) for h, d in TIME_PRIORS}
 
 
 def _cold_parts(model, prior, recent_priors, data, split):
@@ -365,8 +378,12 @@ def _blend_metrics(ev, click, item_prior, recent, weight, share):
             "recall": float(metrics.recall_at_k(indices, ev.relevant, 10))}
 
 
-def _recipe_name(weight: float, share: float, half_life: Optional[float]) -> str:
-    recent = "" if half_life is None else f"time-aware prior (half-life {half_life:g} d)"
+def _recipe_name(weight: float, share: float, time_prior: Optional[Tuple[float, Optional[float]]]) -> str:
+    recent = ""
+    if time_prior is not None:
+        half_life, days = time_prior
+        recent = (f"time-aware prior (half-life {half_life:g} d)" if days is None else
+                  f"first-session prior (D {days:g} d, half-life {half_life:g} d)")
     if weight == 0.0:
         return "MMoE click alone (weight 0)"
     if share == 0.0:
@@ -384,15 +401,16 @@ def cold_start_recipe_experiment(seeds: List[int], quick: bool, log: Callable[[s
     fold=f)`: a fifth of the warm users held out of training, scored against their whole training
     history; their request time = their first training timestamp, their own ratings are not in
     the training rows the priors count) train the MMoE click model (id dropout ``ID_DROPOUT``,
-    seed f), the item prior and the time-aware priors (``HALF_LIVES``) and score every (half-life,
-    recent share, blend weight); the one with the best mean pseudo-cold NDCG@10 is chosen. Test:
+    seed f), the item prior and the time-aware priors (``TIME_PRIORS``: ``HALF_LIVES`` over every
+    training positive and over the first sessions, ``SESSION_DAYS``) and score every (time-aware
+    prior, recent share, blend weight); the one with the best mean pseudo-cold NDCG@10 is chosen. Test:
     per seed, the same trained on the protocol's train split, scored on test_cold (request time =
     the cold user's first test_cold timestamp); the chosen recipe is also scored through
     `ColdStartModel` and `evaluation.topk_metrics`, the served path."""
     movielens = read_movielens_100k()
     data = select_tasks(load_ml100k_mtl_v1(), ["click"])
     grid = [(0.0, 0.0, None)] + [(w, 0.0, None) for w in COLD_WEIGHTS if w > 0]
-    grid += [(w, s, h) for h in HALF_LIVES for s in RECENT_SHARES if s > 0 for w in COLD_WEIGHTS if w > 0]
+    grid += [(w, s, t) for t in TIME_PRIORS for s in RECENT_SHARES if s > 0 for w in COLD_WEIGHTS if w > 0]
     results: Dict[tuple, Dict[str, List[float]]] = {g: {} for g in grid}
     runs = [("pseudo", f, select_tasks(pseudo_cold_ml100k(movielens=movielens, folds=folds, fold=f), ["click"]),
              PSEUDO_COLD_SPLIT) for f in range(1 if quick else folds)]
@@ -403,21 +421,21 @@ def cold_start_recipe_experiment(seeds: List[int], quick: bool, log: Callable[[s
         fit(model, train_data, _config(seed, quick, id_dropout=ID_DROPOUT))
         prior = fit_item_prior(item_prior_for(train_data, features), train_data, l2=l2,
                                epochs=2 if quick else PRIOR_EPOCHS, seed=seed)
-        recent_priors = {h: recent_popularity_prior_for(train_data, h, RECOMMENDED["mix"]) for h in HALF_LIVES}
+        recent_priors = _time_priors(train_data)
         ev, click, item_prior, recent = _cold_parts(model, prior, recent_priors, train_data, split)
-        for weight, share, half_life in grid:
-            ranked = _blend_metrics(ev, click, item_prior, None if half_life is None else recent[half_life], weight, share)
-            _append(results, (weight, share, half_life), {f"{role}_ndcg": ranked["ndcg"], f"{role}_recall": ranked["recall"]})
+        for weight, share, time_prior in grid:
+            ranked = _blend_metrics(ev, click, item_prior, None if time_prior is None else recent[time_prior], weight, share)
+            _append(results, (weight, share, time_prior), {f"{role}_ndcg": ranked["ndcg"], f"{role}_recall": ranked["recall"]})
         if role == "test":
             trained[seed] = (model, prior, recent_priors)
         best = max(grid, key=lambda g: results[g][f"{role}_ndcg"][-1])
         log(f"{'fold' if role == 'pseudo' else 'seed'} {seed} on {split}: best NDCG@10 {results[best][role + '_ndcg'][-1]:.4f} "
             f"at {_recipe_name(*best)}; gender x age prior blend 0.9: {results[(0.9, 0.0, None)][role + '_ndcg'][-1]:.4f}")
     chosen = max(grid, key=lambda g: statistics.mean(results[g]["pseudo_ndcg"]))
-    weight, share, half_life = chosen
+    weight, share, time_prior = chosen
     served: Dict[str, List[float]] = {}
     for seed, (model, prior, recent_priors) in trained.items():
-        cold = ColdStartModel(model, prior, weight, recent=None if half_life is None else recent_priors[half_life],
+        cold = ColdStartModel(model, prior, weight, recent=None if time_prior is None else recent_priors[time_prior],
                               recent_share=share)
         ranked = evaluation.topk_metrics(cold, data, "test_cold")
         served.setdefault("test_ndcg", []).append(ranked["ndcg@10"])
@@ -427,11 +445,11 @@ def cold_start_recipe_experiment(seeds: List[int], quick: bool, log: Callable[[s
             f"{results[chosen]['test_ndcg'][len(served['test_ndcg']) - 1]:.4f} / "
             f"{results[chosen]['test_recall'][len(served['test_ndcg']) - 1]:.4f})")
     # rows: the chosen recipe, the previous recipe (gender x age prior, every weight), and for each
-    # half-life its best share and weight and the time-aware prior alone
+    # time-aware prior its best share and weight and the prior alone
     shown = [g for g in grid if g[2] is None]
-    for h in HALF_LIVES:
-        best_h = max((g for g in grid if g[2] == h), key=lambda g: statistics.mean(results[g]["pseudo_ndcg"]))
-        shown += [best_h, (1.0, 1.0, h)]
+    for t in TIME_PRIORS:
+        best_t = max((g for g in grid if g[2] == t), key=lambda g: statistics.mean(results[g]["pseudo_ndcg"]))
+        shown += [best_t, (1.0, 1.0, t)]
     for s in RECENT_SHARES[1:]:
         best_s = max((g for g in grid if g[1] == s and g[2] == chosen[2]), key=lambda g: statistics.mean(results[g]["pseudo_ndcg"]))
         shown.append(best_s)
@@ -446,7 +464,8 @@ def cold_start_recipe_experiment(seeds: List[int], quick: bool, log: Callable[[s
     rows["issue 7 target"] = {"test_ndcg": [0.57], "test_recall": [0.080]}
     return [_table(f"Cold-start recipe: MMoE click (id dropout {ID_DROPOUT:g}) blended with the item prior "
                    f"{features} (L2 {l2}) and the time-aware popularity prior (mix {RECOMMENDED['mix']:g}) for unknown "
-                   f"users; half-life {HALF_LIVES}, recent share {RECENT_SHARES} and weight {COLD_WEIGHTS} chosen on "
+                   f"users; half-life {HALF_LIVES}, counts from every training positive or from first sessions of "
+                   f"{SESSION_DAYS} days, recent share {RECENT_SHARES} and weight {COLD_WEIGHTS} chosen on "
                    f"{folds} pseudo-cold folds (pseudo-cold: mean ± std over the folds; test_cold: over {len(seeds)} seeds)",
                    ["cold-user score", "pseudo-cold NDCG@10", "pseudo-cold Recall@10", "test_cold NDCG@10",
                     "test_cold Recall@10"], rows, ["pseudo_ndcg", "pseudo_recall", "test_ndcg", "test_recall"])]

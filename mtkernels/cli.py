@@ -237,8 +237,8 @@ def cmd_fuse(args) -> int:
 
 
 def cmd_cold_start(args) -> int:
-    from .cold_start import (ColdStartModel, cold_start_checkpoint, fit_item_prior, item_prior_for,
-                             recent_popularity_prior_for)
+    from .cold_start import (ColdStartModel, cold_start_checkpoint, first_session_prior_for, fit_item_prior,
+                             item_prior_for, recent_popularity_prior_for)
     from .evaluation import evaluate
     from .training import build_model, load_checkpoint, save_checkpoint
 
@@ -250,6 +250,8 @@ def cmd_cold_start(args) -> int:
         raise ValueError(f"--half-life must be a positive number of days, got {args.half_life}")
     if not 0.0 < args.mix <= 1.0:
         raise ValueError(f"--mix must be in (0, 1], got {args.mix}")
+    if not (math.isfinite(args.session_days) and args.session_days >= 0):
+        raise ValueError(f"--session-days must be a number of days >= 0 (0: every training positive), got {args.session_days}")
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint)
@@ -272,13 +274,15 @@ def cmd_cold_start(args) -> int:
         if "timestamp" not in (data.splits["train"].extra or {}):
             raise ValueError(f"--recent-share {args.recent_share:g}: {data.name} has no timestamp column for the "
                              "time-aware prior; pass --recent-share 0 to use the side-feature prior alone")
-        recent = recent_popularity_prior_for(data, args.half_life, args.mix)
+        recent = (first_session_prior_for(data, args.half_life, args.mix, args.session_days) if args.session_days > 0
+                  else recent_popularity_prior_for(data, args.half_life, args.mix))
     model = ColdStartModel(build_model(checkpoint, best=True), prior, args.weight, recent=recent,
                            recent_share=args.recent_share)
     save_checkpoint(args.out, dict(cold_start_checkpoint(model, data), data=spec,
                                    vocabularies=checkpoint.get("vocabularies", data.vocabularies)))
-    timed = (f", time-aware prior share {args.recent_share:g} (half-life {args.half_life:g} days, mix {args.mix:g})"
-             if recent is not None else "")
+    counted = f", first sessions of {args.session_days:g} days" if args.session_days > 0 else ""
+    timed = (f", time-aware prior share {args.recent_share:g} (half-life {args.half_life:g} days, mix {args.mix:g}"
+             f"{counted})" if recent is not None else "")
     print(f"cold-start model (item prior {args.features}, L2 {args.l2}{timed}, weight {args.weight:g}): "
           f"{os.path.abspath(args.out)}")
     for split in args.evaluate or []:
@@ -585,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="half-life of the time-aware prior's decayed counts, days > 0 (default: %(default)s)")
     p.add_argument("--mix", type=float, default=RECOMMENDED["mix"],
                    help="share of all-time counts in the time-aware prior, (0, 1] (default: %(default)s)")
+    p.add_argument("--session-days", type=float, default=RECOMMENDED["session_days"], metavar="DAYS",
+                   help="time-aware prior over each training user's first DAYS days only (FirstSessionPrior); 0: "
+                        "over every training positive (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--evaluate", action="append", metavar="SPLIT", help="evaluate on SPLIT afterwards (repeatable)")

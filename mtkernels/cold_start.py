@@ -15,6 +15,8 @@ zip) and by *when* they arrive. Three pieces serve such users (issue 7):
   the all-time counts up to t0. A new user's ratings are concentrated in time and item popularity
   moves, so the arrival time says what they will rate. A user's request time is the earliest
   timestamp of their rows in the split being ranked (`request_times`); serving takes it as ``at``.
+  `FirstSessionPrior` is the same over each training user's first session only (their positives
+  within D days of their first one): what users rate when they are new.
 - `ColdStartModel`: wraps a trained multi-task model; rows whose user id is the unknown id 0 get
   a ranking score that blends the model's click logit with the priors' log-probabilities
   (``weight`` 0: the model alone, 1: the priors alone; ``recent_share``: the time-aware prior's
@@ -43,13 +45,16 @@ PSEUDO_COLD_SPLIT = "pseudo_cold"
 
 # The recipe chosen on pseudo-cold users (README, "Transfer learning and cold start"): the prior's
 # groups, L2 and passes (screened on pseudo-cold draws and folds); the time-aware prior's mix
-# (screened on the 5 folds, prior terms alone); its half-life (7, 10, 14 days), its share of the
-# prior term and the blend weight with the MMoE click model, the best mean NDCG@10 over 5 disjoint
-# pseudo-cold folds (all 849 warm users): half-life 10, share 0.5, weight 1 (the priors alone)
-# 0.5096; the gender x age prior blended 0.9 with the click model 0.4999, the click model alone
-# 0.4507. `mtkernels cold-start` defaults.
+# (screened on the 5 folds, prior terms alone); its first-session length D (0.1, 1, 7 days,
+# screened on the 5 folds); which counts it uses (every training positive, or first sessions of
+# 1 day), its half-life (7, 10, 14 days), its share of the prior term and the blend weight with
+# the MMoE click model, the best mean NDCG@10 over 5 disjoint pseudo-cold folds (all 849 warm
+# users): first sessions, half-life 14, share 0.5, weight 1 (the priors alone) 0.5109; every
+# training positive (half-life 10) 0.5096, a tie (+0.0012 ± 0.0012 per user, paired); the gender
+# x age prior blended 0.9 with the click model 0.4989, the click model alone 0.4507.
+# `mtkernels cold-start` defaults.
 RECOMMENDED = {"features": (("gender", "age"),), "l2": 1e-4, "epochs": 10, "weight": 1.0,
-               "half_life_days": 10.0, "mix": 0.1, "recent_share": 0.5}
+               "half_life_days": 14.0, "mix": 0.1, "recent_share": 0.5, "session_days": 1.0}
 
 
 # --- selection data ---------------------------------------------------------------------------
@@ -432,6 +437,92 @@ def recent_popularity_prior_for(data, half_life_days: float, mix: float = 0.1, s
     return prior.fit(rows.item[positive] - 1, rows.extra["timestamp"][positive])
 
 
+class FirstSessionPrior(RecentPopularityPrior):
+    """``log P(item | t0)`` from the training users' *first sessions* only (sign-up popularity).
+
+    A cold user's relevant items are essentially their sign-up session (ml100k test_cold: median
+    span 0.06 days, 83% of the ratings within a day of the first), and what a user rates on
+    sign-up (MovieLens showed new users a list of films to rate) is not what long-time users
+    rate at the same moment. So this prior counts, of each training user's positives, only those
+    rated within ``session_days`` days of that user's first training positive (their first
+    session), and otherwise is exactly `RecentPopularityPrior` over those ratings:
+
+        ``F = {p: s_p <= first(u_p) + 86400 * session_days}``
+        ``c(n) = sum_{p in F: i_p = n, s_p <= t0} 2 ** (-(t0 - s_p) / (86400 * half_life_days))``
+        ``g(n) = 1 + #{p in F: i_p = n, s_p <= t0}``
+        ``P(n | t0) = (1 - mix) * c(n) / sum(c) + mix * g(n) / sum(g)``
+
+    Causal as that prior: a first-session rating after ``t0`` (of a session that started before
+    ``t0`` or after it) never counts. The decay runs from each rating's own time, which is within
+    ``session_days`` of its session's start. It is the time-aware popularity of Ji et al. (SIGIR
+    2020, arXiv:2005.13829) restricted to the population a cold-start model serves, new users,
+    as DropoutNet (Volkovs et al., NeurIPS 2017) trains on users made to look new; here the
+    training users are taken *when* they were new. ``latest`` (serving's default request time) is
+    the latest first-session rating; the prior is the same at any later time, so serving's default
+    ranks as at the latest training timestamp.
+
+    Args:
+        num_items, half_life_days, mix: as `RecentPopularityPrior`.
+        session_days: D > 0, the length (days) of a user's first session.
+        num_ratings: P, the number of stored first-session positives (sizes the buffers, so that
+            ``FirstSessionPrior(**config)`` can load a ``state_dict``).
+
+    Raises:
+        ValueError: as `RecentPopularityPrior`; session_days not > 0 or not finite.
+    """
+
+    def __init__(self, num_items: int, half_life_days: float, mix: float = 0.1, session_days: float = 1.0,
+                 num_ratings: int = 0) -> None:
+        super().__init__(num_items, half_life_days, mix, num_ratings)
+        if not (math.isfinite(float(session_days)) and float(session_days) > 0):
+            raise ValueError(f"session_days must be a positive number of days, got {session_days}")
+        self.session_days = float(session_days)
+
+    @property
+    def config(self) -> dict:
+        """Plain constructor arguments: ``FirstSessionPrior(**config)`` rebuilds it (empty buffers of
+        the right size: load the ``state_dict``)."""
+        return dict(super().config, session_days=self.session_days)
+
+    def fit(self, users: torch.Tensor, items: torch.Tensor, timestamps: torch.Tensor) -> "FirstSessionPrior":
+        """Keep each user's first-session positives: user ids int64 ``[P]`` (any ids), item positions
+        int64 ``[P]`` in ``[0, N)``, timestamps int64 ``[P]`` (seconds). A user's session starts at
+        their earliest timestamp among these rows. Returns ``self``.
+
+        Raises:
+            ValueError: different lengths. IndexError: an item outside ``[0, N)``.
+        """
+        users = torch.as_tensor(users).long().reshape(-1)
+        items, timestamps = torch.as_tensor(items).long().reshape(-1), torch.as_tensor(timestamps).long().reshape(-1)
+        if not users.numel() == items.numel() == timestamps.numel():
+            raise ValueError(f"users, items and timestamps must have the same length, got {users.numel()}, "
+                             f"{items.numel()} and {timestamps.numel()}")
+        ids, row = torch.unique(users, return_inverse=True)
+        first = torch.full((ids.numel(),), torch.iinfo(torch.long).max, dtype=torch.long)
+        first.scatter_reduce_(0, row, timestamps, reduce="amin")
+        # seconds as float64 (exact for Unix times); D days may be a fraction of a day
+        in_session = timestamps.double() <= first[row].double() + SECONDS_PER_DAY * self.session_days
+        return super().fit(items[in_session], timestamps[in_session])
+
+
+def first_session_prior_for(data, half_life_days: float, mix: float = 0.1, session_days: float = 1.0,
+                            split: str = "train") -> FirstSessionPrior:
+    """A `FirstSessionPrior` over ``data``'s catalogue, filled with the positives (first binary
+    task) of ``split``, their users (``user_row``) and their ``timestamp`` column.
+
+    Raises:
+        ValueError: no such split, or it has no ``timestamp`` column; a bad half-life, mix or
+            session length (as the class).
+    """
+    rows = _split(data, split)
+    if "timestamp" not in (rows.extra or {}):
+        raise ValueError(f"split {split!r} of {data.name} has no timestamp column: the first-session prior needs one")
+    first_binary = next((t for t, task in enumerate(data.tasks) if task.kind == "binary"), 0)
+    positive = rows.labels[:, first_binary] > 0
+    prior = FirstSessionPrior(data.num_items, half_life_days, mix, session_days)
+    return prior.fit(rows.user_row[positive], rows.item[positive] - 1, rows.extra["timestamp"][positive])
+
+
 def _split(data, split: str):
     if split not in data.splits:
         raise ValueError(f"split: {split!r} is not a split of {data.name}; splits: {', '.join(data.splits)}")
@@ -476,7 +567,8 @@ class ColdStartModel(nn.Module):
         weight: the blend weight in [0, 1] (chosen on `pseudo_cold_ml100k`, never on test).
         task: the task whose score is blended (default: the first binary task).
         user_id_feature, item_id_feature: the id features (item ids are positions + 1, 0 unknown).
-        recent: an optional `RecentPopularityPrior` (time-aware popularity) over the same catalogue.
+        recent: an optional `RecentPopularityPrior` (time-aware popularity; or its `FirstSessionPrior`
+            form, counting the training users' first sessions only) over the same catalogue.
         recent_share: its share of the prior term, in [0, 1] (> 0 needs ``recent``).
 
     Attributes:
@@ -552,9 +644,11 @@ class ColdStartModel(nn.Module):
         for part in qualname.split("."):
             model_cls = getattr(model_cls, part)
         recent = config.get("recent")  # checkpoints written before the time-aware prior have none
+        if recent is not None:  # a first-session prior's config is the time-aware one's plus its session length
+            recent = (FirstSessionPrior if "session_days" in recent else RecentPopularityPrior)(**recent)
         return cls(model_cls.from_config(config["model_config"]), ItemPrior(**config["prior"]), config["weight"],
-                   config["task"], config["user_id_feature"], config["item_id_feature"],
-                   None if recent is None else RecentPopularityPrior(**recent), config.get("recent_share", 0.0))
+                   config["task"], config["user_id_feature"], config["item_id_feature"], recent,
+                   config.get("recent_share", 0.0))
 
     def forward(self, sparse, dense: Optional[torch.Tensor] = None, at=None) -> torch.Tensor:
         """``[B, T]`` as described above; ``at``: request times (seconds) of the B rows, float64 or

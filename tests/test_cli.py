@@ -266,7 +266,7 @@ def test_cold_start_with_the_time_aware_prior_serves_by_request_time(tmp_path, m
     capsys.readouterr()
     cold = str(tmp_path / "cold.pt")
     assert cli.main(["cold-start", "--checkpoint", trained, "--out", cold, "--features", "age", "--epochs", "5",
-                     "--weight", "1", "--recent-share", "1", "--half-life", "2", "--mix", "0.2",
+                     "--weight", "1", "--recent-share", "1", "--half-life", "2", "--mix", "0.2", "--session-days", "0",
                      "--evaluate", "test_cold"]) == 0
     out = capsys.readouterr().out
     assert "time-aware prior share 1 (half-life 2 days, mix 0.2)" in out and "test_cold: click: auc" in out
@@ -293,6 +293,25 @@ def test_cold_start_with_the_time_aware_prior_serves_by_request_time(tmp_path, m
     assert "--recent-share" in capsys.readouterr().err
     assert cli.main(["recommend", "--checkpoint", trained, "--user", "101", "--at", "1000000"]) == 2
     assert "at" in capsys.readouterr().err
+    # --session-days D: the time-aware prior over each training user's first D days (here their first positive)
+    first = str(tmp_path / "first.pt")
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", first, "--features", "age", "--epochs", "1",
+                     "--recent-share", "0.5", "--half-life", "2", "--session-days", "1"]) == 0
+    assert "first sessions of 1 days" in capsys.readouterr().out
+    loaded = Ranker.load(first).model.recent
+    assert type(loaded).__name__ == "FirstSessionPrior" and loaded.session_days == 1.0
+    assert loaded.items.numel() == 40 and ranker.model.recent.items.numel() > 40  # one per warm user, against all
+    # the defaults are RECOMMENDED's first-session recipe
+    from mtkernels.cold_start import RECOMMENDED
+
+    assert cli.main(["cold-start", "--checkpoint", trained, "--out", first, "--features", "age", "--epochs", "1"]) == 0
+    capsys.readouterr()
+    default = Ranker.load(first).model
+    assert (default.recent.session_days, default.recent.half_life_days, default.recent_share, default.weight) == (
+        RECOMMENDED["session_days"], RECOMMENDED["half_life_days"], RECOMMENDED["recent_share"], RECOMMENDED["weight"])
+    for bad in ("-1", "nan"):
+        assert cli.main(["cold-start", "--checkpoint", trained, "--out", first, "--session-days", bad]) == 2
+        assert "--session-days" in capsys.readouterr().err
 
 def test_train_history_length_is_kept_in_the_data_spec(tmp_path, tiny_data):
     data, seen = tiny_data

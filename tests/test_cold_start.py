@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mtkernels import evaluation
-from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, ColdStartModel, ItemPrior, RecentPopularityPrior, fit_item_prior,
-                                  item_prior_for, pseudo_cold_ml100k, recent_popularity_prior_for, request_times)
+from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, ColdStartModel, FirstSessionPrior, ItemPrior, RecentPopularityPrior,
+                                  first_session_prior_for, fit_item_prior, item_prior_for, pseudo_cold_ml100k,
+                                  recent_popularity_prior_for, request_times)
 from mtkernels.data import protocol
 from mtkernels.data.movielens import read_grouplens
 from mtkernels.serving import Ranker, serving_tables
@@ -447,3 +448,103 @@ def test_time_aware_cold_start_in_evaluation_and_serving(timed, tmp_path):
             ranker.recommend([9001], k=8, side_features=sides, at=bad)
     with pytest.raises(ValueError, match="at"):
         Ranker(model, data.tasks, serving_tables(data)).recommend([9001], k=8, side_features=sides, at=1_000_000)
+
+
+# --- the first-session prior ------------------------------------------------------------------
+def test_first_session_prior_counts_each_users_first_session():
+    """A hand-computed log: user 10 rates items 0, 1, 2 at days 0, 0.5, 3; user 20 rates 2, 3, 1 at
+    days 1, 2, 2.5. With D = 1 day the first sessions are (0, 0), (1, 0.5) and (2, 1), (3, 2): the
+    session end is included, user 10's day-3 rating and user 20's day-2.5 rating are not."""
+    users = torch.tensor([10, 10, 10, 20, 20, 20])
+    items = torch.tensor([0, 1, 2, 2, 3, 1])
+    stamps = (torch.tensor([0.0, 0.5, 3.0, 1.0, 2.0, 2.5]) * DAY).long() + 1_000_000
+    prior = FirstSessionPrior(4, half_life_days=2.0, mix=0.5, session_days=1.0).fit(users, items, stamps)
+    assert prior.items.tolist() == [0, 1, 2, 3]
+    assert (prior.timestamps - 1_000_000).tolist() == [0, DAY // 2, DAY, 2 * DAY]
+    # at day 2: decayed counts 2^-1, 2^-0.75, 2^-0.5, 1 (half-life 2 days); all-time counts 1 + 1 each
+    c = torch.tensor([2 ** -1.0, 2 ** -0.75, 2 ** -0.5, 1.0], dtype=torch.float64)
+    expected = torch.log(0.5 * c / c.sum() + 0.5 * torch.full((4,), 2.0 / 8.0, dtype=torch.float64))
+    torch.testing.assert_close(prior(1_000_000 + 2 * DAY)[0], expected.float())
+    # at day 0.75 only user 10's first two ratings are known (user 20's session has not started)
+    c = torch.tensor([2 ** -0.375, 2 ** -0.125, 0.0, 0.0], dtype=torch.float64)
+    g = torch.tensor([2.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(prior(1_000_000 + 3 * DAY // 4)[0],
+                               torch.log(0.5 * c / c.sum() + 0.5 * g / g.sum()).float())
+    # exactly the time-aware prior over the first-session rows; a longer session keeps more
+    same = RecentPopularityPrior(4, 2.0, 0.5).fit(torch.tensor([0, 1, 2, 3]), prior.timestamps)
+    times = torch.tensor([0.0, 0.75, 2.0, 9.0]) * DAY + 1_000_000
+    torch.testing.assert_close(prior(times), same(times))
+    # serving's default request time: the latest first-session rating (day 2), the same prior as any later time
+    assert prior.latest == 1_000_000 + 2 * DAY and torch.equal(prior(prior.latest), prior(1_000_000 + 3 * DAY))
+    assert FirstSessionPrior(4, 2.0, 0.5, session_days=1.6).fit(users, items, stamps).items.tolist() == [0, 1, 2, 3, 1]
+    assert FirstSessionPrior(4, 2.0, 0.5, session_days=0.25).fit(users, items, stamps).items.tolist() == [0, 2]
+    # deterministic and independent of the row order; the config and state_dict rebuild it
+    shuffled = torch.tensor([5, 2, 0, 4, 1, 3])
+    again = FirstSessionPrior(4, 2.0, 0.5, 1.0).fit(users[shuffled], items[shuffled], stamps[shuffled])
+    assert torch.equal(again(times), prior(times)) and torch.equal(again.items, prior.items)
+    assert prior.config == {"num_items": 4, "half_life_days": 2.0, "mix": 0.5, "num_ratings": 4, "session_days": 1.0}
+    rebuilt = FirstSessionPrior(**prior.config)
+    rebuilt.load_state_dict(prior.state_dict())
+    assert torch.equal(rebuilt(times), prior(times))
+
+
+def test_first_session_prior_is_causal():
+    """A training rating after t0 never changes the scores at t0 (a later rating of a session that
+    started before t0, or a new user's whole session); one before it does."""
+    generator = torch.Generator().manual_seed(5)
+    users = torch.randint(0, 40, (300,), generator=generator)
+    items = torch.randint(0, 12, (300,), generator=generator)
+    stamps = torch.randint(0, 100 * DAY, (300,), generator=generator)
+    t0 = torch.tensor([20 * DAY, 50 * DAY + 3, 99 * DAY])
+    base = FirstSessionPrior(12, 5.0, 0.1, 3.0).fit(users, items, stamps)(t0)
+    for j in range(t0.numel()):
+        # the user whose first rating is the latest one at or before t0: their session is open at t0
+        known = stamps <= t0[j]
+        open_user = users[known][torch.argmax(torch.where(known, stamps, -1)[known])]
+        for user, delay in ((open_user, 1), (open_user, DAY), (torch.tensor(99), 1), (open_user, 400 * DAY)):
+            later = FirstSessionPrior(12, 5.0, 0.1, 3.0).fit(
+                torch.cat([users, user.reshape(1).repeat(2)]), torch.cat([items, torch.tensor([3, 7])]),
+                torch.cat([stamps, t0[j] + torch.tensor([delay, 2 * delay])]))
+            assert torch.equal(later(t0[j:j + 1]), base[j:j + 1])
+    earlier = FirstSessionPrior(12, 5.0, 0.1, 3.0).fit(torch.cat([users, torch.tensor([99])]),
+                                                        torch.cat([items, torch.tensor([7])]), torch.cat([stamps, t0[:1] - 1]))
+    assert not torch.equal(earlier(t0[:1]), base[:1])
+
+
+def test_first_session_prior_errors_and_data_helper(timed, tmp_path):
+    for days in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="session_days"):
+            FirstSessionPrior(5, 1.0, 0.1, days)
+    with pytest.raises(ValueError, match="half_life_days"):
+        FirstSessionPrior(5, 0.0)
+    with pytest.raises(ValueError, match="same length"):
+        FirstSessionPrior(5, 1.0).fit(torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([0]))
+    with pytest.raises(IndexError, match="items"):
+        FirstSessionPrior(5, 1.0).fit(torch.tensor([1]), torch.tensor([5]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="timestamp"):
+        first_session_prior_for(make_data(), 7.0)
+    data, model, prior, _ = timed
+    with pytest.raises(ValueError, match=r"split: 'test' is not a split"):
+        first_session_prior_for(data, 7.0, split="test")
+    # synthetic timestamps: a user's j-th positive at day 7 j + row, so a 1-day session is their first positive
+    first = first_session_prior_for(data, 3.0, 0.2, session_days=1.0)
+    train = data.splits["train"]
+    positive = train.labels[:, 0] > 0
+    rows, stamps = train.user_row[positive], train.extra["timestamp"][positive]
+    start = {r: int(stamps[rows == r].min()) for r in rows.unique().tolist()}
+    in_first = torch.tensor([int(s) == start[r] for r, s in zip(rows.tolist(), stamps.tolist())])
+    expected = sorted(zip((train.item[positive] - 1)[in_first].tolist(), stamps[in_first].tolist()))
+    assert sorted(zip(first.items.tolist(), first.timestamps.tolist())) == expected and len(expected) == len(start)
+    # in the cold-start model's time-aware slot, through a checkpoint and Ranker.load
+    from mtkernels.cold_start import cold_start_checkpoint
+    from mtkernels.training.checkpoint import save_checkpoint
+
+    cold = ColdStartModel(model, prior, 1.0, recent=first, recent_share=0.5)
+    path = str(tmp_path / "cold_first.pt")
+    save_checkpoint(path, cold_start_checkpoint(cold, data))
+    loaded = Ranker.load(path)
+    assert isinstance(loaded.model.recent, FirstSessionPrior) and loaded.model.recent.session_days == 1.0
+    sides = {9001: {"age": 1}}
+    at = 1_000_000 + 30 * DAY
+    assert torch.equal(loaded.recommend([9001], k=8, side_features=sides, at=at).item_ids,
+                       Ranker(cold, data.tasks, serving_tables(data)).recommend([9001], k=8, side_features=sides, at=at).item_ids)
