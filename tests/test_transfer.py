@@ -555,10 +555,10 @@ def test_cli_init_from_and_freeze(tmp_path, monkeypatch, capsys):
     assert "--l2-sp needs --init-from" in capsys.readouterr().err
 
 
-def test_refit_dense_features_sees_only_the_budget_labels():
-    """A label budget's dense statistics: changing a withheld rating changes no feature, changing a
-    kept one does; with every label kept the tables are `build_ml100k_mtl_v1`'s."""
-    from mtkernels.data import protocol, refit_dense_features
+def _synthetic_ml100k():
+    """A small synthetic MovieLens log (40 users, 50 items) through the ml100k-mtl-v1 pipeline:
+    ``(movielens, split frames, MultiTaskData)``."""
+    from mtkernels.data import protocol
     from mtkernels.data.movielens import MovieLens, build_ml100k_mtl_v1
 
     try:
@@ -568,7 +568,16 @@ def test_refit_dense_features_sees_only_the_budget_labels():
     ratings, users, items = synthetic_movielens(num_users=40, num_items=50, seed=2)
     movielens = MovieLens(ratings, users, items, "synthetic", None)
     splits = protocol.build_splits(ratings, np.arange(1, 51))
-    data = build_ml100k_mtl_v1(movielens, splits)
+    return movielens, splits, build_ml100k_mtl_v1(movielens, splits)
+
+
+def test_refit_dense_features_sees_only_the_budget_labels():
+    """A label budget's dense statistics: changing a withheld rating changes no feature, changing a
+    kept one does; with every label kept the tables are `build_ml100k_mtl_v1`'s."""
+    from mtkernels.data import protocol, refit_dense_features
+    from mtkernels.data.movielens import build_ml100k_mtl_v1
+
+    movielens, splits, data = _synthetic_ml100k()
     same = refit_dense_features(data)
     for name in data.splits:
         assert torch.equal(same.splits[name].dense, data.splits[name].dense)
@@ -609,16 +618,9 @@ def test_refit_dense_features_with_a_row_budget_sees_only_the_kept_labels():
     """A row-level budget (every user keeps some labels): changing a withheld rating changes no
     feature, changing a kept one does; users' mean ratings come from their kept rows only."""
     from mtkernels.data import protocol, refit_dense_features
-    from mtkernels.data.movielens import MovieLens, build_ml100k_mtl_v1
+    from mtkernels.data.movielens import build_ml100k_mtl_v1
 
-    try:
-        from tests.data_fixtures import synthetic_movielens
-    except ImportError:  # tests/ on sys.path instead of the repo root
-        from data_fixtures import synthetic_movielens
-    ratings, users, items = synthetic_movielens(num_users=40, num_items=50, seed=2)
-    movielens = MovieLens(ratings, users, items, "synthetic", None)
-    splits = protocol.build_splits(ratings, np.arange(1, 51))
-    data = build_ml100k_mtl_v1(movielens, splits)
+    movielens, splits, data = _synthetic_ml100k()
     train = data.splits["train"]
 
     def budget(frame_splits):
