@@ -106,6 +106,13 @@ def _request_times(model: torch.nn.Module, data, split: str) -> Optional[torch.T
     return request_times(data, split)
 
 
+def scored_labels(model: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The labels ``[n, T]`` a model's outputs are scored against: ``model.targets(labels)`` where
+    the model has it (ESMM: entire-space labels, 0 where a post-click task's row was not clicked),
+    else ``labels``."""
+    return model.targets(labels) if hasattr(model, "targets") else labels
+
+
 def _forward(model: torch.nn.Module, batch, at: Optional[torch.Tensor]) -> torch.Tensor:
     """The model's outputs for a batch, at request times ``at`` when it takes them."""
     return model(batch.sparse, batch.dense) if at is None else model(batch.sparse, batch.dense, at=at)
@@ -252,9 +259,7 @@ def evaluate(
     """
     _check_split_and_k(data, split, k)
     check_tasks(model, data)
-    labels = data.splits[split].labels
-    if hasattr(model, "targets"):  # ESMM: its post-click outputs are scored on entire-space labels
-        labels = model.targets(labels)
+    labels = scored_labels(model, data.splits[split].labels)  # ESMM: entire-space labels
     result: Dict[str, object] = dict(pointwise_metrics(data.tasks, labels, predict(model, data, split, batch_size)))
     if topk and has_items(data) and split in getattr(data, "topk_splits", [split]):
         result["topk"] = topk_metrics(model, data, split, k, task_weights)
@@ -287,6 +292,10 @@ class LikeRatingBlend(torch.nn.Module):
             raise ValueError(f"weight must be >= 0 and like_task != rating_task, got {weight}, {like_task}, {rating_task}")
         self.model, self.like_task, self.rating_task, self.weight = model, int(like_task), int(rating_task), float(weight)
 
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels the outputs are scored against: the wrapped model's (`scored_labels`)."""
+        return scored_labels(self.model, labels)
+
     def forward(self, sparse, dense: torch.Tensor) -> torch.Tensor:
         out = self.model(sparse, dense)
         logit = torch.logit(out[:, self.like_task].clamp(1e-7, 1 - 1e-7)) + self.weight * out[:, self.rating_task]
@@ -311,7 +320,7 @@ def choose_like_rating_blend(model: torch.nn.Module, data, split: str = "val", l
     if not len(weights):
         raise ValueError("weights: need at least one candidate")
     like_task, rating_task = names.index(like), names.index(rating)
-    labels = data.splits[split].labels[:, like_task]
+    labels = scored_labels(model, data.splits[split].labels)[:, like_task]  # the labels evaluate scores
     rows = ~torch.isnan(labels)
     output = predict(model, data, split).double()[rows]
     logit = torch.logit(output[:, like_task].clamp(1e-7, 1 - 1e-7))
@@ -345,6 +354,10 @@ class RatingCalibration(torch.nn.Module):
             raise ValueError(f"scale and shift must be finite, got {scale}, {shift}")
         self.model, self.rating_task, self.scale, self.shift = model, int(rating_task), float(scale), float(shift)
 
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels the outputs are scored against: the wrapped model's (`scored_labels`)."""
+        return scored_labels(self.model, labels)
+
     def forward(self, sparse, dense: torch.Tensor) -> torch.Tensor:
         out = self.model(sparse, dense)
         rating = out[:, self.rating_task] * self.scale + self.shift
@@ -365,7 +378,7 @@ def choose_rating_calibration(model: torch.nn.Module, data, split: str = "val", 
     if rating not in names:
         raise KeyError(f"task {rating!r} needed, tasks are {names}")
     column = names.index(rating)
-    labels = data.splits[split].labels[:, column]
+    labels = scored_labels(model, data.splits[split].labels)[:, column]
     rows = ~torch.isnan(labels)
     x = predict(model, data, split).double()[rows, column]
     y = labels[rows].double()

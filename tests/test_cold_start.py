@@ -166,6 +166,22 @@ def test_cold_start_model_in_evaluation_and_serving(trained):
     assert first == data.item_ids[expected].tolist()
 
 
+def test_cold_start_model_of_an_esmm_model_is_scored_on_its_entire_space_labels():
+    # weight 0 is the model itself, so every metric of evaluate must be the model's: ESMM's like output,
+    # P(click and like), is scored on entire-space labels (0 on non-clicked rows, whose like label is NaN)
+    data = make_data()
+    esmm = tiny_model(data, "esmm").eval()
+    labels = data.splits["test_cold"].labels
+    assert bool(torch.isnan(labels[:, 1]).any())
+    wrapped = ColdStartModel(esmm, item_prior_for(data, ("age",)), 0.0)
+    torch.testing.assert_close(wrapped.targets(labels), esmm.targets(labels), rtol=0, atol=0, equal_nan=True)
+    for split in ("val", "test_cold"):
+        want = evaluation.evaluate(esmm, data, split, topk=False)
+        got = evaluation.evaluate(wrapped, data, split, topk=False)
+        assert got["like"]["auc"] == pytest.approx(want["like"]["auc"], abs=1e-9)
+        assert got["like"]["logloss"] == pytest.approx(want["like"]["logloss"], rel=1e-6)
+
+
 def test_evaluate_rejects_unknown_splits_and_k(trained):
     data, model, _ = trained
     for call in (evaluation.evaluate, evaluation.topk_metrics):

@@ -98,3 +98,22 @@ def test_rating_calibration_errors(data_and_model):
         evaluation.choose_rating_calibration(model, data, rating="score")
     with pytest.raises(ValueError, match="finite"):
         evaluation.RatingCalibration(model, 2, float("nan"), 0.0)
+
+
+def test_wrappers_of_an_esmm_model_are_scored_on_its_entire_space_labels(data_and_model):
+    # ESMM's like output is P(click and like): evaluate scores it on entire-space labels (0 where not
+    # clicked), which a wrapper must keep; a blend of weight 0 and the identity calibration are the model
+    data, _ = data_and_model
+    torch.manual_seed(0)
+    esmm = presets.build_model(data, "esmm").eval()
+    labels = data.splits["val"].labels
+    assert bool(torch.isnan(labels[:, 1]).any())  # non-clicked rows: no like label, entire-space target 0
+    want = evaluation.evaluate(esmm, data, "val", topk=False)
+    for wrapped in (evaluation.LikeRatingBlend(esmm, 1, 2, 0.0), evaluation.RatingCalibration(esmm, 2, 1.0, 0.0)):
+        torch.testing.assert_close(wrapped.targets(labels), esmm.targets(labels), rtol=0, atol=0, equal_nan=True)
+        got = evaluation.evaluate(wrapped, data, "val", topk=False)
+        assert got["like"]["auc"] == pytest.approx(want["like"]["auc"], abs=1e-9)
+        assert got["like"]["logloss"] == pytest.approx(want["like"]["logloss"], rel=1e-5)
+    # the blend weight is chosen on the like AUC that evaluate reports
+    _, aucs = evaluation.choose_like_rating_blend(esmm, data, "val", weights=(0.0, 1.0))
+    assert aucs[0.0] == pytest.approx(want["like"]["auc"], abs=1e-6)
