@@ -188,11 +188,15 @@ def cmd_train(args) -> int:
     if args.monitor_tasks:
         values["monitor_tasks"] = [t for t in args.monitor_tasks.split(",") if t]
     config = TrainConfig(**values)
+    # the L2-SP penalty is part of the objective but not of TrainConfig: the checkpoint records it
+    l2_sp = None if regularizer is None else [regularizer.alpha, regularizer.beta]
     if os.path.exists(args.checkpoint) and not args.resume:
         print(f"note: training from scratch replaces the existing checkpoint {args.checkpoint} (--resume continues it)",
               file=sys.stderr)
+    if args.resume and os.path.isfile(args.checkpoint):
+        _check_resumed_l2_sp(args.checkpoint, l2_sp)
     extra = {"data": data_spec, "serving": _serving_tables(data),
-             "vocabularies": data.vocabularies}
+             "vocabularies": data.vocabularies, "l2_sp": l2_sp}
     result = fit(model, data, config, checkpoint_path=args.checkpoint, resume=args.resume, checkpoint_extra=extra,
                  regularizer=regularizer)
     print(f"trained {args.model}: best epoch {result.best_epoch}, {len(result.history)} epochs, "
@@ -329,6 +333,20 @@ def _l2_sp(text: Optional[str]):
     if len(values) not in (1, 2) or not all(v >= 0 for v in values):
         raise ValueError(f"--l2-sp: expected ALPHA or ALPHA,BETA (numbers >= 0), got {text!r}")
     return values[0], (values[1] if len(values) == 2 else 0.0)
+
+
+def _check_resumed_l2_sp(path: str, l2_sp: Optional[List[float]]) -> None:
+    """``--resume``: refuse an ``--l2-sp`` other than the one the checkpoint was trained with (a
+    checkpoint written before it was recorded is not checked)."""
+    from .training import load_checkpoint
+
+    saved = load_checkpoint(path)
+    if "l2_sp" not in saved or saved["l2_sp"] == l2_sp:
+        return
+    said = lambda value: "none" if value is None else ",".join(f"{v:g}" for v in value)  # noqa: E731
+    raise ValueError(f"cannot resume from {path}: it was trained with --l2-sp {said(saved['l2_sp'])}, this run has "
+                     f"--l2-sp {said(l2_sp)} (the penalty is a training setting; only --epochs and --patience may "
+                     "change when resuming)")
 
 
 def _init_from(args, model, data):

@@ -555,6 +555,40 @@ def test_cli_init_from_and_freeze(tmp_path, monkeypatch, capsys):
     assert "--l2-sp needs --init-from" in capsys.readouterr().err
 
 
+def test_cli_resume_keeps_the_l2_sp_penalty(tmp_path, monkeypatch, capsys):
+    """--l2-sp is a training setting: resuming continues the same penalty exactly, and a changed or
+    dropped one is refused (it was accepted, and the continued run optimised another objective)."""
+    data = make_data()
+    monkeypatch.setattr(cli, "load_data", lambda spec: data)
+    from mtkernels.training import load_checkpoint
+
+    source = str(tmp_path / "click.pt")
+    common = ["--data", "ml100k", "--model", "mmoe", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(["train", *common, "--epochs", "1", "--tasks", "click", "--checkpoint", source]) == 0
+    target = [*common, "--tasks", "like,rating", "--init-from", source]
+    whole, part = str(tmp_path / "whole.pt"), str(tmp_path / "part.pt")
+    assert cli.main(["train", *target, "--l2-sp", "1,0.01", "--epochs", "2", "--checkpoint", whole]) == 0
+    assert cli.main(["train", *target, "--l2-sp", "1,0.01", "--epochs", "1", "--checkpoint", part]) == 0
+    assert load_checkpoint(part)["l2_sp"] == [1.0, 0.01]
+    capsys.readouterr()
+    for changed, said in ((["--l2-sp", "0.5"], "0.5,0"), (["--weight-decay", "0"], "none")):
+        assert cli.main(["train", *target, *changed, "--epochs", "2", "--resume", "--checkpoint", part]) == 2
+        err = capsys.readouterr().err
+        assert f"was trained with --l2-sp 1,0.01, this run has --l2-sp {said}" in err, err
+    assert load_checkpoint(part)["trainer"]["epoch"] == 0  # nothing was trained by the refused runs
+    assert cli.main(["train", *target, "--l2-sp", "1,0.01", "--epochs", "2", "--resume", "--checkpoint", part]) == 0
+    resumed, uninterrupted = load_checkpoint(part)["model_state"], load_checkpoint(whole)["model_state"]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    # a run without the penalty records that too, so adding one on resume is refused
+    plain = str(tmp_path / "plain.pt")
+    assert cli.main(["train", *target, "--epochs", "1", "--checkpoint", plain]) == 0
+    assert load_checkpoint(plain)["l2_sp"] is None
+    capsys.readouterr()
+    assert cli.main(["train", *target, "--l2-sp", "1", "--weight-decay", "1e-5", "--epochs", "2", "--resume",
+                     "--checkpoint", plain]) == 2
+    assert "was trained with --l2-sp none, this run has --l2-sp 1,0" in capsys.readouterr().err
+
+
 def test_refit_dense_features_sees_only_the_budget_labels():
     """A label budget's dense statistics: changing a withheld rating changes no feature, changing a
     kept one does; with every label kept the tables are `build_ml100k_mtl_v1`'s."""
