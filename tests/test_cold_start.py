@@ -459,7 +459,10 @@ def test_time_aware_cold_start_in_evaluation_and_serving(timed, tmp_path):
     loaded = Ranker.load(path)
     assert loaded.model.recent_share == 0.75 and loaded.model.recent.half_life_days == 3.0
     assert torch.equal(loaded.recommend([9001], k=8, side_features=sides, at=1_000_000 + 5 * DAY).item_ids, early.item_ids)
-    for bad in (float("nan"), "yesterday"):
+    # a request time read from the data (NumPy / pandas integers, a 0-d tensor) is a number of seconds too
+    for same in (np.int64(1_000_000 + 5 * DAY), np.float64(1_000_000 + 5 * DAY), torch.tensor(1_000_000 + 5 * DAY)):
+        assert torch.equal(ranker.recommend([9001], k=8, side_features=sides, at=same).item_ids, early.item_ids)
+    for bad in (float("nan"), "yesterday", True, torch.tensor([1.0, 2.0]), np.float64("inf")):
         with pytest.raises(ValueError, match="at"):
             ranker.recommend([9001], k=8, side_features=sides, at=bad)
     with pytest.raises(ValueError, match="at"):
