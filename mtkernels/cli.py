@@ -308,9 +308,12 @@ def _lr_scale(text: str):
     """``--transfer-lr-scale``: ``"0.3"`` -> 0.3; ``"embeddings=0.1,experts=1"`` -> {part: scale}."""
     if "=" not in text:
         try:
-            return float(text)
+            scale = float(text)
         except ValueError:
             raise ValueError(f"--transfer-lr-scale: expected a number or PART=SCALE,..., got {text!r}") from None
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"--transfer-lr-scale: a scale must be a finite number >= 0, got {text!r}")
+        return scale
     scales = {}
     for item in (i for i in text.split(",") if i):
         part, _, value = item.partition("=")
@@ -318,6 +321,8 @@ def _lr_scale(text: str):
             scales[part] = float(value)
         except ValueError:
             raise ValueError(f"--transfer-lr-scale: expected PART=SCALE, got {item!r}") from None
+        if not (math.isfinite(scales[part]) and scales[part] >= 0):
+            raise ValueError(f"--transfer-lr-scale: a scale must be a finite number >= 0, got {item!r}")
     _parts(",".join(scales), "--transfer-lr-scale")
     return scales
 
@@ -330,7 +335,7 @@ def _l2_sp(text: Optional[str]):
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) not in (1, 2) or not all(v >= 0 for v in values):
+    if len(values) not in (1, 2) or not all(math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"--l2-sp: expected ALPHA or ALPHA,BETA (numbers >= 0), got {text!r}")
     return values[0], (values[1] if len(values) == 2 else 0.0)
 

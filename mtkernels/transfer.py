@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -220,10 +221,10 @@ def transfer(
         `TransferReport` (rows matched per table, tensors copied, scales set, the L2-SP penalty).
 
     Raises:
-        ValueError: unknown parts or mode, a negative lr_scale or one for a part not in ``parts``,
+        ValueError: unknown parts or mode, a negative or infinite lr_scale or one for a part not in ``parts``,
             different backbones (experts, gates), tensors of different shapes, tables of different row
             counts without vocabularies, ``gates``/``towers`` with no task name in both models,
-            ``l2_sp`` with ``mode="freeze"``, a negative ``l2_sp`` or ``l2_sp_new``.
+            ``l2_sp`` with ``mode="freeze"``, a negative or infinite ``l2_sp`` or ``l2_sp_new``.
         TypeError: a source that is neither a model nor a checkpoint.
     """
     unknown = [p for p in parts if p not in PARTS]
@@ -239,13 +240,13 @@ def transfer(
     else:
         requested = {p: lr_scale for p in parts}
     for part, value in requested.items():
-        if not float(value) >= 0:
-            raise ValueError(f"lr_scale of {part!r} must be >= 0, got {value}")
+        if not (math.isfinite(float(value)) and float(value) >= 0):
+            raise ValueError(f"lr_scale of {part!r} must be a finite number >= 0, got {value}")
     if l2_sp is not None:
         if mode != "finetune":
             raise ValueError(f"l2_sp pulls fine-tuned parameters towards the source; it needs mode='finetune', got {mode!r}")
-        if not float(l2_sp) >= 0 or not float(l2_sp_new) >= 0:
-            raise ValueError(f"l2_sp and l2_sp_new must be >= 0, got {l2_sp} and {l2_sp_new}")
+        if not all(math.isfinite(float(v)) and float(v) >= 0 for v in (l2_sp, l2_sp_new)):
+            raise ValueError(f"l2_sp and l2_sp_new must be finite numbers >= 0, got {l2_sp} and {l2_sp_new}")
     source, checkpoint_vocabularies = _source_model(source)
     per_task = [p for p in parts if p in ("gates", "towers")]
     if per_task and not _task_index_maps(source, target):
@@ -346,15 +347,15 @@ class L2SP:
 
     Args:
         reference: ``{parameter name: source value}`` (copied here, so training does not move them).
-        alpha, beta: the penalty weights (>= 0).
+        alpha, beta: the penalty weights (finite, >= 0).
 
     Raises:
-        ValueError: a negative weight.
+        ValueError: a negative or non-finite weight.
     """
 
     def __init__(self, reference: Mapping[str, torch.Tensor], alpha: float, beta: float = 0.0) -> None:
-        if not float(alpha) >= 0 or not float(beta) >= 0:
-            raise ValueError(f"alpha and beta must be >= 0, got {alpha} and {beta}")
+        if not all(math.isfinite(float(v)) and float(v) >= 0 for v in (alpha, beta)):
+            raise ValueError(f"alpha and beta must be finite numbers >= 0, got {alpha} and {beta}")
         self.alpha, self.beta = float(alpha), float(beta)
         self.reference = {name: value.detach().clone() for name, value in reference.items()}
 

@@ -271,7 +271,7 @@ def test_per_part_lr_scales_and_unfreezing_by_a_second_transfer(pretrained):
     assert not torch.equal(frozen.state_dict()[expert], before[expert])
     with pytest.raises(ValueError, match="not transferred"):
         transfer(source, _model(data), parts=("experts",), mode="finetune", lr_scale={"embeddings": 0.1})
-    with pytest.raises(ValueError, match="'experts' must be >= 0"):
+    with pytest.raises(ValueError, match="'experts' must be a finite number >= 0"):
         transfer(source, _model(data), parts=("experts",), mode="finetune", lr_scale={"experts": -1.0})
 
 
@@ -335,10 +335,33 @@ def test_l2_sp_penalty_value_gradient_and_alpha_zero(pretrained):
     assert distance(pulled) < 0.5 * distance(plain)
     with pytest.raises(ValueError, match="mode='finetune'"):
         transfer(source, _model(data), mode="freeze", l2_sp=0.1)
-    with pytest.raises(ValueError, match="l2_sp and l2_sp_new must be >= 0"):
+    with pytest.raises(ValueError, match="l2_sp and l2_sp_new must be finite numbers >= 0"):
         transfer(source, _model(data), mode="finetune", l2_sp=0.1, l2_sp_new=-1.0)
     with pytest.raises(ValueError, match="no parameters"):
         penalty(_model(data, "ple"))  # another backbone: no parameters of those names
+
+
+def test_infinite_rates_and_penalties_are_refused(pretrained, tmp_path, monkeypatch, capsys):
+    # an infinite lr scale or L2-SP weight trained to NaN weights; they are refused by name like negative ones
+    data, _, source = pretrained
+    inf = float("inf")
+    with pytest.raises(ValueError, match=r"lr_scale of 'experts' must be a finite number >= 0, got inf"):
+        transfer(source, _model(data), parts=("experts",), mode="finetune", lr_scale=inf)
+    with pytest.raises(ValueError, match=r"l2_sp and l2_sp_new must be finite numbers >= 0, got inf and 0.0"):
+        transfer(source, _model(data), mode="finetune", l2_sp=inf)
+    with pytest.raises(ValueError, match=r"l2_sp and l2_sp_new must be finite numbers >= 0, got 0.1 and inf"):
+        transfer(source, _model(data), mode="finetune", l2_sp=0.1, l2_sp_new=inf)
+    with pytest.raises(ValueError, match=r"alpha and beta must be finite numbers >= 0, got 1.0 and nan"):
+        L2SP({}, alpha=1.0, beta=float("nan"))
+    monkeypatch.setattr(cli, "load_data", lambda spec: data)
+    checkpoint = str(tmp_path / "source.pt")
+    common = ["--model", "mmoe", "--epochs", "1", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(["train", *common, "--checkpoint", checkpoint]) == 0
+    capsys.readouterr()
+    for option in (["--l2-sp", "inf"], ["--l2-sp", "1,inf"], ["--transfer-lr-scale", "inf"],
+                   ["--transfer-lr-scale", "experts=inf"]):
+        assert cli.main(["train", *common, "--init-from", checkpoint, *option, "--checkpoint", str(tmp_path / "t.pt")]) == 2
+        assert option[0] in capsys.readouterr().err
 
 
 def test_auxiliary_source_task_with_carried_gate_and_tower(pretrained):
