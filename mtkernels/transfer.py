@@ -261,6 +261,7 @@ def transfer(
     tables_report: Dict[str, Dict[str, object]] = {}
     skipped: List[str] = []
     copied: List[str] = []
+    accumulators = []  # (table, target rows, source rows, source accumulator) to copy once the scales are set
 
     if "embeddings" in parts:
         source_tables = source.embeddings.embedding_bags
@@ -276,9 +277,8 @@ def transfer(
                                            source_vocabularies.get(name), target_vocabularies.get(name))
             table.weight[rows] = source_table.weight[from_rows].to(table.weight.dtype)
             source_momentum = source_table._buffers.get("momentum")
-            target_momentum = table._buffers.get("momentum")
-            if mode == "finetune" and source_momentum is not None and target_momentum is not None:
-                target_momentum[rows] = source_momentum[from_rows]
+            if mode == "finetune" and source_momentum is not None:
+                accumulators.append((table, rows, from_rows, source_momentum))
             tables_report[name] = {"rows": int(table.weight.shape[0]), "matched": int(rows.numel()),
                                    "fresh": int(table.weight.shape[0] - rows.numel()), "by": by}
             prefixes[_TABLE_PREFIX + name] = scales["embeddings"]
@@ -321,6 +321,11 @@ def transfer(
     changed = {prefix: scale for prefix, scale in prefixes.items() if target.lr_scale_of(prefix) != scale}
     if changed:
         target.set_lr_scales(changed)
+    # after the scales: a table frozen until now gets its Adagrad accumulator (zeros) only there
+    for table, rows, from_rows, source_momentum in accumulators:
+        target_momentum = table._buffers.get("momentum")
+        if target_momentum is not None:
+            target_momentum[rows] = source_momentum[from_rows]
     target._packed = None  # the fused scoring parameters are repacked from the copied weights
     regularizer = None
     if l2_sp is not None:

@@ -266,6 +266,16 @@ def test_per_part_lr_scales_and_unfreezing_by_a_second_transfer(pretrained):
     assert again.part_scales == {"embeddings": 0.5, "experts": 1.0}
     assert frozen.frozen_parameter_names() == [] and frozen.lr_scale_of(expert) == 1.0
     assert frozen.embeddings.frozen_tables == []
+    # the pretrained rows keep their Adagrad accumulators after a frozen phase too (they were zero,
+    # so the first fine-tuning steps of pretrained rows were as large as a fresh row's)
+    source_state = source.state_dict()
+    for feature in data.features:
+        key = f"embeddings.embedding_bags.{feature.name}.momentum"
+        assert float(source_state[key].sum()) > 0
+        assert torch.equal(frozen.state_dict()[key], source_state[key]), key
+    # ... in the tensors the fused optimizer updates
+    accumulators = {a.data_ptr() for o in frozen.embeddings.fused_optimizers for a in o.accumulators}
+    assert all(t.momentum.data_ptr() in accumulators for t in frozen.embeddings.embedding_bags.values())
     before = _state(frozen)
     fit(frozen, data, TrainConfig(**QUICK))
     assert not torch.equal(frozen.state_dict()[expert], before[expert])
