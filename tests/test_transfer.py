@@ -351,6 +351,35 @@ def test_l2_sp_penalty_value_gradient_and_alpha_zero(pretrained):
         penalty(_model(data, "ple"))  # another backbone: no parameters of those names
 
 
+def test_resample_negatives_after_select_tasks(tmp_path):
+    """The sampled negatives are the rows whose click label is 0: after select_tasks reorders the tasks
+    they are still found by that task, and without it resampling is refused (it took the first task,
+    like, and gave rated positives with a like label of 0 unrated items, keeping their ratings)."""
+    from mtkernels.data import protocol
+    from mtkernels.data.movielens import build_ml100k_mtl_v1, read_grouplens
+    try:
+        from tests.data_fixtures import synthetic_movielens, write_grouplens
+    except ImportError:
+        from data_fixtures import synthetic_movielens, write_grouplens
+
+    movielens = read_grouplens(write_grouplens(tmp_path / "ml-100k", *synthetic_movielens()))
+    data = build_ml100k_mtl_v1(movielens, protocol.build_splits(movielens.ratings, np.arange(1, 61)))
+    item = data.splits["train"].item.clone()
+    negative = data.splits["train"].labels[:, 0] == 0
+    reordered = select_tasks(data, ["rating", "click"])
+    fresh = reordered.resample_negatives(seed=5)
+    assert torch.equal(fresh.item[~negative], item[~negative])  # positives keep their items
+    assert (fresh.item[negative] != item[negative]).float().mean() > 0.5
+    assert torch.equal(fresh.item, data.resample_negatives(seed=5).item)  # the same draw as on the full data set
+    data.resample_negatives(seed=None)
+    assert torch.equal(reordered.resample_negatives(seed=None).item, item)
+    few = select_tasks(data, ["like", "rating"])
+    assert bool((few.splits["train"].labels[:, 0] == 0).any())  # rated positives with like 0
+    with pytest.raises(ValueError, match=r"sampled negatives are the rows whose 'click' label is 0.*\['like', 'rating'\]"):
+        few.resample_negatives(seed=5)
+    assert torch.equal(few.splits["train"].item, item)
+
+
 def test_infinite_rates_and_penalties_are_refused(pretrained, tmp_path, monkeypatch, capsys):
     # an infinite lr scale or L2-SP weight trained to NaN weights; they are refused by name like negative ones
     data, _, source = pretrained
