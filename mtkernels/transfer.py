@@ -64,6 +64,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -141,7 +142,7 @@ def _source_model(source):
         return source, None
     from .training.checkpoint import build_model, load_checkpoint
 
-    checkpoint = load_checkpoint(source) if isinstance(source, str) else source
+    checkpoint = load_checkpoint(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise TypeError(f"source must be a model, a checkpoint dict or a checkpoint path, got {type(source).__name__}")
     return build_model(checkpoint, best=True), checkpoint.get("vocabularies")
@@ -192,9 +193,9 @@ def transfer(
     """Copy the shared parts of a trained model into a new model and set how they train.
 
     Args:
-        source: the trained `mtkernels.nn.MultiTaskModel`, or a checkpoint (path or dict from
-            ``mtkernels.training``) whose ``vocabularies`` entry, when present, is the default
-            ``source_vocabularies``.
+        source: the trained `mtkernels.nn.MultiTaskModel`, or a checkpoint (a ``str`` or
+            ``pathlib.Path`` path, or a dict from ``mtkernels.training``) whose ``vocabularies``
+            entry, when present, is the default ``source_vocabularies``.
         target: a `MultiTaskModel` (changed in place), possibly with other tasks and towers; the
             transferred tensors must have the source's shapes (same embedding_dim, backbone sizes
             and, for experts, the same input width: the same features and dense columns).

@@ -475,6 +475,25 @@ def test_transfer_errors(pretrained):
     assert torch.equal(like.state_dict()["embeddings.embedding_bags.user_id.weight"], before)  # nothing changed
 
 
+def test_source_checkpoint_given_as_a_str_or_a_path(pretrained, tmp_path):
+    # a pathlib.Path is a checkpoint path too (load_checkpoint and Ranker.load take one; transfer said
+    # "source must be a model, a checkpoint dict or a checkpoint path, got PosixPath")
+    from mtkernels.training import save_checkpoint
+
+    data, click, source = pretrained
+    path = tmp_path / "source.pt"
+    save_checkpoint(str(path), {"model_class": "mtkernels.nn.model:MultiTaskModel", "model_config": source.config,
+                                "model_state": source.state_dict(), "vocabularies": click.vocabularies})
+    for given in (str(path), path):
+        target = _model(data, seed=3)
+        report = transfer(given, target, parts=("embeddings", "experts"), mode="freeze")
+        assert report.tables["item_id"]["by"] == "position"  # the target was given no vocabularies
+        for key in report.parameters:
+            assert torch.equal(target.state_dict()[key], source.state_dict()[key]), key
+        assert torch.equal(target.state_dict()["embeddings.embedding_bags.item_id.weight"],
+                           source.state_dict()["embeddings.embedding_bags.item_id.weight"])
+
+
 def test_id_dropout_replaces_ids_and_history():
     data = make_data()
     batch = next(data.batches("train", 256, shuffle=False))
