@@ -71,6 +71,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from . import evaluation as _evaluation
 from . import metrics as _metrics
 from . import ops
 from .evaluation import default_ranking, fused_topk
@@ -546,9 +547,11 @@ def cold_topk_metrics(model, data, split: str, k: int = 10, task_weights: Option
 
     On ``val`` this measures cold-start ranking without touching test data (model selection for
     id dropout); on ``test_cold`` it equals `mtkernels.evaluation.topk_metrics` (those users are
-    cold already).
+    cold already). A time-aware `mtkernels.cold_start.ColdStartModel` ranks each user at their
+    request time in ``split`` (`mtkernels.cold_start.request_times`), as `evaluation.topk_lists` does.
     """
     model.eval()
+    first = _evaluation._request_times(model, data, split)
     tasks = list(getattr(model, "tasks", data.tasks))
     task_weights = dict(task_weights or default_ranking(tasks))
     evaluation = data.topk_eval(split)
@@ -558,7 +561,8 @@ def cold_topk_metrics(model, data, split: str, k: int = 10, task_weights: Option
         stop = min(start + users_per_block, len(evaluation))
         users = as_cold_users(data.user_feature_rows(users=evaluation.users[start:stop]), data)
         batch = data.pair_batch(users, items)
-        predictions = model(batch.sparse, batch.dense).reshape(stop - start, data.num_items, len(tasks))
+        at = None if first is None else first[evaluation.users[start:stop]].repeat_interleave(data.num_items)
+        predictions = _evaluation._forward(model, batch, at).reshape(stop - start, data.num_items, len(tasks))
         lo, hi = int(evaluation.exclude_offsets[start]), int(evaluation.exclude_offsets[stop])
         _, indices = fused_topk(predictions, tasks, task_weights, k,
                                 evaluation.exclude_offsets[start:stop + 1] - lo, evaluation.exclude_indices[lo:hi])

@@ -16,7 +16,7 @@ from mtkernels.data import protocol
 from mtkernels.data.movielens import read_grouplens
 from mtkernels.serving import Ranker, serving_tables
 from mtkernels.training import TrainConfig, fit
-from mtkernels.transfer import select_tasks
+from mtkernels.transfer import cold_topk_metrics, select_tasks
 from synthetic import make_data, one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 try:
@@ -439,6 +439,17 @@ def test_time_aware_cold_start_in_evaluation_and_serving(timed, tmp_path):
     assert got["topk"]["recall@10"] == pytest.approx(metrics.recall_at_k(lists[:, :10], ev.relevant, 10))
     assert 0 < got["click"]["auc"] < 1
     assert evaluation.topk_metrics(only_recent, data, "val") == evaluation.topk_metrics(model, data, "val")
+    # warm val users scored as cold (selection without test data) get their val request times too
+    # (cold_topk_metrics raised "at: ... needs the request time" for a time-aware model)
+    ev = data.topk_eval("val")
+    with torch.no_grad():
+        scores = recent(request_times(data, "val")[ev.users])
+    for u in range(len(ev)):
+        scores[u, ev.exclude_indices[ev.exclude_offsets[u]:ev.exclude_offsets[u + 1]]] = float("-inf")
+    _, lists = torch.sort(scores, dim=1, descending=True, stable=True)
+    as_cold = cold_topk_metrics(only_recent, data, "val")
+    assert as_cold["ndcg@10"] == pytest.approx(metrics.ndcg_at_k(lists[:, :10], ev.relevant, 10))
+    assert as_cold["recall@10"] == pytest.approx(metrics.recall_at_k(lists[:, :10], ev.relevant, 10))
     # serving: two request times give two different lists; the default is the latest training timestamp
     blended = ColdStartModel(model, prior, 0.9, recent=recent, recent_share=0.75)
     ranker = Ranker(blended, data.tasks, serving_tables(data))
