@@ -425,9 +425,9 @@ def keep_label_fraction(data, tasks: Sequence[str], fraction: float, seed: int =
 
     ``unit`` says what ``fraction`` counts:
 
-    - ``"users"``: whole users are kept, ``round(fraction * U)`` of the split's U users with all their
-      labels (the others keep none), the per-user reading of a label budget;
-    - ``"rows"``: ``round(fraction * n)`` of the split's n rows that carry a label for at least one of
+    - ``"users"``: whole users are kept, ``round(fraction * U)`` (at least 1) of the split's U users
+      with all their labels (the others keep none), the per-user reading of a label budget;
+    - ``"rows"``: ``round(fraction * n)`` (at least 1) of the split's n rows that carry a label for at least one of
       ``tasks`` (on ml100k-mtl-v1 the positive rows; the sampled negatives have NaN like/rating
       already), a uniform draw, so every user keeps about ``fraction`` of their labels;
     - ``None`` (default): ``"users"`` where the split has users (MovieLens), ``"rows"`` where it has
