@@ -132,7 +132,13 @@ class KeyedJaggedTensor:
         )
 
     def __getitem__(self, key: str) -> Dict[str, torch.Tensor]:
-        """The ids (and lengths, weights) of one feature: ``{"values", "lengths", "weights"}``."""
+        """The ids (and lengths, weights) of one feature: ``{"values", "lengths", "weights"}``.
+
+        Raises:
+            KeyError: ``key`` is not one of `keys`.
+        """
+        if key not in self._keys:
+            raise KeyError(f"{key!r} is not a key of this KeyedJaggedTensor; keys: {self._keys}")
         f = self._keys.index(key)
         batch = self.stride()
         start, end = int(self._offsets[f * batch]), int(self._offsets[(f + 1) * batch])

@@ -299,3 +299,11 @@ def test_keyed_jagged_tensor_rejects_lengths_and_offsets_that_disagree():
                            offsets=torch.tensor([0, 2, 2, 3]))
     assert ok.lengths().tolist() == [2, 0, 1] and ok.offsets().tolist() == [0, 2, 2, 3]
     assert ok["a"]["values"].tolist() == [3, 4, 5]
+
+
+def test_keyed_jagged_tensor_unknown_key_is_a_key_error_naming_the_keys():
+    kjt = KeyedJaggedTensor(["user_id", "item_id"], torch.tensor([3, 4]), lengths=torch.tensor([1, 1]))
+    assert kjt["item_id"]["values"].tolist() == [4]
+    # it was ValueError("'age' is not in list"), e.g. a cold-start prior over a feature the batch lacks
+    with pytest.raises(KeyError, match=r"'age' is not a key of this KeyedJaggedTensor; keys: \['user_id', 'item_id'\]"):
+        kjt["age"]
