@@ -188,11 +188,15 @@ def cmd_train(args) -> int:
     if args.monitor_tasks:
         values["monitor_tasks"] = [t for t in args.monitor_tasks.split(",") if t]
     config = TrainConfig(**values)
+    # the L2-SP penalty is part of the objective but not of TrainConfig: the checkpoint records it
+    l2_sp = None if regularizer is None else [regularizer.alpha, regularizer.beta]
     if os.path.exists(args.checkpoint) and not args.resume:
         print(f"note: training from scratch replaces the existing checkpoint {args.checkpoint} (--resume continues it)",
               file=sys.stderr)
+    if args.resume and os.path.isfile(args.checkpoint):
+        _check_resumed_l2_sp(args.checkpoint, l2_sp)
     extra = {"data": data_spec, "serving": _serving_tables(data),
-             "vocabularies": data.vocabularies}
+             "vocabularies": data.vocabularies, "l2_sp": l2_sp}
     result = fit(model, data, config, checkpoint_path=args.checkpoint, resume=args.resume, checkpoint_extra=extra,
                  regularizer=regularizer)
     print(f"trained {args.model}: best epoch {result.best_epoch}, {len(result.history)} epochs, "
@@ -304,9 +308,12 @@ def _lr_scale(text: str):
     """``--transfer-lr-scale``: ``"0.3"`` -> 0.3; ``"embeddings=0.1,experts=1"`` -> {part: scale}."""
     if "=" not in text:
         try:
-            return float(text)
+            scale = float(text)
         except ValueError:
             raise ValueError(f"--transfer-lr-scale: expected a number or PART=SCALE,..., got {text!r}") from None
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"--transfer-lr-scale: a scale must be a finite number >= 0, got {text!r}")
+        return scale
     scales = {}
     for item in (i for i in text.split(",") if i):
         part, _, value = item.partition("=")
@@ -314,6 +321,8 @@ def _lr_scale(text: str):
             scales[part] = float(value)
         except ValueError:
             raise ValueError(f"--transfer-lr-scale: expected PART=SCALE, got {item!r}") from None
+        if not (math.isfinite(scales[part]) and scales[part] >= 0):
+            raise ValueError(f"--transfer-lr-scale: a scale must be a finite number >= 0, got {item!r}")
     _parts(",".join(scales), "--transfer-lr-scale")
     return scales
 
@@ -326,9 +335,23 @@ def _l2_sp(text: Optional[str]):
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) not in (1, 2) or not all(v >= 0 for v in values):
+    if len(values) not in (1, 2) or not all(math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"--l2-sp: expected ALPHA or ALPHA,BETA (numbers >= 0), got {text!r}")
     return values[0], (values[1] if len(values) == 2 else 0.0)
+
+
+def _check_resumed_l2_sp(path: str, l2_sp: Optional[List[float]]) -> None:
+    """``--resume``: refuse an ``--l2-sp`` other than the one the checkpoint was trained with (a
+    checkpoint written before it was recorded is not checked)."""
+    from .training import load_checkpoint
+
+    saved = load_checkpoint(path)
+    if "l2_sp" not in saved or saved["l2_sp"] == l2_sp:
+        return
+    said = lambda value: "none" if value is None else ",".join(f"{v:g}" for v in value)  # noqa: E731
+    raise ValueError(f"cannot resume from {path}: it was trained with --l2-sp {said(saved['l2_sp'])}, this run has "
+                     f"--l2-sp {said(l2_sp)} (the penalty is a training setting; only --epochs and --patience may "
+                     "change when resuming)")
 
 
 def _init_from(args, model, data):

@@ -616,6 +616,10 @@ class ColdStartModel(nn.Module):
     def tasks(self):
         return list(self.model.tasks)
 
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels the outputs are scored against: the wrapped model's (ESMM: entire-space labels)."""
+        return self.model.targets(labels) if hasattr(self.model, "targets") else labels
+
     @property
     def uses_request_time(self) -> bool:
         return self.recent is not None and self.recent_share > 0 and self.weight > 0

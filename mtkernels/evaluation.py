@@ -106,6 +106,13 @@ def _request_times(model: torch.nn.Module, data, split: str) -> Optional[torch.T
     return request_times(data, split)
 
 
+def scored_labels(model: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The labels ``[n, T]`` a model's outputs are scored against: ``model.targets(labels)`` where
+    the model has it (ESMM: entire-space labels, 0 where a post-click task's row was not clicked),
+    else ``labels``."""
+    return model.targets(labels) if hasattr(model, "targets") else labels
+
+
 def _forward(model: torch.nn.Module, batch, at: Optional[torch.Tensor]) -> torch.Tensor:
     """The model's outputs for a batch, at request times ``at`` when it takes them."""
     return model(batch.sparse, batch.dense) if at is None else model(batch.sparse, batch.dense, at=at)
@@ -156,9 +163,13 @@ def pointwise_metrics(tasks: Sequence, labels: torch.Tensor, predictions: torch.
     return result
 
 
-def _check_split_and_k(data, split: str, k: int) -> None:
+def _check_split(data, split: str) -> None:
     if split not in data.splits:
         raise ValueError(f"split: {split!r} is not a split of {data.name}; splits: {', '.join(data.splits)}")
+
+
+def _check_split_and_k(data, split: str, k: int) -> None:
+    _check_split(data, split)
     try:
         positive = not isinstance(k, bool) and operator.index(k) >= 1
     except TypeError:
@@ -252,9 +263,7 @@ def evaluate(
     """
     _check_split_and_k(data, split, k)
     check_tasks(model, data)
-    labels = data.splits[split].labels
-    if hasattr(model, "targets"):  # ESMM: its post-click outputs are scored on entire-space labels
-        labels = model.targets(labels)
+    labels = scored_labels(model, data.splits[split].labels)  # ESMM: entire-space labels
     result: Dict[str, object] = dict(pointwise_metrics(data.tasks, labels, predict(model, data, split, batch_size)))
     if topk and has_items(data) and split in getattr(data, "topk_splits", [split]):
         result["topk"] = topk_metrics(model, data, split, k, task_weights)
@@ -275,17 +284,22 @@ class LikeRatingBlend(torch.nn.Module):
     Args:
         model: maps ``(sparse, dense)`` to ``[B, T]`` outputs (binary tasks as probabilities).
         like_task, rating_task: the column of the binary like task and of the regression task.
-        weight: w >= 0 (0: the model's own like probability).
+        weight: w >= 0, finite (0: the model's own like probability).
 
     Raises:
-        ValueError: a negative weight or the same column twice.
+        ValueError: a negative or non-finite weight, or the same column twice.
     """
 
     def __init__(self, model: torch.nn.Module, like_task: int, rating_task: int, weight: float) -> None:
         super().__init__()
-        if weight < 0 or like_task == rating_task:
-            raise ValueError(f"weight must be >= 0 and like_task != rating_task, got {weight}, {like_task}, {rating_task}")
+        if not (math.isfinite(weight) and weight >= 0) or like_task == rating_task:
+            raise ValueError(f"weight must be a finite number >= 0 and like_task != rating_task, got {weight}, "
+                             f"{like_task}, {rating_task}")
         self.model, self.like_task, self.rating_task, self.weight = model, int(like_task), int(rating_task), float(weight)
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels the outputs are scored against: the wrapped model's (`scored_labels`)."""
+        return scored_labels(self.model, labels)
 
     def forward(self, sparse, dense: torch.Tensor) -> torch.Tensor:
         out = self.model(sparse, dense)
@@ -303,15 +317,19 @@ def choose_like_rating_blend(model: torch.nn.Module, data, split: str = "val", l
         ``(blend, {weight: like AUC on split})``.
 
     Raises:
-        KeyError: no task named ``like`` or ``rating``. ValueError: empty ``weights``.
+        KeyError: no task named ``like`` or ``rating``. ValueError: an unknown ``split``; empty
+            ``weights`` or a candidate that is not a finite number >= 0.
     """
     names = [t.name for t in data.tasks]
     if like not in names or rating not in names:
         raise KeyError(f"tasks {like!r} and {rating!r} needed, tasks are {names}")
+    _check_split(data, split)
     if not len(weights):
         raise ValueError("weights: need at least one candidate")
+    if not all(math.isfinite(float(w)) and float(w) >= 0 for w in weights):
+        raise ValueError(f"weights: every candidate must be a finite number >= 0, got {[float(w) for w in weights]}")
     like_task, rating_task = names.index(like), names.index(rating)
-    labels = data.splits[split].labels[:, like_task]
+    labels = scored_labels(model, data.splits[split].labels)[:, like_task]  # the labels evaluate scores
     rows = ~torch.isnan(labels)
     output = predict(model, data, split).double()[rows]
     logit = torch.logit(output[:, like_task].clamp(1e-7, 1 - 1e-7))
@@ -345,6 +363,10 @@ class RatingCalibration(torch.nn.Module):
             raise ValueError(f"scale and shift must be finite, got {scale}, {shift}")
         self.model, self.rating_task, self.scale, self.shift = model, int(rating_task), float(scale), float(shift)
 
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels the outputs are scored against: the wrapped model's (`scored_labels`)."""
+        return scored_labels(self.model, labels)
+
     def forward(self, sparse, dense: torch.Tensor) -> torch.Tensor:
         out = self.model(sparse, dense)
         rating = out[:, self.rating_task] * self.scale + self.shift
@@ -358,14 +380,15 @@ def choose_rating_calibration(model: torch.nn.Module, data, split: str = "val", 
     ``sum (scale * prediction + shift - rating)^2`` (float64, closed form).
 
     Raises:
-        KeyError: no task named ``rating``. ValueError: fewer than two rated rows, or predictions
-            that are all equal (no scale to fit).
+        KeyError: no task named ``rating``. ValueError: an unknown ``split``, fewer than two rated
+            rows, or predictions that are all equal (no scale to fit).
     """
     names = [t.name for t in data.tasks]
     if rating not in names:
         raise KeyError(f"task {rating!r} needed, tasks are {names}")
+    _check_split(data, split)
     column = names.index(rating)
-    labels = data.splits[split].labels[:, column]
+    labels = scored_labels(model, data.splits[split].labels)[:, column]
     rows = ~torch.isnan(labels)
     x = predict(model, data, split).double()[rows, column]
     y = labels[rows].double()

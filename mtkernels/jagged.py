@@ -26,7 +26,8 @@ class KeyedJaggedTensor:
     Raises:
         ValueError: neither lengths nor offsets given, or sizes that do not agree
             (``len(lengths)`` not a multiple of F, ``offsets[-1] != len(values)``, ...), a negative
-            length, decreasing offsets or ``offsets[0] != 0``.
+            length, decreasing offsets, ``offsets[0] != 0``, or lengths and offsets both given
+            that describe different bags.
         TypeError: non-integer values, lengths or offsets.
     """
 
@@ -49,6 +50,20 @@ class KeyedJaggedTensor:
             if t is not None and (t.dim() != 1 or t.is_floating_point()):
                 raise TypeError(f"{name} must be a 1-D integer tensor, got {t.dtype} {tuple(t.shape)}")
         given_offsets = lengths is None
+        if lengths is not None and offsets is not None:
+            # both given (TorchRec's KJT carries both): the lookup reads offsets for some feature
+            # selections and lengths for others, so they must describe the same bags
+            if offsets.numel() != lengths.numel() + 1:
+                raise ValueError(
+                    f"offsets must have len(lengths)+1={lengths.numel() + 1} entries, got {offsets.numel()}"
+                )
+            wrong = (offsets[1:] - offsets[:-1] != lengths).nonzero()
+            if wrong.numel():
+                bag = int(wrong[0, 0])
+                raise ValueError(
+                    f"offsets and lengths disagree at bag {bag}: lengths[{bag}]={int(lengths[bag])}, "
+                    f"offsets[{bag + 1}] - offsets[{bag}]={int(offsets[bag + 1] - offsets[bag])}"
+                )
         if lengths is None:
             if offsets.numel() < 1:
                 raise ValueError("offsets must hold at least one entry (0)")
@@ -56,10 +71,6 @@ class KeyedJaggedTensor:
         if offsets is None:
             offsets = torch.zeros(lengths.numel() + 1, dtype=lengths.dtype, device=lengths.device)
             torch.cumsum(lengths, 0, out=offsets[1:])
-        if offsets.numel() != lengths.numel() + 1:
-            raise ValueError(
-                f"offsets must have len(lengths)+1={lengths.numel() + 1} entries, got {offsets.numel()}"
-            )
         if lengths.numel() and bool((lengths < 0).any()):
             raise ValueError(
                 "offsets must be non-decreasing" if given_offsets else
@@ -121,7 +132,13 @@ class KeyedJaggedTensor:
         )
 
     def __getitem__(self, key: str) -> Dict[str, torch.Tensor]:
-        """The ids (and lengths, weights) of one feature: ``{"values", "lengths", "weights"}``."""
+        """The ids (and lengths, weights) of one feature: ``{"values", "lengths", "weights"}``.
+
+        Raises:
+            KeyError: ``key`` is not one of `keys`.
+        """
+        if key not in self._keys:
+            raise KeyError(f"{key!r} is not a key of this KeyedJaggedTensor; keys: {self._keys}")
         f = self._keys.index(key)
         batch = self.stride()
         start, end = int(self._offsets[f * batch]), int(self._offsets[(f + 1) * batch])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import operator
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -355,10 +356,11 @@ class Ranker:
             side_features: optional ``{user id: {user-side feature name: encoded id (or list of
                 ids for a multi-valued feature)}}`` for ids the checkpoint does not know; missing
                 features take the unknown id 0, dense user features the mean.
-            at: the request time, seconds (Unix time), for a model that ranks unknown users by it
-                (``uses_request_time``: a `mtkernels.cold_start.ColdStartModel` with a
-                `RecentPopularityPrior`): only training ratings up to ``at`` count. Default: the
-                latest training timestamp. Known users' lists do not depend on it.
+            at: the request time, seconds (Unix time; a Python or NumPy number or a 0-d tensor),
+                for a model that ranks unknown users by it (``uses_request_time``: a
+                `mtkernels.cold_start.ColdStartModel` with a `RecentPopularityPrior`): only
+                training ratings up to ``at`` count. Default: the latest training timestamp.
+                Known users' lists do not depend on it.
 
         Returns:
             :class:`Recommendations`. Users known from training are scored by the model
@@ -381,8 +383,10 @@ class Ranker:
             if not self.uses_request_time:
                 raise ValueError("at: this checkpoint's model does not rank by request time (only a cold-start model "
                                  "with a time-aware prior does)")
-            if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+            value = at.item() if isinstance(at, torch.Tensor) and at.dim() == 0 else at
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"at: the request time must be a finite number of seconds (Unix time), got {at!r}")
+            at = int(value) if isinstance(value, numbers.Integral) else float(value)  # NumPy scalars too
         if user_ids.dim() == 0 if isinstance(user_ids, torch.Tensor) else _is_integer(user_ids):
             raise ValueError(f"user_ids: expected a sequence of ids (e.g. [{int(user_ids)}]), got {user_ids!r}")
         bad = [u for u in user_ids if not _is_integer(u)]

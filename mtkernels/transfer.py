@@ -63,12 +63,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from . import evaluation as _evaluation
 from . import metrics as _metrics
 from . import ops
 from .evaluation import default_ranking, fused_topk
@@ -140,7 +143,7 @@ def _source_model(source):
         return source, None
     from .training.checkpoint import build_model, load_checkpoint
 
-    checkpoint = load_checkpoint(source) if isinstance(source, str) else source
+    checkpoint = load_checkpoint(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise TypeError(f"source must be a model, a checkpoint dict or a checkpoint path, got {type(source).__name__}")
     return build_model(checkpoint, best=True), checkpoint.get("vocabularies")
@@ -191,9 +194,9 @@ def transfer(
     """Copy the shared parts of a trained model into a new model and set how they train.
 
     Args:
-        source: the trained `mtkernels.nn.MultiTaskModel`, or a checkpoint (path or dict from
-            ``mtkernels.training``) whose ``vocabularies`` entry, when present, is the default
-            ``source_vocabularies``.
+        source: the trained `mtkernels.nn.MultiTaskModel`, or a checkpoint (a ``str`` or
+            ``pathlib.Path`` path, or a dict from ``mtkernels.training``) whose ``vocabularies``
+            entry, when present, is the default ``source_vocabularies``.
         target: a `MultiTaskModel` (changed in place), possibly with other tasks and towers; the
             transferred tensors must have the source's shapes (same embedding_dim, backbone sizes
             and, for experts, the same input width: the same features and dense columns).
@@ -220,10 +223,10 @@ def transfer(
         `TransferReport` (rows matched per table, tensors copied, scales set, the L2-SP penalty).
 
     Raises:
-        ValueError: unknown parts or mode, a negative lr_scale or one for a part not in ``parts``,
+        ValueError: unknown parts or mode, a negative or infinite lr_scale or one for a part not in ``parts``,
             different backbones (experts, gates), tensors of different shapes, tables of different row
             counts without vocabularies, ``gates``/``towers`` with no task name in both models,
-            ``l2_sp`` with ``mode="freeze"``, a negative ``l2_sp`` or ``l2_sp_new``.
+            ``l2_sp`` with ``mode="freeze"``, a negative or infinite ``l2_sp`` or ``l2_sp_new``.
         TypeError: a source that is neither a model nor a checkpoint.
     """
     unknown = [p for p in parts if p not in PARTS]
@@ -239,13 +242,13 @@ def transfer(
     else:
         requested = {p: lr_scale for p in parts}
     for part, value in requested.items():
-        if not float(value) >= 0:
-            raise ValueError(f"lr_scale of {part!r} must be >= 0, got {value}")
+        if not (math.isfinite(float(value)) and float(value) >= 0):
+            raise ValueError(f"lr_scale of {part!r} must be a finite number >= 0, got {value}")
     if l2_sp is not None:
         if mode != "finetune":
             raise ValueError(f"l2_sp pulls fine-tuned parameters towards the source; it needs mode='finetune', got {mode!r}")
-        if not float(l2_sp) >= 0 or not float(l2_sp_new) >= 0:
-            raise ValueError(f"l2_sp and l2_sp_new must be >= 0, got {l2_sp} and {l2_sp_new}")
+        if not all(math.isfinite(float(v)) and float(v) >= 0 for v in (l2_sp, l2_sp_new)):
+            raise ValueError(f"l2_sp and l2_sp_new must be finite numbers >= 0, got {l2_sp} and {l2_sp_new}")
     source, checkpoint_vocabularies = _source_model(source)
     per_task = [p for p in parts if p in ("gates", "towers")]
     if per_task and not _task_index_maps(source, target):
@@ -260,6 +263,7 @@ def transfer(
     tables_report: Dict[str, Dict[str, object]] = {}
     skipped: List[str] = []
     copied: List[str] = []
+    accumulators = []  # (table, target rows, source rows, source accumulator) to copy once the scales are set
 
     if "embeddings" in parts:
         source_tables = source.embeddings.embedding_bags
@@ -275,9 +279,8 @@ def transfer(
                                            source_vocabularies.get(name), target_vocabularies.get(name))
             table.weight[rows] = source_table.weight[from_rows].to(table.weight.dtype)
             source_momentum = source_table._buffers.get("momentum")
-            target_momentum = table._buffers.get("momentum")
-            if mode == "finetune" and source_momentum is not None and target_momentum is not None:
-                target_momentum[rows] = source_momentum[from_rows]
+            if mode == "finetune" and source_momentum is not None:
+                accumulators.append((table, rows, from_rows, source_momentum))
             tables_report[name] = {"rows": int(table.weight.shape[0]), "matched": int(rows.numel()),
                                    "fresh": int(table.weight.shape[0] - rows.numel()), "by": by}
             prefixes[_TABLE_PREFIX + name] = scales["embeddings"]
@@ -320,6 +323,11 @@ def transfer(
     changed = {prefix: scale for prefix, scale in prefixes.items() if target.lr_scale_of(prefix) != scale}
     if changed:
         target.set_lr_scales(changed)
+    # after the scales: a table frozen until now gets its Adagrad accumulator (zeros) only there
+    for table, rows, from_rows, source_momentum in accumulators:
+        target_momentum = table._buffers.get("momentum")
+        if target_momentum is not None:
+            target_momentum[rows] = source_momentum[from_rows]
     target._packed = None  # the fused scoring parameters are repacked from the copied weights
     regularizer = None
     if l2_sp is not None:
@@ -346,15 +354,15 @@ class L2SP:
 
     Args:
         reference: ``{parameter name: source value}`` (copied here, so training does not move them).
-        alpha, beta: the penalty weights (>= 0).
+        alpha, beta: the penalty weights (finite, >= 0).
 
     Raises:
-        ValueError: a negative weight.
+        ValueError: a negative or non-finite weight.
     """
 
     def __init__(self, reference: Mapping[str, torch.Tensor], alpha: float, beta: float = 0.0) -> None:
-        if not float(alpha) >= 0 or not float(beta) >= 0:
-            raise ValueError(f"alpha and beta must be >= 0, got {alpha} and {beta}")
+        if not all(math.isfinite(float(v)) and float(v) >= 0 for v in (alpha, beta)):
+            raise ValueError(f"alpha and beta must be finite numbers >= 0, got {alpha} and {beta}")
         self.alpha, self.beta = float(alpha), float(beta)
         self.reference = {name: value.detach().clone() for name, value in reference.items()}
 
@@ -417,9 +425,9 @@ def keep_label_fraction(data, tasks: Sequence[str], fraction: float, seed: int =
 
     ``unit`` says what ``fraction`` counts:
 
-    - ``"users"``: whole users are kept, ``round(fraction * U)`` of the split's U users with all their
-      labels (the others keep none), the per-user reading of a label budget;
-    - ``"rows"``: ``round(fraction * n)`` of the split's n rows that carry a label for at least one of
+    - ``"users"``: whole users are kept, ``round(fraction * U)`` (at least 1) of the split's U users
+      with all their labels (the others keep none), the per-user reading of a label budget;
+    - ``"rows"``: ``round(fraction * n)`` (at least 1) of the split's n rows that carry a label for at least one of
       ``tasks`` (on ml100k-mtl-v1 the positive rows; the sampled negatives have NaN like/rating
       already), a uniform draw, so every user keeps about ``fraction`` of their labels;
     - ``None`` (default): ``"users"`` where the split has users (MovieLens), ``"rows"`` where it has
@@ -539,9 +547,11 @@ def cold_topk_metrics(model, data, split: str, k: int = 10, task_weights: Option
 
     On ``val`` this measures cold-start ranking without touching test data (model selection for
     id dropout); on ``test_cold`` it equals `mtkernels.evaluation.topk_metrics` (those users are
-    cold already).
+    cold already). A time-aware `mtkernels.cold_start.ColdStartModel` ranks each user at their
+    request time in ``split`` (`mtkernels.cold_start.request_times`), as `evaluation.topk_lists` does.
     """
     model.eval()
+    first = _evaluation._request_times(model, data, split)
     tasks = list(getattr(model, "tasks", data.tasks))
     task_weights = dict(task_weights or default_ranking(tasks))
     evaluation = data.topk_eval(split)
@@ -551,7 +561,8 @@ def cold_topk_metrics(model, data, split: str, k: int = 10, task_weights: Option
         stop = min(start + users_per_block, len(evaluation))
         users = as_cold_users(data.user_feature_rows(users=evaluation.users[start:stop]), data)
         batch = data.pair_batch(users, items)
-        predictions = model(batch.sparse, batch.dense).reshape(stop - start, data.num_items, len(tasks))
+        at = None if first is None else first[evaluation.users[start:stop]].repeat_interleave(data.num_items)
+        predictions = _evaluation._forward(model, batch, at).reshape(stop - start, data.num_items, len(tasks))
         lo, hi = int(evaluation.exclude_offsets[start]), int(evaluation.exclude_offsets[stop])
         _, indices = fused_topk(predictions, tasks, task_weights, k,
                                 evaluation.exclude_offsets[start:stop + 1] - lo, evaluation.exclude_indices[lo:hi])

@@ -16,7 +16,7 @@ from mtkernels.data import protocol
 from mtkernels.data.movielens import read_grouplens
 from mtkernels.serving import Ranker, serving_tables
 from mtkernels.training import TrainConfig, fit
-from mtkernels.transfer import select_tasks
+from mtkernels.transfer import cold_topk_metrics, select_tasks
 from synthetic import make_data, one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
 try:
@@ -164,6 +164,22 @@ def test_cold_start_model_in_evaluation_and_serving(trained):
     with torch.no_grad():
         expected = prior({"age": torch.tensor([1])})[0].topk(5).indices
     assert first == data.item_ids[expected].tolist()
+
+
+def test_cold_start_model_of_an_esmm_model_is_scored_on_its_entire_space_labels():
+    # weight 0 is the model itself, so every metric of evaluate must be the model's: ESMM's like output,
+    # P(click and like), is scored on entire-space labels (0 on non-clicked rows, whose like label is NaN)
+    data = make_data()
+    esmm = tiny_model(data, "esmm").eval()
+    labels = data.splits["test_cold"].labels
+    assert bool(torch.isnan(labels[:, 1]).any())
+    wrapped = ColdStartModel(esmm, item_prior_for(data, ("age",)), 0.0)
+    torch.testing.assert_close(wrapped.targets(labels), esmm.targets(labels), rtol=0, atol=0, equal_nan=True)
+    for split in ("val", "test_cold"):
+        want = evaluation.evaluate(esmm, data, split, topk=False)
+        got = evaluation.evaluate(wrapped, data, split, topk=False)
+        assert got["like"]["auc"] == pytest.approx(want["like"]["auc"], abs=1e-9)
+        assert got["like"]["logloss"] == pytest.approx(want["like"]["logloss"], rel=1e-6)
 
 
 def test_evaluate_rejects_unknown_splits_and_k(trained):
@@ -423,6 +439,17 @@ def test_time_aware_cold_start_in_evaluation_and_serving(timed, tmp_path):
     assert got["topk"]["recall@10"] == pytest.approx(metrics.recall_at_k(lists[:, :10], ev.relevant, 10))
     assert 0 < got["click"]["auc"] < 1
     assert evaluation.topk_metrics(only_recent, data, "val") == evaluation.topk_metrics(model, data, "val")
+    # warm val users scored as cold (selection without test data) get their val request times too
+    # (cold_topk_metrics raised "at: ... needs the request time" for a time-aware model)
+    ev = data.topk_eval("val")
+    with torch.no_grad():
+        scores = recent(request_times(data, "val")[ev.users])
+    for u in range(len(ev)):
+        scores[u, ev.exclude_indices[ev.exclude_offsets[u]:ev.exclude_offsets[u + 1]]] = float("-inf")
+    _, lists = torch.sort(scores, dim=1, descending=True, stable=True)
+    as_cold = cold_topk_metrics(only_recent, data, "val")
+    assert as_cold["ndcg@10"] == pytest.approx(metrics.ndcg_at_k(lists[:, :10], ev.relevant, 10))
+    assert as_cold["recall@10"] == pytest.approx(metrics.recall_at_k(lists[:, :10], ev.relevant, 10))
     # serving: two request times give two different lists; the default is the latest training timestamp
     blended = ColdStartModel(model, prior, 0.9, recent=recent, recent_share=0.75)
     ranker = Ranker(blended, data.tasks, serving_tables(data))
@@ -443,7 +470,10 @@ def test_time_aware_cold_start_in_evaluation_and_serving(timed, tmp_path):
     loaded = Ranker.load(path)
     assert loaded.model.recent_share == 0.75 and loaded.model.recent.half_life_days == 3.0
     assert torch.equal(loaded.recommend([9001], k=8, side_features=sides, at=1_000_000 + 5 * DAY).item_ids, early.item_ids)
-    for bad in (float("nan"), "yesterday"):
+    # a request time read from the data (NumPy / pandas integers, a 0-d tensor) is a number of seconds too
+    for same in (np.int64(1_000_000 + 5 * DAY), np.float64(1_000_000 + 5 * DAY), torch.tensor(1_000_000 + 5 * DAY)):
+        assert torch.equal(ranker.recommend([9001], k=8, side_features=sides, at=same).item_ids, early.item_ids)
+    for bad in (float("nan"), "yesterday", True, torch.tensor([1.0, 2.0]), np.float64("inf")):
         with pytest.raises(ValueError, match="at"):
             ranker.recommend([9001], k=8, side_features=sides, at=bad)
     with pytest.raises(ValueError, match="at"):

@@ -61,12 +61,20 @@ def test_weight_chosen_on_validation(data_and_model):
 
 def test_blend_errors(data_and_model):
     data, model = data_and_model
-    with pytest.raises(ValueError, match="weight must be >= 0"):
-        evaluation.LikeRatingBlend(model, 1, 2, -1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weight must be a finite number >= 0"):
+            evaluation.LikeRatingBlend(model, 1, 2, bad)
     with pytest.raises(KeyError, match="'taste'"):
         evaluation.choose_like_rating_blend(model, data, like="taste")
     with pytest.raises(ValueError, match="weights"):
         evaluation.choose_like_rating_blend(model, data, weights=())
+    # a bad candidate weight is named as such (NaN used to surface as "predictions hold NaN")
+    for bad in (float("nan"), -0.5, float("inf")):
+        with pytest.raises(ValueError, match=r"weights: every candidate must be a finite number >= 0, got \[0.0, "):
+            evaluation.choose_like_rating_blend(model, data, weights=(0.0, bad))
+    # an unknown split is named (it was a bare KeyError: 'tset')
+    with pytest.raises(ValueError, match=r"split: 'tset' is not a split of .*val"):
+        evaluation.choose_like_rating_blend(model, data, "tset")
 
 
 def test_rating_calibration_is_least_squares_on_validation(data_and_model):
@@ -98,3 +106,24 @@ def test_rating_calibration_errors(data_and_model):
         evaluation.choose_rating_calibration(model, data, rating="score")
     with pytest.raises(ValueError, match="finite"):
         evaluation.RatingCalibration(model, 2, float("nan"), 0.0)
+    with pytest.raises(ValueError, match=r"split: 'tset' is not a split of .*val"):
+        evaluation.choose_rating_calibration(model, data, "tset")
+
+
+def test_wrappers_of_an_esmm_model_are_scored_on_its_entire_space_labels(data_and_model):
+    # ESMM's like output is P(click and like): evaluate scores it on entire-space labels (0 where not
+    # clicked), which a wrapper must keep; a blend of weight 0 and the identity calibration are the model
+    data, _ = data_and_model
+    torch.manual_seed(0)
+    esmm = presets.build_model(data, "esmm").eval()
+    labels = data.splits["val"].labels
+    assert bool(torch.isnan(labels[:, 1]).any())  # non-clicked rows: no like label, entire-space target 0
+    want = evaluation.evaluate(esmm, data, "val", topk=False)
+    for wrapped in (evaluation.LikeRatingBlend(esmm, 1, 2, 0.0), evaluation.RatingCalibration(esmm, 2, 1.0, 0.0)):
+        torch.testing.assert_close(wrapped.targets(labels), esmm.targets(labels), rtol=0, atol=0, equal_nan=True)
+        got = evaluation.evaluate(wrapped, data, "val", topk=False)
+        assert got["like"]["auc"] == pytest.approx(want["like"]["auc"], abs=1e-9)
+        assert got["like"]["logloss"] == pytest.approx(want["like"]["logloss"], rel=1e-5)
+    # the blend weight is chosen on the like AUC that evaluate reports
+    _, aucs = evaluation.choose_like_rating_blend(esmm, data, "val", weights=(0.0, 1.0))
+    assert aucs[0.0] == pytest.approx(want["like"]["auc"], abs=1e-6)

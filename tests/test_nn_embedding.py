@@ -283,3 +283,27 @@ def test_keyed_jagged_tensor_rejects_negative_lengths_and_bad_offsets():
         KeyedJaggedTensor(["a"], values, offsets=torch.tensor([1, 2, 3]))
     ok = KeyedJaggedTensor(["a"], values, offsets=torch.tensor([0, 2, 2, 3]))
     assert ok.lengths().tolist() == [2, 0, 1]
+
+
+def test_keyed_jagged_tensor_rejects_lengths_and_offsets_that_disagree():
+    values = torch.tensor([3, 4, 5])
+    # both given (as from_torchrec and id dropout pass them): the lookup reads offsets for some feature
+    # selections and lengths for others, so a disagreement would pool different bags silently
+    with pytest.raises(ValueError, match=r"offsets and lengths disagree at bag 0: lengths\[0\]=2"):
+        KeyedJaggedTensor(["a"], values, lengths=torch.tensor([2, 0, 1]), offsets=torch.tensor([0, 1, 2, 3]))
+    # decreasing offsets with lengths beside them (each offset checked only through lengths before)
+    with pytest.raises(ValueError, match="offsets and lengths disagree at bag 1"):
+        KeyedJaggedTensor(["a"], values, lengths=torch.tensor([1, 1, 1]), offsets=torch.tensor([0, 1, 0, 3]))
+    # int32 lengths beside int64 offsets that agree are fine
+    ok = KeyedJaggedTensor(["a"], values, lengths=torch.tensor([2, 0, 1], dtype=torch.int32),
+                           offsets=torch.tensor([0, 2, 2, 3]))
+    assert ok.lengths().tolist() == [2, 0, 1] and ok.offsets().tolist() == [0, 2, 2, 3]
+    assert ok["a"]["values"].tolist() == [3, 4, 5]
+
+
+def test_keyed_jagged_tensor_unknown_key_is_a_key_error_naming_the_keys():
+    kjt = KeyedJaggedTensor(["user_id", "item_id"], torch.tensor([3, 4]), lengths=torch.tensor([1, 1]))
+    assert kjt["item_id"]["values"].tolist() == [4]
+    # it was ValueError("'age' is not in list"), e.g. a cold-start prior over a feature the batch lacks
+    with pytest.raises(KeyError, match=r"'age' is not a key of this KeyedJaggedTensor; keys: \['user_id', 'item_id'\]"):
+        kjt["age"]

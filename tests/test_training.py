@@ -211,3 +211,22 @@ def test_load_checkpoint_names_a_truncated_or_corrupt_file(tmp_path):
     for bad in (truncated, garbage):
         with pytest.raises(ValueError, match=f"{bad.name} is not an mtkernels checkpoint"):
             load_checkpoint(str(bad))
+
+
+def test_unknown_monitor_tasks_or_validation_split_are_refused_before_training(tmp_path):
+    # they were found by the first validation, after a whole epoch of training (no checkpoint written)
+    from mtkernels.training import fit
+
+    from synthetic import make_data, tiny_model
+
+    data = make_data()
+    model = tiny_model(data)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = str(tmp_path / "run.pt")
+    for values, message in (({"monitor_tasks": ["lik"]}, r"monitor_tasks \['lik'\] are not tasks of the data"),
+                            ({"validation_split": "vall"}, r"validation_split 'vall' is not a split of synthetic")):
+        config = TrainConfig(epochs=1, batch_size=64, progress=False, **values)
+        with pytest.raises(ValueError, match=message):
+            fit(model, data, config, checkpoint_path=path)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert not os.path.exists(path)

@@ -266,12 +266,22 @@ def test_per_part_lr_scales_and_unfreezing_by_a_second_transfer(pretrained):
     assert again.part_scales == {"embeddings": 0.5, "experts": 1.0}
     assert frozen.frozen_parameter_names() == [] and frozen.lr_scale_of(expert) == 1.0
     assert frozen.embeddings.frozen_tables == []
+    # the pretrained rows keep their Adagrad accumulators after a frozen phase too (they were zero,
+    # so the first fine-tuning steps of pretrained rows were as large as a fresh row's)
+    source_state = source.state_dict()
+    for feature in data.features:
+        key = f"embeddings.embedding_bags.{feature.name}.momentum"
+        assert float(source_state[key].sum()) > 0
+        assert torch.equal(frozen.state_dict()[key], source_state[key]), key
+    # ... in the tensors the fused optimizer updates
+    accumulators = {a.data_ptr() for o in frozen.embeddings.fused_optimizers for a in o.accumulators}
+    assert all(t.momentum.data_ptr() in accumulators for t in frozen.embeddings.embedding_bags.values())
     before = _state(frozen)
     fit(frozen, data, TrainConfig(**QUICK))
     assert not torch.equal(frozen.state_dict()[expert], before[expert])
     with pytest.raises(ValueError, match="not transferred"):
         transfer(source, _model(data), parts=("experts",), mode="finetune", lr_scale={"embeddings": 0.1})
-    with pytest.raises(ValueError, match="'experts' must be >= 0"):
+    with pytest.raises(ValueError, match="'experts' must be a finite number >= 0"):
         transfer(source, _model(data), parts=("experts",), mode="finetune", lr_scale={"experts": -1.0})
 
 
@@ -335,10 +345,62 @@ def test_l2_sp_penalty_value_gradient_and_alpha_zero(pretrained):
     assert distance(pulled) < 0.5 * distance(plain)
     with pytest.raises(ValueError, match="mode='finetune'"):
         transfer(source, _model(data), mode="freeze", l2_sp=0.1)
-    with pytest.raises(ValueError, match="l2_sp and l2_sp_new must be >= 0"):
+    with pytest.raises(ValueError, match="l2_sp and l2_sp_new must be finite numbers >= 0"):
         transfer(source, _model(data), mode="finetune", l2_sp=0.1, l2_sp_new=-1.0)
     with pytest.raises(ValueError, match="no parameters"):
         penalty(_model(data, "ple"))  # another backbone: no parameters of those names
+
+
+def test_resample_negatives_after_select_tasks(tmp_path):
+    """The sampled negatives are the rows whose click label is 0: after select_tasks reorders the tasks
+    they are still found by that task, and without it resampling is refused (it took the first task,
+    like, and gave rated positives with a like label of 0 unrated items, keeping their ratings)."""
+    from mtkernels.data import protocol
+    from mtkernels.data.movielens import build_ml100k_mtl_v1, read_grouplens
+    try:
+        from tests.data_fixtures import synthetic_movielens, write_grouplens
+    except ImportError:
+        from data_fixtures import synthetic_movielens, write_grouplens
+
+    movielens = read_grouplens(write_grouplens(tmp_path / "ml-100k", *synthetic_movielens()))
+    data = build_ml100k_mtl_v1(movielens, protocol.build_splits(movielens.ratings, np.arange(1, 61)))
+    item = data.splits["train"].item.clone()
+    negative = data.splits["train"].labels[:, 0] == 0
+    reordered = select_tasks(data, ["rating", "click"])
+    fresh = reordered.resample_negatives(seed=5)
+    assert torch.equal(fresh.item[~negative], item[~negative])  # positives keep their items
+    assert (fresh.item[negative] != item[negative]).float().mean() > 0.5
+    assert torch.equal(fresh.item, data.resample_negatives(seed=5).item)  # the same draw as on the full data set
+    data.resample_negatives(seed=None)
+    assert torch.equal(reordered.resample_negatives(seed=None).item, item)
+    few = select_tasks(data, ["like", "rating"])
+    assert bool((few.splits["train"].labels[:, 0] == 0).any())  # rated positives with like 0
+    with pytest.raises(ValueError, match=r"sampled negatives are the rows whose 'click' label is 0.*\['like', 'rating'\]"):
+        few.resample_negatives(seed=5)
+    assert torch.equal(few.splits["train"].item, item)
+
+
+def test_infinite_rates_and_penalties_are_refused(pretrained, tmp_path, monkeypatch, capsys):
+    # an infinite lr scale or L2-SP weight trained to NaN weights; they are refused by name like negative ones
+    data, _, source = pretrained
+    inf = float("inf")
+    with pytest.raises(ValueError, match=r"lr_scale of 'experts' must be a finite number >= 0, got inf"):
+        transfer(source, _model(data), parts=("experts",), mode="finetune", lr_scale=inf)
+    with pytest.raises(ValueError, match=r"l2_sp and l2_sp_new must be finite numbers >= 0, got inf and 0.0"):
+        transfer(source, _model(data), mode="finetune", l2_sp=inf)
+    with pytest.raises(ValueError, match=r"l2_sp and l2_sp_new must be finite numbers >= 0, got 0.1 and inf"):
+        transfer(source, _model(data), mode="finetune", l2_sp=0.1, l2_sp_new=inf)
+    with pytest.raises(ValueError, match=r"alpha and beta must be finite numbers >= 0, got 1.0 and nan"):
+        L2SP({}, alpha=1.0, beta=float("nan"))
+    monkeypatch.setattr(cli, "load_data", lambda spec: data)
+    checkpoint = str(tmp_path / "source.pt")
+    common = ["--model", "mmoe", "--epochs", "1", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(["train", *common, "--checkpoint", checkpoint]) == 0
+    capsys.readouterr()
+    for option in (["--l2-sp", "inf"], ["--l2-sp", "1,inf"], ["--transfer-lr-scale", "inf"],
+                   ["--transfer-lr-scale", "experts=inf"]):
+        assert cli.main(["train", *common, "--init-from", checkpoint, *option, "--checkpoint", str(tmp_path / "t.pt")]) == 2
+        assert option[0] in capsys.readouterr().err
 
 
 def test_auxiliary_source_task_with_carried_gate_and_tower(pretrained):
@@ -411,6 +473,25 @@ def test_transfer_errors(pretrained):
     with pytest.raises(ValueError, match=r"towers.*same name.*\['click'\].*\['like'\]"):
         transfer(source, like, parts=("embeddings", "towers"), mode="freeze")
     assert torch.equal(like.state_dict()["embeddings.embedding_bags.user_id.weight"], before)  # nothing changed
+
+
+def test_source_checkpoint_given_as_a_str_or_a_path(pretrained, tmp_path):
+    # a pathlib.Path is a checkpoint path too (load_checkpoint and Ranker.load take one; transfer said
+    # "source must be a model, a checkpoint dict or a checkpoint path, got PosixPath")
+    from mtkernels.training import save_checkpoint
+
+    data, click, source = pretrained
+    path = tmp_path / "source.pt"
+    save_checkpoint(str(path), {"model_class": "mtkernels.nn.model:MultiTaskModel", "model_config": source.config,
+                                "model_state": source.state_dict(), "vocabularies": click.vocabularies})
+    for given in (str(path), path):
+        target = _model(data, seed=3)
+        report = transfer(given, target, parts=("embeddings", "experts"), mode="freeze")
+        assert report.tables["item_id"]["by"] == "position"  # the target was given no vocabularies
+        for key in report.parameters:
+            assert torch.equal(target.state_dict()[key], source.state_dict()[key]), key
+        assert torch.equal(target.state_dict()["embeddings.embedding_bags.item_id.weight"],
+                           source.state_dict()["embeddings.embedding_bags.item_id.weight"])
 
 
 def test_id_dropout_replaces_ids_and_history():
@@ -553,6 +634,40 @@ def test_cli_init_from_and_freeze(tmp_path, monkeypatch, capsys):
         assert message in capsys.readouterr().err
     assert cli.main(["train", *common, "--l2-sp", "1", "--checkpoint", str(tmp_path / "bad.pt")]) == 2
     assert "--l2-sp needs --init-from" in capsys.readouterr().err
+
+
+def test_cli_resume_keeps_the_l2_sp_penalty(tmp_path, monkeypatch, capsys):
+    """--l2-sp is a training setting: resuming continues the same penalty exactly, and a changed or
+    dropped one is refused (it was accepted, and the continued run optimised another objective)."""
+    data = make_data()
+    monkeypatch.setattr(cli, "load_data", lambda spec: data)
+    from mtkernels.training import load_checkpoint
+
+    source = str(tmp_path / "click.pt")
+    common = ["--data", "ml100k", "--model", "mmoe", "--batch-size", "64", "--embedding-dim", "4", "--no-progress"]
+    assert cli.main(["train", *common, "--epochs", "1", "--tasks", "click", "--checkpoint", source]) == 0
+    target = [*common, "--tasks", "like,rating", "--init-from", source]
+    whole, part = str(tmp_path / "whole.pt"), str(tmp_path / "part.pt")
+    assert cli.main(["train", *target, "--l2-sp", "1,0.01", "--epochs", "2", "--checkpoint", whole]) == 0
+    assert cli.main(["train", *target, "--l2-sp", "1,0.01", "--epochs", "1", "--checkpoint", part]) == 0
+    assert load_checkpoint(part)["l2_sp"] == [1.0, 0.01]
+    capsys.readouterr()
+    for changed, said in ((["--l2-sp", "0.5"], "0.5,0"), (["--weight-decay", "0"], "none")):
+        assert cli.main(["train", *target, *changed, "--epochs", "2", "--resume", "--checkpoint", part]) == 2
+        err = capsys.readouterr().err
+        assert f"was trained with --l2-sp 1,0.01, this run has --l2-sp {said}" in err, err
+    assert load_checkpoint(part)["trainer"]["epoch"] == 0  # nothing was trained by the refused runs
+    assert cli.main(["train", *target, "--l2-sp", "1,0.01", "--epochs", "2", "--resume", "--checkpoint", part]) == 0
+    resumed, uninterrupted = load_checkpoint(part)["model_state"], load_checkpoint(whole)["model_state"]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    # a run without the penalty records that too, so adding one on resume is refused
+    plain = str(tmp_path / "plain.pt")
+    assert cli.main(["train", *target, "--epochs", "1", "--checkpoint", plain]) == 0
+    assert load_checkpoint(plain)["l2_sp"] is None
+    capsys.readouterr()
+    assert cli.main(["train", *target, "--l2-sp", "1", "--weight-decay", "1e-5", "--epochs", "2", "--resume",
+                     "--checkpoint", plain]) == 2
+    assert "was trained with --l2-sp none, this run has --l2-sp 1,0" in capsys.readouterr().err
 
 
 def _synthetic_ml100k():

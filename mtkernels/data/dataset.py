@@ -168,6 +168,9 @@ class MultiTaskData:
         self._split_single: Dict[str, torch.Tensor] = {}
         # (offsets [user rows + 1], item rows): the items each user may get as a sampled negative.
         self._negative_pools = negative_pools
+        # the task whose label 0 marks a sampled negative: the first one, by name, so that a copy with
+        # other or reordered tasks (`mtkernels.transfer.select_tasks`) still finds the negatives
+        self._negative_task = self.tasks[0].name if self.tasks else None
         # raw side-feature records -> {user feature: int64 ids}, for users the data set never saw
         self._user_encoder = user_encoder
         self._user_side_columns = tuple(user_side_columns)  # the raw names user_encoder reads
@@ -374,7 +377,8 @@ class MultiTaskData:
 
     # --- negative sampling ------------------------------------------------------------------
     def resample_negatives(self, seed: Optional[int], split: str = "train") -> Split:
-        """Draw new items for the sampled-negative rows of ``split`` (rows whose first task label is 0).
+        """Draw new items for the sampled-negative rows of ``split`` (rows whose label of the loader's
+        first task, e.g. ``click``, is 0; found by name after `mtkernels.transfer.select_tasks`).
 
         Each negative row keeps its user, timestamp and labels and gets an item drawn uniformly from
         the user's negative pool (for ml100k-mtl-v1: the items the user rated nowhere, the protocol's
@@ -383,16 +387,21 @@ class MultiTaskData:
         ``seed=None`` restores the loader's original negatives. Evaluation splits must keep theirs.
 
         Raises:
-            ValueError: the data set has no negative pools (no sampled negatives) or an unknown split.
+            ValueError: the data set has no negative pools (no sampled negatives), an unknown split,
+                or tasks without the one that marks the negatives.
         """
         if self._negative_pools is None:
             raise ValueError(f"{self.name} has no sampled negatives to resample")
         if split not in self._split_rows:
             raise ValueError(f"no split {split!r}; splits: {list(self._split_rows)}")
+        names = [t.name for t in self.tasks]
+        if self._negative_task not in names:
+            raise ValueError(f"the sampled negatives are the rows whose {self._negative_task!r} label is 0, and this "
+                             f"data set's tasks {names} lack it (resample before select_tasks)")
         rows = self._split_rows[split]
         if seed is not None:
             offsets, items = self._negative_pools
-            negative = rows.labels[:, 0] == 0
+            negative = rows.labels[:, names.index(self._negative_task)] == 0
             users = rows.user_row[negative]
             sizes = offsets[users + 1] - offsets[users]
             if bool((sizes == 0).any()):

@@ -245,16 +245,29 @@ def _targets(model: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
     return model.targets(labels) if hasattr(model, "targets") else labels
 
 
-def validation_monitor(model, data, config: TrainConfig) -> Dict[str, Any]:
-    """Validation metrics and the early-stopping value (higher is better) of the current model."""
-    split = config.validation_split
-    predictions = evaluation.predict(model, data, split, config.eval_batch_size)
-    labels = _targets(model, data.splits[split].labels)
-    metrics: Dict[str, Any] = dict(evaluation.pointwise_metrics(data.tasks, labels, predictions))
+def _check_monitor(config: TrainConfig, data) -> None:
+    """The validation split and the monitored tasks must be the data's (`fit` checks before training)."""
+    if config.validation_split not in data.splits:
+        raise ValueError(f"validation_split {config.validation_split!r} is not a split of {data.name}; "
+                         f"splits: {list(data.splits)}")
     names = [task.name for task in data.tasks]
     unknown = [name for name in (config.monitor_tasks or []) if name not in names]
     if unknown:
         raise ValueError(f"monitor_tasks {unknown} are not tasks of the data ({names})")
+
+
+def validation_monitor(model, data, config: TrainConfig) -> Dict[str, Any]:
+    """Validation metrics and the early-stopping value (higher is better) of the current model.
+
+    Raises:
+        ValueError: ``config.validation_split`` is not a split of ``data``, or ``config.monitor_tasks``
+            names a task it does not have.
+    """
+    _check_monitor(config, data)
+    split = config.validation_split
+    predictions = evaluation.predict(model, data, split, config.eval_batch_size)
+    labels = _targets(model, data.splits[split].labels)
+    metrics: Dict[str, Any] = dict(evaluation.pointwise_metrics(data.tasks, labels, predictions))
     score = 0.0
     for task in data.tasks:
         if config.monitor_tasks is not None and task.name not in config.monitor_tasks:
@@ -338,10 +351,12 @@ def fit(
         ValueError: a checkpoint to resume from whose model config differs from ``model.config``, or
             whose training config differs from ``config`` beyond epochs, patience, progress and
             eval_batch_size;
-            the model's tasks differ from ``data.tasks``.
+            the model's tasks differ from ``data.tasks``; ``config.validation_split`` or a
+            ``config.monitor_tasks`` name the data does not have (checked before training).
     """
     config = config or TrainConfig()
     evaluation.check_tasks(model, data)
+    _check_monitor(config, data)
     if log is None:
         log = tqdm.write if config.progress else (lambda line: None)
     tasks = data.tasks
