@@ -12,7 +12,7 @@ import torch
 from mtkernels.catalogue import CatalogueScorer, user_table
 from mtkernels.nn import InteractionTerm, MultiTaskModel
 from mtkernels.nn.towers import tower_outputs
-from mtkernels.serving import serving_tables
+from mtkernels.serving import Ranker, serving_tables
 from mtkernels.training import TrainConfig, fit
 from mtkernels.transfer import transfer
 from synthetic import fused_embedding_optimizer, make_data, one_thread  # noqa: F401 (autouse fixture)
@@ -279,3 +279,22 @@ def test_transfer_leaves_the_term_fresh_and_lr_scales_reach_its_tables():
     assert target.interaction.embeddings.frozen_tables == ["user", "item"]
     fit(target, data, TrainConfig(**QUICK))  # trains the rest; the frozen term stays as it was
     assert all(torch.equal(target.state_dict()[k], v) for k, v in fresh.items() if not k.endswith("momentum"))
+
+
+def test_training_checkpoint_is_served_with_the_term(tmp_path):
+    data = make_data()
+    model = _data_model(data)
+    path = str(tmp_path / "model.pt")
+    fit(model, data, TrainConfig(**QUICK), checkpoint_path=path, checkpoint_extra={"serving": serving_tables(data)})
+    ranker = Ranker.load(path)
+    assert ranker.model.config == model.config and ranker.model.interaction is not None
+    rows = data.topk_eval("test_warm").users[:3]
+    batch = data.pair_batch(torch.as_tensor(rows))
+    with torch.no_grad():
+        expected = model.eval()(batch.sparse, batch.dense)
+        torch.testing.assert_close(ranker.model(batch.sparse, batch.dense), expected, rtol=0, atol=0)
+    # like-ranked top 3 of the first user equals a brute-force ranking of the model's own like scores
+    user = int(data.user_ids[int(rows[0])])
+    got = ranker.recommend([user], k=3, exclude_seen=False, task_weights={"like": 1.0})
+    like = expected.view(len(rows), data.num_items, -1)[0, :, 1]
+    torch.testing.assert_close(got.scores[0], torch.sort(like, descending=True).values[:3], rtol=1e-5, atol=1e-6)
