@@ -40,8 +40,10 @@ def _randomise(model, seed=0):
 def _hand_term(model, sparse):
     users = sparse["user_id"]["values"].tolist()
     items = sparse["item_id"]["values"].tolist()
-    user_table_ = model.interaction.embeddings.embedding_bags["user"].weight.detach()
-    item_table = model.interaction.embeddings.embedding_bags["item"].weight.detach()
+    user_table_ = model.interaction.embeddings.embedding_bags["user"].weight.detach().clone()
+    item_table = model.interaction.embeddings.embedding_bags["item"].weight.detach().clone()
+    for table in (user_table_, item_table):  # the unknown id 0 is scored as the mean known row
+        table[0] = table[1:].sum(0) / (table.shape[0] - 1)
     term = []
     for u, i in zip(users, items):
         dot = sum(float(user_table_[u, k]) * float(item_table[i, k]) for k in range(DIM))
@@ -74,9 +76,8 @@ def test_one_task_and_a_binary_only_term():
     sparse, dense = _batch(5, seed=2)
     with torch.no_grad():
         raw = tower_outputs(model.towers, model.backbone.stacked(model._inputs(sparse, dense)))
-        users = sparse["user_id"]["values"]
-        dot = (model.interaction.embeddings.embedding_bags["user"].weight[users, :DIM]
-               * model.interaction.embeddings.embedding_bags["item"].weight[sparse["item_id"]["values"], :DIM]).sum(1)
+        term = _hand_term(model, sparse).float()  # item biases 0.5, user biases 0
+        dot = term - 0.5
         expected = torch.sigmoid(raw[:, 0] + 2.0 * (dot + 0.5))
         torch.testing.assert_close(model(sparse, dense)[:, 0], expected, rtol=1e-5, atol=1e-6)
     assert model.interaction_columns == [0]
@@ -178,20 +179,41 @@ def test_config_round_trip_and_state_dict_keys():
     assert any(p is model.interaction.scale for p in model.dense_parameters())
 
 
-def test_initial_rows_zero_the_term_of_an_unknown_user():
+def test_unknown_ids_are_scored_as_the_mean_known_row():
     torch.manual_seed(7)
     model = _model()
     for table in model.interaction.embeddings.embedding_bags.values():
         weight = table.weight.detach()
         assert float(weight[0].abs().sum()) == 0.0 and float(weight[:, DIM].abs().sum()) == 0.0
         assert float(weight[1:, :DIM].abs().min()) > 0
+    _randomise(model, seed=7)
     sparse, _ = _batch(11, seed=7)
     values = sparse.values().clone()
-    values[:11] = 0  # every row's user_id: the unknown row
+    values[:11] = 0  # every row's user_id: the unknown id
+    values[2 * 11 + 3] = 0  # and one row's item_id
     cold = type(sparse)(sparse.keys(), values, lengths=sparse.lengths())
+    term = _hand_term(model, cold)
+    user = model.interaction.embeddings.embedding_bags["user"].weight.detach()
+    item = model.interaction.embeddings.embedding_bags["item"].weight.detach()
+    items = cold["item_id"]["values"]
+    mean_user = user[1:].mean(0)
+    by_hand = (mean_user[:DIM] * item[items, :DIM]).sum(1) + mean_user[DIM] + item[items, DIM]
+    by_hand[3] = (mean_user[:DIM] * item[1:, :DIM].mean(0)).sum() + mean_user[DIM] + item[1:, DIM].mean()
+    torch.testing.assert_close(term.float(), by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.interaction(cold), by_hand, rtol=1e-5, atol=1e-5)
+    # a constant moved from every item bias to every user bias leaves warm and cold terms unchanged
     with torch.no_grad():
-        assert float(model.interaction(cold).abs().max()) == 0.0
-        assert float(model.interaction(sparse).abs().max()) > 0.0
+        before = (model.interaction(sparse), model.interaction(cold))
+        model.interaction.embeddings.embedding_bags["user"].weight[1:, DIM] += 2.5
+        model.interaction.embeddings.embedding_bags["item"].weight[1:, DIM] -= 2.5
+        for a, b in zip(before, (model.interaction(sparse), model.interaction(cold))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the mean takes no gradient: a cold row's gradient reaches the item rows only
+    model.zero_grad()
+    model.interaction(type(sparse)(sparse.keys(), values, lengths=sparse.lengths())).sum().backward()
+    user_grad = model.interaction.embeddings.embedding_bags["user"].weight.grad
+    assert float(user_grad.abs().sum()) == 0.0
+    assert float(model.interaction.embeddings.embedding_bags["item"].weight.grad.abs().sum()) > 0
 
 
 def test_bad_arguments():
@@ -226,7 +248,7 @@ def _data_model(data, backbone="mmoe", seed=0, **kwargs):
 
 
 @pytest.mark.parametrize("id_dropout", [0.0, 0.4])
-def test_training_updates_the_term_and_id_dropout_trains_row_zero(id_dropout):
+def test_training_updates_the_term_with_and_without_id_dropout(id_dropout):
     data = make_data()
     model = _data_model(data)
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("interaction.")}
@@ -236,7 +258,7 @@ def test_training_updates_the_term_and_id_dropout_trains_row_zero(id_dropout):
     user = "interaction.embeddings.embedding_bags.user.weight"
     assert not torch.equal(after[user][1:], before[user][1:])
     assert not torch.equal(after["interaction.scale"], before["interaction.scale"])
-    assert torch.equal(after[user][0], before[user][0]) == (id_dropout == 0.0)
+    assert float(after[user][0].abs().sum()) == 0.0  # unknown ids use the mean row, never row 0
 
 
 @pytest.mark.parametrize("backbone", ["mmoe", "shared_bottom"])
