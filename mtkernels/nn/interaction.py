@@ -103,10 +103,9 @@ class InteractionTerm(nn.Module):
 
     def _unknown_as_mean(self, sparse, pooled: torch.Tensor) -> torch.Tensor:
         """``pooled [B, 2 (dim + 1)]`` with the rows of unknown ids (0) replaced by the mean known row."""
+        # branch-free: the same ops whether or not the batch holds an unknown id
         kjt = as_keyed_jagged(sparse)
         unknown = [kjt[table.feature_names[0]]["values"] == 0 for table in self.embeddings.tables]
-        if not any(bool(u.any()) for u in unknown):
-            return pooled
         mean = torch.cat([self.embeddings.embedding_bags[table.name].weight[1:].detach().mean(dim=0)
                           for table in self.embeddings.tables])  # [2 (dim + 1)]
         columns = torch.cat([u.unsqueeze(1).expand(-1, self.dim + 1) for u in unknown], dim=1)
