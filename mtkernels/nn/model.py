@@ -104,16 +104,17 @@ class MultiTaskModel(nn.Module):
     fused row-wise Adagrad), ``backbone.*`` (see each backbone), ``towers.<t>.linears.<i>.*``, and
     with an interaction term ``interaction.embeddings.embedding_bags.{user,item}.weight`` (``.momentum``)
     and ``interaction.scale`` ``[len(interaction_tasks)]`` (see `InteractionTerm`).
+    `config` is a JSON-serialisable dict that `from_config` rebuilds the model from.
 
     The fused ``eval()`` path (``use_fused_scoring``) stays on with an interaction term: the packed
     `multi_task_score` leaves the interaction tasks' logits untransformed, the term is added after
     it, then the sigmoid, so both paths give the same outputs.
-    `config` is a JSON-serialisable dict that `from_config` rebuilds the model from.
 
     Raises:
         ValueError: no features, duplicate feature names, unknown task kind or backbone, bad sizes,
             ``interaction_tasks`` naming unknown tasks or without ``interaction_dim``, interaction
-            features that are unknown or multi-valued (constructor); dense of the wrong shape or batch size, or not finite (forward).
+            features that are unknown or multi-valued (constructor); dense of the wrong shape or
+            batch size, or not finite (forward).
     """
 
     def __init__(self, features: Sequence, dense_dim: int, tasks: Sequence, backbone: str = "mmoe",
