@@ -1,7 +1,8 @@
 """Seconds per training epoch on ml100k-mtl-v1 (issue 3: < 2.5 s over the 357,525 training rows).
 
     python -m benchmarks.train_speed [--models mmoe ple] [--threads 1 2] [--epochs 3] [--repeats 2]
-        [--batch-size 2048] [--baseline /path/to/another/checkout | --history-length L [--history-table item_id]]
+        [--batch-size 2048] [--baseline /path/to/another/checkout | --history-length L [--history-table item_id]
+         | --interaction-dim D]
 
 For each model and thread count, trains with the presets through `mtkernels.training.fit` and
 reports what ``FitResult.seconds_per_epoch`` measures: the training pass only (shuffled batches
@@ -17,7 +18,9 @@ share it is the steadier of the two).
 before a change) in the same run, interleaved with this one (ours, baseline, ours, baseline, ...),
 so that both see the same load; the last column is baseline / ours. ``--history-length L`` times
 this code with the causal user-history bag (``load_ml100k_mtl_v1(history_length=L)``) against the
-same code without it, interleaved the same way (the "baseline" columns are then "without").
+same code without it, interleaved the same way (the "baseline" columns are then "without");
+``--interaction-dim D`` does the same for the biased-MF interaction term on the like and rating tasks
+(``MultiTaskModel(interaction_tasks=("like", "rating"), interaction_dim=D)``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _worker(backbone: str, threads: int, epochs: int, batch_size: int, data_dir, history_length=None,
-            history_table: str = "own") -> dict:
+            history_table: str = "own", interaction_dim=None) -> dict:
     """Train in this process and return the per-epoch wall and CPU seconds of fit's training pass."""
     import time
 
@@ -52,6 +55,11 @@ def _worker(backbone: str, threads: int, epochs: int, batch_size: int, data_dir,
 
         model = MultiTaskModel(data.features, data.dense_dim, data.tasks,
                                **dict(presets.model_kwargs(backbone), shared_tables={"history": "item_id"}))
+    elif interaction_dim is not None:
+        from mtkernels.nn import MultiTaskModel
+
+        model = MultiTaskModel(data.features, data.dense_dim, data.tasks, **dict(
+            presets.model_kwargs(backbone), interaction_tasks=["like", "rating"], interaction_dim=interaction_dim))
     else:
         model = presets.build_model(data, backbone)
     # what the presets run (with their weight averaging); older checkouts have only TRAIN_PRESET
@@ -80,12 +88,14 @@ def _worker(backbone: str, threads: int, epochs: int, batch_size: int, data_dir,
 
 
 def _measure(variant, backbone: str, threads: int, args) -> dict:
-    code, history_length = variant
+    code, history_length, interaction_dim = variant
     env = dict(os.environ, PYTHONPATH=code, OMP_NUM_THREADS=str(threads))
     command = [sys.executable, os.path.abspath(__file__), "--worker", backbone, str(threads), str(args.epochs),
                str(args.batch_size)] + (["--data-dir", args.data_dir] if args.data_dir else [])
     if history_length is not None:
         command += ["--history-length", str(history_length), "--history-table", args.history_table]
+    if interaction_dim is not None:
+        command += ["--interaction-dim", str(interaction_dim)]
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     if os.path.realpath(result["code"]) != os.path.realpath(code):
@@ -105,22 +115,27 @@ def main(argv=None) -> int:
     parser.add_argument("--history-length", type=int, default=None, metavar="L",
                         help="time this code with the history bag of L items against it without")
     parser.add_argument("--history-table", choices=["own", "item_id"], default="own")
+    parser.add_argument("--interaction-dim", type=int, default=None, metavar="D",
+                        help="time this code with the interaction term of D factors against it without")
     parser.add_argument("--worker", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         backbone, threads, epochs, batch_size = args.worker
         print(json.dumps(_worker(backbone, int(threads), int(epochs), int(batch_size), args.data_dir,
-                                 args.history_length, args.history_table)))
+                                 args.history_length, args.history_table, args.interaction_dim)))
         return 0
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (the first epoch is warm-up)")
-    if args.history_length is not None and args.baseline:
-        parser.error("--history-length compares this code with and without the bag: no --baseline")
+    if sum(x is not None for x in (args.history_length, args.baseline, args.interaction_dim)) > 1:
+        parser.error("--history-length, --interaction-dim and --baseline each set the comparison: give one")
     if args.history_length is not None:
-        codes = [(HERE, args.history_length), (HERE, None)]
+        codes = [(HERE, args.history_length, None), (HERE, None, None)]
         print(f"with the history bag (L {args.history_length}, {args.history_table} table) against without")
+    elif args.interaction_dim is not None:
+        codes = [(HERE, None, args.interaction_dim), (HERE, None, None)]
+        print(f"with the interaction term (d {args.interaction_dim}, like and rating) against without")
     else:
-        codes = [(HERE, None)] + ([(os.path.abspath(args.baseline), None)] if args.baseline else [])
+        codes = [(HERE, None, None)] + ([(os.path.abspath(args.baseline), None, None)] if args.baseline else [])
     print(f"training pass over ml100k-mtl-v1 train, batch {args.batch_size}, median of epochs 2..{args.epochs} "
           f"over {args.repeats} process(es) each; load average at start {os.getloadavg()[0]:.1f}")
     head = "| model | threads | wall s/epoch | CPU s/epoch |"

@@ -15,6 +15,10 @@ which adds the two parts per block of pairs in cache and never materialises the 
 activations; where that kernel is missing (or ``native=False``) it runs as blocked PyTorch ops.
 Backbones that are not one layer of experts and gates over x (PLE with several levels, ESMM
 without a bottom) fall back to the plain model forward over every pair (same outputs, slower).
+
+A model with an interaction term (`mtkernels.nn.InteractionTerm`, biased MF) factorises exactly:
+its term for U users x N items is one ``[U, d] x [d, N]`` product plus the two bias vectors, added to
+the interaction tasks' logits (left untransformed by the network above) before their sigmoid.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class CatalogueScorer:
             raise ValueError(f"the model's features {names} differ from the serving tables' {tables['feature_names']}")
         self._layers = self._first_layer()
         self._item_part: Optional[torch.Tensor] = None
+        self._item_factors: Optional[torch.Tensor] = None  # the interaction term's item rows [N, d + 1]
         # selected tasks -> (first-layer weight [C, D], CatalogueScoreParams, item part [N, C])
         self._op_layers: Dict[Tuple[int, ...], Tuple[torch.Tensor, CatalogueScoreParams, torch.Tensor]] = {}
 
@@ -129,7 +134,7 @@ class CatalogueScorer:
         if key not in self._op_layers:
             layers = self._layers
             towers = [list(self.model.towers[t].linears) for t in selected]
-            transforms = ["sigmoid" if self.tasks[t].kind == "binary" else "identity" for t in selected]
+            transforms = [self.model._transforms()[t] for t in selected]
             params = pack_multi_task_params(layers["experts"], [layers["gates"][t] for t in selected],
                                             layers["gate_mask"][selected], towers, transforms)
             weight, bias, rest = split_first_layer(params)
@@ -224,9 +229,30 @@ class CatalogueScorer:
                         z = torch.relu(z)
                     z = F.linear(z, linear.weight, linear.bias)
                 out[:, t] = z.squeeze(-1)
+        interaction = set(getattr(self.model, "interaction_columns", []))
         for j, t in enumerate(selected):
-            if self.tasks[t].kind == "binary":
+            if self.tasks[t].kind == "binary" and t not in interaction:
                 out[:, j].sigmoid_()
+        return out
+
+    def _add_interaction(self, out: torch.Tensor, users: Mapping[str, object], rows: torch.Tensor,
+                         selected: List[int]) -> torch.Tensor:
+        """``out [U, N, len(selected)]`` (interaction tasks' columns raw) with the model's
+        interaction term of the U user rows x N items added to those columns, then their sigmoid."""
+        columns = getattr(self.model, "interaction_columns", [])
+        if not any(t in columns for t in selected):
+            return out
+        interaction = self.model.interaction
+        if self._item_factors is None:
+            items = torch.arange(self.num_items)
+            sparse, _ = pair_rows(self.tables, user_table(self.tables), torch.zeros_like(items), items)
+            self._item_factors = interaction.factors(sparse)[1]
+        sparse, _ = pair_rows(self.tables, users, rows, torch.zeros_like(rows))
+        term = interaction.pair_term(interaction.factors(sparse)[0], self._item_factors)  # [U, N]
+        for j, t in enumerate(selected):
+            if t in columns:
+                logits = out[:, :, j] + interaction.scale[columns.index(t)] * term
+                out[:, :, j] = torch.sigmoid(logits) if self.tasks[t].kind == "binary" else logits
         return out
 
     def _buffers(self, num_pairs: int) -> Dict[str, torch.Tensor]:
@@ -264,7 +290,7 @@ class CatalogueScorer:
         selected = list(range(len(names))) if custom_outputs or self._layers is None else wanted
         n_users, n_items, n_tasks = rows.numel(), self.num_items, len(selected)
         if self._use_op():
-            out = self._score_op(users, rows, selected)
+            out = self._add_interaction(self._score_op(users, rows, selected), users, rows, selected)
             if custom_outputs:
                 out = self.model.backbone.outputs(out.view(n_users * n_items, n_tasks)).view(n_users, n_items, n_tasks)
             return out if selected == wanted else out[:, :, wanted]
@@ -279,8 +305,9 @@ class CatalogueScorer:
                 pred = self.model(*pair_rows(self.tables, users, block.repeat_interleave(n_items), items.repeat(block.numel())))
             else:
                 pred = self._rest(self._user_side(users, block), item_part, buffers, selected)
+                pred = self._add_interaction(pred.view(block.numel(), n_items, n_tasks), users, block, selected)
                 if custom_outputs:
-                    pred = self.model.backbone.outputs(pred)
+                    pred = self.model.backbone.outputs(pred.view(block.numel() * n_items, n_tasks))
             out[start : start + block.numel()] = pred.view(block.numel(), n_items, n_tasks)
         return out if selected == wanted else out[:, :, wanted]
 

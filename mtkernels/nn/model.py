@@ -21,6 +21,7 @@ from .. import ops
 from ..ops.multi_task_score import weights_key
 from .backbones import ESMM, MMoE, PLE, TASK_KINDS, MultiTaskBackbone, SharedBottom
 from .embedding import EmbeddingBagCollection, EmbeddingBagConfig
+from .interaction import InteractionTerm
 from .towers import TaskTower, tower_outputs
 
 BACKBONES = ("shared_bottom", "mmoe", "ple", "esmm")
@@ -82,6 +83,16 @@ class MultiTaskModel(nn.Module):
             factors. The owner's table then pools by mean (one id: the same value) and gets no
             ``history`` table; both need the same ``num_embeddings``. Omitted from `config`
             when None, so older checkpoints rebuild unchanged.
+        interaction_tasks: optional task names that get an explicit biased-MF term
+            ``scale_t * (<p_u, q_i> + b_u + b_i)`` (`InteractionTerm`, NeuMF's GMF path beside the MLP:
+            He et al., WWW 2017; biased MF: Koren et al. 2009) added to their logit (binary tasks)
+            or output (regression tasks), from tables of its own. None or empty: no term (and no
+            ``interaction_*`` keys in `config`, so older checkpoints rebuild unchanged).
+        interaction_dim: its number of factors (>= 1; needed with ``interaction_tasks``).
+        interaction_features: the (user, item) single-valued id features it looks up.
+        interaction_optimizer: the fused optimizer config of its tables (same form as
+            ``embedding_optimizer``); None: that of the other tables.
+        interaction_weight_decay: L2 penalty of its looked-up rows (see `InteractionTerm`).
 
     Forward:
         sparse: `mtkernels.KeyedJaggedTensor` (or torchrec's) with every feature, batch size B.
@@ -90,12 +101,20 @@ class MultiTaskModel(nn.Module):
         raw values for regression tasks, columns in task order.
 
     ``state_dict`` keys: ``embeddings.embedding_bags.<feature>.weight`` (and ``.momentum`` with the
-    fused row-wise Adagrad), ``backbone.*`` (see each backbone), ``towers.<t>.linears.<i>.*``.
+    fused row-wise Adagrad), ``backbone.*`` (see each backbone), ``towers.<t>.linears.<i>.*``, and
+    with an interaction term ``interaction.embeddings.embedding_bags.{user,item}.weight`` (``.momentum``)
+    and ``interaction.scale`` ``[len(interaction_tasks)]`` (see `InteractionTerm`).
     `config` is a JSON-serialisable dict that `from_config` rebuilds the model from.
 
+    The fused ``eval()`` path (``use_fused_scoring``) stays on with an interaction term: the packed
+    `multi_task_score` leaves the interaction tasks' logits untransformed, the term is added after
+    it, then the sigmoid, so both paths give the same outputs.
+
     Raises:
-        ValueError: no features, duplicate feature names, unknown task kind or backbone, bad sizes
-            (constructor); dense of the wrong shape or batch size, or not finite (forward).
+        ValueError: no features, duplicate feature names, unknown task kind or backbone, bad sizes,
+            ``interaction_tasks`` naming unknown tasks or without ``interaction_dim``, interaction
+            features that are unknown or multi-valued (constructor); dense of the wrong shape or
+            batch size, or not finite (forward).
     """
 
     def __init__(self, features: Sequence, dense_dim: int, tasks: Sequence, backbone: str = "mmoe",
@@ -103,7 +122,10 @@ class MultiTaskModel(nn.Module):
                  tower_hidden: Sequence[int] = (32,), dropout: float = 0.0,
                  embedding_optimizer: Optional[dict] = None, use_fused_scoring: bool = True,
                  lr_scales: Optional[Mapping[str, float]] = None,
-                 shared_tables: Optional[Mapping[str, str]] = None) -> None:
+                 shared_tables: Optional[Mapping[str, str]] = None,
+                 interaction_tasks: Optional[Sequence[str]] = None, interaction_dim: Optional[int] = None,
+                 interaction_features: Sequence[str] = ("user_id", "item_id"),
+                 interaction_optimizer: Optional[dict] = None, interaction_weight_decay: float = 0.0) -> None:
         super().__init__()
         self.features = [_spec(f, "FeatureSpec") for f in features]
         self._tasks = [_spec(t, "TaskSpec") for t in tasks]
@@ -171,11 +193,39 @@ class MultiTaskModel(nn.Module):
                 ctr_task = task_names.index(ctr_task)
             self.backbone = ESMM(input_dim, kinds, ctr_task=ctr_task, dropout=dropout, **backbone_kwargs)
         self.towers = nn.ModuleList(TaskTower(d, tower_hidden, dropout) for d in self.backbone.task_dims)
+        self.interaction: Optional[InteractionTerm] = None
+        self._interaction_columns: List[int] = []
+        if interaction_tasks:
+            self._build_interaction(list(interaction_tasks), interaction_dim, list(interaction_features),
+                                    interaction_optimizer, interaction_weight_decay, embedding_optimizer)
         self.use_fused_scoring = bool(use_fused_scoring)
         self._packed = None  # (key, params) cache of the fused scoring parameters
         self._lr_scales: Dict[str, float] = {}
         if lr_scales:
             self.set_lr_scales(lr_scales)
+
+    def _build_interaction(self, tasks: List[str], dim, features: List[str], optimizer: Optional[dict],
+                           weight_decay: float, embedding_optimizer: Optional[dict]) -> None:
+        names = [t.name for t in self._tasks]
+        unknown = [t for t in tasks if t not in names]
+        if unknown or len(set(tasks)) != len(tasks):
+            raise ValueError(f"interaction_tasks must name distinct tasks of the model {names}, got {tasks}")
+        if dim is None:
+            raise ValueError("interaction_dim must be given with interaction_tasks")
+        specs = {f.name: f for f in self.features}
+        if len(features) != 2 or any(f not in specs or getattr(specs[f], "multi_valued", False) for f in features):
+            raise ValueError(f"interaction_features must name two single-valued features (user, item) of {list(specs)}, "
+                             f"got {features}")
+        optimizer = embedding_optimizer if optimizer is None else optimizer
+        user, item = (specs[f] for f in features)
+        self.interaction = InteractionTerm(user.name, user.num_embeddings, item.name, item.num_embeddings, int(dim),
+                                           len(tasks), None if optimizer is None else dict(optimizer), weight_decay)
+        self._interaction_columns = [names.index(t) for t in tasks]
+        self._config.update({
+            "interaction_tasks": list(tasks), "interaction_dim": int(dim), "interaction_features": list(features),
+            "interaction_optimizer": None if optimizer is None else dict(optimizer),
+            "interaction_weight_decay": float(weight_decay),
+        })
 
     # --- learning-rate scales and freezing ---------------------------------------------------
     def lr_scale_of(self, name: str) -> float:
@@ -207,21 +257,33 @@ class MultiTaskModel(nn.Module):
                 raise ValueError(f"lr_scales prefix {prefix!r} matches no parameter of the model")
             self._lr_scales[str(prefix)] = float(value)
         self._config["lr_scales"] = dict(self._lr_scales)
-        tables = {}
+        collections = self._table_collections()
+        tables: Dict[str, Dict[str, float]] = {prefix: {} for prefix in collections}
         for name, parameter in self.named_parameters():
             scale = self.lr_scale_of(name)
-            if name.startswith("embeddings.embedding_bags."):
-                tables[name.split(".")[2]] = scale
+            prefix = next((p for p in collections if name.startswith(p)), None)
+            if prefix is not None:
+                tables[prefix][name[len(prefix):].split(".")[0]] = scale
             else:
                 parameter.requires_grad_(scale > 0)
-        self.embeddings.set_table_lr_scale(tables)
+        for prefix, collection in collections.items():
+            collection.set_table_lr_scale(tables[prefix])
         return self
+
+    def _table_collections(self) -> Dict[str, EmbeddingBagCollection]:
+        """``{parameter-name prefix of its tables: collection}``: the features' tables and, with an
+        interaction term, its tables."""
+        collections = {"embeddings.embedding_bags.": self.embeddings}
+        if self.interaction is not None:
+            collections["interaction.embeddings.embedding_bags."] = self.interaction.embeddings
+        return collections
 
     def frozen_parameter_names(self) -> List[str]:
         """Names of the parameters that are not trained (scale 0, or tables frozen otherwise)."""
-        frozen_tables = set(self.embeddings.frozen_tables)
+        frozen = {prefix + table for prefix, collection in self._table_collections().items()
+                  for table in collection.frozen_tables}
         return [n for n, _ in self.named_parameters()
-                if self.lr_scale_of(n) == 0.0 or (n.startswith("embeddings.embedding_bags.") and n.split(".")[2] in frozen_tables)]
+                if self.lr_scale_of(n) == 0.0 or n.rsplit(".", 1)[0] in frozen]
 
     # --- description ------------------------------------------------------------------------
     @property
@@ -242,13 +304,14 @@ class MultiTaskModel(nn.Module):
         return cls(**config)
 
     def embedding_parameters(self) -> List[nn.Parameter]:
-        """The embedding tables (with a fused embedding optimizer they do not require grad and are
-        updated inside the backward: give them to no torch.optim optimizer)."""
-        return list(self.embeddings.parameters())
+        """The embedding tables, the interaction term's included (with a fused embedding optimizer
+        they do not require grad and are updated inside the backward: give them to no torch.optim
+        optimizer)."""
+        return [p for collection in self._table_collections().values() for p in collection.parameters()]
 
     def dense_parameters(self) -> List[nn.Parameter]:
-        """Every other parameter: backbone (experts, gates) and towers."""
-        embedding = {id(p) for p in self.embeddings.parameters()}
+        """Every other parameter: backbone (experts, gates), towers, the interaction term's scales."""
+        embedding = {id(p) for p in self.embedding_parameters()}
         return [p for p in self.parameters() if id(p) not in embedding]
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
@@ -303,7 +366,24 @@ class MultiTaskModel(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _transforms(self) -> List[str]:
-        return ["sigmoid" if t.kind == "binary" else "identity" for t in self._tasks]
+        """The fused path's output transform per task: sigmoid for binary tasks, except those that
+        get the interaction term (their logit is transformed after the term is added)."""
+        return ["sigmoid" if t.kind == "binary" and i not in self._interaction_columns else "identity"
+                for i, t in enumerate(self._tasks)]
+
+    def add_interaction(self, values: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+        """``values`` (``[..., T]``, the interaction tasks' columns raw: logits or regression outputs)
+        with ``scale_k * term`` (``term [...]``) added to the interaction tasks' columns and their
+        binary columns passed through the sigmoid; the other columns unchanged."""
+        columns = torch.tensor(self._interaction_columns, device=values.device)
+        logits = values.index_select(-1, columns) + term.unsqueeze(-1) * self.interaction.scale
+        binary = torch.tensor([self._tasks[c].kind == "binary" for c in self._interaction_columns], device=values.device)
+        return values.index_copy(values.dim() - 1, columns, torch.where(binary, torch.sigmoid(logits), logits))
+
+    @property
+    def interaction_columns(self) -> List[int]:
+        """Output columns (task indices) that get the interaction term (empty without one)."""
+        return list(self._interaction_columns)
 
     def train(self, mode: bool = True) -> "MultiTaskModel":
         # Switching modes drops the packed scoring parameters: a cheap reset for in-place writes the
@@ -332,13 +412,16 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, sparse, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self._inputs(sparse, dense)
+        term = None if self.interaction is None else self.interaction(sparse)
         if self.use_fused_scoring and not self.training and not torch.is_grad_enabled():
             params = self._fused_params()
             if params is not None:
-                return self.backbone.outputs(ops.multi_task_score(x, params))
+                values = ops.multi_task_score(x, params)
+                return self.backbone.outputs(values if term is None else self.add_interaction(values, term))
         if len(set(self.backbone.task_dims)) == 1:  # every backbone here: all towers in one batched pass
             values = tower_outputs(self.towers, self.backbone.stacked(x))
         else:
             values = torch.stack([tower(r) for tower, r in zip(self.towers, self.backbone(x))], dim=1)
-        binary = torch.tensor([t.kind == "binary" for t in self._tasks], device=values.device)
-        return self.backbone.outputs(torch.where(binary, torch.sigmoid(values), values))
+        binary = [t.kind == "binary" and i not in self._interaction_columns for i, t in enumerate(self._tasks)]
+        values = torch.where(torch.tensor(binary, device=values.device), torch.sigmoid(values), values)
+        return self.backbone.outputs(values if term is None else self.add_interaction(values, term))
