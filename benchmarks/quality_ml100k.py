@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality_ml100k [--models mmoe ple] [--seeds 3] [--threads 2]
         [--set embedding_dim=32 --set lr=0.003 ...] [--rating-estimate offset|estimate] [--history-length L [--history-table item_id]]
-        [--ordinal-tasks] [--json results.json]
+        [--ordinal-tasks] [--val-only] [--json results.json]
 
 Trains each model with the presets of `mtkernels.training.presets` (overridable with --set:
 embedding_dim, embedding_lr, lr, weight_decay, batch_size, epochs, patience, dropout, expert_hidden,
@@ -18,6 +18,11 @@ table or, with --history-table item_id, from the item_id table. Each run also re
 RMSE of the rating head recalibrated by the least-squares line fitted on val (`evaluation.choose_rating_calibration`).
 --ordinal-tasks trains with the auxiliary ``rating >= 2, 3, 5`` tasks (``load_ml100k_mtl_v1(ordinal_tasks=True)``),
 early stopping on click, like and rating only; the tables show those three tasks.
+Task loss weights and the early-stopping monitor (TrainConfig): ``--set task_weights=click:1,like:2,rating:1``
+(fixed weights by task name, unnamed tasks 1), ``--set loss_weighting=uncertainty|gradnorm``
+(``--set gradnorm_alpha=1.5``), ``--set monitor_tasks=like,rating`` (the tasks the val "score" sums over).
+--val-only trains and scores the val split only (metrics, blend, calibration), for screening without
+looking at the test splits (PROTOCOL.md 4).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from mtkernels.training.checkpoint import atomic_write
 
 MODEL_KEYS = {"embedding_dim", "dropout", "tower_hidden"}
 BACKBONE_KEYS = {"expert_hidden", "num_experts", "hidden", "num_shared_experts", "num_task_experts", "num_levels"}
-TRAIN_KEYS = {"lr", "weight_decay", "batch_size", "epochs", "patience", "monitor", "loss_weighting", "ema_decay"}
+TRAIN_KEYS = {"lr", "weight_decay", "batch_size", "epochs", "patience", "monitor", "loss_weighting", "ema_decay",
+              "gradnorm_alpha", "task_weights", "monitor_tasks"}
 
 
 def _value(text: str):
@@ -48,6 +54,39 @@ def _value(text: str):
         except ValueError:
             pass
     return text
+
+
+def task_weights(text: str, task_names) -> list:
+    """``"click:1,like:2"`` -> the fixed weights in ``task_names`` order (a task not named gets 1).
+
+    Raises:
+        ValueError: an entry not ``name:weight``, a name not in ``task_names``, a name given twice,
+            or a weight that is not a number.
+    """
+    weights = {}
+    for entry in filter(None, text.split(",")):
+        name, sep, value = entry.partition(":")
+        if not sep:
+            raise ValueError(f"task_weights entries must be name:weight, got {entry!r}")
+        if name not in task_names:
+            raise ValueError(f"task_weights names an unknown task {name!r}; tasks: {list(task_names)}")
+        if name in weights:
+            raise ValueError(f"task_weights names task {name!r} twice")
+        weights[name] = float(value)
+    return [weights.get(name, 1.0) for name in task_names]
+
+
+def monitor_tasks(text: str, task_names) -> list:
+    """``"like,rating"`` -> ``["like", "rating"]``, the tasks the early-stopping "score" sums over.
+
+    Raises:
+        ValueError: no task named, or a name not in ``task_names``.
+    """
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in task_names]
+    if unknown or not names:
+        raise ValueError(f"monitor_tasks must name tasks of the data {list(task_names)}, got {text!r}")
+    return names
 
 
 def main(argv=None) -> int:
@@ -68,16 +107,25 @@ def main(argv=None) -> int:
                         help="the history bag's table: its own, or the item_id table (MultiTaskModel(shared_tables=...))")
     parser.add_argument("--ordinal-tasks", action="store_true",
                         help="train with the rating >= 2, 3, 5 auxiliary tasks (load_ml100k_mtl_v1(ordinal_tasks=True))")
+    parser.add_argument("--val-only", action="store_true",
+                        help="score the val split only (screening without the test splits)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = dict(item.split("=", 1) for item in args.set)
-    overrides = {k: _value(v) for k, v in overrides.items()}
+    text_keys = {"task_weights", "monitor_tasks"}
+    overrides = {k: (v if k in text_keys else _value(v)) for k, v in overrides.items()}
 
     data = load_ml100k_mtl_v1(args.data_dir, rating_estimate=args.rating_estimate, history_length=args.history_length,
                               ordinal_tasks=args.ordinal_tasks)
+    names = [task.name for task in data.tasks]
+    if "task_weights" in overrides:
+        overrides["task_weights"] = task_weights(overrides["task_weights"], names)
+    if "monitor_tasks" in overrides:
+        overrides["monitor_tasks"] = monitor_tasks(overrides["monitor_tasks"], names)
     results = {"threads": args.threads, "overrides": overrides, "rating_estimate": args.rating_estimate,
                "ordinal_tasks": args.ordinal_tasks,
                "history_length": args.history_length, "history_table": args.history_table, "models": {}}
+    splits = ("val",) if args.val_only else ("val", "test_warm", "test_cold")
     for backbone in args.models:
         runs = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -93,7 +141,7 @@ def main(argv=None) -> int:
                 kwargs["shared_tables"] = {"history": "item_id"}
             values = dict(presets.train_values(backbone), seed=seed, progress=False)
             values.update({k: v for k, v in overrides.items() if k in TRAIN_KEYS})
-            if args.ordinal_tasks:
+            if args.ordinal_tasks and "monitor_tasks" not in overrides:
                 values["monitor_tasks"] = ["click", "like", "rating"]
             torch.manual_seed(seed)
             from mtkernels.nn import MultiTaskModel
@@ -104,32 +152,38 @@ def main(argv=None) -> int:
             run = {"seed": seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
                    "seconds_per_epoch": result.seconds_per_epoch, "seconds_total": time.perf_counter() - started,
                    "val_history": [{k: h[k] for k in ("epoch", "train_loss", "monitor", "seconds")} for h in result.history]}
-            for split in ("val", "test_warm", "test_cold"):
+            for split in splits:
                 flat = flatten_metrics(evaluation.evaluate(model, data, split))
                 flat.update(seconds_per_epoch=result.seconds_per_epoch, epochs=float(len(result.history)))
                 run[split] = flat
             blend, val_aucs = evaluation.choose_like_rating_blend(model, data, "val")
-            run["like_rating_blend"] = {"weight": blend.weight, "val_like_auc": val_aucs[blend.weight],
-                                        "test_warm_like_auc": evaluation.evaluate(blend, data, "test_warm", topk=False)["like"]["auc"]}
+            run["like_rating_blend"] = {"weight": blend.weight, "val_like_auc": val_aucs[blend.weight]}
             calibration = evaluation.choose_rating_calibration(model, data, "val")
             run["rating_calibration"] = {
                 "scale": calibration.scale, "shift": calibration.shift,
-                "val_rmse": evaluation.evaluate(calibration, data, "val", topk=False)["rating"]["rmse"],
-                "test_warm_rmse": evaluation.evaluate(calibration, data, "test_warm", topk=False)["rating"]["rmse"]}
+                "val_rmse": evaluation.evaluate(calibration, data, "val", topk=False)["rating"]["rmse"]}
+            if not args.val_only:
+                run["like_rating_blend"]["test_warm_like_auc"] = evaluation.evaluate(
+                    blend, data, "test_warm", topk=False)["like"]["auc"]
+                run["rating_calibration"]["test_warm_rmse"] = evaluation.evaluate(
+                    calibration, data, "test_warm", topk=False)["rating"]["rmse"]
             runs.append(run)
-            w, v = run["test_warm"], run["val"]
+            v = run["val"]
+            warm = ""
+            if not args.val_only:
+                w = run["test_warm"]
+                warm = (f" | warm click AUC {w['click_auc']:.4f} like AUC {w['like_auc']:.4f} RMSE {w['rating_rmse']:.4f} "
+                        f"NDCG@10 {w['ndcg@10']:.4f} Recall@10 {w['recall@10']:.4f}")
             print(f"{NAMES.get(backbone, backbone)} seed {seed}: {run['epochs']} epochs (best {run['best_epoch']}), "
-                  f"{run['seconds_per_epoch']:.2f} s/epoch | warm click AUC {w['click_auc']:.4f} like AUC "
-                  f"{w['like_auc']:.4f} RMSE {w['rating_rmse']:.4f} NDCG@10 {w['ndcg@10']:.4f} "
-                  f"Recall@10 {w['recall@10']:.4f} | val click AUC {v['click_auc']:.4f} like AUC {v['like_auc']:.4f} "
-                  f"RMSE {v['rating_rmse']:.4f} NDCG@10 {v['ndcg@10']:.4f} | blend w {run['like_rating_blend']['weight']} "
-                  f"val like AUC {run['like_rating_blend']['val_like_auc']:.4f} warm like AUC "
-                  f"{run['like_rating_blend']['test_warm_like_auc']:.4f} | calibrated RMSE ({calibration.scale:.3f} x + "
-                  f"{calibration.shift:.3f}) val {run['rating_calibration']['val_rmse']:.4f} warm "
-                  f"{run['rating_calibration']['test_warm_rmse']:.4f}", flush=True)
-        results["models"][backbone] = {"runs": runs, "test_warm": summarise([r["test_warm"] for r in runs]),
-                                       "test_cold": summarise([r["test_cold"] for r in runs])}
-    for split in ("test_warm", "test_cold"):
+                  f"{run['seconds_per_epoch']:.2f} s/epoch{warm} | val click AUC {v['click_auc']:.4f} like AUC "
+                  f"{v['like_auc']:.4f} RMSE {v['rating_rmse']:.4f} NDCG@10 {v['ndcg@10']:.4f} | blend w "
+                  f"{run['like_rating_blend']['weight']} val like AUC {run['like_rating_blend']['val_like_auc']:.4f}"
+                  + ("" if args.val_only else f" warm like AUC {run['like_rating_blend']['test_warm_like_auc']:.4f}")
+                  + f" | calibrated RMSE ({calibration.scale:.3f} x + {calibration.shift:.3f}) val "
+                  f"{run['rating_calibration']['val_rmse']:.4f}"
+                  + ("" if args.val_only else f" warm {run['rating_calibration']['test_warm_rmse']:.4f}"), flush=True)
+        results["models"][backbone] = {"runs": runs, **{split: summarise([r[split] for r in runs]) for split in splits}}
+    for split in splits:
         rows = {NAMES.get(b, b): results["models"][b][split] for b in args.models}
         if split == "test_warm":
             rows.update(BASELINES)
@@ -139,11 +193,14 @@ def main(argv=None) -> int:
     for backbone in args.models:
         runs = results["models"][backbone]["runs"]
         mean = lambda values: sum(values) / len(values)  # noqa: E731
-        print(f"{NAMES.get(backbone, backbone)}, mean over {len(runs)} seeds: val-chosen blend like AUC val "
-              f"{mean([r['like_rating_blend']['val_like_auc'] for r in runs]):.4f} test_warm "
-              f"{mean([r['like_rating_blend']['test_warm_like_auc'] for r in runs]):.4f}; val-fitted calibrated RMSE val "
-              f"{mean([r['rating_calibration']['val_rmse'] for r in runs]):.4f} test_warm "
-              f"{mean([r['rating_calibration']['test_warm_rmse'] for r in runs]):.4f}")
+        line = (f"{NAMES.get(backbone, backbone)}, mean over {len(runs)} seeds: val-chosen blend like AUC val "
+                f"{mean([r['like_rating_blend']['val_like_auc'] for r in runs]):.4f}")
+        if not args.val_only:
+            line += f" test_warm {mean([r['like_rating_blend']['test_warm_like_auc'] for r in runs]):.4f}"
+        line += f"; val-fitted calibrated RMSE val {mean([r['rating_calibration']['val_rmse'] for r in runs]):.4f}"
+        if not args.val_only:
+            line += f" test_warm {mean([r['rating_calibration']['test_warm_rmse'] for r in runs]):.4f}"
+        print(line)
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=2, default=float).encode()))
     return 0
