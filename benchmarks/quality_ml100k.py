@@ -151,7 +151,8 @@ def main(argv=None) -> int:
             result = fit(model, data, TrainConfig(**values), log=print if args.verbose else (lambda line: None))
             run = {"seed": seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
                    "seconds_per_epoch": result.seconds_per_epoch, "seconds_total": time.perf_counter() - started,
-                   "val_history": [{k: h[k] for k in ("epoch", "train_loss", "monitor", "seconds")} for h in result.history]}
+                   "val_history": [{k: h[k] for k in ("epoch", "train_loss", "monitor", "seconds", "task_weights")}
+                                   for h in result.history]}
             for split in splits:
                 flat = flatten_metrics(evaluation.evaluate(model, data, split))
                 flat.update(seconds_per_epoch=result.seconds_per_epoch, epochs=float(len(result.history)))
