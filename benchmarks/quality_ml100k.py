@@ -17,7 +17,8 @@ table or, with --history-table item_id, from the item_id table. Each run also re
 ``logit(p_like) + w * rating`` with w chosen on val (`evaluation.choose_like_rating_blend`), and the
 RMSE of the rating head recalibrated by the least-squares line fitted on val (`evaluation.choose_rating_calibration`).
 --ordinal-tasks trains with the auxiliary ``rating >= 2, 3, 5`` tasks (``load_ml100k_mtl_v1(ordinal_tasks=True)``),
-early stopping on click, like and rating only; the tables show those three tasks.
+early stopping on click, like and rating only (unless --set monitor_tasks=... names others); the tables
+show those three tasks.
 Task loss weights and the early-stopping monitor (TrainConfig): ``--set task_weights=click:1,like:2,rating:1``
 (fixed weights by task name, unnamed tasks 1), ``--set loss_weighting=uncertainty|gradnorm``
 (``--set gradnorm_alpha=1.5``), ``--set monitor_tasks=like,rating`` (the tasks the val "score" sums over).
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
                   + f" | calibrated RMSE ({calibration.scale:.3f} x + {calibration.shift:.3f}) val "
                   f"{run['rating_calibration']['val_rmse']:.4f}"
                   + ("" if args.val_only else f" warm {run['rating_calibration']['test_warm_rmse']:.4f}"), flush=True)
-        results["models"][backbone] = {"runs": runs, **{split: summarise([r[split] for r in runs]) for split in splits}}
+        results["models"][backbone] = {"runs": runs}
+        results["models"][backbone].update({split: summarise([r[split] for r in runs]) for split in splits})
     for split in splits:
         rows = {NAMES.get(b, b): results["models"][b][split] for b in args.models}
         if split == "test_warm":
