@@ -174,8 +174,8 @@ def main(argv=None) -> int:
             warm = ""
             if not args.val_only:
                 w = run["test_warm"]
-                warm = (f" | warm click AUC {w['click_auc']:.4f} like AUC {w['like_auc']:.4f} RMSE {w['rating_rmse']:.4f} "
-                        f"NDCG@10 {w['ndcg@10']:.4f} Recall@10 {w['recall@10']:.4f}")
+                warm = (f" | warm click AUC {w['click_auc']:.4f} like AUC {w['like_auc']:.4f} "
+                        f"RMSE {w['rating_rmse']:.4f} NDCG@10 {w['ndcg@10']:.4f} Recall@10 {w['recall@10']:.4f}")
             print(f"{NAMES.get(backbone, backbone)} seed {seed}: {run['epochs']} epochs (best {run['best_epoch']}), "
                   f"{run['seconds_per_epoch']:.2f} s/epoch{warm} | val click AUC {v['click_auc']:.4f} like AUC "
                   f"{v['like_auc']:.4f} RMSE {v['rating_rmse']:.4f} NDCG@10 {v['ndcg@10']:.4f} | blend w "
