@@ -18,11 +18,16 @@ table or, with --history-table item_id, from the item_id table. Each run also re
 ``logit(p_like) + w * rating`` with w chosen on val (`evaluation.choose_like_rating_blend`), and the
 RMSE of the rating head recalibrated by the least-squares line fitted on val (`evaluation.choose_rating_calibration`).
 --ordinal-tasks trains with the auxiliary ``rating >= 2, 3, 5`` tasks (``load_ml100k_mtl_v1(ordinal_tasks=True)``),
-early stopping on click, like and rating only; the tables show those three tasks.
+early stopping on click, like and rating only (unless --set monitor_tasks=... names others); the tables
+show those three tasks.
+Task loss weights and the early-stopping monitor (TrainConfig): ``--set task_weights=click:1,like:2,rating:1``
+(fixed weights by task name, unnamed tasks 1), ``--set loss_weighting=uncertainty|gradnorm``
+(``--set gradnorm_alpha=1.5``), ``--set monitor_tasks=like,rating`` (the tasks the val "score" sums over).
+--val-only trains and scores the val split only (metrics, blend, calibration), for screening without
+looking at the test splits (PROTOCOL.md 4).
 --interaction-dim D adds the explicit biased-MF term to the --interaction-tasks (default like and rating;
 ``MultiTaskModel(interaction_tasks=..., interaction_dim=D)``), its tables trained by the fused row-wise
 Adagrad at --interaction-lr (default: the tables' preset lr) with --interaction-weight-decay (default 0).
---val-only scores val alone (no test split is evaluated or printed): for screening variants.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from mtkernels.training.checkpoint import atomic_write
 
 MODEL_KEYS = {"embedding_dim", "dropout", "tower_hidden"}
 BACKBONE_KEYS = {"expert_hidden", "num_experts", "hidden", "num_shared_experts", "num_task_experts", "num_levels"}
-TRAIN_KEYS = {"lr", "weight_decay", "batch_size", "epochs", "patience", "monitor", "loss_weighting", "ema_decay"}
+TRAIN_KEYS = {"lr", "weight_decay", "batch_size", "epochs", "patience", "monitor", "loss_weighting", "ema_decay",
+              "gradnorm_alpha", "task_weights", "monitor_tasks"}
 
 
 def _value(text: str):
@@ -53,6 +59,39 @@ def _value(text: str):
         except ValueError:
             pass
     return text
+
+
+def task_weights(text: str, task_names) -> list:
+    """``"click:1,like:2"`` -> the fixed weights in ``task_names`` order (a task not named gets 1).
+
+    Raises:
+        ValueError: an entry not ``name:weight``, a name not in ``task_names``, a name given twice,
+            or a weight that is not a number.
+    """
+    weights = {}
+    for entry in filter(None, text.split(",")):
+        name, sep, value = entry.partition(":")
+        if not sep:
+            raise ValueError(f"task_weights entries must be name:weight, got {entry!r}")
+        if name not in task_names:
+            raise ValueError(f"task_weights names an unknown task {name!r}; tasks: {list(task_names)}")
+        if name in weights:
+            raise ValueError(f"task_weights names task {name!r} twice")
+        weights[name] = float(value)
+    return [weights.get(name, 1.0) for name in task_names]
+
+
+def monitor_tasks(text: str, task_names) -> list:
+    """``"like,rating"`` -> ``["like", "rating"]``, the tasks the early-stopping "score" sums over.
+
+    Raises:
+        ValueError: no task named, or a name not in ``task_names``.
+    """
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in task_names]
+    if unknown or not names:
+        raise ValueError(f"monitor_tasks must name tasks of the data {list(task_names)}, got {text!r}")
+    return names
 
 
 def main(argv=None) -> int:
@@ -81,19 +120,27 @@ def main(argv=None) -> int:
                         help="row-wise Adagrad lr of the interaction tables (default: the tables' preset lr)")
     parser.add_argument("--interaction-weight-decay", type=float, default=0.0,
                         help="L2 penalty of the interaction's looked-up rows")
-    parser.add_argument("--val-only", action="store_true", help="score val only (screening: no test split is touched)")
+    parser.add_argument("--val-only", action="store_true",
+                        help="score the val split only (screening without the test splits)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = dict(item.split("=", 1) for item in args.set)
-    overrides = {k: _value(v) for k, v in overrides.items()}
+    text_keys = {"task_weights", "monitor_tasks"}
+    overrides = {k: (v if k in text_keys else _value(v)) for k, v in overrides.items()}
 
     data = load_ml100k_mtl_v1(args.data_dir, rating_estimate=args.rating_estimate, history_length=args.history_length,
                               ordinal_tasks=args.ordinal_tasks)
+    names = [task.name for task in data.tasks]
+    if "task_weights" in overrides:
+        overrides["task_weights"] = task_weights(overrides["task_weights"], names)
+    if "monitor_tasks" in overrides:
+        overrides["monitor_tasks"] = monitor_tasks(overrides["monitor_tasks"], names)
     results = {"threads": args.threads, "overrides": overrides, "rating_estimate": args.rating_estimate,
                "ordinal_tasks": args.ordinal_tasks, "interaction_dim": args.interaction_dim,
                "interaction_tasks": args.interaction_tasks if args.interaction_dim else None,
                "interaction_lr": args.interaction_lr, "interaction_weight_decay": args.interaction_weight_decay,
                "history_length": args.history_length, "history_table": args.history_table, "models": {}}
+    splits = ("val",) if args.val_only else ("val", "test_warm", "test_cold")
     for backbone in args.models:
         runs = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -114,7 +161,7 @@ def main(argv=None) -> int:
                     kwargs["interaction_optimizer"] = dict(kwargs["embedding_optimizer"], lr=args.interaction_lr)
             values = dict(presets.train_values(backbone), seed=seed, progress=False)
             values.update({k: v for k, v in overrides.items() if k in TRAIN_KEYS})
-            if args.ordinal_tasks:
+            if args.ordinal_tasks and "monitor_tasks" not in overrides:
                 values["monitor_tasks"] = ["click", "like", "rating"]
             torch.manual_seed(seed)
             from mtkernels.nn import MultiTaskModel
@@ -124,8 +171,9 @@ def main(argv=None) -> int:
             result = fit(model, data, TrainConfig(**values), log=print if args.verbose else (lambda line: None))
             run = {"seed": seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
                    "seconds_per_epoch": result.seconds_per_epoch, "seconds_total": time.perf_counter() - started,
-                   "val_history": [{k: h[k] for k in ("epoch", "train_loss", "monitor", "seconds")} for h in result.history]}
-            for split in ("val",) if args.val_only else ("val", "test_warm", "test_cold"):
+                   "val_history": [{k: h[k] for k in ("epoch", "train_loss", "monitor", "seconds", "task_weights")}
+                                   for h in result.history]}
+            for split in splits:
                 flat = flatten_metrics(evaluation.evaluate(model, data, split))
                 flat.update(seconds_per_epoch=result.seconds_per_epoch, epochs=float(len(result.history)))
                 run[split] = flat
@@ -142,21 +190,22 @@ def main(argv=None) -> int:
                     calibration, data, "test_warm", topk=False)["rating"]["rmse"]
             runs.append(run)
             v = run["val"]
-            warm = "" if args.val_only else (
-                f" | warm click AUC {run['test_warm']['click_auc']:.4f} like AUC {run['test_warm']['like_auc']:.4f} "
-                f"RMSE {run['test_warm']['rating_rmse']:.4f} NDCG@10 {run['test_warm']['ndcg@10']:.4f} "
-                f"Recall@10 {run['test_warm']['recall@10']:.4f} | warm blend like AUC "
-                f"{run['like_rating_blend']['test_warm_like_auc']:.4f} calibrated RMSE "
-                f"{run['rating_calibration']['test_warm_rmse']:.4f}")
+            warm = ""
+            if not args.val_only:
+                w = run["test_warm"]
+                warm = (f" | warm click AUC {w['click_auc']:.4f} like AUC {w['like_auc']:.4f} "
+                        f"RMSE {w['rating_rmse']:.4f} NDCG@10 {w['ndcg@10']:.4f} Recall@10 {w['recall@10']:.4f}")
             print(f"{NAMES.get(backbone, backbone)} seed {seed}: {run['epochs']} epochs (best {run['best_epoch']}), "
-                  f"{run['seconds_per_epoch']:.2f} s/epoch | val click AUC {v['click_auc']:.4f} like AUC {v['like_auc']:.4f} "
-                  f"RMSE {v['rating_rmse']:.4f} NDCG@10 {v['ndcg@10']:.4f} | blend w {run['like_rating_blend']['weight']} "
-                  f"val like AUC {run['like_rating_blend']['val_like_auc']:.4f} | calibrated RMSE ({calibration.scale:.3f} x + "
-                  f"{calibration.shift:.3f}) val {run['rating_calibration']['val_rmse']:.4f}{warm}", flush=True)
+                  f"{run['seconds_per_epoch']:.2f} s/epoch{warm} | val click AUC {v['click_auc']:.4f} like AUC "
+                  f"{v['like_auc']:.4f} RMSE {v['rating_rmse']:.4f} NDCG@10 {v['ndcg@10']:.4f} | blend w "
+                  f"{run['like_rating_blend']['weight']} val like AUC {run['like_rating_blend']['val_like_auc']:.4f}"
+                  + ("" if args.val_only else f" warm like AUC {run['like_rating_blend']['test_warm_like_auc']:.4f}")
+                  + f" | calibrated RMSE ({calibration.scale:.3f} x + {calibration.shift:.3f}) val "
+                  f"{run['rating_calibration']['val_rmse']:.4f}"
+                  + ("" if args.val_only else f" warm {run['rating_calibration']['test_warm_rmse']:.4f}"), flush=True)
         results["models"][backbone] = {"runs": runs}
-        for split in ("val",) if args.val_only else ("val", "test_warm", "test_cold"):
-            results["models"][backbone][split] = summarise([r[split] for r in runs])
-    for split in ("val",) if args.val_only else ("test_warm", "test_cold"):
+        results["models"][backbone].update({split: summarise([r[split] for r in runs]) for split in splits})
+    for split in splits:
         rows = {NAMES.get(b, b): results["models"][b][split] for b in args.models}
         if split == "test_warm":
             rows.update(BASELINES)
@@ -166,13 +215,14 @@ def main(argv=None) -> int:
     for backbone in args.models:
         runs = results["models"][backbone]["runs"]
         mean = lambda values: sum(values) / len(values)  # noqa: E731
-        blend_warm = "" if args.val_only else \
-            f" test_warm {mean([r['like_rating_blend']['test_warm_like_auc'] for r in runs]):.4f}"
-        calibrated_warm = "" if args.val_only else \
-            f" test_warm {mean([r['rating_calibration']['test_warm_rmse'] for r in runs]):.4f}"
-        print(f"{NAMES.get(backbone, backbone)}, mean over {len(runs)} seeds: val-chosen blend like AUC val "
-              f"{mean([r['like_rating_blend']['val_like_auc'] for r in runs]):.4f}{blend_warm}; val-fitted calibrated RMSE "
-              f"val {mean([r['rating_calibration']['val_rmse'] for r in runs]):.4f}{calibrated_warm}")
+        line = (f"{NAMES.get(backbone, backbone)}, mean over {len(runs)} seeds: val-chosen blend like AUC val "
+                f"{mean([r['like_rating_blend']['val_like_auc'] for r in runs]):.4f}")
+        if not args.val_only:
+            line += f" test_warm {mean([r['like_rating_blend']['test_warm_like_auc'] for r in runs]):.4f}"
+        line += f"; val-fitted calibrated RMSE val {mean([r['rating_calibration']['val_rmse'] for r in runs]):.4f}"
+        if not args.val_only:
+            line += f" test_warm {mean([r['rating_calibration']['test_warm_rmse'] for r in runs]):.4f}"
+        print(line)
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=2, default=float).encode()))
     return 0
