@@ -542,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor", choices=["score", "loss", "ndcg"])
     p.add_argument("--monitor-tasks", default=None, metavar="T1,T2",
                    help="tasks the 'score' monitor sums over (default all), e.g. like when click is an auxiliary task")
-    p.add_argument("--loss-weighting", choices=["fixed", "uncertainty", "gradnorm"])
+    p.add_argument("--loss-weighting", choices=["fixed", "uncertainty", "gradnorm"],
+                   help="default: the backbone's preset (MMoE, PLE: uncertainty; others fixed); fixed with --init-from")
     p.add_argument("--seed", type=int)
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--embedding-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sgd", "none"],

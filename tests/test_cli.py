@@ -81,12 +81,13 @@ def test_train_with_weight_averaging(tmp_path, tiny_data, capsys):
     assert saved["train_config"]["ema_decay"] == 0.9
     assert saved["trainer"]["weight_average"]["decay"] == 0.9 and saved["trainer"]["weight_average"]["num_updates"] > 0
     preset = str(tmp_path / "preset.pt")  # without --ema-decay: the backbone's preset
-    for model, decay in (("ple", presets.EMA_DECAY["ple"]), ("shared_bottom", 0.0)):
+    for model, decay, weighting in (("ple", presets.EMA_DECAY["ple"], "uncertainty"), ("shared_bottom", 0.0, "fixed")):
         assert cli.main(["train", "--model", model, "--checkpoint", preset, "--epochs", "1", "--batch-size", "64",
                          "--embedding-dim", "4", "--no-progress"]) == 0
         assert load_checkpoint(preset)["train_config"]["ema_decay"] == decay
+        assert load_checkpoint(preset)["train_config"]["loss_weighting"] == weighting
         os.remove(preset)
-    assert presets.train_values("mmoe") == dict(presets.TRAIN_PRESET, ema_decay=0.999)
+    assert presets.train_values("mmoe") == dict(presets.TRAIN_PRESET, ema_decay=0.999, loss_weighting="uncertainty")
     with pytest.raises(ValueError, match="backbone must be one of"):
         presets.train_values("dcn")
     assert cli.main(["train", "--model", "ple", "--checkpoint", checkpoint, "--epochs", "1", "--batch-size", "64",

@@ -183,3 +183,20 @@ def test_resume_refuses_a_changed_training_config_but_allows_more_epochs(data, t
         fit(tiny_model(data, "mmoe", seed=1), data, _config(epochs=2, lr=0.005), checkpoint_path=path, resume=True)
     result = fit(tiny_model(data, "mmoe", seed=1), data, _config(epochs=2, patience=3), checkpoint_path=path, resume=True)
     assert result.resumed_from_epoch == 0 and len(result.history) == 2
+
+
+def test_resume_with_average_and_uncertainty_weighting_equals_uninterrupted_run(data, tmp_path):
+    """The MMoE/PLE presets train with both (presets.train_values): the learned log-variances and
+    their Adam state resume exactly with the averaged weights."""
+    config = dict(patience=1, loss_weighting="uncertainty")
+    straight = tiny_model(data, "mmoe", seed=2)
+    straight_result = fit(straight, data, _config(epochs=3, **config), checkpoint_path=str(tmp_path / "straight.pt"))
+    path = str(tmp_path / "resume.pt")
+    fit(tiny_model(data, "mmoe", seed=2), data, _config(epochs=1, **config), checkpoint_path=path)
+    resumed = tiny_model(data, "mmoe", seed=99)
+    result = fit(resumed, data, _config(epochs=3, **config), checkpoint_path=path, resume=True)
+    assert [h["task_weights"] for h in result.history] == [h["task_weights"] for h in straight_result.history]
+    assert straight_result.history[-1]["task_weights"] != [1.0, 1.0, 1.0]  # the weights were learned
+    assert [h["monitor"] for h in result.history] == [h["monitor"] for h in straight_result.history]
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
