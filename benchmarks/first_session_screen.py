@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
@@ -32,8 +30,9 @@ from mtkernels import ops
 from mtkernels.cold_start import (PSEUDO_COLD_SPLIT, RECOMMENDED, first_session_prior_for, fit_item_prior,
                                   item_prior_for, pseudo_cold_ml100k, recent_popularity_prior_for, request_times)
 from mtkernels.data.movielens import read_movielens_100k
-from mtkernels.training.checkpoint import atomic_write
 from mtkernels.transfer import select_tasks
+
+from benchmarks.transfer_experiments import publish
 
 SESSION_DAYS = (0.1, 1.0, 7.0)
 HALF_LIVES = (7.0, 14.0, 30.0)
@@ -132,14 +131,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     table = screen(args.folds, lambda line: print(line, flush=True))
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    text = (f"First-session prior screen (issue 7): `python -m benchmarks.first_session_screen --folds {args.folds} "
-            f"--threads {args.threads}`; {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
-            f"{time.perf_counter() - started:.0f} s; machine load at the end: `{load}`\n\n{table}\n")
-    print()
-    print(text)
-    if args.out:
-        atomic_write(args.out, lambda f: f.write(text.encode()))
+    publish("First-session prior screen (issue 7)",
+            f"python -m benchmarks.first_session_screen --folds {args.folds} --threads {args.threads}",
+            args.threads, started, table, args.out)
     return 0
 
 

@@ -539,20 +539,25 @@ def main(argv=None) -> int:
                                                l2[0] if isinstance(l2, list) and len(l2) == 1 else l2)
     if "census" in args.experiments:
         tables += census_experiment(seeds, args.quick, log, args.census_arms)
+    command = (f"python -m benchmarks.transfer_experiments --seeds {args.seeds}{' --quick' if args.quick else ''} "
+               f"--threads {args.threads} --experiments {' '.join(args.experiments)}"
+               f"{f' --label-unit {args.label_unit}' if args.label_unit != 'users' else ''}"
+               f"{f' --census-arms {args.census_arms!r}' if args.census_arms else ''}")
+    publish("Transfer learning and cold start (issue 7)", command, args.threads, started, "\n\n".join(tables), args.out)
+    return 0
+
+
+def publish(title: str, command: str, threads: int, started: float, body: str, out: Optional[str]) -> None:
+    """Print ``body`` under a header naming the command, machine, torch, threads, seconds since
+    ``started`` (``time.perf_counter()``) and the load average at the end; also write it to ``out``
+    (atomically) when given."""
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    header = (f"Transfer learning and cold start (issue 7): `python -m benchmarks.transfer_experiments "
-              f"--seeds {args.seeds}{' --quick' if args.quick else ''} --threads {args.threads} "
-              f"--experiments {' '.join(args.experiments)}"
-              f"{f' --label-unit {args.label_unit}' if args.label_unit != 'users' else ''}"
-              f"{f' --census-arms {args.census_arms!r}' if args.census_arms else ''}`; "
-              f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
-              f"{time.perf_counter() - started:.0f} s; machine load at the end: `{load}`")
-    text = header + "\n\n" + "\n\n".join(tables) + "\n"
+    text = (f"{title}: `{command}`; {platform.machine()}, torch {torch.__version__}, {threads} thread(s); "
+            f"{time.perf_counter() - started:.0f} s; machine load at the end: `{load}`\n\n{body}\n")
     print()
     print(text)
-    if args.out:
-        atomic_write(args.out, lambda f: f.write(text.encode()))
-    return 0
+    if out:
+        atomic_write(out, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":
