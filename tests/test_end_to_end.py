@@ -159,11 +159,9 @@ def test_evaluate_reports_every_task(data):
 
 
 def test_esmm_trains_post_click_tasks_over_the_entire_space(data):
-    from mtkernels.training.loop import _targets
-
     model = tiny_model(data, "esmm")
     labels = data.splits["train"].labels
-    targets = _targets(model, labels)
+    targets = evaluation.scored_labels(model, labels)  # what fit trains on and evaluate scores against
     negatives = labels[:, 0] == 0
     # like is NaN on sampled negatives in the data; ESMM trains pCTCVR on them as 0
     assert torch.isnan(labels[negatives, 1]).all() and (targets[negatives, 1] == 0).all()

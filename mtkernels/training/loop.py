@@ -210,7 +210,7 @@ def _flat_groups(model, data, weighting, groups):
     try:
         model.train()
         batch = next(iter(data.batches("train", 64)))
-        losses = masked_task_losses(model(batch.sparse, batch.dense), _targets(model, batch.labels), data.tasks)
+        losses = masked_task_losses(model(batch.sparse, batch.dense), evaluation.scored_labels(model, batch.labels), data.tasks)
         every = all_receive_gradients(params, weighting.combine(losses))
     finally:
         torch.set_rng_state(rng)
@@ -239,12 +239,6 @@ def shared_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
     return [p for p in params if p.requires_grad]
 
 
-def _targets(model: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    """What the outputs are trained against: ``model.targets(labels)`` (ESMM's entire-space
-    click-and-conversion labels) when the model defines it, else the labels."""
-    return model.targets(labels) if hasattr(model, "targets") else labels
-
-
 def _check_monitor(config: TrainConfig, data) -> None:
     """The validation split and the monitored tasks must be the data's (`fit` checks before training)."""
     if config.validation_split not in data.splits:
@@ -266,7 +260,7 @@ def validation_monitor(model, data, config: TrainConfig) -> Dict[str, Any]:
     _check_monitor(config, data)
     split = config.validation_split
     predictions = evaluation.predict(model, data, split, config.eval_batch_size)
-    labels = _targets(model, data.splits[split].labels)
+    labels = evaluation.scored_labels(model, data.splits[split].labels)
     metrics: Dict[str, Any] = dict(evaluation.pointwise_metrics(data.tasks, labels, predictions))
     score = 0.0
     for task in data.tasks:
@@ -466,7 +460,7 @@ def fit(
                 batch = drop_ids(batch, data, config.id_dropout, config.id_dropout_features,
                                  config.id_dropout_dense, dropout_rng)
             predictions = model(batch.sparse, batch.dense)
-            losses = masked_task_losses(predictions, _targets(model, batch.labels), tasks)
+            losses = masked_task_losses(predictions, evaluation.scored_labels(model, batch.labels), tasks)
             objective = weighting.combine(losses)
             zero_grad()
             if shared:
