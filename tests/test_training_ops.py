@@ -14,6 +14,7 @@ from mtkernels.reference.relu_dropout import dropout_scale, dropout_threshold, k
 native_only = pytest.mark.skipif(not has_kernel("relu_dropout") or not has_kernel("gated_mixture"),
                                  reason="native training ops not built")
 DTYPES = [torch.float32, torch.float64]
+egm_native_only = pytest.mark.skipif(not has_kernel("expert_gate_mixture"), reason="native expert_gate_mixture not built")
 
 
 # --- relu_dropout ------------------------------------------------------------------------------
@@ -30,6 +31,33 @@ def test_relu_dropout_native_equals_reference(shape, dtype, p):
     want = reference.relu_dropout(x, p, seed)
     assert got.shape == x.shape and got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@native_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_dropout_keeps_nan_like_the_reference(dtype):
+    # A kept NaN stays NaN (torch.relu's rule); a dropped one is 0, as in the reference. The native
+    # ReLU used to turn every NaN into 0, hiding a diverged layer.
+    torch.manual_seed(1)
+    x = torch.randn(9, 40, dtype=dtype)
+    x[::2, ::3] = float("nan")
+    got = torch.ops.mtkernels.relu_dropout.default(x, 0.3, 77)
+    want = reference.relu_dropout(x, 0.3, 77)
+    assert bool(torch.isnan(want).any()) and bool((torch.isnan(x) & (want == 0)).any())  # both cases occur
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@egm_native_only
+def test_expert_gate_mixture_keeps_nan_like_the_reference():
+    torch.manual_seed(2)
+    z = _gemm_output(6, 4, 3, 8, torch.float32)
+    z[1, 5] = float("nan")  # an expert unit of row 1
+    got = ops.expert_gate_mixture(z, 4, 3, 0.0, seed=3)
+    want = reference.expert_gate_mixture(z, 4, 3, 0.0, 3)
+    for g, w in zip(got, want):
+        assert torch.equal(torch.isnan(g), torch.isnan(w))
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert bool(torch.isnan(got[0][1]).any()) and not bool(torch.isnan(got[0][[0, 2, 3, 4, 5]]).any())
 
 
 @native_only
@@ -201,9 +229,6 @@ def test_gated_mixture_native_bad_input():
 
 
 # --- expert_gate_mixture -----------------------------------------------------------------------
-
-egm_native_only = pytest.mark.skipif(not has_kernel("expert_gate_mixture"), reason="native expert_gate_mixture not built")
-
 
 def _gemm_output(batch, experts, gates, width, dtype, blocked=(), pad=0):
     """A [B, E*H + G*E] GEMM output (rows strided when ``pad`` > 0), blocked (gate, expert) logits -inf."""

@@ -58,7 +58,7 @@ inline void relu_dropout_row(const scalar_t* __restrict__ in, scalar_t* __restri
     for (int64_t c = 0; c < cols; ++c) {
       const uint32_t h = dropout_hash(lo + static_cast<uint32_t>(c), hi, seed_lo, seed_hi);
       const scalar_t v = in[c] * scale;  // computed unconditionally: a conditional FP op blocks if-conversion
-      out[c] = ((h >= threshold) & (in[c] > scalar_t(0))) ? v : scalar_t(0);
+      out[c] = ((h >= threshold) & !(in[c] <= scalar_t(0))) ? v : scalar_t(0);  // "not <= 0" keeps NaN, as torch.relu
     }
     return;
   }
@@ -66,7 +66,7 @@ inline void relu_dropout_row(const scalar_t* __restrict__ in, scalar_t* __restri
     const uint64_t i = base + static_cast<uint64_t>(c);
     const uint32_t h = dropout_hash(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), seed_lo, seed_hi);
     const scalar_t v = in[c] * scale;
-    out[c] = ((h >= threshold) & (in[c] > scalar_t(0))) ? v : scalar_t(0);
+    out[c] = ((h >= threshold) & !(in[c] <= scalar_t(0))) ? v : scalar_t(0);
   }
 }
 
